@@ -1,0 +1,36 @@
+# The README's two commands: `make demo` and `make test`. Both are idempotent.
+PY      := .venv/bin/python
+STAMP   := .venv/.stamp-install
+SUDO    := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+DEMO_DATA := data/mnist-lt
+DEMO_RUN  := runs/demo
+
+.PHONY: demo test setup sysdeps clean
+
+setup: $(STAMP)
+
+# ffcv compiles against OpenCV and libjpeg-turbo, found through pkg-config.
+sysdeps:
+	@pkg-config --exists opencv4 libturbojpeg 2>/dev/null || { \
+	  echo "installing system packages for ffcv"; \
+	  $(SUDO) apt-get update -qq && \
+	  $(SUDO) apt-get install -y -qq --no-install-recommends libopencv-dev libturbojpeg0-dev pkg-config; }
+
+$(PY):
+	python3 -m venv .venv
+	$(PY) -m pip install -q --upgrade pip
+
+$(STAMP): pyproject.toml | $(PY)
+	$(MAKE) sysdeps
+	$(PY) -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+demo: setup
+	@[ -f $(DEMO_DATA)/meta.json ] || .venv/bin/ecvl-fast convert mnist-lt --out $(DEMO_DATA)
+	.venv/bin/ecvl-fast demo --data $(DEMO_DATA) --run $(DEMO_RUN)
+
+test: setup
+	$(PY) -m pytest
+
+clean:
+	rm -rf runs data .pytest_cache

@@ -1,0 +1,100 @@
+"""The `ecvl-fast` command (a typer app). Installed as `ecvl_fast.cli`.
+
+Every subcommand turns an `EcvlError` into one line on stderr and exit status 2.
+"""
+from __future__ import annotations
+
+import functools
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from ecvl_fast import EcvlError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Long-tailed CLIP classifiers (ECVL), fed by FFCV + DALI.")
+
+
+@app.callback()
+def _root() -> None:
+    """Long-tailed CLIP classifiers (ECVL), fed by FFCV + DALI."""
+
+
+def one_line_errors(fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except EcvlError as e:
+            typer.echo(f"error: {e}", err=True)
+            raise typer.Exit(2)
+        except FileNotFoundError as e:
+            typer.echo(f"error: {e.filename}: no such file", err=True)
+            raise typer.Exit(2)
+    return wrapper
+
+
+def print_convert_summary(meta: dict, out: Path) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    counts, g = meta["train_counts"], meta["groups"]
+    t = Table(title=f"{meta['dataset']} -> {out}", show_header=False)
+    t.add_column(style="bold")
+    t.add_column(justify="right")
+    rows = [("classes", len(counts))]
+    rows += [(f"{name} images", n) for name, n in meta["images"].items()]
+    rows += [("max / min per class", f"{max(counts)} / {min(counts)}"),
+             ("many / medium / few classes", f"{len(g['many'])} / {len(g['medium'])} / {len(g['few'])}"),
+             ("skipped (corrupt)", sum(meta["skipped"].values())),
+             ("format", f"{meta['format']}, longest side {meta['max_side']} px")]
+    for k, v in rows:
+        t.add_row(k, str(v))
+    Console().print(t)
+
+
+@app.command()
+@one_line_errors
+def convert(
+    dataset: str = typer.Argument(..., help="mnist-lt | cifar10-lt | cifar100-lt | imagenet-lt | places-lt | list | folder"),
+    out: Path = typer.Option(..., "--out", help="output folder (train/val/test .beton + meta.json)"),
+    source: Optional[Path] = typer.Option(None, help="CIFAR pickle folder / image tree, or ImageFolder root"),
+    root: Optional[Path] = typer.Option(None, help="image root for split-file datasets"),
+    train_split: Optional[Path] = typer.Option(None, help="OLTR split file: 'relative/path label' lines"),
+    val_split: Optional[Path] = typer.Option(None),
+    test_split: Optional[Path] = typer.Option(None),
+    classes: Optional[Path] = typer.Option(None, help="class names, one per line"),
+    imbalance: float = typer.Option(100.0, help="imbalance factor IF = n_max / n_min"),
+    seed: int = typer.Option(0),
+    format: str = typer.Option("raw", help="raw | jpg"),
+    max_res: Optional[int] = typer.Option(None, help="longest side kept, in pixels"),
+    jpeg_quality: int = typer.Option(90),
+    workers: int = typer.Option(2),
+    overwrite: bool = typer.Option(False),
+    skip_bad: bool = typer.Option(False, help="skip corrupt images (counted in meta.json)"),
+    many_threshold: int = typer.Option(100, help="many-shot: more than this many train images"),
+    few_threshold: int = typer.Option(20, help="few-shot: fewer than this many train images"),
+):
+    """Write a long-tailed dataset as FFCV .beton files plus meta.json."""
+    from ecvl_fast.loaders.convert import ConvertOptions, convert as run_convert
+
+    opts = ConvertOptions(**{k: v for k, v in locals().items() if k in ConvertOptions.__dataclass_fields__})
+    meta = run_convert(opts)
+    print_convert_summary(meta, out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Importable entry point: returns the exit status instead of exiting."""
+    try:
+        app(args=argv, standalone_mode=False)
+    except typer.Exit as e:
+        return e.exit_code
+    except SystemExit as e:
+        return int(e.code or 0)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
