@@ -87,13 +87,16 @@ def convert(
 
 def main(argv: list[str] | None = None) -> int:
     """Importable entry point: returns the exit status instead of exiting."""
+    import click
+
     try:
-        app(args=argv, standalone_mode=False)
-    except typer.Exit as e:
+        rv = app(args=argv, standalone_mode=False)
+    except click.ClickException as e:
+        e.show()
         return e.exit_code
     except SystemExit as e:
         return int(e.code or 0)
-    return 0
+    return rv if isinstance(rv, int) else 0
 
 
 if __name__ == "__main__":

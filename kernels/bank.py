@@ -1,0 +1,72 @@
+"""The momentum bank: per-sample loss memory and the shared magnitude tensor M (eqs. 8-9).
+
+All state lives in torch tensors on one device (CUDA on GPU, CPU otherwise). The kernels update
+them in place, and the DALI feed reads `bank.m[indices]` when it builds each batch, so the values
+written at the end of epoch t are the ones used in epoch t+1.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from ecvl_fast import EcvlError
+
+
+class MomentumBank:
+    def __init__(self, num_samples: int, beta: float = 0.97, device: str | torch.device = "cpu"):
+        self.beta = float(beta)
+        self.device = torch.device(device)
+        z = dict(device=self.device)
+        self.loss_sum = torch.zeros(num_samples, dtype=torch.float32, **z)
+        self.loss_count = torch.zeros(num_samples, dtype=torch.int32, **z)
+        self.ema = torch.zeros(num_samples, dtype=torch.float32, **z)
+        self.seen = torch.zeros(num_samples, dtype=torch.uint8, **z)
+        self.m = torch.zeros(num_samples, dtype=torch.float32, **z)
+        self._k = _kernels(self.device)
+
+    def __len__(self) -> int:
+        return self.m.numel()
+
+    def record(self, indices: torch.Tensor, losses: torch.Tensor) -> None:
+        """Add per-sample losses (one per index; repeat an index for several views). No host sync."""
+        idx = indices.detach().to(self.device, torch.int64).contiguous()
+        val = losses.detach().to(self.device, torch.float32).contiguous()
+        self._k.accumulate(*self._args(self.loss_sum, self.loss_count, idx, val))
+
+    def end_epoch(self, all_reduce: Callable[[torch.Tensor], None] | None = None) -> None:
+        """Fold this epoch's mean losses into the EMA (eq. 8) and rewrite M (eq. 9) in place.
+
+        `all_reduce` sums the epoch's loss sums and counts over DDP ranks first, so every rank
+        ends with the same M.
+        """
+        if all_reduce is not None:
+            all_reduce(self.loss_sum)
+            all_reduce(self.loss_count)
+        bad = self._k.first_nonfinite(*self._args(self.loss_sum, self.loss_count))
+        if bad >= 0:
+            raise EcvlError(f"sample {bad}: non-finite loss ({float(self.loss_sum[bad])}) in the momentum bank")
+        self._k.end_epoch(*self._args(self.ema, self.seen, self.loss_sum, self.loss_count), self.beta)
+        self._k.normalise(*self._args(self.ema, self.seen, self.m))
+
+    def state_dict(self) -> dict:
+        return {"ema": self.ema.cpu(), "seen": self.seen.cpu(), "m": self.m.cpu(),
+                "beta": torch.tensor(self.beta)}
+
+    def load_state_dict(self, sd: dict) -> None:
+        if sd["ema"].numel() != len(self):
+            raise EcvlError(f"momentum state holds {sd['ema'].numel()} samples, this dataset {len(self)}")
+        for name in ("ema", "seen", "m"):
+            getattr(self, name).copy_(sd[name])
+        self.beta = float(sd["beta"])
+
+    def _args(self, *tensors):
+        return tensors if self.device.type == "cuda" else tuple(t.numpy() for t in tensors)
+
+
+def _kernels(device: torch.device):
+    if device.type == "cuda":
+        from ecvl_fast.kernels import cuda as k
+    else:
+        from ecvl_fast.kernels import cpu as k
+    return k

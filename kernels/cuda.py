@@ -1,0 +1,127 @@
+"""numba.cuda twins of `kernels/cpu.py`, run in place on CUDA torch tensors.
+
+Tensors are viewed through `__cuda_array_interface__` (no copy), and every launch goes on torch's
+current stream so the kernels order correctly against the training step and the DALI feed.
+Only `first_nonfinite` syncs with the host (once per epoch, to raise a clear error).
+"""
+import math
+
+import torch
+from numba import cuda
+
+THREADS = 256
+STAT_BLOCKS = 160  # enough to fill an H100/H200 (132 SMs); each thread reduces a strided slice
+
+
+def _view(t: torch.Tensor):
+    return cuda.as_cuda_array(t.detach())
+
+
+def _stream():
+    return cuda.external_stream(torch.cuda.current_stream().cuda_stream)
+
+
+def _blocks(n: int) -> int:
+    return max(1, math.ceil(n / THREADS))
+
+
+@cuda.jit
+def _accumulate(loss_sum, loss_count, indices, losses):
+    j = cuda.grid(1)
+    if j < indices.shape[0]:
+        i = indices[j]
+        cuda.atomic.add(loss_sum, i, losses[j])
+        cuda.atomic.add(loss_count, i, 1)
+
+
+@cuda.jit
+def _first_nonfinite(loss_sum, loss_count, out):
+    i = cuda.grid(1)
+    if i < loss_sum.shape[0] and loss_count[i] > 0 and not math.isfinite(loss_sum[i]):
+        cuda.atomic.min(out, 0, i)
+
+
+@cuda.jit
+def _end_epoch(ema, seen, loss_sum, loss_count, beta):
+    i = cuda.grid(1)
+    if i < ema.shape[0] and loss_count[i] > 0:
+        lt = loss_sum[i] / loss_count[i]
+        ema[i] = beta * ema[i] + (1.0 - beta) * lt if seen[i] else lt
+        seen[i] = 1
+        loss_sum[i] = 0.0
+        loss_count[i] = 0
+
+
+@cuda.jit
+def _stats(ema, seen, acc):
+    """acc = [n, sum, min, max] over seen samples, one atomic per thread after a strided reduce."""
+    start, stride = cuda.grid(1), cuda.gridsize(1)
+    n, s, lo, hi = 0.0, 0.0, math.inf, -math.inf
+    for i in range(start, ema.shape[0], stride):
+        if seen[i]:
+            v = float(ema[i])
+            n += 1.0
+            s += v
+            lo = min(lo, v)
+            hi = max(hi, v)
+    if n > 0:
+        cuda.atomic.add(acc, 0, n)
+        cuda.atomic.add(acc, 1, s)
+        cuda.atomic.min(acc, 2, lo)
+        cuda.atomic.max(acc, 3, hi)
+
+
+@cuda.jit
+def _write_m(ema, seen, m, acc):
+    i = cuda.grid(1)
+    if i >= ema.shape[0]:
+        return
+    n = acc[0]
+    mean = acc[1] / n if n > 0 else 0.0
+    spread = max(acc[3] - mean, mean - acc[2]) if n > 0 else 0.0
+    if not seen[i]:
+        m[i] = 0.0
+    elif spread > 0:
+        m[i] = min(max((ema[i] - mean) / spread / 2.0 + 0.5, 0.0), 1.0)
+    else:
+        m[i] = 0.5
+
+
+@cuda.jit
+def _balanced_pick(offsets, order, class_draw, u, out):
+    j = cuda.grid(1)
+    if j < class_draw.shape[0]:
+        c = class_draw[j]
+        n = offsets[c + 1] - offsets[c]
+        k = min(int(u[j] * n), n - 1)
+        out[j] = order[offsets[c] + k]
+
+
+def accumulate(loss_sum, loss_count, indices, losses):
+    _accumulate[_blocks(indices.numel()), THREADS, _stream()](
+        _view(loss_sum), _view(loss_count), _view(indices), _view(losses))
+
+
+def first_nonfinite(loss_sum, loss_count) -> int:
+    n = loss_sum.numel()
+    out = torch.full((1,), n, dtype=torch.int64, device=loss_sum.device)
+    _first_nonfinite[_blocks(n), THREADS, _stream()](_view(loss_sum), _view(loss_count), _view(out))
+    bad = int(out.item())  # sync point: once per epoch, to name a NaN/inf sample
+    return -1 if bad == n else bad
+
+
+def end_epoch(ema, seen, loss_sum, loss_count, beta):
+    _end_epoch[_blocks(ema.numel()), THREADS, _stream()](
+        _view(ema), _view(seen), _view(loss_sum), _view(loss_count), float(beta))
+
+
+def normalise(ema, seen, m):
+    acc = torch.tensor([0.0, 0.0, math.inf, -math.inf], dtype=torch.float64, device=ema.device)
+    stream = _stream()
+    _stats[STAT_BLOCKS, THREADS, stream](_view(ema), _view(seen), _view(acc))
+    _write_m[_blocks(ema.numel()), THREADS, stream](_view(ema), _view(seen), _view(m), _view(acc))
+
+
+def balanced_pick(offsets, order, class_draw, u, out):
+    _balanced_pick[_blocks(out.numel()), THREADS, _stream()](
+        _view(offsets), _view(order), _view(class_draw), _view(u), _view(out))

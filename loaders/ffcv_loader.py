@@ -1,0 +1,79 @@
+"""FFCV Loader over a `.beton`: uint8 NHWC images, labels and sample indices, in one of three orders.
+
+- `random`: instance-balanced (stage 1), a fresh seeded permutation per epoch;
+- `balanced`: class-balanced (stage 2), indices from the kernel sampler every epoch (eq. 12);
+- `sequential`: every sample once, in file order (eval).
+
+All three are one TraversalOrder that we shard ourselves (rank::world over a list trimmed to a
+multiple of world), so every DDP rank gets the same number of batches. Build a loader once and
+reuse it: ffcv compiles its pipeline on the first epoch.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from ecvl_fast import EcvlError
+from ecvl_fast.kernels import cpu as kernels
+
+ORDERS = ("random", "balanced", "sequential")
+
+
+def epoch_indices(order: str, labels: np.ndarray, num_classes: int, seed: int, epoch: int,
+                  rank: int = 0, world: int = 1) -> np.ndarray:
+    """The sample indices one rank reads in one epoch."""
+    n = len(labels)
+    if order == "sequential":
+        return np.arange(rank, n, world)  # eval: no trimming, every sample exactly once overall
+    if order == "random":
+        full = np.random.default_rng([seed, epoch]).permutation(n)
+    elif order == "balanced":
+        full = kernels.balanced_indices(labels, num_classes, n, seed, epoch)
+    else:
+        raise EcvlError(f"unknown loader order {order!r}; choose one of {', '.join(ORDERS)}")
+    per_rank = n // world
+    return full[: per_rank * world][rank::world]
+
+
+def read_labels(path: Path) -> np.ndarray:
+    """All labels of a .beton, read from its metadata table (no image decoding)."""
+    from ffcv.reader import Reader
+
+    try:
+        reader = Reader(str(path))
+    except Exception as e:
+        raise EcvlError(f"{path}: not a readable .beton ({type(e).__name__}: {e})") from None
+    if list(reader.handlers) != ["image", "label", "index"]:
+        raise EcvlError(f"{path}: foreign .beton (fields {list(reader.handlers)}); write it with `ecvl-fast convert`")
+    return np.asarray(reader.metadata["f1"], dtype=np.int64)
+
+
+def make_loader(path: Path, order: str, batch_size: int, load_res: int, *, workers: int = 2,
+                seed: int = 0, num_classes: int | None = None, rank: int = 0, world: int = 1):
+    """An ffcv Loader yielding (images uint8 [B,H,W,3], labels int64 [B], indices int64 [B])."""
+    from ffcv.fields.basics import IntDecoder
+    from ffcv.fields.rgb_image import CenterCropRGBImageDecoder
+    from ffcv.loader import Loader, OrderOption
+    from ffcv.transforms import Squeeze, ToTensor
+    from ffcv.traversal_order.base import TraversalOrder
+
+    path = Path(path)
+    if not path.is_file():
+        raise EcvlError(f"{path}: no such .beton file")
+    labels = read_labels(path)
+    k = num_classes or int(labels.max()) + 1
+
+    class Order(TraversalOrder):
+        def sample_order(self, epoch: int):
+            return epoch_indices(order, labels, k, seed, epoch, rank, world)
+
+    int_pipe = lambda: [IntDecoder(), ToTensor(), Squeeze(1)]  # noqa: E731
+    loader = Loader(
+        str(path), batch_size=batch_size, num_workers=workers, order=OrderOption.SEQUENTIAL,
+        drop_last=order != "sequential", seed=seed,
+        pipelines={"image": [CenterCropRGBImageDecoder((load_res, load_res), ratio=1.0), ToTensor()],
+                   "label": int_pipe(), "index": int_pipe()})
+    loader.traversal_order = Order(loader)
+    loader.first_traversal_order = loader.traversal_order.sample_order(0)
+    return loader
