@@ -129,7 +129,7 @@ def d_brightness(x, v):
 def d_sharpness(x, v):
     fn, _, _ = _d()
     _, _, types = _d()
-    smooth = _f(fn.experimental.filter(x, types.Constant(SMOOTH), border="clamp"))
+    smooth = _f(fn.filter(x, types.Constant(SMOOTH), border="clamp"))
     return _blend(smooth, x, 1.0 + v)
 
 
