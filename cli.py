@@ -85,6 +85,51 @@ def convert(
     print_convert_summary(meta, out)
 
 
+bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks: tables, and JSON on request.")
+app.add_typer(bench_app, name="bench")
+
+
+@bench_app.command("loader")
+@one_line_errors
+def bench_loader(
+    data: Path = typer.Option(Path("data/mnist-lt"), help="a converted dataset (built from mnist-lt if missing)"),
+    res: int = typer.Option(32, help="output resolution, e.g. 32 or 224"),
+    batch: int = typer.Option(256),
+    workers: int = typer.Option(2, help="DALI threads / ffcv threads / DataLoader workers (same for both)"),
+    min_images: int = typer.Option(4096, help="images timed per contender, after a warm-up pass"),
+    kernels_n: int = typer.Option(1_280_000, help="samples for the momentum-kernel benchmark"),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="also write the results here"),
+):
+    """FFCV -> DALI memory-driven RandAugment (2 views) vs the torchvision peer; numba vs numpy kernels."""
+    import json
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from ecvl_fast.bench import LoaderBench, run_loader_bench
+
+    _ensure_demo_data(data)
+    r = run_loader_bench(LoaderBench(data, res, batch, workers, min_images=min_images), kernels_n)
+    t = Table(title=f"loader bench: {res} px, batch {batch}, {workers} workers, 2 views, k=2 ({r['machine']})")
+    for col in ("contender", "images/s", "ratio"):
+        t.add_column(col, justify="right")
+    t.add_row("FFCV -> DALI", f"{r['ffcv_dali_img_s']:.0f}", f"{r['ratio']:.2f}x")
+    t.add_row("torchvision/PIL peer", f"{r['torchvision_img_s']:.0f}", "1.00x")
+    k = r["kernels"]
+    t.add_row(f"kernels numba, N={k['n']:,}", f"{k['numba_s'] * 1e3:.1f} ms/epoch", f"{k['speedup']:.1f}x")
+    t.add_row(f"kernels numpy, N={k['n']:,}", f"{k['numpy_s'] * 1e3:.1f} ms/epoch", "1.00x")
+    Console().print(t)
+    if json_out:
+        json_out.write_text(json.dumps(r, indent=1))
+
+
+def _ensure_demo_data(data: Path) -> None:
+    if not (data / "meta.json").exists() and data == Path("data/mnist-lt"):
+        from ecvl_fast.loaders.convert import ConvertOptions, convert as run_convert
+
+        run_convert(ConvertOptions("mnist-lt", data))
+
+
 def main(argv: list[str] | None = None) -> int:
     """Importable entry point: returns the exit status instead of exiting."""
     import click

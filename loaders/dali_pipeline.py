@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ecvl_fast.loaders.randaug_ops import OPS
+from ecvl_fast.loaders.randaug_ops import LEAVES, OPS, slot_inputs
 
 # open_clip's OPENAI_DATASET_MEAN / STD, on the 0..255 scale.
 CLIP_MEAN = [0.48145466 * 255, 0.4578275 * 255, 0.40821073 * 255]
@@ -67,68 +67,59 @@ def batch_draws(spec: AugSpec, n: int, seed: int, epoch: int, step: int, rank: i
     return views
 
 
-def dispatch(lo: int, hi: int, idx, x, strength, sign):
-    """Apply OPS[idx] per sample by binary splitting on the op index (DALI conditionals)."""
+def plan_slots(spec: AugSpec, m: np.ndarray, d: dict) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """eq. 10 for one view: slot j applies its op when u_j < M (probability M), at strength
+    M * zeta_j; a skipped op becomes index 0 (identity). Returns per slot (leaf, v, matrix)."""
+    plans = []
+    for j in range(spec.k):
+        op = np.where(d["u"][j] < m, d["op"][j], 0)
+        plans.append(slot_inputs(op, m * d["zeta"][j], d["sign"][j], spec.res))
+    return plans
+
+
+def dispatch(lo: int, hi: int, leaf, x, v, mat):
+    """Run LEAVES[leaf] per sample by binary splitting on the leaf index (DALI conditionals)."""
     if lo == hi:
-        return OPS[lo].dali(x, OPS[lo].param(strength, sign))
+        return LEAVES[lo](x, v, mat)
     mid = (lo + hi) // 2
-    if idx <= mid:
-        out = dispatch(lo, mid, idx, x, strength, sign)
+    if leaf <= mid:
+        out = dispatch(lo, mid, leaf, x, v, mat)
     else:
-        out = dispatch(mid + 1, hi, idx, x, strength, sign)
+        out = dispatch(mid + 1, hi, leaf, x, v, mat)
     return out
 
 
-def memory_rand_augment(x, m, op, u, zeta, sign, k: int):
-    """eq. 10: k slots; slot j applies OPS[op_j] with probability M at strength M * zeta_j."""
-    from nvidia.dali import fn, types
-
-    for j in range(k):
-        applied = fn.cast(u[j] < m, dtype=types.INT32)
-        x = dispatch(0, len(OPS) - 1, op[j] * applied, x, m * zeta[j], sign[j])
-    return x
-
-
-def _inputs(name: str, n: int):
-    from nvidia.dali import fn
-
-    return [fn.external_source(name=f"{name}{j}") for j in range(n)]
-
-
 def build_pipeline(spec: AugSpec, batch_size: int, *, device_id: int | None = None, threads: int = 2,
-                   seed: int = 0, trace: bool = False):
-    """One view-graph per view over the same fed images; outputs NHWC float per view (+ traces)."""
+                   seed: int = 0):
+    """One graph; the views of a batch travel through it side by side as one batch of views * B.
+
+    Folding views into the batch halves the number of operator launches per image, which is what
+    bounds DALI at small resolutions (see README, "What limits the loader").
+    """
     from nvidia.dali import fn, pipeline_def, types
 
     gpu = device_id is not None
 
-    @pipeline_def(batch_size=batch_size, num_threads=threads, device_id=device_id, seed=seed,
+    @pipeline_def(batch_size=batch_size * spec.views, num_threads=threads, device_id=device_id, seed=seed,
                   enable_conditionals=spec.randaug, exec_async=False, exec_pipelined=False,
                   prefetch_queue_depth=1)
     def pipe():
-        images = fn.external_source(name="images", device="gpu" if gpu else "cpu", layout="HWC")
-        m = fn.external_source(name="m")
-        outputs, traces = [], []
-        for v in range(spec.views):
-            x = images
-            if spec.train:
-                box = fn.external_source(name=f"box_{v}")
-                x = fn.resize(x, size=[spec.res, spec.res], roi_start=box[0:2], roi_end=box[2:4],
-                              roi_relative=True, antialias=True)
-            else:
-                x = fn.resize(x, resize_shorter=spec.res, antialias=True)
-            if spec.randaug:
-                op, u, zeta, sign = (_inputs(f"{key}_{v}_", spec.k) for key in ("op", "u", "zeta", "sign"))
-                x = memory_rand_augment(x, m, op, u, zeta, sign, spec.k)
-                traces.append(fn.stack(*[fn.cast(u[j] < m, dtype=types.INT32) for j in range(spec.k)]))
-            # Flip last, fused into the normalisation pass. Every op's parameter distribution is
-            # mirror-symmetric (signed shears, translations, rotations), so flip-then-RA and
-            # RA-then-flip give the same distribution of views.
-            flip = fn.external_source(name=f"flip_{v}")
-            outputs.append(fn.crop_mirror_normalize(
-                x, crop=(spec.res, spec.res), mirror=flip, mean=CLIP_MEAN, std=CLIP_STD,
-                dtype=types.FLOAT, output_layout="HWC"))
-        return (*outputs, *(traces if trace else []), m)
+        x = fn.external_source(name="images", device="gpu" if gpu else "cpu", layout="HWC")
+        if spec.train:
+            box = fn.external_source(name="box")
+            x = fn.resize(x, size=[spec.res, spec.res], roi_start=box[0:2], roi_end=box[2:4],
+                          roi_relative=True, antialias=True)
+        else:
+            x = fn.resize(x, resize_shorter=spec.res, antialias=True)
+        for j in range(spec.k if spec.randaug else 0):
+            leaf, v, mat = (fn.external_source(name=f"{key}{j}") for key in ("leaf", "v", "mat"))
+            x = dispatch(0, len(LEAVES) - 1, leaf, x, v, mat)
+        # Flip last, fused into the normalisation pass. Every op's parameter distribution is
+        # mirror-symmetric (signed shears, translations, rotations), so flip-then-RA and
+        # RA-then-flip give the same distribution of views.
+        flip = fn.external_source(name="flip")
+        return fn.crop_mirror_normalize(x, crop=(spec.res, spec.res), mirror=flip, mean=CLIP_MEAN,
+                                        std=CLIP_STD, dtype=types.FLOAT, output_layout="HWC")
 
     p = pipe()
     p.build()
@@ -136,17 +127,24 @@ def build_pipeline(spec: AugSpec, batch_size: int, *, device_id: int | None = No
 
 
 def feed(p, spec: AugSpec, images, m: np.ndarray, draws: list[dict]) -> None:
-    """Feed one batch: images (NHWC uint8; a CUDA tensor on GPU), M per sample, the draws."""
+    """Feed one batch: images (NHWC uint8; a CUDA tensor on GPU), M per sample, the draws per view.
+    Views are stacked along the batch: rows [v*B, (v+1)*B) are view v."""
+    import torch
+
+    m = np.asarray(m, np.float32)
+    views = len(draws)
+    if views > 1:
+        images = torch.cat([images] * views) if isinstance(images, torch.Tensor) else np.concatenate([images] * views)
     p.feed_input("images", images, layout="HWC")
-    p.feed_input("m", np.ascontiguousarray(m, dtype=np.float32))
-    for v, d in enumerate(draws):
-        p.feed_input(f"flip_{v}", d["flip"])
-        if spec.train:
-            p.feed_input(f"box_{v}", d["box"])
-        if spec.randaug:
-            for j in range(spec.k):
-                for key in ("op", "u", "zeta", "sign"):
-                    p.feed_input(f"{key}_{v}_{j}", d[key][j])
+    cat = lambda key: np.concatenate([d[key] for d in draws])  # noqa: E731
+    p.feed_input("flip", cat("flip"))
+    if spec.train:
+        p.feed_input("box", cat("box"))
+    if spec.randaug:
+        plans = [plan_slots(spec, m, d) for d in draws]
+        for j in range(spec.k):
+            for pos, key in enumerate(("leaf", "v", "mat")):
+                p.feed_input(f"{key}{j}", np.concatenate([plan[j][pos] for plan in plans]))
 
 
 class AugmentedLoader:
@@ -195,8 +193,8 @@ class AugmentedLoader:
                 images = images.to(self.device, non_blocking=True)
                 torch.cuda.current_stream().synchronize()  # DALI reads the fed memory on its own stream
             feed(self.pipe, self.spec, images if gpu else images.numpy(), self._magnitudes(idx), draws)
-            outs = self.pipe.run()
-            views = [_to_torch(outs[v], self.device) for v in range(self.spec.views)]
+            out = _to_torch(self.pipe.run()[0], self.device)
+            views = list(out.chunk(self.spec.views))
             yield views, labels.to(torch.int64).clone(), idx.to(torch.int64).clone()
 
 

@@ -60,101 +60,80 @@ def _gray(x):
 
 
 def _blend(degenerate, x, factor):
-    """PIL's ImageEnhance: degenerate + factor * (image - degenerate)."""
-    return _u8(degenerate + factor * (_f(x) - degenerate))
+    """PIL's ImageEnhance: degenerate + factor * (image - degenerate), written so that uint8 x is
+    promoted by the float factor (no separate cast pass: DALI CPU time is per operator pass)."""
+    return _u8(x * factor + degenerate * (1.0 - factor))
 
 
-def _warp(x, a, b, c, d, e, f):
-    """Affine warp with PIL's convention: output (x, y) samples input (a x + b y + c, d x + e y + f)."""
+def d_affine(x, v, mat):
+    """Rotate, shear and translate in one warp: `mat` (2x3, computed in numpy by `affine_matrix`)
+    maps an output pixel to the input pixel it samples, PIL's AFFINE convention."""
     fn, _, types = _d()
-    m = fn.stack(fn.stack(a, b, c), fn.stack(d, e, f))
-    return fn.warp_affine(x, matrix=m, fill_value=FILL, interp_type=types.INTERP_NN, inverse_map=True)
+    return fn.warp_affine(x, matrix=mat, fill_value=FILL, interp_type=types.INTERP_NN, inverse_map=True)
 
 
-def _consts(v):
-    """0 and 1 shaped like the per-sample parameter v (so they stack with it)."""
-    return v * 0.0, v * 0.0 + 1.0
+def affine_matrix(name: str, v: float, width: int, height: int) -> np.ndarray:
+    """The inverse-map matrix of a geometric op, as PIL builds it (rotate: about the centre, CCW)."""
+    if name == "rotate":
+        t = -np.radians(v)
+        a, b, d, e = np.cos(t), np.sin(t), -np.sin(t), np.cos(t)
+        cx, cy = width / 2.0, height / 2.0
+        m = [a, b, a * -cx + b * -cy + cx, d, e, d * -cx + e * -cy + cy]
+    else:
+        m = {"shear_x": [1, v, 0, 0, 1, 0], "shear_y": [1, 0, 0, v, 1, 0],
+             "translate_x": [1, 0, v * width, 0, 1, 0], "translate_y": [1, 0, 0, 0, 1, v * height],
+             }.get(name, [1, 0, 0, 0, 1, 0])
+    return np.asarray(m, np.float32).reshape(2, 3)
 
 
-def d_identity(x, v):
+def d_identity(x, v, mat=None):
     return x
 
 
-def d_auto_contrast(x, v):
+def d_auto_contrast(x, v, mat=None):
     fn, math, _ = _d()
-    lo = _f(fn.reductions.min(x, axes=(0, 1), keep_dims=True))
-    hi = _f(fn.reductions.max(x, axes=(0, 1), keep_dims=True))
-    has_range = _f(hi > lo)
-    scale = 255.0 / math.max(hi - lo, 1.0)
-    xf = _f(x)
-    return _u8(has_range * (xf - lo) * scale + (1.0 - has_range) * xf)
+    lo = fn.reductions.min(x, axes=(0, 1), keep_dims=True)
+    hi = fn.reductions.max(x, axes=(0, 1), keep_dims=True)
+    # Where a channel is flat (hi == lo) it stays as is: (x - lo) * s + lo with s = 1.
+    flat = hi == lo
+    scale = 255.0 / (hi - lo + flat)
+    return _u8((x - lo) * (scale + flat * (1.0 - scale)) + lo * flat)
 
 
-def d_equalize(x, v):
+def d_equalize(x, v, mat=None):
     fn, _, _ = _d()
     return fn.equalize(x)
 
 
-def d_rotate(x, v):
-    fn, _, types = _d()
-    return fn.rotate(x, angle=v, fill_value=FILL, keep_size=True, interp_type=types.INTERP_NN)
+def d_solarize(x, v, mat=None):
+    _, _, types = _d()
+    return x ^ ((x >= v) * types.Constant(255, dtype=types.UINT8))  # x ^ 255 == 255 - x on uint8
 
 
-def d_solarize(x, v):
-    xf = _f(x)
-    keep = _f(xf < v)
-    return _u8(keep * xf + (1.0 - keep) * (255.0 - xf))
+def d_posterize(x, v, mat=None):
+    """v arrives as the bit mask (see `leaf_arg`): keep the top round(bits) bits."""
+    return x & _u8(v)
 
 
-def d_posterize(x, v):
-    _, math, _ = _d()
-    q = math.pow(2.0, 8.0 - math.floor(v + 0.5))
-    return _u8(math.floor(_f(x) / q) * q)
-
-
-def d_color(x, v):
+def d_color(x, v, mat=None):
     return _blend(_gray(x), x, 1.0 + v)
 
 
-def d_contrast(x, v):
+def d_contrast(x, v, mat=None):
     fn, math, _ = _d()
     mean = math.floor(fn.reductions.mean(_gray(x), axes=(0, 1, 2)) + 0.5)
     return _blend(mean, x, 1.0 + v)
 
 
-def d_brightness(x, v):
-    return _u8(_f(x) * (1.0 + v))
+def d_brightness(x, v, mat=None):
+    return _u8(x * (1.0 + v))
 
 
-def d_sharpness(x, v):
+def d_sharpness(x, v, mat=None):
     fn, _, _ = _d()
     _, _, types = _d()
     smooth = _f(fn.filter(x, types.Constant(SMOOTH), border="clamp"))
     return _blend(smooth, x, 1.0 + v)
-
-
-def d_shear_x(x, v):
-    z, o = _consts(v)
-    return _warp(x, o, v, z, z, o, z)
-
-
-def d_shear_y(x, v):
-    z, o = _consts(v)
-    return _warp(x, o, z, z, v, o, z)
-
-
-def d_translate_x(x, v):
-    fn, _, types = _d()
-    z, o = _consts(v)
-    w = fn.cast(x.shape(), dtype=types.FLOAT)[1]
-    return _warp(x, o, z, v * w, z, o, z)
-
-
-def d_translate_y(x, v):
-    fn, _, types = _d()
-    z, o = _consts(v)
-    h = fn.cast(x.shape(), dtype=types.FLOAT)[0]
-    return _warp(x, o, z, z, z, o, v * h)
 
 
 # --- PIL reference implementations ---
@@ -181,20 +160,41 @@ PIL_OPS = {
 }
 
 # The suite: a plain list. Index 0 must stay identity: a skipped op runs as index 0.
+# `leaf` is the DALI graph that runs the op; the five geometric ops share one affine warp.
 OPS = [
     Op("identity", d_identity, PIL_OPS["identity"]),
     Op("auto_contrast", d_auto_contrast, PIL_OPS["auto_contrast"]),
     Op("equalize", d_equalize, PIL_OPS["equalize"]),
-    Op("rotate", d_rotate, PIL_OPS["rotate"], 0.0, 30.0, signed=True),
+    Op("rotate", d_affine, PIL_OPS["rotate"], 0.0, 30.0, signed=True),
     Op("solarize", d_solarize, PIL_OPS["solarize"], 256.0, 0.0),
     Op("color", d_color, PIL_OPS["color"], 0.0, 0.9, signed=True),
     Op("posterize", d_posterize, PIL_OPS["posterize"], 8.0, 4.0),
     Op("contrast", d_contrast, PIL_OPS["contrast"], 0.0, 0.9, signed=True),
     Op("brightness", d_brightness, PIL_OPS["brightness"], 0.0, 0.9, signed=True),
     Op("sharpness", d_sharpness, PIL_OPS["sharpness"], 0.0, 0.9, signed=True),
-    Op("shear_x", d_shear_x, PIL_OPS["shear_x"], 0.0, 0.3, signed=True),
-    Op("shear_y", d_shear_y, PIL_OPS["shear_y"], 0.0, 0.3, signed=True),
-    Op("translate_x", d_translate_x, PIL_OPS["translate_x"], 0.0, 150 / 331, signed=True),
-    Op("translate_y", d_translate_y, PIL_OPS["translate_y"], 0.0, 150 / 331, signed=True),
+    Op("shear_x", d_affine, PIL_OPS["shear_x"], 0.0, 0.3, signed=True),
+    Op("shear_y", d_affine, PIL_OPS["shear_y"], 0.0, 0.3, signed=True),
+    Op("translate_x", d_affine, PIL_OPS["translate_x"], 0.0, 150 / 331, signed=True),
+    Op("translate_y", d_affine, PIL_OPS["translate_y"], 0.0, 150 / 331, signed=True),
 ]
 OP_INDEX = {op.name: i for i, op in enumerate(OPS)}
+LEAVES = list(dict.fromkeys(op.dali for op in OPS))  # distinct DALI graphs, identity first
+LEAF_OF_OP = np.asarray([LEAVES.index(op.dali) for op in OPS], np.int32)
+GEOMETRIC = {"rotate", "shear_x", "shear_y", "translate_x", "translate_y"}
+
+
+LO = np.asarray([op.lo for op in OPS], np.float32)
+HI = np.asarray([op.hi for op in OPS], np.float32)
+SIGNED = np.asarray([op.signed for op in OPS])
+
+
+def slot_inputs(op_idx: np.ndarray, strength: np.ndarray, sign: np.ndarray, size: int):
+    """Per-sample DALI inputs for one slot: leaf index, parameter v, affine matrix (vectorised `Op.param`)."""
+    v = (LO[op_idx] + strength * (HI[op_idx] - LO[op_idx])) * np.where(SIGNED[op_idx], sign, 1.0)
+    v = v.astype(np.float32)
+    mat = np.tile(np.eye(2, 3, dtype=np.float32), (len(op_idx), 1, 1))
+    for i in np.flatnonzero(np.isin(op_idx, [OP_INDEX[g] for g in GEOMETRIC])):
+        mat[i] = affine_matrix(OPS[op_idx[i]].name, v[i], size, size)
+    post = op_idx == OP_INDEX["posterize"]
+    v[post] = 256 - 2.0 ** (8 - np.floor(v[post] + 0.5))  # the bit mask d_posterize applies
+    return LEAF_OF_OP[op_idx], v, mat

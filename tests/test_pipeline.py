@@ -7,9 +7,9 @@ from scipy import stats
 
 from conftest import fake_images
 from ecvl_fast.loaders.convert import ConvertOptions, convert
-from ecvl_fast.loaders.dali_pipeline import AugmentedLoader, AugSpec, batch_draws, build_pipeline, feed
+from ecvl_fast.loaders.dali_pipeline import AugmentedLoader, AugSpec, batch_draws, build_pipeline, feed, plan_slots
 from ecvl_fast.loaders.ffcv_loader import ORDERS, make_loader, read_labels
-from ecvl_fast.loaders.randaug_ops import OPS
+from ecvl_fast.loaders.randaug_ops import LEAF_OF_OP, LEAVES, OP_INDEX, OPS, slot_inputs
 from ecvl_fast.loaders.torch_reference import reference_batch
 
 GPU = torch.cuda.is_available()
@@ -22,11 +22,13 @@ def images(n=B, size=40, seed=0):
     return np.concatenate([fake_images(half, seed, size), rng.integers(0, 256, (n - half, size, size, 3), dtype=np.uint8)])
 
 
-def run(spec, imgs, m, draws, trace=False, device_id=None):
-    p = build_pipeline(spec, len(imgs), device_id=device_id, trace=trace)
+def run(spec, imgs, m, draws, device_id=None):
+    """Views as a list of NHWC float arrays."""
+    p = build_pipeline(spec, len(imgs), device_id=device_id)
     feed(p, spec, imgs, m, draws)
-    out = p.run()
-    return [np.array(o.as_cpu().as_tensor() if device_id is not None else o.as_tensor()) for o in out]
+    out = p.run()[0]
+    out = np.array(out.as_cpu().as_tensor() if device_id is not None else out.as_tensor())
+    return np.split(out, spec.views)
 
 
 # Tolerances in 0..255 units. Rounding: DALI rounds to nearest where PIL truncates (max 1).
@@ -35,23 +37,33 @@ def run(spec, imgs, m, draws, trace=False, device_id=None):
 TOLERANCE = {"equalize": ("mean", 16.0), "sharpness": ("interior-max", 1)}
 
 
-@pytest.mark.parametrize("op", OPS, ids=[op.name for op in OPS])
-def test_op_matches_pil(op):
+def run_leaf(op_name, imgs, strengths, signs):
+    """One op through its DALI leaf, with the parameters `slot_inputs` feeds in training."""
     from nvidia.dali import fn, pipeline_def
 
-    imgs = images(8, 32)
-    vs = [op.param(s, sign) for s, sign in zip(np.linspace(0.25, 1, 8), [1, -1] * 4)]
+    n, size = len(imgs), imgs.shape[1]
+    leaf, v, mat = slot_inputs(np.full(n, OP_INDEX[op_name]), np.asarray(strengths, np.float32),
+                               np.asarray(signs, np.float32), size)
 
-    @pipeline_def(batch_size=8, num_threads=1, device_id=None)
+    @pipeline_def(batch_size=n, num_threads=1, device_id=None)
     def single():
-        x, v = fn.external_source(name="x", layout="HWC"), fn.external_source(name="v")
-        return op.dali(x, v), v
+        x, vv, mm = (fn.external_source(name=k) for k in ("x", "v", "mat"))
+        return LEAVES[leaf[0]](x, vv, mm), vv, mm
 
     p = single()
     p.build()
-    p.feed_input("x", list(imgs))
-    p.feed_input("v", np.asarray(vs, np.float32))
-    out = np.array(p.run()[0].as_tensor()).astype(int)
+    p.feed_input("x", list(imgs), layout="HWC")
+    p.feed_input("v", v)
+    p.feed_input("mat", mat)
+    return np.array(p.run()[0].as_tensor())
+
+
+@pytest.mark.parametrize("op", OPS, ids=[op.name for op in OPS])
+def test_op_matches_pil(op):
+    imgs = images(8, 32)
+    strengths, signs = np.linspace(0.25, 1, 8), [1, -1] * 4
+    out = run_leaf(op.name, imgs, strengths, signs).astype(int)
+    vs = [op.param(s, sign) for s, sign in zip(strengths, signs)]
     ref = np.stack([np.asarray(op.pil(Image.fromarray(im), v)) for im, v in zip(imgs, vs)]).astype(int)
     kind, tol = TOLERANCE.get(op.name, ("max", 1))
     diff = np.abs(out - ref)
@@ -68,24 +80,10 @@ def test_op_matches_pil(op):
 def test_equalize_matches_opencv():
     import cv2
 
-    op = next(o for o in OPS if o.name == "equalize")
     imgs = images(4, 32)
-    out = run_single(op, imgs)
+    out = run_leaf("equalize", imgs, np.ones(4), np.ones(4))
     ref = np.stack([np.stack([cv2.equalizeHist(np.ascontiguousarray(im[..., c])) for c in range(3)], -1) for im in imgs])
     assert np.abs(out.astype(int) - ref.astype(int)).max() <= 1
-
-
-def run_single(op, imgs):
-    from nvidia.dali import fn, pipeline_def
-
-    @pipeline_def(batch_size=len(imgs), num_threads=1, device_id=None)
-    def single():
-        return op.dali(fn.external_source(name="x", layout="HWC"), None)
-
-    p = single()
-    p.build()
-    p.feed_input("x", list(imgs))
-    return np.array(p.run()[0].as_tensor())
 
 
 def test_m_zero_is_bit_identical_to_no_randaugment():
@@ -100,17 +98,22 @@ def test_m_zero_is_bit_identical_to_no_randaugment():
 
 
 def test_m_one_applies_k_ops_and_rate_tracks_m():
-    imgs = images(256, 32)
     spec = AugSpec(res=32, views=1, k=3)
-    m = np.repeat([0.0, 0.1, 0.5, 0.9, 1.0], [52, 51, 51, 51, 51])
-    draws = batch_draws(spec, len(imgs), seed=2, epoch=0, step=0)
-    out = run(spec, imgs, m, draws, trace=True)
-    applied = out[1]  # [B, k] 0/1
-    assert applied.shape == (256, 3)
-    assert applied[m == 1.0].all() and not applied[m == 0.0].any()
-    for level in (0.1, 0.5, 0.9):
-        hits = applied[m == level]
-        assert stats.binomtest(int(hits.sum()), hits.size, level).pvalue > 1e-4
+    m = np.repeat([0.0, 0.1, 0.5, 0.9, 1.0], 400).astype(np.float32)
+    d = batch_draws(spec, len(m), seed=2, epoch=0, step=0)[0]
+    plans = plan_slots(spec, m, d)
+    for j, (leaf, v, _) in enumerate(plans):
+        drawn = LEAF_OF_OP[d["op"][j]]
+        assert np.array_equal(leaf[m == 1.0], drawn[m == 1.0])  # M = 1: all k drawn ops run
+        assert not leaf[m == 0.0].any()  # M = 0: nothing runs
+        strength = m * d["zeta"][j]
+        assert np.allclose(np.abs(v[(m == 1.0) & (d["op"][j] == OP_INDEX["rotate"])]),
+                           30 * strength[(m == 1.0) & (d["op"][j] == OP_INDEX["rotate"])], atol=1e-4)
+        applied = d["u"][j] < m
+        assert np.array_equal(leaf != 0, applied & (drawn != 0))  # skipped ops run as identity
+        for level in (0.1, 0.5, 0.9):
+            hits = applied[m == level]
+            assert stats.binomtest(int(hits.sum()), hits.size, level).pvalue > 1e-4
 
 
 def test_strength_grows_with_m():

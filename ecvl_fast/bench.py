@@ -1,0 +1,125 @@
+"""`ecvl-fast bench loader`: the data path against its torchvision peer, and the kernels against
+numpy, all measured in one run so the ratios compare like with like on a noisy machine."""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+@dataclass(frozen=True)
+class LoaderBench:
+    data: Path
+    res: int = 32
+    batch: int = 256
+    workers: int = 2
+    views: int = 2
+    k: int = 2
+    min_images: int = 4096
+
+
+def load_res_for(res: int) -> int:
+    """Decode slightly larger than the crop at ImageNet sizes (256 for 224), as is usual."""
+    return res if res <= 64 else int(round(res * 8 / 7))
+
+
+def _timed(batches, min_images: int) -> float:
+    """Images/s over whole passes of `batches()` until `min_images` have gone by (after one warm-up pass)."""
+    for _ in batches():
+        pass
+    n, t0 = 0, time.perf_counter()
+    while n < min_images:
+        for item in batches():
+            n += len(item[1])
+    return n / (time.perf_counter() - t0)
+
+
+def bench_dali(b: LoaderBench) -> float:
+    from ecvl_fast.loaders.dali_pipeline import AugmentedLoader, AugSpec
+    from ecvl_fast.loaders.ffcv_loader import make_loader, read_labels
+
+    path = b.data / "train.beton"
+    m = torch.rand(len(read_labels(path)), generator=torch.Generator().manual_seed(0))
+    loader = make_loader(path, "random", b.batch, load_res_for(b.res), workers=b.workers)
+    aug = AugmentedLoader(loader, AugSpec(res=b.res, views=b.views, k=b.k), m, threads=b.workers)
+    return _timed(lambda: aug, b.min_images)
+
+
+def bench_reference(b: LoaderBench) -> float:
+    from ecvl_fast.loaders.dali_pipeline import AugSpec
+    from ecvl_fast.loaders.ffcv_loader import make_loader
+    from ecvl_fast.loaders.torch_reference import ReferenceDataset
+
+    path = b.data / "train.beton"
+    imgs, labels = [], []
+    for im, y, _ in make_loader(path, "sequential", b.batch, load_res_for(b.res), workers=b.workers):
+        imgs.append(im.numpy().copy()), labels.append(y.numpy().copy())
+    imgs, labels = np.concatenate(imgs), np.concatenate(labels)
+    m = torch.rand(len(labels), generator=torch.Generator().manual_seed(0)).share_memory_()
+    ds = ReferenceDataset(imgs, labels, m, AugSpec(res=b.res, views=b.views, k=b.k))
+    dl = torch.utils.data.DataLoader(ds, batch_size=b.batch, shuffle=True, num_workers=b.workers,
+                                     persistent_workers=True, drop_last=True)
+    return _timed(lambda: dl, b.min_images)
+
+
+def bench_kernels(n: int = 1_280_000, batch: int = 512, seed: int = 0) -> dict:
+    """One epoch of momentum bookkeeping over n samples: numba kernels vs vectorised numpy."""
+    from ecvl_fast.kernels import cpu
+
+    rng = np.random.default_rng(seed)
+    idx = rng.permutation(n).astype(np.int64)
+    loss = rng.gamma(2.0, 1.0, n).astype(np.float32)
+    state = [np.zeros(n, np.float32), np.zeros(n, np.int32), np.zeros(n, np.float32),
+             np.zeros(n, np.uint8), np.zeros(n, np.float32)]
+
+    def numba_epoch():
+        s, c, ema, seen, m = state
+        for j in range(0, n, batch):
+            cpu.accumulate(s, c, idx[j:j + batch], loss[j:j + batch])
+        assert cpu.first_nonfinite(s, c) == -1
+        cpu.end_epoch(ema, seen, s, c, 0.97)
+        cpu.normalise(ema, seen, m)
+
+    def numpy_epoch():
+        s, c, ema, seen, m = (a.copy() for a in state)
+        for j in range(0, n, batch):
+            np.add.at(s, idx[j:j + batch], loss[j:j + batch])
+            np.add.at(c, idx[j:j + batch], 1)
+        hit = c > 0
+        assert np.isfinite(s[hit]).all()
+        lt = s[hit] / c[hit]
+        ema[hit] = np.where(seen[hit] == 1, 0.97 * ema[hit] + 0.03 * lt, lt)
+        seen[hit] = 1
+        v = ema[seen == 1].astype(np.float64)
+        spread = np.abs(v - v.mean()).max()
+        m[seen == 1] = (v - v.mean()) / spread / 2 + 0.5 if spread > 0 else 0.5
+
+    out = {}
+    for name, f in (("numba", numba_epoch), ("numpy", numpy_epoch)):
+        f()  # compile / warm caches
+        t0 = time.perf_counter()
+        f()
+        out[f"{name}_s"] = time.perf_counter() - t0
+    out["speedup"] = out["numpy_s"] / out["numba_s"]
+    out["n"] = n
+    return out
+
+
+def run_loader_bench(b: LoaderBench, kernels_n: int = 1_280_000) -> dict:
+    dali = bench_dali(b)
+    ref = bench_reference(b)
+    return {"config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(b).items()},
+            "machine": _machine(), "date": time.strftime("%Y-%m-%d"),
+            "ffcv_dali_img_s": dali, "torchvision_img_s": ref, "ratio": dali / ref,
+            "kernels": bench_kernels(kernels_n)}
+
+
+def _machine() -> str:
+    import os
+    import platform
+
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return f"{platform.machine()}, {os.cpu_count()} CPUs, {gpu}"
