@@ -32,37 +32,68 @@ class AugSpec:
     crop_scale: tuple[float, float] = (0.5, 1.0)  # BALLAD's RandomResizedCrop scale
 
 
-def crop_boxes(rng: np.random.Generator, n: int, scale, ratio=(3 / 4, 4 / 3), tries: int = 10):
-    """Random-resized-crop boxes (y0, x0, y1, x1), relative to a square image.
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 
-    Area fraction ~ U(scale), log aspect ~ U(log ratio); the first of `tries` candidates that
-    fits is kept, else the whole image.
+
+def _splitmix(z: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser (Steele, Lea & Flood 2014): a well-mixed 64-bit hash, vectorised."""
+    with np.errstate(over="ignore"):
+        z = z + _GOLDEN
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+def uniforms(seed: int, epoch: int, positions: np.ndarray, streams: int) -> np.ndarray:
+    """[len(positions), streams] uniforms in [0, 1), a pure function of (seed, epoch, position).
+
+    Keyed by a sample's position in the epoch's global order, not by rank or batch, so a DDP run
+    and a single-process run augment every sample identically, and a repeated sample (balanced
+    sampling) gets fresh draws.
     """
-    area = rng.uniform(scale[0], scale[1], (n, tries))
-    aspect = np.exp(rng.uniform(np.log(ratio[0]), np.log(ratio[1]), (n, tries)))
+    key = _splitmix(_splitmix(np.array([seed], np.uint64)) ^ np.array([epoch], np.uint64))
+    with np.errstate(over="ignore"):
+        ctr = np.asarray(positions, np.uint64)[:, None] * np.uint64(streams) + np.arange(streams, dtype=np.uint64)
+    return (_splitmix(ctr ^ key) >> np.uint64(11)).astype(np.float64) * 2.0 ** -53
+
+
+def crop_boxes(r: np.ndarray, scale, ratio=(3 / 4, 4 / 3)):
+    """Random-resized-crop boxes (y0, x0, y1, x1), relative to a square image, from uniforms r[:, 2T+2].
+
+    Area fraction ~ U(scale), log aspect ~ U(log ratio); the first of T candidates that fits is
+    kept, else the whole image.
+    """
+    tries = (r.shape[1] - 2) // 2
+    area = scale[0] + r[:, :tries] * (scale[1] - scale[0])
+    aspect = np.exp(np.log(ratio[0]) + r[:, tries:2 * tries] * (np.log(ratio[1]) - np.log(ratio[0])))
     w, h = np.sqrt(area * aspect), np.sqrt(area / aspect)
     ok = (w <= 1) & (h <= 1)
-    first = np.argmax(ok, axis=1)
-    rows = np.arange(n)
-    w = np.where(ok.any(1), w[rows, first], 1.0)
-    h = np.where(ok.any(1), h[rows, first], 1.0)
-    x0, y0 = rng.uniform(0, 1, n) * (1 - w), rng.uniform(0, 1, n) * (1 - h)
+    first, rows, fits = np.argmax(ok, axis=1), np.arange(len(r)), ok.any(1)
+    w, h = np.where(fits, w[rows, first], 1.0), np.where(fits, h[rows, first], 1.0)
+    x0, y0 = r[:, -2] * (1 - w), r[:, -1] * (1 - h)
     return np.stack([y0, x0, y0 + h, x0 + w], 1).astype(np.float32)
 
 
-def batch_draws(spec: AugSpec, n: int, seed: int, epoch: int, step: int, rank: int = 0) -> list[dict]:
-    """Every random number one batch needs, per view."""
-    rng = np.random.default_rng([seed, epoch, step, rank])
+CROP_STREAMS = 2 * 10 + 2
+
+
+def batch_draws(spec: AugSpec, positions: np.ndarray, seed: int, epoch: int) -> list[dict]:
+    """Every random number one batch needs, per view, for samples at these epoch positions."""
+    k = spec.k
+    per_view = CROP_STREAMS + 1 + 4 * k
+    r = uniforms(seed, epoch, np.asarray(positions), per_view * spec.views)
     views = []
-    for _ in range(spec.views):
-        d = {"flip": rng.integers(0, 2, n).astype(np.int32)}
+    for v in range(spec.views):
+        rv = r[:, v * per_view:(v + 1) * per_view]
+        d = {"flip": (rv[:, CROP_STREAMS] < 0.5).astype(np.int32)}
         if spec.train:
-            d["box"] = crop_boxes(rng, n, spec.crop_scale)
+            d["box"] = crop_boxes(rv[:, :CROP_STREAMS], spec.crop_scale)
         if spec.randaug:
-            d["op"] = rng.integers(0, len(OPS), (spec.k, n)).astype(np.int32)
-            d["u"] = rng.random((spec.k, n), dtype=np.float32)
-            d["zeta"] = rng.random((spec.k, n), dtype=np.float32)
-            d["sign"] = (rng.integers(0, 2, (spec.k, n)) * 2 - 1).astype(np.float32)
+            ra = rv[:, CROP_STREAMS + 1:].T.reshape(4, k, -1)
+            d["op"] = np.minimum((ra[0] * len(OPS)).astype(np.int32), len(OPS) - 1)
+            d["u"] = ra[1].astype(np.float32)
+            d["zeta"] = ra[2].astype(np.float32)
+            d["sign"] = np.where(ra[3] < 0.5, -1.0, 1.0).astype(np.float32)
         views.append(d)
     return views
 
@@ -156,10 +187,10 @@ class AugmentedLoader:
     """
 
     def __init__(self, loader, spec: AugSpec, m=None, *, device="cpu", seed: int = 0, rank: int = 0,
-                 threads: int = 2):
+                 world: int = 1, threads: int = 2):
         import torch
 
-        self.loader, self.spec, self.m, self.seed, self.rank = loader, spec, m, seed, rank
+        self.loader, self.spec, self.m, self.seed, self.rank, self.world = loader, spec, m, seed, rank, world
         self.device = torch.device(device)
         gpu = self.device.type == "cuda"
         self.pipe = build_pipeline(spec, loader.batch_size, device_id=self.device.index or 0 if gpu else None,
@@ -187,8 +218,10 @@ class AugmentedLoader:
 
         epoch = self.loader.next_epoch
         gpu = self.device.type == "cuda"
+        b = self.loader.batch_size
         for step, (images, labels, idx) in enumerate(self.loader):
-            draws = batch_draws(self.spec, len(labels), self.seed, epoch, step, self.rank)
+            local = step * b + np.arange(len(labels))
+            draws = batch_draws(self.spec, local * self.world + self.rank, self.seed, epoch)
             if gpu:
                 images = images.to(self.device, non_blocking=True)
                 torch.cuda.current_stream().synchronize()  # DALI reads the fed memory on its own stream

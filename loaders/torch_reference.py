@@ -58,7 +58,7 @@ class ReferenceDataset(torch.utils.data.Dataset):
         return len(self.labels)
 
     def __getitem__(self, i: int):
-        draws = batch_draws(self.spec, 1, self.seed, self.epoch, int(i))
+        draws = batch_draws(self.spec, np.array([i]), self.seed, self.epoch)
         m = float(self.m[i])
         views = [reference_view(self.images[i], m, _sample(d, 0), self.spec) for d in draws]
         return views, int(self.labels[i]), int(i)

@@ -89,7 +89,7 @@ def test_equalize_matches_opencv():
 def test_m_zero_is_bit_identical_to_no_randaugment():
     imgs = images()
     spec = AugSpec(res=32, views=2)
-    draws = batch_draws(spec, B, seed=1, epoch=0, step=0)
+    draws = batch_draws(spec, np.arange(B), seed=1, epoch=0)
     with_ra = run(spec, imgs, np.zeros(B), draws)
     plain_spec = AugSpec(res=32, views=2, randaug=False)
     plain = run(plain_spec, imgs, np.zeros(B), [{k: d[k] for k in ("flip", "box")} for d in draws])
@@ -100,7 +100,7 @@ def test_m_zero_is_bit_identical_to_no_randaugment():
 def test_m_one_applies_k_ops_and_rate_tracks_m():
     spec = AugSpec(res=32, views=1, k=3)
     m = np.repeat([0.0, 0.1, 0.5, 0.9, 1.0], 400).astype(np.float32)
-    d = batch_draws(spec, len(m), seed=2, epoch=0, step=0)[0]
+    d = batch_draws(spec, np.arange(len(m)), seed=2, epoch=0)[0]
     plans = plan_slots(spec, m, d)
     for j, (leaf, v, _) in enumerate(plans):
         drawn = LEAF_OF_OP[d["op"][j]]
@@ -119,7 +119,7 @@ def test_m_one_applies_k_ops_and_rate_tracks_m():
 def test_strength_grows_with_m():
     imgs = images(128, 32)
     spec = AugSpec(res=32, views=1, k=2)
-    draws = batch_draws(spec, len(imgs), seed=3, epoch=0, step=0)
+    draws = batch_draws(spec, np.arange(len(imgs)), seed=3, epoch=0)
     base = run(AugSpec(res=32, views=1, randaug=False), imgs, np.zeros(128), [{k: draws[0][k] for k in ("flip", "box")}])[0]
     change = [np.abs(run(spec, imgs, np.full(128, m), draws)[0] - base).mean() for m in (0.2, 0.5, 0.8, 1.0)]
     assert all(a < b for a, b in zip(change, change[1:])), change
@@ -130,7 +130,7 @@ def test_pipeline_matches_reference(randaug):
     imgs = images(16, 40)
     spec = AugSpec(res=32, views=2, randaug=randaug)
     m = np.linspace(0, 1, 16)
-    draws = batch_draws(spec, 16, seed=4, epoch=1, step=5)
+    draws = batch_draws(spec, np.arange(16), seed=4, epoch=1)
     dali = run(spec, imgs, m, draws)
     ref = reference_batch(imgs, m, draws, spec)
     for v in range(2):
@@ -185,7 +185,7 @@ def test_gpu_pipeline_matches_cpu():
     imgs = images(16, 32)
     spec = AugSpec(res=32, views=1, randaug=True)
     m = np.linspace(0, 1, 16)
-    draws = batch_draws(spec, 16, seed=5, epoch=0, step=0)
+    draws = batch_draws(spec, np.arange(16), seed=5, epoch=0)
     cpu = run(spec, imgs, m, draws)[0]
     gpu = run(spec, torch.from_numpy(imgs).cuda(), m, draws, device_id=0)[0]
     assert np.abs(cpu - gpu).mean() < 0.02
