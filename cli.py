@@ -85,6 +85,71 @@ def convert(
     print_convert_summary(meta, out)
 
 
+def _config(config: Optional[Path], overrides: list[str]):
+    from ecvl_fast.config import load_config
+
+    return load_config(config, overrides or [])
+
+
+@app.command()
+@one_line_errors
+def train(
+    config: Optional[Path] = typer.Option(None, "--config", help="TOML file"),
+    overrides: Optional[list[str]] = typer.Option(None, "--set", help="section.key=value (repeatable)"),
+    stage: int = typer.Option(1, help="1: fine-tune both encoders"),
+    resume: bool = typer.Option(False, help="continue the run in run.out from its last.pt"),
+):
+    """Train (one process, or one per GPU under torchrun)."""
+    from ecvl_fast import train as training
+
+    cfg = _config(config, overrides)
+    if stage != 1:
+        raise EcvlError(f"--stage {stage}: only stage 1 is implemented in this version")
+    training.main(cfg, resume_run=resume)
+
+
+@app.command("eval")
+@one_line_errors
+def evaluate(
+    data: Optional[Path] = typer.Option(None, help="converted dataset folder (default: data.path)"),
+    ckpt: Optional[Path] = typer.Option(None, help="checkpoint to evaluate (its config is used)"),
+    zero_shot: bool = typer.Option(False, "--zero-shot", help="evaluate model.pretrained as is"),
+    split: str = typer.Option("test", help="test | val"),
+    out: Optional[Path] = typer.Option(None, help="where metrics.json and per_class.png go"),
+    config: Optional[Path] = typer.Option(None, "--config"),
+    overrides: Optional[list[str]] = typer.Option(None, "--set"),
+):
+    """Many/medium/few/all accuracy, macro-F1 and head-tail gap of a checkpoint or a zero-shot model."""
+    from ecvl_fast.eval_cli import run_eval
+
+    if (ckpt is None) == (not zero_shot):
+        raise EcvlError("pass exactly one of --ckpt FILE or --zero-shot")
+    run_eval(_config(config, overrides), data, ckpt, split, out)
+
+
+@app.command()
+@one_line_errors
+def demo(
+    data: Path = typer.Option(Path("data/mnist-lt")),
+    run: Path = typer.Option(Path("runs/demo")),
+    config: Optional[Path] = typer.Option(None, help="default: the packaged configs/mnist-demo.toml"),
+):
+    """The embedded default: mnist-lt (real digits, long-tailed), tiny CLIP, stage 1, report."""
+    from ecvl_fast import train as training
+    from ecvl_fast.config import load_config
+
+    import ecvl_fast
+
+    _ensure_demo_data(data)
+    config = config or Path(ecvl_fast.__file__).parent / "configs" / "mnist-demo.toml"
+    cfg = load_config(config, [f"data.path={data}", f"run.out={run}"])
+    if run.exists():
+        import shutil
+
+        shutil.rmtree(run)
+    training.main(cfg)
+
+
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks: tables, and JSON on request.")
 app.add_typer(bench_app, name="bench")
 

@@ -85,7 +85,7 @@ def batch_draws(spec: AugSpec, positions: np.ndarray, seed: int, epoch: int) -> 
     views = []
     for v in range(spec.views):
         rv = r[:, v * per_view:(v + 1) * per_view]
-        d = {"flip": (rv[:, CROP_STREAMS] < 0.5).astype(np.int32)}
+        d = {"flip": (rv[:, CROP_STREAMS] < 0.5).astype(np.int32) * int(spec.train)}  # eval: no flip
         if spec.train:
             d["box"] = crop_boxes(rv[:, :CROP_STREAMS], spec.crop_scale)
         if spec.randaug:

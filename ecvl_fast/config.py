@@ -1,0 +1,155 @@
+"""Run configuration: one frozen dataclass per concern, composed into `Config`.
+
+Sources, later ones winning: the defaults here, a TOML file (`--config`), `--set section.key=value`.
+An unknown section or key, or a value of the wrong type, is an error before any work starts.
+"""
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ecvl_fast import EcvlError
+
+
+@dataclass(frozen=True)
+class DataCfg:
+    path: str = "data/mnist-lt"
+    res: int = 224
+    load_res: int = 0  # decode size before the crop; 0 = res (<= 64 px) or res * 8/7
+    batch_size: int = 256  # global: split evenly over DDP ranks
+    workers: int = 2
+    eval_split: str = "test"
+
+
+@dataclass(frozen=True)
+class ModelCfg:
+    name: str = "RN50"
+    pretrained: str = "none"  # an open_clip tag, a local checkpoint path, or "none" (random init)
+    templates: str = "single"  # "single" ("a photo of a {}.") or "openai" (open_clip's 80, averaged)
+    compile: bool = False
+
+
+@dataclass(frozen=True)
+class AugCfg:
+    randaug: bool = False  # stage 1 default: crop + flip only
+    k: int = 2  # RandAugment ops per sample (eq. 10)
+    beta: float = 0.97  # momentum of the per-sample loss EMA (eq. 8; BCL)
+    crop_min_scale: float = 0.5  # BALLAD's RandomResizedCrop scale (0.5, 1)
+
+
+@dataclass(frozen=True)
+class Stage1Cfg:
+    epochs: int = 10
+    loss: str = "clip"  # "clip" (eqs. 4-5) or "prompt-ce" (BALLAD's official phase A)
+    lr: float = 1e-5
+    weight_decay: float = 0.1
+    warmup_epochs: float = 1.0
+    ce_scale: float = 100.0  # BALLAD's logit scale for prompt-ce
+
+
+@dataclass(frozen=True)
+class DistCfg:
+    backend: str = "auto"  # nccl on GPU, gloo on CPU
+
+
+@dataclass(frozen=True)
+class RunCfg:
+    out: str = "runs/default"
+    seed: int = 0
+    device: str = "auto"  # "auto", "cpu" or "cuda"
+    log_every: int = 20  # steps between host syncs for logging
+
+
+@dataclass(frozen=True)
+class Config:
+    data: DataCfg = field(default_factory=DataCfg)
+    model: ModelCfg = field(default_factory=ModelCfg)
+    aug: AugCfg = field(default_factory=AugCfg)
+    stage1: Stage1Cfg = field(default_factory=Stage1Cfg)
+    dist: DistCfg = field(default_factory=DistCfg)
+    run: RunCfg = field(default_factory=RunCfg)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+CHOICES = {
+    ("model", "templates"): ("single", "openai"),
+    ("stage1", "loss"): ("clip", "prompt-ce"),
+    ("data", "eval_split"): ("test", "val"),
+    ("dist", "backend"): ("auto", "nccl", "gloo"),
+    ("run", "device"): ("auto", "cpu", "cuda"),
+}
+
+
+def _coerce(where: str, typ, value):
+    """Check a TOML value, or parse a `--set` string, against the field's type."""
+    if isinstance(value, str) and typ is not str:
+        try:
+            value = {"true": True, "false": False}[value.lower()] if typ is bool else typ(value)
+        except (KeyError, ValueError):
+            raise EcvlError(f"{where}: expected {typ.__name__}, got {value!r}") from None
+    if typ is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
+        raise EcvlError(f"{where}: expected {typ.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _merge(cfg: Config, section: str, key: str, value, where: str) -> Config:
+    sections = {f.name: f for f in dataclasses.fields(Config)}
+    if section not in sections:
+        raise EcvlError(f"{where}: unknown config section {section!r} (known: {', '.join(sections)})")
+    sub = getattr(cfg, section)
+    hints = typing.get_type_hints(type(sub))
+    if key not in hints:
+        raise EcvlError(f"{where}: unknown key {section}.{key} (known: {', '.join(hints)})")
+    value = _coerce(where, hints[key], value)
+    allowed = CHOICES.get((section, key))
+    if allowed and value not in allowed:
+        raise EcvlError(f"{where}: {section}.{key} must be one of {', '.join(allowed)}, not {value!r}")
+    return dataclasses.replace(cfg, **{section: dataclasses.replace(sub, **{key: value})})
+
+
+def from_dict(d: dict, where: str = "config", base: Config | None = None) -> Config:
+    cfg = base or Config()
+    for section, values in d.items():
+        if not isinstance(values, dict):
+            raise EcvlError(f"{where}: {section!r} must be a [section] table")
+        for key, value in values.items():
+            cfg = _merge(cfg, section, key, value, where)
+    return cfg
+
+
+def load_config(path: Path | None = None, overrides: list[str] = ()) -> Config:
+    cfg = Config()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise EcvlError(f"{path}: no such config file")
+        try:
+            cfg = from_dict(tomllib.loads(path.read_text()), str(path))
+        except tomllib.TOMLDecodeError as e:
+            raise EcvlError(f"{path}: invalid TOML ({e})") from None
+    for item in overrides:
+        name, sep, value = item.partition("=")
+        section, dot, key = name.strip().partition(".")
+        if not sep or not dot:
+            raise EcvlError(f"--set {item!r}: expected section.key=value")
+        cfg = _merge(cfg, section, key, value.strip(), f"--set {name.strip()}")
+    return cfg
+
+
+def save_config(cfg: Config, path: Path) -> None:
+    """The resolved config as TOML, loadable again with --config."""
+    lines = []
+    for section, values in cfg.to_dict().items():
+        lines.append(f"[{section}]")
+        for key, value in values.items():
+            text = str(value).lower() if isinstance(value, bool) else repr(value) if isinstance(value, (int, float)) else f'"{value}"'
+            lines.append(f"{key} = {text}")
+        lines.append("")
+    path.write_text("\n".join(lines))

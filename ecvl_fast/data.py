@@ -1,0 +1,58 @@
+"""Glue from a config to the loaders: a converted dataset, checked, and its train/eval loaders."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from ecvl_fast import EcvlError
+from ecvl_fast.config import Config
+from ecvl_fast.dist import Dist
+
+
+def open_dataset(path: str | Path) -> dict:
+    """meta.json plus a cheap check of each .beton against it (label count per split)."""
+    from ecvl_fast.loaders.convert import load_meta
+    from ecvl_fast.loaders.ffcv_loader import read_labels
+
+    meta = load_meta(Path(path))
+    for split, n in meta["images"].items():
+        labels = read_labels(Path(path) / f"{split}.beton")
+        if len(labels) != n:
+            raise EcvlError(f"{path}/{split}.beton: {len(labels)} images, meta.json says {n}; not this dataset's file")
+    return meta
+
+
+def load_res(cfg: Config) -> int:
+    return cfg.data.load_res or (cfg.data.res if cfg.data.res <= 64 else round(cfg.data.res * 8 / 7))
+
+
+def per_rank_batch(cfg: Config, d: Dist) -> int:
+    if cfg.data.batch_size % d.world_size:
+        raise EcvlError(f"data.batch_size={cfg.data.batch_size} does not split over {d.world_size} ranks")
+    return cfg.data.batch_size // d.world_size
+
+
+def train_loader(cfg: Config, d: Dist, meta: dict, order: str, views: int = 1, m=None, randaug: bool = False):
+    from ecvl_fast.loaders.dali_pipeline import AugmentedLoader, AugSpec
+    from ecvl_fast.loaders.ffcv_loader import make_loader
+
+    loader = make_loader(Path(cfg.data.path) / "train.beton", order, per_rank_batch(cfg, d), load_res(cfg),
+                         workers=cfg.data.workers, seed=cfg.run.seed, num_classes=len(meta["classes"]),
+                         rank=d.rank, world=d.world_size)
+    spec = AugSpec(res=cfg.data.res, train=True, views=views, k=cfg.aug.k, randaug=randaug,
+                   crop_scale=(cfg.aug.crop_min_scale, 1.0))
+    return AugmentedLoader(loader, spec, m, device=d.device, seed=cfg.run.seed, rank=d.rank,
+                           world=d.world_size, threads=cfg.data.workers)
+
+
+def eval_loader(cfg: Config, d: Dist, split: str):
+    from ecvl_fast.loaders.dali_pipeline import AugmentedLoader, AugSpec
+    from ecvl_fast.loaders.ffcv_loader import make_loader
+
+    path = Path(cfg.data.path) / f"{split}.beton"
+    if not path.is_file():
+        raise EcvlError(f"{path}: no such split in {cfg.data.path}")
+    loader = make_loader(path, "sequential", per_rank_batch(cfg, d), load_res(cfg), workers=cfg.data.workers,
+                         seed=cfg.run.seed, rank=d.rank, world=d.world_size)
+    spec = AugSpec(res=cfg.data.res, train=False, randaug=False)
+    return AugmentedLoader(loader, spec, device=d.device, seed=cfg.run.seed, rank=d.rank,
+                           world=d.world_size, threads=cfg.data.workers)

@@ -1,0 +1,40 @@
+"""`ecvl-fast eval`: a checkpoint (with its own config) or a zero-shot model on a converted split."""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from ecvl_fast import checkpoint as ckpt_io
+from ecvl_fast import dist as D
+from ecvl_fast.config import Config, from_dict
+from ecvl_fast.data import eval_loader, open_dataset
+from ecvl_fast.evaluate import predict, shot_metrics, write_report
+from ecvl_fast.model import ClipNet, build_clip, class_text_features, prompt_tokens
+
+
+def run_eval(cfg: Config, data: Path | None, ckpt: Path | None, split: str, out: Path | None) -> dict:
+    state = None
+    if ckpt is not None:
+        state = ckpt_io.load(ckpt)
+        cfg = from_dict(state["config"], f"{ckpt} config")
+    if data is not None:
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, path=str(data)))
+    d = D.setup(cfg.run.device, cfg.dist.backend)
+    try:
+        meta = open_dataset(cfg.data.path)
+        if state is not None:
+            ckpt_io.load(ckpt, model_name=cfg.model.name, num_classes=len(meta["classes"]))
+            cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, pretrained="none"))
+        clip, tokenizer = build_clip(cfg.model)
+        net = ClipNet(clip).to(d.device)
+        if state is not None:
+            net.load_state_dict(state["model"])
+        text = class_text_features(net, prompt_tokens(tokenizer, meta["classes"], cfg.model.templates).to(d.device))
+        preds, labels = predict(net, eval_loader(cfg, d, split), text, d)
+        metrics = shot_metrics(preds, labels, meta)
+        if d.main:
+            where = out or (ckpt.parent / f"eval-{split}" if ckpt else Path(cfg.run.out) / f"zero-shot-{split}")
+            write_report(metrics, meta, where, f"{cfg.model.name} {'zero-shot' if ckpt is None else ckpt.name}, {split}")
+        return metrics
+    finally:
+        D.teardown()

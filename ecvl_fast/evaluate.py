@@ -1,0 +1,90 @@
+"""Evaluation: per-class accuracy, many/medium/few/all, macro-F1 and the head-tail gap."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ecvl_fast import dist as D
+from ecvl_fast.model import zero_shot_logits
+
+
+def shot_metrics(preds: np.ndarray, labels: np.ndarray, meta: dict) -> dict:
+    from sklearn.metrics import confusion_matrix, f1_score
+
+    k = len(meta["classes"])
+    cm = confusion_matrix(labels, preds, labels=np.arange(k))
+    support = cm.sum(1)
+    per_class = np.where(support > 0, np.diag(cm) / np.maximum(support, 1), np.nan)
+    out = {"all": float((preds == labels).mean()) if len(labels) else float("nan")}
+    for group, classes in meta["groups"].items():
+        accs = per_class[classes] if classes else np.array([])
+        accs = accs[~np.isnan(accs)]
+        out[group] = float(accs.mean()) if len(accs) else None
+    out["macro_f1"] = float(f1_score(labels, preds, labels=np.arange(k), average="macro", zero_division=0))
+    out["head_tail_gap"] = out["many"] - out["few"] if out["many"] is not None and out["few"] is not None else None
+    out["per_class"] = [None if np.isnan(a) else float(a) for a in per_class]
+    out["num_images"] = int(len(labels))
+    return out
+
+
+@torch.no_grad()
+def predict(net, loader, text_features: torch.Tensor, d: D.Dist):
+    """Predictions over the whole eval split, gathered from every rank, each sample once."""
+    net.eval()
+    preds, labels, index = [], [], []
+    scale = net.logit_scale
+    for views, y, idx in loader:
+        with torch.autocast(d.device.type, dtype=torch.bfloat16, enabled=d.device.type == "cuda"):
+            img, _ = net(views[0].to(d.device, non_blocking=True))
+        preds.append(zero_shot_logits(img, text_features, scale).argmax(1).cpu())
+        labels.append(y), index.append(idx)
+    arrays = [torch.cat(a).numpy() if a else np.zeros(0, np.int64) for a in (preds, labels, index)]
+    p, y, i = D.gather_arrays(*arrays)
+    _, first = np.unique(i, return_index=True)
+    return p[first], y[first]
+
+
+def write_report(metrics: dict, meta: dict, out_dir: Path, title: str) -> None:
+    """metrics.json, per_class.png (accuracy against train count, log x) and a console table."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    _plot(metrics, meta, out_dir / "per_class.png", title)
+    print_table(metrics, title)
+
+
+def _plot(metrics: dict, meta: dict, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    counts = np.asarray(meta["train_counts"])
+    acc = np.asarray([np.nan if a is None else a for a in metrics["per_class"]])
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for group, color in (("many", "tab:blue"), ("medium", "tab:orange"), ("few", "tab:red")):
+        ix = meta["groups"][group]
+        ax.scatter(counts[ix], acc[ix], s=14, c=color, label=f"{group} ({len(ix)})")
+    ax.set_xscale("log")
+    ax.set_xlabel("train images in class (log)")
+    ax.set_ylabel("test accuracy")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def print_table(metrics: dict, title: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=title)
+    cols = ("many", "medium", "few", "all", "macro_f1", "head_tail_gap")
+    for c in cols:
+        t.add_column(c, justify="right")
+    t.add_row(*["-" if metrics[c] is None else f"{100 * metrics[c]:.2f}" for c in cols])
+    Console().print(t)

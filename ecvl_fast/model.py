@@ -1,0 +1,81 @@
+"""The CLIP dual encoder (open_clip), class prompts, and zero-shot classification (eq. 6)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ecvl_fast import EcvlError
+from ecvl_fast.config import ModelCfg
+
+CONFIG_DIR = Path(__file__).parent / "model_configs"
+SINGLE_TEMPLATE = ("a photo of a {}.",)
+
+
+def _open_clip():
+    import open_clip
+
+    if "ecvl-tiny-vit" not in open_clip.list_models():
+        open_clip.add_model_config(CONFIG_DIR)
+    return open_clip
+
+
+def templates(kind: str) -> tuple[str, ...]:
+    if kind == "single":
+        return SINGLE_TEMPLATE
+    from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
+
+    return tuple(t("{}") for t in OPENAI_IMAGENET_TEMPLATES)
+
+
+def build_clip(cfg: ModelCfg):
+    """(model, tokenizer). `pretrained`: "none", a local file, or an open_clip tag."""
+    oc = _open_clip()
+    if cfg.name not in oc.list_models():
+        raise EcvlError(f"unknown open_clip model {cfg.name!r} (e.g. RN50, ViT-B-32, ecvl-tiny-vit)")
+    pretrained = None if cfg.pretrained in ("", "none") else cfg.pretrained
+    looks_like_path = pretrained is not None and ("/" in pretrained or pretrained.endswith((".pt", ".bin", ".safetensors")))
+    if looks_like_path and not Path(pretrained).is_file():
+        raise EcvlError(f"{pretrained}: no such pretrained checkpoint")
+    try:
+        model = oc.create_model(cfg.name, pretrained=pretrained)
+    except Exception as e:  # hub unreachable, unknown tag, incompatible file
+        raise EcvlError(f"could not load {cfg.name} weights {pretrained!r}: {str(e).splitlines()[0]}") from None
+    return model, oc.get_tokenizer(cfg.name)
+
+
+def prompt_tokens(tokenizer, classnames: list[str], kind: str = "single") -> torch.Tensor:
+    """[T, K, L] token ids: every template for every class."""
+    return torch.stack([tokenizer([t.format(c) for c in classnames]) for t in templates(kind)])
+
+
+class ClipNet(nn.Module):
+    """Normalised image and text features; what DDP wraps, so its forward must use every trainable param."""
+
+    def __init__(self, clip):
+        super().__init__()
+        self.clip = clip
+
+    def forward(self, images: torch.Tensor, tokens: torch.Tensor | None = None):
+        img = F.normalize(self.clip.encode_image(images), dim=-1)
+        txt = None if tokens is None else F.normalize(self.clip.encode_text(tokens), dim=-1)
+        return img, txt
+
+    @property
+    def logit_scale(self) -> torch.Tensor:
+        return self.clip.logit_scale.exp()
+
+
+@torch.no_grad()
+def class_text_features(net: ClipNet, tokens: torch.Tensor) -> torch.Tensor:
+    """[K, D]: per class, the normalised mean of its normalised template embeddings."""
+    t, k, length = tokens.shape
+    feats = F.normalize(net.clip.encode_text(tokens.reshape(t * k, length)).float(), dim=-1)
+    return F.normalize(feats.reshape(t, k, -1).mean(0), dim=-1)
+
+
+def zero_shot_logits(image_features: torch.Tensor, text_features: torch.Tensor, scale) -> torch.Tensor:
+    """eq. 6: cosine similarity times the logit scale (softmax of these gives p(y|x))."""
+    return scale * image_features.float() @ text_features.float().T
