@@ -1,0 +1,171 @@
+"""Stage 1 end to end on tiny real data: loss falls, resume equivalence, DDP (gloo), bad input."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from cli import main as cli_main
+from ecvl_fast import EcvlError
+from ecvl_fast import checkpoint as ckpt_io
+from ecvl_fast import losses
+from ecvl_fast import train as training
+from ecvl_fast.config import load_config
+from ecvl_fast.loaders.convert import ConvertOptions, convert
+
+TINY = """
+[data]
+res = 32
+batch_size = 64
+workers = 1
+[model]
+name = "ecvl-tiny-vit"
+[stage1]
+epochs = {epochs}
+loss = "{loss}"
+lr = 2e-3
+weight_decay = 0.05
+warmup_epochs = 0.5
+[run]
+device = "cpu"
+log_every = 5
+"""
+
+
+@pytest.fixture(scope="module")
+def mnist(tmp_path_factory):
+    out = tmp_path_factory.mktemp("data") / "mnist-lt"
+    convert(ConvertOptions("mnist-lt", out, workers=1))
+    return out
+
+
+def tiny_config(tmp_path, mnist, name, epochs=3, loss="prompt-ce"):
+    path = tmp_path / f"{name}.toml"
+    path.write_text(TINY.format(epochs=epochs, loss=loss))
+    return path, ["data.path=" + str(mnist), "run.out=" + str(tmp_path / name)]
+
+
+def epoch_losses(run_dir):
+    rows = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+    return [r["train_loss"] for r in rows if "train_loss" in r]
+
+
+@pytest.mark.parametrize("loss", ["prompt-ce", "clip"])
+def test_stage1_train_loss_falls(tmp_path, mnist, loss):
+    path, sets = tiny_config(tmp_path, mnist, "run", epochs=4, loss=loss)
+    metrics = training.main(load_config(path, sets))
+    curve = epoch_losses(tmp_path / "run")
+    assert len(curve) == 4 and curve[-1] < 0.95 * curve[0] and curve[-1] < curve[1], curve
+    assert metrics["many"] > 0.3  # head classes are learned first; chance is 0.1
+    for name in ("config.toml", "log.jsonl", "last.pt", "best.pt", "metrics.json", "per_class.png"):
+        assert (tmp_path / "run" / name).exists()
+    saved = ckpt_io.load(tmp_path / "run" / "last.pt", model_name="ecvl-tiny-vit", num_classes=10)
+    assert saved["epoch"] == 4 and saved["config"]["stage1"]["loss"] == loss
+
+
+def test_resume_after_kill_matches_uninterrupted_run(tmp_path, mnist):
+    path, sets = tiny_config(tmp_path, mnist, "straight", epochs=3)
+    straight = training.main(load_config(path, sets))
+    _, sets = tiny_config(tmp_path, mnist, "killed", epochs=3)
+    last = tmp_path / "killed" / "last.pt"
+    cmd = [sys.executable, "-m", "ecvl_fast.cli", "train", "--config", str(path)] + sum((["--set", s] for s in sets), [])
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        while not last.exists() and proc.poll() is None:
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    assert ckpt_io.load(last)["epoch"] < 3
+    resumed = training.main(load_config(path, sets), resume_run=True)
+    assert resumed == straight
+
+
+def test_ddp_two_gloo_processes_match_single_process(tmp_path, mnist):
+    path, sets = tiny_config(tmp_path, mnist, "single", epochs=2, loss="clip")
+    single = training.main(load_config(path, sets))
+    _, sets = tiny_config(tmp_path, mnist, "ddp", epochs=2, loss="clip")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29517",
+           "-m", "ecvl_fast.cli", "train", "--config", str(path)] + sum((["--set", s] for s in sets), [])
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    ddp = json.loads((tmp_path / "ddp" / "metrics.json").read_text())
+    a, b = epoch_losses(tmp_path / "single"), epoch_losses(tmp_path / "ddp")
+    assert a[0] == pytest.approx(b[0], rel=1e-4)  # first epoch: same samples, same views, same math
+    assert a[-1] == pytest.approx(b[-1], rel=2e-2)
+    assert ddp["all"] == pytest.approx(single["all"], abs=0.03)
+    assert ddp["num_images"] == single["num_images"] == 1000
+
+
+def cli_error(args, capsys):
+    capsys.readouterr()
+    code = cli_main(args)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code != 0 and err, err
+    assert err[-1].startswith("error:"), err
+    return err[-1]
+
+
+def test_bad_config_and_paths(tmp_path, mnist, capsys):
+    path, sets = tiny_config(tmp_path, mnist, "bad")
+    args = ["train", "--config", str(path)] + sum((["--set", s] for s in sets), [])
+    assert "unknown key stage1.lrr" in cli_error(args + ["--set", "stage1.lrr=1"], capsys)
+    assert "expected int" in cli_error(args + ["--set", "data.res=big"], capsys)
+    assert "must be one of" in cli_error(args + ["--set", "stage1.loss=focal"], capsys)
+    toml = tmp_path / "typo.toml"
+    toml.write_text("[stage_1]\nepochs = 2\n")
+    assert "unknown config section 'stage_1'" in cli_error(["train", "--config", str(toml)], capsys)
+    assert "meta.json: missing" in cli_error(args + ["--set", f"data.path={tmp_path}/nowhere"], capsys)
+    assert "no such pretrained checkpoint" in cli_error(args + ["--set", "model.pretrained=/no/such/weights.pt"], capsys)
+    assert not (tmp_path / "bad" / "last.pt").exists()
+
+
+def test_foreign_beton_and_wrong_checkpoint(tmp_path, mnist, capsys, split_dataset):
+    import shutil
+
+    data = tmp_path / "copy"
+    shutil.copytree(mnist, data)
+    shutil.copyfile(data / "test.beton", data / "train.beton")
+    assert "not this dataset's file" in cli_error(["eval", "--zero-shot", "--data", str(data), "--set", "model.name=ecvl-tiny-vit",
+                                                   "--set", "data.res=32"], capsys)
+    (data / "train.beton").write_bytes(b"\0" * 100)
+    assert "train.beton" in cli_error(["eval", "--zero-shot", "--data", str(data)], capsys)
+    junk = tmp_path / "junk.pt"
+    torch.save({"weights": torch.zeros(2)}, junk)
+    assert "not an ecvl-fast checkpoint" in cli_error(["eval", "--ckpt", str(junk), "--data", str(mnist)], capsys)
+    path, sets = tiny_config(tmp_path, mnist, "short", epochs=1)
+    training.main(load_config(path, sets))
+    root, train, test = split_dataset
+    other = tmp_path / "three-classes"
+    convert(ConvertOptions("list", other, root=root, train_split=train, test_split=test, workers=1))
+    last = tmp_path / "short" / "last.pt"
+    assert "has 10 classes, the dataset 3" in cli_error(["eval", "--ckpt", str(last), "--data", str(other)], capsys)
+    with pytest.raises(EcvlError, match="for model ecvl-tiny-vit"):
+        ckpt_io.load(last, model_name="RN50")
+    assert cli_main(["eval", "--ckpt", str(last), "--data", str(mnist)]) == 0
+    assert json.loads((tmp_path / "short" / "eval-test" / "metrics.json").read_text())["num_images"] == 1000
+
+
+def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path, mnist, monkeypatch):
+    real, calls = losses.prompt_ce_loss, {"n": 0}
+
+    def poisoned(*args, **kwargs):
+        calls["n"] += 1
+        terms = real(*args, **kwargs)
+        if calls["n"] == 20:  # epoch 2 (15 steps per epoch)
+            terms["loss"] = terms["loss"] * float("nan")
+        return terms
+
+    monkeypatch.setattr(losses, "prompt_ce_loss", poisoned)
+    path, sets = tiny_config(tmp_path, mnist, "nan", epochs=3)
+    with pytest.raises(EcvlError, match="non-finite loss at step 20"):
+        training.main(load_config(path, sets))
+    kept = ckpt_io.load(tmp_path / "nan" / "last.pt")
+    assert kept["epoch"] == 1
+    assert all(torch.isfinite(v).all() for v in kept["model"].values() if v.is_floating_point())
