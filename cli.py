@@ -188,6 +188,34 @@ def bench_loader(
         json_out.write_text(json.dumps(r, indent=1))
 
 
+@bench_app.command("kernels")
+@one_line_errors
+def bench_kernels_cmd(
+    n: int = typer.Option(1_280_000, help="samples (ImageNet-1k train size by default)"),
+    json_out: Optional[Path] = typer.Option(None, "--json"),
+):
+    """One epoch of momentum bookkeeping: numba njit vs numpy on CPU, and numba.cuda when a GPU is present."""
+    import json
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from ecvl_fast.bench import _machine, bench_kernels, bench_kernels_cuda
+
+    r = {"machine": _machine(), "cpu": bench_kernels(n), "cuda": bench_kernels_cuda(n)}
+    t = Table(title=f"momentum kernels, N={n:,} ({r['machine']})")
+    t.add_column("implementation")
+    t.add_column("ms / epoch", justify="right")
+    t.add_column("vs numpy", justify="right")
+    t.add_row("numpy (vectorised)", f"{r['cpu']['numpy_s'] * 1e3:.1f}", "1.0x")
+    t.add_row("numba njit", f"{r['cpu']['numba_s'] * 1e3:.1f}", f"{r['cpu']['speedup']:.1f}x")
+    if r["cuda"]:
+        t.add_row("numba.cuda", f"{r['cuda']['cuda_s'] * 1e3:.2f}", f"{r['cpu']['numpy_s'] / r['cuda']['cuda_s']:.1f}x")
+    Console().print(t)
+    if json_out:
+        json_out.write_text(json.dumps(r, indent=1))
+
+
 def _ensure_demo_data(data: Path) -> None:
     if not (data / "meta.json").exists() and data == Path("data/mnist-lt"):
         from ecvl_fast.loaders.convert import ConvertOptions, convert as run_convert

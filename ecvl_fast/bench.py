@@ -108,6 +108,38 @@ def bench_kernels(n: int = 1_280_000, batch: int = 512, seed: int = 0) -> dict:
     return out
 
 
+def bench_kernels_cuda(n: int = 1_280_000, batch: int = 512, seed: int = 0) -> dict | None:
+    """The same epoch through the numba.cuda kernels on torch CUDA tensors (None without a GPU)."""
+    if not torch.cuda.is_available():
+        return None
+    from ecvl_fast.kernels.bank import MomentumBank
+
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    idx = torch.randperm(n, device="cuda", generator=g)
+    loss = torch.rand(n, device="cuda", generator=g) * 4
+    bank = MomentumBank(n, device="cuda")
+
+    def epoch():
+        for j in range(0, n, batch):
+            bank.record(idx[j:j + batch], loss[j:j + batch])
+        bank.end_epoch()
+        torch.cuda.synchronize()
+
+    epoch()
+    t0 = time.perf_counter()
+    epoch()
+    record_only = time.perf_counter()
+    for j in range(0, n, batch):
+        bank.record(idx[j:j + batch], loss[j:j + batch])
+    torch.cuda.synchronize()
+    t_record = time.perf_counter() - record_only
+    t1 = time.perf_counter()
+    bank.end_epoch()
+    torch.cuda.synchronize()
+    return {"cuda_s": record_only - t0, "record_s": t_record, "end_epoch_s": time.perf_counter() - t1,
+            "n": n, "device": torch.cuda.get_device_name(0)}
+
+
 def run_loader_bench(b: LoaderBench, kernels_n: int = 1_280_000) -> dict:
     dali = bench_dali(b)
     ref = bench_reference(b)
