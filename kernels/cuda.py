@@ -6,8 +6,14 @@ Only `first_nonfinite` syncs with the host (once per epoch, to raise a clear err
 """
 import math
 
+import numpy as np
 import torch
-from numba import cuda
+
+if not hasattr(np, "row_stack"):
+    # numba-cuda's array typing registers np.row_stack, which NumPy 2.5 removed; it is vstack.
+    np.row_stack = np.vstack
+
+from numba import cuda  # noqa: E402
 
 THREADS = 256
 STAT_BLOCKS = 160  # enough to fill an H100/H200 (132 SMs); each thread reduces a strided slice
