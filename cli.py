@@ -216,6 +216,33 @@ def bench_kernels_cmd(
         json_out.write_text(json.dumps(r, indent=1))
 
 
+@bench_app.command("convert")
+@one_line_errors
+def bench_convert_cmd(
+    per_class: int = typer.Option(5000, help="synthetic CIFAR-10 train images per class"),
+    workers: int = typer.Option(2),
+    json_out: Optional[Path] = typer.Option(None, "--json"),
+):
+    """Convert throughput (images/s) for raw and jpg, on a synthetic CIFAR-10 in the standard pickle format."""
+    import json
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from ecvl_fast.bench import _machine, bench_convert
+
+    r = {"machine": _machine(), **bench_convert(per_class, workers)}
+    t = Table(title=f"convert cifar10-lt, {workers} workers ({r['machine']})")
+    for col in ("format", "images", "seconds", "images/s", "MB"):
+        t.add_column(col, justify="right")
+    for fmt in ("raw", "jpg"):
+        x = r[fmt]
+        t.add_row(fmt, str(x["images"]), f"{x['seconds']:.2f}", f"{x['img_s']:.0f}", f"{x['bytes'] / 1e6:.1f}")
+    Console().print(t)
+    if json_out:
+        json_out.write_text(json.dumps(r, indent=1))
+
+
 def _ensure_demo_data(data: Path) -> None:
     if not (data / "meta.json").exists() and data == Path("data/mnist-lt"):
         from ecvl_fast.loaders.convert import ConvertOptions, convert as run_convert

@@ -149,6 +149,29 @@ def run_loader_bench(b: LoaderBench, kernels_n: int = 1_280_000) -> dict:
             "kernels": bench_kernels(kernels_n)}
 
 
+def bench_convert(per_class: int = 5000, workers: int = 2) -> dict:
+    """`convert cifar10-lt` of a synthetic CIFAR-10 (standard pickles, 50k train) in raw and jpg.
+
+    Images/s counts every image written (the long-tailed train split plus the whole test split),
+    timed around the ffcv writer only (meta.json's write_seconds), after a warm-up conversion.
+    """
+    import tempfile
+
+    from ecvl_fast.loaders.convert import ConvertOptions, convert
+    from ecvl_fast.synthetic import write_cifar10
+
+    out = {"per_class": per_class, "workers": workers}
+    with tempfile.TemporaryDirectory() as tmp:
+        src = write_cifar10(Path(tmp) / "cifar-10-batches-py", per_class, per_class // 5)
+        convert(ConvertOptions("cifar10-lt", Path(tmp) / "warm", source=src, workers=workers))
+        for fmt in ("raw", "jpg"):
+            meta = convert(ConvertOptions("cifar10-lt", Path(tmp) / fmt, source=src, format=fmt, workers=workers))
+            n, secs = sum(meta["images"].values()), sum(meta["write_seconds"].values())
+            out[fmt] = {"images": n, "seconds": secs, "img_s": n / secs,
+                        "bytes": sum((Path(tmp) / fmt / f"{s}.beton").stat().st_size for s in meta["images"])}
+    return out
+
+
 def _machine() -> str:
     import os
     import platform

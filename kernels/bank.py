@@ -24,6 +24,7 @@ class MomentumBank:
         self.seen = torch.zeros(num_samples, dtype=torch.uint8, **z)
         self.m = torch.zeros(num_samples, dtype=torch.float32, **z)
         self._k = _kernels(self.device)
+        self._views = {}  # tensor id -> kernel view of the bank's own state, made once
 
     def __len__(self) -> int:
         return self.m.numel()
@@ -61,7 +62,15 @@ class MomentumBank:
         self.beta = float(sd["beta"])
 
     def _args(self, *tensors):
-        return tensors if self.device.type == "cuda" else tuple(t.numpy() for t in tensors)
+        return tuple(self._view(t) for t in tensors)
+
+    def _view(self, t: torch.Tensor):
+        own = any(t is s for s in (self.loss_sum, self.loss_count, self.ema, self.seen, self.m))
+        if not own:
+            return t if self.device.type == "cuda" else t.numpy()
+        if id(t) not in self._views:
+            self._views[id(t)] = self._k.view(t) if self.device.type == "cuda" else t.numpy()
+        return self._views[id(t)]
 
 
 def _kernels(device: torch.device):

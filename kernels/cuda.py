@@ -19,12 +19,28 @@ THREADS = 256
 STAT_BLOCKS = 160  # enough to fill an H100/H200 (132 SMs); each thread reduces a strided slice
 
 
-def _view(t: torch.Tensor):
-    return cuda.as_cuda_array(t.detach())
+_STREAMS: dict[int, object] = {}
+
+
+def _view(t):
+    """A numba device view of a torch tensor; views made once (the bank's state) pass through."""
+    return cuda.as_cuda_array(t.detach()) if isinstance(t, torch.Tensor) else t
+
+
+def view(t: torch.Tensor):
+    return _view(t)
 
 
 def _stream():
-    return cuda.external_stream(torch.cuda.current_stream().cuda_stream)
+    """torch's current stream as a numba stream (wrapped once per stream: launches are per step)."""
+    ptr = torch.cuda.current_stream().cuda_stream
+    if ptr not in _STREAMS:
+        _STREAMS[ptr] = cuda.external_stream(ptr)
+    return _STREAMS[ptr]
+
+
+def _device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device())
 
 
 def _blocks(n: int) -> int:
@@ -104,30 +120,30 @@ def _balanced_pick(offsets, order, class_draw, u, out):
 
 
 def accumulate(loss_sum, loss_count, indices, losses):
-    _accumulate[_blocks(indices.numel()), THREADS, _stream()](
+    _accumulate[_blocks(indices.shape[0]), THREADS, _stream()](
         _view(loss_sum), _view(loss_count), _view(indices), _view(losses))
 
 
 def first_nonfinite(loss_sum, loss_count) -> int:
-    n = loss_sum.numel()
-    out = torch.full((1,), n, dtype=torch.int64, device=loss_sum.device)
+    n = loss_sum.shape[0]
+    out = torch.full((1,), n, dtype=torch.int64, device=_device())
     _first_nonfinite[_blocks(n), THREADS, _stream()](_view(loss_sum), _view(loss_count), _view(out))
     bad = int(out.item())  # sync point: once per epoch, to name a NaN/inf sample
     return -1 if bad == n else bad
 
 
 def end_epoch(ema, seen, loss_sum, loss_count, beta):
-    _end_epoch[_blocks(ema.numel()), THREADS, _stream()](
+    _end_epoch[_blocks(ema.shape[0]), THREADS, _stream()](
         _view(ema), _view(seen), _view(loss_sum), _view(loss_count), float(beta))
 
 
 def normalise(ema, seen, m):
-    acc = torch.tensor([0.0, 0.0, math.inf, -math.inf], dtype=torch.float64, device=ema.device)
+    acc = torch.tensor([0.0, 0.0, math.inf, -math.inf], dtype=torch.float64, device=_device())
     stream = _stream()
     _stats[STAT_BLOCKS, THREADS, stream](_view(ema), _view(seen), _view(acc))
-    _write_m[_blocks(ema.numel()), THREADS, stream](_view(ema), _view(seen), _view(m), _view(acc))
+    _write_m[_blocks(ema.shape[0]), THREADS, stream](_view(ema), _view(seen), _view(m), _view(acc))
 
 
 def balanced_pick(offsets, order, class_draw, u, out):
-    _balanced_pick[_blocks(out.numel()), THREADS, _stream()](
+    _balanced_pick[_blocks(out.shape[0]), THREADS, _stream()](
         _view(offsets), _view(order), _view(class_draw), _view(u), _view(out))
