@@ -160,7 +160,8 @@ def bench_loader(
     data: Path = typer.Option(Path("data/mnist-lt"), help="a converted dataset (built from mnist-lt if missing)"),
     res: int = typer.Option(32, help="output resolution, e.g. 32 or 224"),
     batch: int = typer.Option(256),
-    workers: int = typer.Option(2, help="DALI threads / ffcv threads / DataLoader workers (same for both)"),
+    workers: int = typer.Option(2, help="ffcv threads for both; DataLoader worker processes for the peer"),
+    dali_threads: int = typer.Option(2, help="DALI's thread pool (per-operator overhead, not pixels, bounds it at 32 px)"),
     min_images: int = typer.Option(4096, help="images timed per contender, after a warm-up pass"),
     kernels_n: int = typer.Option(1_280_000, help="samples for the momentum-kernel benchmark"),
     json_out: Optional[Path] = typer.Option(None, "--json", help="also write the results here"),
@@ -174,8 +175,9 @@ def bench_loader(
     from ecvl_fast.bench import LoaderBench, run_loader_bench
 
     _ensure_demo_data(data)
-    r = run_loader_bench(LoaderBench(data, res, batch, workers, min_images=min_images), kernels_n)
-    t = Table(title=f"loader bench: {res} px, batch {batch}, {workers} workers, 2 views, k=2 ({r['machine']})")
+    r = run_loader_bench(LoaderBench(data, res, batch, workers, dali_threads, min_images=min_images), kernels_n)
+    t = Table(title=f"loader bench: {res} px, batch {batch}, {workers} workers, {dali_threads} DALI threads, "
+                    f"2 views, k=2 ({r['machine']})")
     for col in ("contender", "images/s", "ratio"):
         t.add_column(col, justify="right")
     t.add_row("FFCV -> DALI", f"{r['ffcv_dali_img_s']:.0f}", f"{r['ratio']:.2f}x")

@@ -16,6 +16,7 @@ class LoaderBench:
     res: int = 32
     batch: int = 256
     workers: int = 2
+    dali_threads: int = 2  # DALI thread pool; the same count as the peer's worker processes
     views: int = 2
     k: int = 2
     min_images: int = 4096
@@ -44,7 +45,7 @@ def bench_dali(b: LoaderBench) -> float:
     path = b.data / "train.beton"
     m = torch.rand(len(read_labels(path)), generator=torch.Generator().manual_seed(0))
     loader = make_loader(path, "random", b.batch, load_res_for(b.res), workers=b.workers)
-    aug = AugmentedLoader(loader, AugSpec(res=b.res, views=b.views, k=b.k), m, threads=b.workers)
+    aug = AugmentedLoader(loader, AugSpec(res=b.res, views=b.views, k=b.k), m, threads=b.dali_threads)
     return _timed(lambda: aug, b.min_images)
 
 
