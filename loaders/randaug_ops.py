@@ -59,6 +59,12 @@ def _gray(x):
     return _f(fn.color_space_conversion(x, image_type=types.RGB, output_type=types.GRAY))
 
 
+def _blend(degenerate, x, factor):
+    """PIL's ImageEnhance: degenerate + factor * (image - degenerate), written so that uint8 x is
+    promoted by the float factor (no separate cast pass: DALI CPU time is per operator pass)."""
+    return _u8(x * factor + degenerate * (1.0 - factor))
+
+
 def d_affine(x, v, mat):
     """Rotate, shear and translate in one warp: `mat` (2x3, computed in numpy by `affine_matrix`)
     maps an output pixel to the input pixel it samples, PIL's AFFINE convention."""
@@ -85,11 +91,14 @@ def d_identity(x, v, mat=None):
 
 
 def d_auto_contrast(x, v, mat=None):
-    fn, math, _ = _d()
-    lo = fn.reductions.min(x, axes=(0, 1), keep_dims=True)
-    hi = fn.reductions.max(x, axes=(0, 1), keep_dims=True)
-    # Where a channel is flat (hi == lo) it stays as is: (x - lo) * s + lo with s = 1.
-    flat = hi == lo
+    """Stretch each channel to 0..255 (a flat channel stays as is)."""
+    fn, math, types = _d()
+    lo = _f(fn.reductions.min(x, axes=(0, 1), keep_dims=True))
+    hi = _f(fn.reductions.max(x, axes=(0, 1), keep_dims=True))
+    flat = _f(hi == lo)
+    if x.device == "cpu":  # one fused pass; its mean/stddev arguments must live on the host
+        return fn.normalize(x, mean=lo * (1.0 - flat), stddev=(hi - lo) / 255.0 + flat * (1.0 - (hi - lo) / 255.0),
+                            dtype=types.UINT8)
     scale = 255.0 / (hi - lo + flat)
     return _u8((x - lo) * (scale + flat * (1.0 - scale)) + lo * flat)
 
@@ -109,31 +118,28 @@ def d_posterize(x, v, mat=None):
     return x & _u8(v)
 
 
-def d_enhance(x, v, mat):
-    """PIL's four ImageEnhance ops as one leaf: a*x + b*gray + c*mean(gray) + d*smooth(x).
-
-    `enhance_weights` puts the factor f on x and 1 - f on the op's degenerate image (black for
-    brightness, grey for color, the mean grey level for contrast, PIL's SMOOTH filter for
-    sharpness). One leaf instead of four keeps the dispatch tree shallow, which is what costs
-    at small resolutions; the extra degenerate images are cheap there.
-    """
-    fn, math, types = _d()
-    a, b, c, d = mat[0, 0], mat[0, 1], mat[0, 2], mat[1, 0]
-    gray = _gray(x)
-    mean = math.floor(fn.reductions.mean(gray, axes=(0, 1, 2)) + 0.5)
-    smooth = fn.filter(x, types.Constant(SMOOTH), border="clamp")
-    return _u8(x * a + gray * b + mean * c + smooth * d)
+def d_color(x, v, mat=None):
+    return _blend(_gray(x), x, 1.0 + v)
 
 
-ENHANCE_SLOT = {"brightness": None, "color": (0, 1), "contrast": (0, 2), "sharpness": (1, 0)}
+def d_contrast(x, v, mat=None):
+    fn, math, _ = _d()
+    mean = math.floor(fn.reductions.mean(_gray(x), axes=(0, 1, 2)) + 0.5)
+    if x.device == "cpu":  # the fused op takes the centre as an argument, which must live on the host
+        return fn.contrast(x, contrast=1.0 + v, contrast_center=mean)
+    return _blend(mean, x, 1.0 + v)
 
 
-def enhance_weights(name: str, v: float) -> np.ndarray:
-    w = np.zeros((2, 3), np.float32)
-    w[0, 0] = 1.0 + v
-    if ENHANCE_SLOT[name] is not None:
-        w[ENHANCE_SLOT[name]] = -v
-    return w
+def d_brightness(x, v, mat=None):
+    fn, _, _ = _d()
+    return fn.brightness(x, brightness=1.0 + v)  # one fused pass, rounds and saturates
+
+
+def d_sharpness(x, v, mat=None):
+    fn, _, _ = _d()
+    _, _, types = _d()
+    smooth = _f(fn.filter(x, types.Constant(SMOOTH), border="clamp"))
+    return _blend(smooth, x, 1.0 + v)
 
 
 # --- PIL reference implementations ---
@@ -160,19 +166,18 @@ PIL_OPS = {
 }
 
 # The suite: a plain list. Index 0 must stay identity: a skipped op runs as index 0.
-# `dali` is the graph that runs the op: the five geometric ops share one affine warp and the
-# four enhance ops one weighted blend, so a slot dispatches over 7 leaves, not 14.
+# `leaf` is the DALI graph that runs the op; the five geometric ops share one affine warp.
 OPS = [
     Op("identity", d_identity, PIL_OPS["identity"]),
     Op("auto_contrast", d_auto_contrast, PIL_OPS["auto_contrast"]),
     Op("equalize", d_equalize, PIL_OPS["equalize"]),
     Op("rotate", d_affine, PIL_OPS["rotate"], 0.0, 30.0, signed=True),
     Op("solarize", d_solarize, PIL_OPS["solarize"], 256.0, 0.0),
-    Op("color", d_enhance, PIL_OPS["color"], 0.0, 0.9, signed=True),
+    Op("color", d_color, PIL_OPS["color"], 0.0, 0.9, signed=True),
     Op("posterize", d_posterize, PIL_OPS["posterize"], 8.0, 4.0),
-    Op("contrast", d_enhance, PIL_OPS["contrast"], 0.0, 0.9, signed=True),
-    Op("brightness", d_enhance, PIL_OPS["brightness"], 0.0, 0.9, signed=True),
-    Op("sharpness", d_enhance, PIL_OPS["sharpness"], 0.0, 0.9, signed=True),
+    Op("contrast", d_contrast, PIL_OPS["contrast"], 0.0, 0.9, signed=True),
+    Op("brightness", d_brightness, PIL_OPS["brightness"], 0.0, 0.9, signed=True),
+    Op("sharpness", d_sharpness, PIL_OPS["sharpness"], 0.0, 0.9, signed=True),
     Op("shear_x", d_affine, PIL_OPS["shear_x"], 0.0, 0.3, signed=True),
     Op("shear_y", d_affine, PIL_OPS["shear_y"], 0.0, 0.3, signed=True),
     Op("translate_x", d_affine, PIL_OPS["translate_x"], 0.0, 150 / 331, signed=True),
@@ -196,8 +201,6 @@ def slot_inputs(op_idx: np.ndarray, strength: np.ndarray, sign: np.ndarray, size
     mat = np.tile(np.eye(2, 3, dtype=np.float32), (len(op_idx), 1, 1))
     for i in np.flatnonzero(np.isin(op_idx, [OP_INDEX[g] for g in GEOMETRIC])):
         mat[i] = affine_matrix(OPS[op_idx[i]].name, v[i], size, size)
-    for i in np.flatnonzero(np.isin(op_idx, [OP_INDEX[e] for e in ENHANCE_SLOT])):
-        mat[i] = enhance_weights(OPS[op_idx[i]].name, v[i])
     post = op_idx == OP_INDEX["posterize"]
     v[post] = 256 - 2.0 ** (8 - np.floor(v[post] + 0.5))  # the bit mask d_posterize applies
     return LEAF_OF_OP[op_idx], v, mat
