@@ -164,6 +164,7 @@ def bench_loader(
     dali_threads: int = typer.Option(2, help="DALI's thread pool (per-operator overhead, not pixels, bounds it at 32 px)"),
     min_images: int = typer.Option(4096, help="images timed per contender, after a warm-up pass"),
     kernels_n: int = typer.Option(1_280_000, help="samples for the momentum-kernel benchmark"),
+    repeats: int = typer.Option(3, help="alternating timings per contender; the median paired ratio is reported"),
     json_out: Optional[Path] = typer.Option(None, "--json", help="also write the results here"),
 ):
     """FFCV -> DALI memory-driven RandAugment (2 views) vs the torchvision peer; numba vs numpy kernels."""
@@ -175,12 +176,13 @@ def bench_loader(
     from ecvl_fast.bench import LoaderBench, run_loader_bench
 
     _ensure_demo_data(data)
-    r = run_loader_bench(LoaderBench(data, res, batch, workers, dali_threads, min_images=min_images), kernels_n)
+    r = run_loader_bench(LoaderBench(data, res, batch, workers, dali_threads, min_images=min_images), kernels_n, repeats)
     t = Table(title=f"loader bench: {res} px, batch {batch}, {workers} workers, {dali_threads} DALI threads, "
                     f"2 views, k=2 ({r['machine']})")
     for col in ("contender", "images/s", "ratio"):
         t.add_column(col, justify="right")
-    t.add_row("FFCV -> DALI", f"{r['ffcv_dali_img_s']:.0f}", f"{r['ratio']:.2f}x")
+    t.add_row("FFCV -> DALI", f"{r['ffcv_dali_img_s']:.0f}",
+              f"{r['ratio']:.2f}x ({r['ratio_min']:.2f}-{r['ratio_max']:.2f})")
     t.add_row("torchvision/PIL peer", f"{r['torchvision_img_s']:.0f}", "1.00x")
     k = r["kernels"]
     t.add_row(f"kernels numba, N={k['n']:,}", f"{k['numba_s'] * 1e3:.1f} ms/epoch", f"{k['speedup']:.1f}x")

@@ -38,7 +38,8 @@ def _timed(batches, min_images: int) -> float:
     return n / (time.perf_counter() - t0)
 
 
-def bench_dali(b: LoaderBench) -> float:
+def bench_dali(b: LoaderBench):
+    """A function that times the FFCV -> DALI loader (built once, reused)."""
     from ecvl_fast.loaders.dali_pipeline import AugmentedLoader, AugSpec
     from ecvl_fast.loaders.ffcv_loader import make_loader, read_labels
 
@@ -46,10 +47,11 @@ def bench_dali(b: LoaderBench) -> float:
     m = torch.rand(len(read_labels(path)), generator=torch.Generator().manual_seed(0))
     loader = make_loader(path, "random", b.batch, load_res_for(b.res), workers=b.workers)
     aug = AugmentedLoader(loader, AugSpec(res=b.res, views=b.views, k=b.k), m, threads=b.dali_threads)
-    return _timed(lambda: aug, b.min_images)
+    return lambda: _timed(lambda: aug, b.min_images)
 
 
-def bench_reference(b: LoaderBench) -> float:
+def bench_reference(b: LoaderBench):
+    """A function that times the torchvision/PIL peer in DataLoader worker processes."""
     from ecvl_fast.loaders.dali_pipeline import AugSpec
     from ecvl_fast.loaders.ffcv_loader import make_loader
     from ecvl_fast.loaders.torch_reference import ReferenceDataset
@@ -63,7 +65,7 @@ def bench_reference(b: LoaderBench) -> float:
     ds = ReferenceDataset(imgs, labels, m, AugSpec(res=b.res, views=b.views, k=b.k))
     dl = torch.utils.data.DataLoader(ds, batch_size=b.batch, shuffle=True, num_workers=b.workers,
                                      persistent_workers=True, drop_last=True)
-    return _timed(lambda: dl, b.min_images)
+    return lambda: _timed(lambda: dl, b.min_images)
 
 
 def bench_kernels(n: int = 1_280_000, batch: int = 512, seed: int = 0) -> dict:
@@ -141,12 +143,16 @@ def bench_kernels_cuda(n: int = 1_280_000, batch: int = 512, seed: int = 0) -> d
             "n": n, "device": torch.cuda.get_device_name(0)}
 
 
-def run_loader_bench(b: LoaderBench, kernels_n: int = 1_280_000) -> dict:
-    dali = bench_dali(b)
-    ref = bench_reference(b)
+def run_loader_bench(b: LoaderBench, kernels_n: int = 1_280_000, repeats: int = 3) -> dict:
+    """Contenders alternate `repeats` times; the ratio reported is the median of the paired ratios."""
+    dali, ref = bench_dali(b), bench_reference(b)
+    pairs = [(dali(), ref()) for _ in range(repeats)]
+    ratios = sorted(d / r for d, r in pairs)
     return {"config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(b).items()},
-            "machine": _machine(), "date": time.strftime("%Y-%m-%d"),
-            "ffcv_dali_img_s": dali, "torchvision_img_s": ref, "ratio": dali / ref,
+            "machine": _machine(), "date": time.strftime("%Y-%m-%d"), "pairs": pairs,
+            "ffcv_dali_img_s": float(np.median([d for d, _ in pairs])),
+            "torchvision_img_s": float(np.median([r for _, r in pairs])),
+            "ratio": ratios[len(ratios) // 2], "ratio_min": ratios[0], "ratio_max": ratios[-1],
             "kernels": bench_kernels(kernels_n)}
 
 
