@@ -96,13 +96,14 @@ def _config(config: Optional[Path], overrides: list[str]):
 def train(
     config: Optional[Path] = typer.Option(None, "--config", help="TOML file"),
     overrides: Optional[list[str]] = typer.Option(None, "--set", help="section.key=value (repeatable)"),
+    pretrained: Optional[str] = typer.Option(None, help="shortcut for --set model.pretrained=TAG|PATH|none"),
     stage: int = typer.Option(1, help="1: fine-tune both encoders"),
     resume: bool = typer.Option(False, help="continue the run in run.out from its last.pt"),
 ):
     """Train (one process, or one per GPU under torchrun)."""
     from ecvl_fast import train as training
 
-    cfg = _config(config, overrides)
+    cfg = _config(config, (overrides or []) + ([f"model.pretrained={pretrained}"] if pretrained else []))
     if stage != 1:
         raise EcvlError(f"--stage {stage}: only stage 1 is implemented in this version")
     training.main(cfg, resume_run=resume)
@@ -116,6 +117,7 @@ def evaluate(
     zero_shot: bool = typer.Option(False, "--zero-shot", help="evaluate model.pretrained as is"),
     split: str = typer.Option("test", help="test | val"),
     out: Optional[Path] = typer.Option(None, help="where metrics.json and per_class.png go"),
+    pretrained: Optional[str] = typer.Option(None, help="shortcut for --set model.pretrained=TAG|PATH|none"),
     config: Optional[Path] = typer.Option(None, "--config"),
     overrides: Optional[list[str]] = typer.Option(None, "--set"),
 ):
@@ -124,7 +126,8 @@ def evaluate(
 
     if (ckpt is None) == (not zero_shot):
         raise EcvlError("pass exactly one of --ckpt FILE or --zero-shot")
-    run_eval(_config(config, overrides), data, ckpt, split, out)
+    run_eval(_config(config, (overrides or []) + ([f"model.pretrained={pretrained}"] if pretrained else [])),
+             data, ckpt, split, out)
 
 
 @app.command()

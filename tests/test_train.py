@@ -122,7 +122,7 @@ def test_bad_config_and_paths(tmp_path, mnist, capsys):
     toml.write_text("[stage_1]\nepochs = 2\n")
     assert "unknown config section 'stage_1'" in cli_error(["train", "--config", str(toml)], capsys)
     assert "meta.json: missing" in cli_error(args + ["--set", f"data.path={tmp_path}/nowhere"], capsys)
-    assert "no such pretrained checkpoint" in cli_error(args + ["--set", "model.pretrained=/no/such/weights.pt"], capsys)
+    assert "no such pretrained checkpoint" in cli_error(args + ["--pretrained", "/no/such/weights.pt"], capsys)
     assert not (tmp_path / "bad" / "last.pt").exists()
 
 
@@ -169,3 +169,13 @@ def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path, mnist, monkeypatch):
     kept = ckpt_io.load(tmp_path / "nan" / "last.pt")
     assert kept["epoch"] == 1
     assert all(torch.isfinite(v).all() for v in kept["model"].values() if v.is_floating_point())
+
+
+def test_zero_shot_eval_writes_report(tmp_path, mnist):
+    out = tmp_path / "zs"
+    args = ["eval", "--zero-shot", "--data", str(mnist), "--out", str(out), "--set", "model.name=ecvl-tiny-vit",
+            "--set", "data.res=32", "--set", "model.templates=openai", "--set", "run.device=cpu"]
+    assert cli_main(args) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["num_images"] == 1000 and len(metrics["per_class"]) == 10
+    assert (out / "per_class.png").stat().st_size > 1000
