@@ -108,15 +108,25 @@ def plan_slots(spec: AugSpec, m: np.ndarray, d: dict) -> list[tuple[np.ndarray, 
     return plans
 
 
-def dispatch(lo: int, hi: int, leaf, x, v, mat):
+def dispatch(lo: int, hi: int, leaf, x, p):
     """Run LEAVES[leaf] per sample by binary splitting on the leaf index (DALI conditionals)."""
     if lo == hi:
-        return LEAVES[lo](x, v, mat)
+        return LEAVES[lo](x, p)
     mid = (lo + hi) // 2
     if leaf <= mid:
-        out = dispatch(lo, mid, leaf, x, v, mat)
+        out = dispatch(lo, mid, leaf, x, p)
     else:
-        out = dispatch(mid + 1, hi, leaf, x, v, mat)
+        out = dispatch(mid + 1, hi, leaf, x, p)
+    return out
+
+
+def apply_slot(leaf, x, p):
+    """Identity (a skipped or drawn no-op, probability ~ 1 - M) is tested first, so most samples
+    leave after one split instead of descending the whole tree."""
+    if leaf == 0:
+        out = x
+    else:
+        out = dispatch(1, len(LEAVES) - 1, leaf, x, p)
     return out
 
 
@@ -143,8 +153,8 @@ def build_pipeline(spec: AugSpec, batch_size: int, *, device_id: int | None = No
         else:
             x = fn.resize(x, resize_shorter=spec.res, antialias=True)
         for j in range(spec.k if spec.randaug else 0):
-            leaf, v, mat = (fn.external_source(name=f"{key}{j}") for key in ("leaf", "v", "mat"))
-            x = dispatch(0, len(LEAVES) - 1, leaf, x, v, mat)
+            leaf, p = fn.external_source(name=f"leaf{j}"), fn.external_source(name=f"p{j}")
+            x = apply_slot(leaf, x, p)
         # Flip last, fused into the normalisation pass. Every op's parameter distribution is
         # mirror-symmetric (signed shears, translations, rotations), so flip-then-RA and
         # RA-then-flip give the same distribution of views.
@@ -174,8 +184,8 @@ def feed(p, spec: AugSpec, images, m: np.ndarray, draws: list[dict]) -> None:
     if spec.randaug:
         plans = [plan_slots(spec, m, d) for d in draws]
         for j in range(spec.k):
-            for pos, key in enumerate(("leaf", "v", "mat")):
-                p.feed_input(f"{key}{j}", np.concatenate([plan[j][pos] for plan in plans]))
+            p.feed_input(f"leaf{j}", np.concatenate([plan[j][0] for plan in plans]))
+            p.feed_input(f"p{j}", np.concatenate([plan[j][2] for plan in plans]))
 
 
 class AugmentedLoader:

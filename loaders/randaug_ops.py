@@ -65,11 +65,11 @@ def _blend(degenerate, x, factor):
     return _u8(x * factor + degenerate * (1.0 - factor))
 
 
-def d_affine(x, v, mat):
-    """Rotate, shear and translate in one warp: `mat` (2x3, computed in numpy by `affine_matrix`)
+def d_affine(x, p):
+    """Rotate, shear and translate in one warp: `p` (2x3, computed in numpy by `affine_matrix`)
     maps an output pixel to the input pixel it samples, PIL's AFFINE convention."""
     fn, _, types = _d()
-    return fn.warp_affine(x, matrix=mat, fill_value=FILL, interp_type=types.INTERP_NN, inverse_map=True)
+    return fn.warp_affine(x, matrix=p, fill_value=FILL, interp_type=types.INTERP_NN, inverse_map=True)
 
 
 def affine_matrix(name: str, v: float, width: int, height: int) -> np.ndarray:
@@ -86,11 +86,17 @@ def affine_matrix(name: str, v: float, width: int, height: int) -> np.ndarray:
     return np.asarray(m, np.float32).reshape(2, 3)
 
 
-def d_identity(x, v, mat=None):
+def _param(p):
+    """A leaf's scalar parameter: non-geometric ops carry it in p[0, 0] of the per-sample 2x3
+    block (geometric ops carry their matrix), so one input travels down the dispatch tree."""
+    return p[0, 0]
+
+
+def d_identity(x, p):
     return x
 
 
-def d_auto_contrast(x, v, mat=None):
+def d_auto_contrast(x, p):
     """Stretch each channel to 0..255 (a flat channel stays as is)."""
     fn, math, types = _d()
     lo = _f(fn.reductions.min(x, axes=(0, 1), keep_dims=True))
@@ -103,26 +109,29 @@ def d_auto_contrast(x, v, mat=None):
     return _u8((x - lo) * (scale + flat * (1.0 - scale)) + lo * flat)
 
 
-def d_equalize(x, v, mat=None):
+def d_equalize(x, p):
     fn, _, _ = _d()
     return fn.equalize(x)
 
 
-def d_solarize(x, v, mat=None):
+def d_solarize(x, p):
+    v = _param(p)
     _, _, types = _d()
     return x ^ ((x >= v) * types.Constant(255, dtype=types.UINT8))  # x ^ 255 == 255 - x on uint8
 
 
-def d_posterize(x, v, mat=None):
-    """v arrives as the bit mask (see `leaf_arg`): keep the top round(bits) bits."""
-    return x & _u8(v)
+def d_posterize(x, p):
+    """The parameter arrives as the bit mask (see `slot_inputs`): keep the top round(bits) bits."""
+    return x & _u8(_param(p))
 
 
-def d_color(x, v, mat=None):
+def d_color(x, p):
+    v = _param(p)
     return _blend(_gray(x), x, 1.0 + v)
 
 
-def d_contrast(x, v, mat=None):
+def d_contrast(x, p):
+    v = _param(p)
     fn, math, _ = _d()
     mean = math.floor(fn.reductions.mean(_gray(x), axes=(0, 1, 2)) + 0.5)
     if x.device == "cpu":  # the fused op takes the centre as an argument, which must live on the host
@@ -130,14 +139,15 @@ def d_contrast(x, v, mat=None):
     return _blend(mean, x, 1.0 + v)
 
 
-def d_brightness(x, v, mat=None):
+def d_brightness(x, p):
+    v = _param(p)
     fn, _, _ = _d()
     return fn.brightness(x, brightness=1.0 + v)  # one fused pass, rounds and saturates
 
 
-def d_sharpness(x, v, mat=None):
-    fn, _, _ = _d()
-    _, _, types = _d()
+def d_sharpness(x, p):
+    v = _param(p)
+    fn, _, types = _d()
     smooth = _f(fn.filter(x, types.Constant(SMOOTH), border="clamp"))
     return _blend(smooth, x, 1.0 + v)
 
@@ -195,7 +205,8 @@ SIGNED = np.asarray([op.signed for op in OPS])
 
 
 def slot_inputs(op_idx: np.ndarray, strength: np.ndarray, sign: np.ndarray, size: int):
-    """Per-sample DALI inputs for one slot: leaf index, parameter v, affine matrix (vectorised `Op.param`)."""
+    """Per-sample inputs for one slot: leaf index, parameter v (vectorised `Op.param`), and the
+    2x3 block the DALI leaf reads: the affine matrix, or v at [0, 0] (see `_param`)."""
     v = (LO[op_idx] + strength * (HI[op_idx] - LO[op_idx])) * np.where(SIGNED[op_idx], sign, 1.0)
     v = v.astype(np.float32)
     mat = np.tile(np.eye(2, 3, dtype=np.float32), (len(op_idx), 1, 1))
@@ -203,4 +214,6 @@ def slot_inputs(op_idx: np.ndarray, strength: np.ndarray, sign: np.ndarray, size
         mat[i] = affine_matrix(OPS[op_idx[i]].name, v[i], size, size)
     post = op_idx == OP_INDEX["posterize"]
     v[post] = 256 - 2.0 ** (8 - np.floor(v[post] + 0.5))  # the bit mask d_posterize applies
+    geometric = np.isin(op_idx, [OP_INDEX[g] for g in GEOMETRIC])
+    mat[~geometric, 0, 0] = v[~geometric]
     return LEAF_OF_OP[op_idx], v, mat

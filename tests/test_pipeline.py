@@ -47,14 +47,13 @@ def run_leaf(op_name, imgs, strengths, signs):
 
     @pipeline_def(batch_size=n, num_threads=1, device_id=None)
     def single():
-        x, vv, mm = (fn.external_source(name=k) for k in ("x", "v", "mat"))
-        return LEAVES[leaf[0]](x, vv, mm), vv, mm
+        x, block = fn.external_source(name="x"), fn.external_source(name="p")
+        return LEAVES[leaf[0]](x, block), block
 
     p = single()
     p.build()
     p.feed_input("x", list(imgs), layout="HWC")
-    p.feed_input("v", v)
-    p.feed_input("mat", mat)
+    p.feed_input("p", mat)
     return np.array(p.run()[0].as_tensor())
 
 
