@@ -147,8 +147,8 @@ def build_pipeline(spec: AugSpec, batch_size: int, *, device_id: int | None = No
     def pipe():
         x = fn.external_source(name="images", device="gpu" if gpu else "cpu", layout="HWC")
         if spec.train:
-            box = fn.external_source(name="box")
-            x = fn.resize(x, size=[spec.res, spec.res], roi_start=box[0:2], roi_end=box[2:4],
+            start, end = fn.external_source(name="roi_start"), fn.external_source(name="roi_end")
+            x = fn.resize(x, size=[spec.res, spec.res], roi_start=start, roi_end=end,
                           roi_relative=True, antialias=True)
         else:
             x = fn.resize(x, resize_shorter=spec.res, antialias=True)
@@ -180,7 +180,9 @@ def feed(p, spec: AugSpec, images, m: np.ndarray, draws: list[dict]) -> None:
     cat = lambda key: np.concatenate([d[key] for d in draws])  # noqa: E731
     p.feed_input("flip", cat("flip"))
     if spec.train:
-        p.feed_input("box", cat("box"))
+        box = cat("box")
+        p.feed_input("roi_start", np.ascontiguousarray(box[:, :2]))
+        p.feed_input("roi_end", np.ascontiguousarray(box[:, 2:]))
     if spec.randaug:
         plans = [plan_slots(spec, m, d) for d in draws]
         for j in range(spec.k):

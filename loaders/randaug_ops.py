@@ -72,18 +72,20 @@ def d_affine(x, p):
     return fn.warp_affine(x, matrix=p, fill_value=FILL, interp_type=types.INTERP_NN, inverse_map=True)
 
 
-def affine_matrix(name: str, v: float, width: int, height: int) -> np.ndarray:
-    """The inverse-map matrix of a geometric op, as PIL builds it (rotate: about the centre, CCW)."""
-    if name == "rotate":
-        t = -np.radians(v)
-        a, b, d, e = np.cos(t), np.sin(t), -np.sin(t), np.cos(t)
-        cx, cy = width / 2.0, height / 2.0
-        m = [a, b, a * -cx + b * -cy + cx, d, e, d * -cx + e * -cy + cy]
-    else:
-        m = {"shear_x": [1, v, 0, 0, 1, 0], "shear_y": [1, 0, 0, v, 1, 0],
-             "translate_x": [1, 0, v * width, 0, 1, 0], "translate_y": [1, 0, 0, 0, 1, v * height],
-             }.get(name, [1, 0, 0, 0, 1, 0])
-    return np.asarray(m, np.float32).reshape(2, 3)
+def affine_matrices(op_idx: np.ndarray, v: np.ndarray, size: int) -> np.ndarray:
+    """[n, 2, 3] inverse-map matrices as PIL builds them (rotate: CCW about the centre); identity
+    for non-geometric ops."""
+    mat = np.tile(np.eye(2, 3, dtype=np.float32), (len(op_idx), 1, 1))
+    rot = op_idx == OP_INDEX["rotate"]
+    t, c = -np.radians(v[rot]), size / 2.0
+    cos, sin = np.cos(t), np.sin(t)
+    mat[rot] = np.stack([np.stack([cos, sin, c - c * cos - c * sin], 1),
+                         np.stack([-sin, cos, c + c * sin - c * cos], 1)], 1)
+    for name, (row, col), scale in (("shear_x", (0, 1), 1.0), ("shear_y", (1, 0), 1.0),
+                                    ("translate_x", (0, 2), size), ("translate_y", (1, 2), size)):
+        sel = op_idx == OP_INDEX[name]
+        mat[sel, row, col] = v[sel] * scale
+    return mat
 
 
 def _param(p):
@@ -209,9 +211,7 @@ def slot_inputs(op_idx: np.ndarray, strength: np.ndarray, sign: np.ndarray, size
     2x3 block the DALI leaf reads: the affine matrix, or v at [0, 0] (see `_param`)."""
     v = (LO[op_idx] + strength * (HI[op_idx] - LO[op_idx])) * np.where(SIGNED[op_idx], sign, 1.0)
     v = v.astype(np.float32)
-    mat = np.tile(np.eye(2, 3, dtype=np.float32), (len(op_idx), 1, 1))
-    for i in np.flatnonzero(np.isin(op_idx, [OP_INDEX[g] for g in GEOMETRIC])):
-        mat[i] = affine_matrix(OPS[op_idx[i]].name, v[i], size, size)
+    mat = affine_matrices(op_idx, v, size)
     post = op_idx == OP_INDEX["posterize"]
     v[post] = 256 - 2.0 ** (8 - np.floor(v[post] + 0.5))  # the bit mask d_posterize applies
     geometric = np.isin(op_idx, [OP_INDEX[g] for g in GEOMETRIC])
