@@ -164,7 +164,7 @@ def bench_loader(
     res: int = typer.Option(32, help="output resolution, e.g. 32 or 224"),
     batch: int = typer.Option(256),
     workers: int = typer.Option(2, help="ffcv threads for both; DataLoader worker processes for the peer"),
-    dali_threads: int = typer.Option(2, help="DALI's thread pool (per-operator overhead, not pixels, bounds it at 32 px)"),
+    dali_threads: int = typer.Option(4, help="DALI's thread pool (per-operator overhead, not pixels, bounds it at 32 px)"),
     min_images: int = typer.Option(4096, help="images timed per contender, after a warm-up pass"),
     kernels_n: int = typer.Option(1_280_000, help="samples for the momentum-kernel benchmark"),
     repeats: int = typer.Option(3, help="alternating timings per contender; the median paired ratio is reported"),

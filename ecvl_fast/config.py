@@ -20,7 +20,8 @@ class DataCfg:
     res: int = 224
     load_res: int = 0  # decode size before the crop; 0 = res (<= 64 px) or res * 8/7
     batch_size: int = 256  # global: split evenly over DDP ranks
-    workers: int = 2
+    workers: int = 2  # ffcv reader threads
+    dali_threads: int = 0  # DALI's thread pool; 0 = 2 x workers (its per-operator waits overlap)
     eval_split: str = "test"
 
 

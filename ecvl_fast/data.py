@@ -25,6 +25,10 @@ def load_res(cfg: Config) -> int:
     return cfg.data.load_res or (cfg.data.res if cfg.data.res <= 64 else round(cfg.data.res * 8 / 7))
 
 
+def dali_threads(cfg: Config) -> int:
+    return cfg.data.dali_threads or 2 * cfg.data.workers
+
+
 def per_rank_batch(cfg: Config, d: Dist) -> int:
     if cfg.data.batch_size % d.world_size:
         raise EcvlError(f"data.batch_size={cfg.data.batch_size} does not split over {d.world_size} ranks")
@@ -41,7 +45,7 @@ def train_loader(cfg: Config, d: Dist, meta: dict, order: str, views: int = 1, m
     spec = AugSpec(res=cfg.data.res, train=True, views=views, k=cfg.aug.k, randaug=randaug,
                    crop_scale=(cfg.aug.crop_min_scale, 1.0))
     return AugmentedLoader(loader, spec, m, device=d.device, seed=cfg.run.seed, rank=d.rank,
-                           world=d.world_size, threads=cfg.data.workers)
+                           world=d.world_size, threads=dali_threads(cfg))
 
 
 def eval_loader(cfg: Config, d: Dist, split: str):
@@ -55,4 +59,4 @@ def eval_loader(cfg: Config, d: Dist, split: str):
                          seed=cfg.run.seed, rank=d.rank, world=d.world_size)
     spec = AugSpec(res=cfg.data.res, train=False, randaug=False)
     return AugmentedLoader(loader, spec, device=d.device, seed=cfg.run.seed, rank=d.rank,
-                           world=d.world_size, threads=cfg.data.workers)
+                           world=d.world_size, threads=dali_threads(cfg))
