@@ -176,7 +176,12 @@ def feed(p, spec: AugSpec, images, m: np.ndarray, draws: list[dict]) -> None:
     views = len(draws)
     if views > 1:
         images = torch.cat([images] * views) if isinstance(images, torch.Tensor) else np.concatenate([images] * views)
-    p.feed_input("images", images, layout="HWC")
+    if isinstance(images, torch.Tensor) and images.is_cuda:
+        # DALI copies the batch on torch's current stream, so the copy is ordered after the
+        # host-to-device transfer that produced it; no device-wide sync.
+        p.feed_input("images", images, layout="HWC", cuda_stream=torch.cuda.current_stream().cuda_stream)
+    else:
+        p.feed_input("images", images, layout="HWC")
     cat = lambda key: np.concatenate([d[key] for d in draws])  # noqa: E731
     p.feed_input("flip", cat("flip"))
     if spec.train:
@@ -236,7 +241,6 @@ class AugmentedLoader:
             draws = batch_draws(self.spec, local * self.world + self.rank, self.seed, epoch)
             if gpu:
                 images = images.to(self.device, non_blocking=True)
-                torch.cuda.current_stream().synchronize()  # DALI reads the fed memory on its own stream
             feed(self.pipe, self.spec, images if gpu else images.numpy(), self._magnitudes(idx), draws)
             out = _to_torch(self.pipe.run()[0], self.device)
             views = list(out.chunk(self.spec.views))
