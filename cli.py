@@ -136,21 +136,37 @@ def demo(
     data: Path = typer.Option(Path("data/mnist-lt")),
     run: Path = typer.Option(Path("runs/demo")),
     config: Optional[Path] = typer.Option(None, help="default: the packaged configs/mnist-demo.toml"),
+    retrain: bool = typer.Option(False, help="train again even if this config already finished"),
 ):
     """The embedded default: mnist-lt (real digits, long-tailed), tiny CLIP, stage 1, report."""
-    from ecvl_fast import train as training
-    from ecvl_fast.config import load_config
+    import json
+    import shutil
 
     import ecvl_fast
+    from ecvl_fast import train as training
+    from ecvl_fast.config import load_config
+    from ecvl_fast.evaluate import print_table
 
     _ensure_demo_data(data)
     config = config or Path(ecvl_fast.__file__).parent / "configs" / "mnist-demo.toml"
     cfg = load_config(config, [f"data.path={data}", f"run.out={run}"])
+    done = run / "metrics.json"
+    if not retrain and done.exists() and _same_config(cfg, run / "config.toml"):
+        typer.echo(f"{run}: already trained with this config (--retrain to train again)")
+        print_table(json.loads(done.read_text()), f"{cfg.model.name} stage 1, {cfg.data.eval_split} split")
+        return
     if run.exists():
-        import shutil
-
         shutil.rmtree(run)
     training.main(cfg)
+
+
+def _same_config(cfg, saved: Path) -> bool:
+    from ecvl_fast.config import load_config
+
+    try:
+        return saved.is_file() and load_config(saved) == cfg
+    except EcvlError:
+        return False
 
 
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks: tables, and JSON on request.")

@@ -49,6 +49,23 @@ def read_labels(path: Path) -> np.ndarray:
     return np.asarray(reader.metadata["f1"], dtype=np.int64)
 
 
+def _quiet_numba_finalizer() -> None:
+    """ffcv's compiled pipelines make numba print a harmless KeyError from a weakref finalizer at
+    exit (STACK.md); drop exactly that report and pass everything else on."""
+    import sys
+
+    previous = sys.unraisablehook
+
+    def hook(unraisable):
+        func = getattr(unraisable.object, "__qualname__", "") or repr(unraisable.object)
+        if isinstance(unraisable.exc_value, KeyError) and "finalize" in func:
+            return
+        previous(unraisable)
+
+    if getattr(previous, "__name__", "") != "hook":
+        sys.unraisablehook = hook
+
+
 def make_loader(path: Path, order: str, batch_size: int, load_res: int, *, workers: int = 2,
                 seed: int = 0, num_classes: int | None = None, rank: int = 0, world: int = 1):
     """An ffcv Loader yielding (images uint8 [B,H,W,3], labels int64 [B], indices int64 [B])."""
@@ -61,6 +78,7 @@ def make_loader(path: Path, order: str, batch_size: int, load_res: int, *, worke
     path = Path(path)
     if not path.is_file():
         raise EcvlError(f"{path}: no such .beton file")
+    _quiet_numba_finalizer()
     labels = read_labels(path)
     k = num_classes or int(labels.max()) + 1
 
