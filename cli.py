@@ -97,16 +97,16 @@ def train(
     config: Optional[Path] = typer.Option(None, "--config", help="TOML file"),
     overrides: Optional[list[str]] = typer.Option(None, "--set", help="section.key=value (repeatable)"),
     pretrained: Optional[str] = typer.Option(None, help="shortcut for --set model.pretrained=TAG|PATH|none"),
-    stage: int = typer.Option(1, help="1: fine-tune both encoders"),
+    stage: int = typer.Option(1, help="1: fine-tune both encoders; 2: adapter + L_DCVL + memory-driven RandAugment"),
     resume: bool = typer.Option(False, help="continue the run in run.out from its last.pt"),
 ):
     """Train (one process, or one per GPU under torchrun)."""
     from ecvl_fast import train as training
 
     cfg = _config(config, (overrides or []) + ([f"model.pretrained={pretrained}"] if pretrained else []))
-    if stage != 1:
-        raise EcvlError(f"--stage {stage}: only stage 1 is implemented in this version")
-    training.main(cfg, resume_run=resume)
+    if stage not in (1, 2):
+        raise EcvlError(f"--stage {stage}: there are stages 1 and 2")
+    training.main(cfg, resume_run=resume, stage=stage)
 
 
 @app.command("eval")
@@ -138,7 +138,7 @@ def demo(
     config: Optional[Path] = typer.Option(None, help="default: the packaged configs/mnist-demo.toml"),
     retrain: bool = typer.Option(False, help="train again even if this config already finished"),
 ):
-    """The embedded default: mnist-lt (real digits, long-tailed), tiny CLIP, stage 1, report."""
+    """The embedded default: mnist-lt (real digits, long-tailed), a tiny CLIP; stage 1, then stage 2."""
     import json
     import shutil
 
@@ -150,14 +150,17 @@ def demo(
     _ensure_demo_data(data)
     config = config or Path(ecvl_fast.__file__).parent / "configs" / "mnist-demo.toml"
     cfg = load_config(config, [f"data.path={data}", f"run.out={run}"])
-    done = run / "metrics.json"
-    if not retrain and done.exists() and _same_config(cfg, run / "config.toml"):
+    done = [run / "metrics.json", run / "stage2" / "metrics.json"]
+    if retrain or not (done[1].exists() and _same_config(cfg, run / "stage2" / "config.toml")):
+        if run.exists():
+            shutil.rmtree(run)
+        training.main(cfg, stage=1)
+        training.main(cfg, stage=2)
+    else:
         typer.echo(f"{run}: already trained with this config (--retrain to train again)")
-        print_table(json.loads(done.read_text()), f"{cfg.model.name} stage 1, {cfg.data.eval_split} split")
-        return
-    if run.exists():
-        shutil.rmtree(run)
-    training.main(cfg)
+    rows = {"stage 1": json.loads(done[0].read_text()),
+            "stage 2 (ECVL)": json.loads(done[1].read_text())}
+    print_table({}, f"{cfg.model.name} on {data.name}, {cfg.data.eval_split} split (%)", rows)
 
 
 def _same_config(cfg, saved: Path) -> bool:

@@ -52,6 +52,20 @@ class Stage1Cfg:
 
 
 @dataclass(frozen=True)
+class Stage2Cfg:
+    epochs: int = 10  # BALLAD phase B
+    lr: float = 1e-3  # AdamW (BALLAD's official phase B uses SGD at 0.2)
+    weight_decay: float = 0.0
+    warmup_epochs: float = 0.0
+    ratio: float = 0.2  # eq. 7's lambda (BALLAD's adapter ratio)
+    temperature: float = 0.2  # L_DCVL's NT-Xent temperature (BCL)
+    dcvl_weight: float = 1.0
+    ce_scale: float = 100.0
+    randaug: bool = True  # memory-driven RandAugment (eq. 10)
+    init: str = ""  # stage-1 checkpoint; "" = run.out/best.pt; "none" = model.pretrained as is
+
+
+@dataclass(frozen=True)
 class DistCfg:
     backend: str = "auto"  # nccl on GPU, gloo on CPU
 
@@ -70,6 +84,7 @@ class Config:
     model: ModelCfg = field(default_factory=ModelCfg)
     aug: AugCfg = field(default_factory=AugCfg)
     stage1: Stage1Cfg = field(default_factory=Stage1Cfg)
+    stage2: Stage2Cfg = field(default_factory=Stage2Cfg)
     dist: DistCfg = field(default_factory=DistCfg)
     run: RunCfg = field(default_factory=RunCfg)
 

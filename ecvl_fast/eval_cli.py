@@ -9,7 +9,7 @@ from ecvl_fast import dist as D
 from ecvl_fast.config import Config, from_dict
 from ecvl_fast.data import eval_loader, open_dataset
 from ecvl_fast.evaluate import predict, shot_metrics, write_report
-from ecvl_fast.model import ClipNet, build_clip, class_text_features, prompt_tokens
+from ecvl_fast.model import Adapter, ClipNet, build_clip, class_text_features, prompt_tokens
 
 
 def run_eval(cfg: Config, data: Path | None, ckpt: Path | None, split: str, out: Path | None) -> dict:
@@ -30,7 +30,11 @@ def run_eval(cfg: Config, data: Path | None, ckpt: Path | None, split: str, out:
         if state is not None:
             net.load_state_dict(state["model"])
         text = class_text_features(net, prompt_tokens(tokenizer, meta["classes"], cfg.model.templates).to(d.device))
-        preds, labels = predict(net, eval_loader(cfg, d, split), text, d)
+        adapter = None
+        if state is not None and state.get("stage") == 2:
+            adapter = Adapter(text.shape[1], cfg.stage2.ratio).to(d.device)
+            adapter.load_state_dict(state["adapter"])
+        preds, labels = predict(net, eval_loader(cfg, d, split), text, d, adapter)
         metrics = shot_metrics(preds, labels, meta)
         if d.main:
             where = out or (ckpt.parent / f"eval-{split}" if ckpt else Path(cfg.run.out) / f"zero-shot-{split}")

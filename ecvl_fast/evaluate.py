@@ -31,14 +31,17 @@ def shot_metrics(preds: np.ndarray, labels: np.ndarray, meta: dict) -> dict:
 
 
 @torch.no_grad()
-def predict(net, loader, text_features: torch.Tensor, d: D.Dist):
-    """Predictions over the whole eval split, gathered from every rank, each sample once."""
+def predict(net, loader, text_features: torch.Tensor, d: D.Dist, adapter=None):
+    """Predictions over the whole eval split, gathered from every rank, each sample once.
+    With a stage-2 adapter, image features pass through it (eq. 7) before eq. 6."""
     net.eval()
     preds, labels, index = [], [], []
     scale = net.logit_scale
     for views, y, idx in loader:
         with torch.autocast(d.device.type, dtype=torch.bfloat16, enabled=d.device.type == "cuda"):
             img, _ = net(views[0].to(d.device, non_blocking=True))
+            if adapter is not None:
+                img = torch.nn.functional.normalize(adapter(img.float()), dim=-1)
         preds.append(zero_shot_logits(img, text_features, scale).argmax(1).cpu())
         labels.append(y), index.append(idx)
     arrays = [torch.cat(a).numpy() if a else np.zeros(0, np.int64) for a in (preds, labels, index)]
@@ -78,13 +81,19 @@ def _plot(metrics: dict, meta: dict, path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def print_table(metrics: dict, title: str) -> None:
+def print_table(metrics: dict, title: str, rows: dict[str, dict] | None = None) -> None:
+    """One row of metrics, or several labelled rows (`rows`) to compare runs."""
     from rich.console import Console
     from rich.table import Table
 
+    rows = rows or {"": metrics}
     t = Table(title=title)
     cols = ("many", "medium", "few", "all", "macro_f1", "head_tail_gap")
+    if any(rows):
+        t.add_column("run")
     for c in cols:
         t.add_column(c, justify="right")
-    t.add_row(*["-" if metrics[c] is None else f"{100 * metrics[c]:.2f}" for c in cols])
+    for label, m in rows.items():
+        cells = ["-" if m[c] is None else f"{100 * m[c]:.2f}" for c in cols]
+        t.add_row(*([label] if any(rows) else []), *cells)
     Console().print(t)

@@ -68,6 +68,18 @@ class ClipNet(nn.Module):
         return self.clip.logit_scale.exp()
 
 
+class Adapter(nn.Module):
+    """eq. 7: f* = lambda * ReLU(W^T f + b) + (1 - lambda) * f, BALLAD's residual adapter (lambda 0.2)."""
+
+    def __init__(self, dim: int, ratio: float = 0.2):
+        super().__init__()
+        self.fc = nn.Linear(dim, dim)
+        self.ratio = ratio
+
+    def forward(self, f: torch.Tensor) -> torch.Tensor:
+        return self.ratio * F.relu(self.fc(f)) + (1 - self.ratio) * f
+
+
 @torch.no_grad()
 def class_text_features(net: ClipNet, tokens: torch.Tensor) -> torch.Tensor:
     """[K, D]: per class, the normalised mean of its normalised template embeddings."""

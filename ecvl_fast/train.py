@@ -1,4 +1,9 @@
-"""The training loop (torchrun DDP or a single process). Stage 1: fine-tune both CLIP encoders.
+"""The training loop (torchrun DDP or a single process) for both stages.
+
+Stage 1 fine-tunes both CLIP encoders (eqs. 4-5) in instance-balanced order. Stage 2 freezes
+them and trains the adapter (eq. 7) on class-balanced batches (eq. 12) of two views each, with
+prompt cross-entropy plus L_DCVL (eq. 11); each sample's L_DCVL feeds the momentum bank (eq. 8),
+whose normalised M (eq. 9) drives the next epoch's RandAugment (eq. 10).
 
 Top to bottom: set-up -> resume -> per epoch (train, validate, checkpoint) -> final test report.
 The step does autocast -> loss -> backward -> step with no host sync; the loss is read back
@@ -14,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from ecvl_fast import EcvlError
@@ -21,9 +27,10 @@ from ecvl_fast import checkpoint as ckpt_io
 from ecvl_fast import dist as D
 from ecvl_fast import losses
 from ecvl_fast.config import Config, save_config
-from ecvl_fast.data import eval_loader, open_dataset, train_loader
+from ecvl_fast.data import eval_loader, open_dataset, per_rank_batch, train_loader
 from ecvl_fast.evaluate import predict, shot_metrics, write_report
-from ecvl_fast.model import ClipNet, build_clip, class_text_features, prompt_tokens
+from ecvl_fast.kernels.bank import MomentumBank
+from ecvl_fast.model import Adapter, ClipNet, build_clip, class_text_features, prompt_tokens
 
 
 @dataclass
@@ -38,6 +45,10 @@ class Run:
     tokens: torch.Tensor  # [K, L] training prompts
     eval_tokens: torch.Tensor  # [T, K, L] eval prompts (all templates)
     out: Path
+    stage: int = 1
+    adapter: Adapter | None = None  # stage 2: the only trainable module
+    text: torch.Tensor | None = None  # stage 2: frozen class text features [K, D]
+    bank: MomentumBank | None = None  # stage 2: per-sample loss memory and M
 
 
 def lr_lambda(total_steps: int, warmup_steps: int):
@@ -49,25 +60,49 @@ def lr_lambda(total_steps: int, warmup_steps: int):
     return f
 
 
-def build_run(cfg: Config, d: D.Dist, meta: dict, steps_per_epoch: int) -> Run:
+def build_run(cfg: Config, d: D.Dist, meta: dict, steps_per_epoch: int, stage: int = 1) -> Run:
     torch.manual_seed(cfg.run.seed)
-    clip, tokenizer = build_clip(cfg.model)
+    sc = cfg.stage1 if stage == 1 else cfg.stage2
+    clip, tokenizer = build_clip(cfg.model if stage == 1 or cfg.stage2.init == "none" else _no_weights(cfg))
     clip.logit_scale.requires_grad_(False)  # eq. 6's scale stays as loaded; BALLAD fixes 100 for CE
     net = ClipNet(clip).to(d.device)
     if d.device.type == "cuda":
         net = net.to(memory_format=torch.channels_last)
     classes = meta["classes"]
-    params = [p for p in net.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.stage1.lr, weight_decay=cfg.stage1.weight_decay)
-    total = cfg.stage1.epochs * steps_per_epoch
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(total, max(1, int(cfg.stage1.warmup_epochs * steps_per_epoch))))
-    model = torch.compile(net) if cfg.model.compile else net  # compile before wrapping in DDP
+    run = Run(cfg, d, meta, net, net, None, None, stage=stage, out=Path(cfg.run.out) / ("stage2" if stage == 2 else ""),
+              tokens=prompt_tokens(tokenizer, classes, "single")[0].to(d.device),
+              eval_tokens=prompt_tokens(tokenizer, classes, cfg.model.templates).to(d.device))
+    if stage == 2:
+        _init_stage2(run, meta)
+    trainable = run.adapter if stage == 2 else net
+    run.opt = torch.optim.AdamW([p for p in trainable.parameters() if p.requires_grad], lr=sc.lr,
+                                weight_decay=sc.weight_decay)
+    warmup = max(1, int(sc.warmup_epochs * steps_per_epoch))
+    run.sched = torch.optim.lr_scheduler.LambdaLR(run.opt, lr_lambda(sc.epochs * steps_per_epoch, warmup))
+    model = torch.compile(trainable) if cfg.model.compile else trainable  # compile before wrapping in DDP
     if d.enabled:
         model = DDP(model, device_ids=[d.local_rank] if d.device.type == "cuda" else None)
-    return Run(cfg, d, meta, net, model, opt, sched,
-               tokens=prompt_tokens(tokenizer, classes, "single")[0].to(d.device),
-               eval_tokens=prompt_tokens(tokenizer, classes, cfg.model.templates).to(d.device),
-               out=Path(cfg.run.out))
+    run.model = model
+    return run
+
+
+def _no_weights(cfg: Config):
+    """Stage 2 loads the encoders from the stage-1 checkpoint, so skip fetching model.pretrained."""
+    import dataclasses
+
+    return dataclasses.replace(cfg.model, pretrained="none")
+
+
+def _init_stage2(run: Run, meta: dict) -> None:
+    """Frozen encoders (from the stage-1 checkpoint), fixed class text features, a fresh adapter."""
+    cfg = run.cfg
+    if cfg.stage2.init != "none":
+        path = Path(cfg.stage2.init or Path(cfg.run.out) / "best.pt")
+        run.net.load_state_dict(ckpt_io.load(path, model_name=cfg.model.name, num_classes=len(meta["classes"]))["model"])
+    run.net.requires_grad_(False).eval()
+    run.text = class_text_features(run.net, run.eval_tokens)
+    run.adapter = Adapter(run.text.shape[1], cfg.stage2.ratio).to(run.d.device)
+    run.bank = MomentumBank(meta["images"]["train"], beta=cfg.aug.beta, device=run.d.device)
 
 
 def stage1_loss(run: Run, images: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -85,9 +120,21 @@ def stage1_loss(run: Run, images: torch.Tensor, labels: torch.Tensor) -> dict[st
                             run.net.logit_scale, rows=slice(r * b, (r + 1) * b) if run.d.enabled else None)
 
 
-def train_step(run: Run, images: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+def stage2_loss(run: Run, views: list[torch.Tensor], labels: torch.Tensor, idx: torch.Tensor):
+    cfg, b = run.cfg.stage2, labels.shape[0]
+    with torch.no_grad():
+        feats, _ = run.net(torch.cat(views))  # frozen encoders: both views in one pass
+    adapted = F.normalize(run.model(feats.float()), dim=-1)
+    ce = F.cross_entropy(cfg.ce_scale * adapted @ run.text.T, labels.repeat(len(views)))
+    dcvl = losses.dcvl_loss(adapted[:b], adapted[b:2 * b], cfg.temperature)
+    run.bank.record(idx, dcvl["per_sample"])  # eq. 8's input; no host sync
+    return {"loss": ce + cfg.dcvl_weight * dcvl["loss"], "ce": ce, "dcvl": dcvl["loss"]}
+
+
+def train_step(run: Run, views, labels: torch.Tensor, idx: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    views = [views] if isinstance(views, torch.Tensor) else views
     with torch.autocast(run.d.device.type, dtype=torch.bfloat16, enabled=run.d.device.type == "cuda"):
-        terms = stage1_loss(run, images, labels)
+        terms = stage1_loss(run, views[0], labels) if run.stage == 1 else stage2_loss(run, views, labels, idx)
     run.opt.zero_grad(set_to_none=True)
     terms["loss"].backward()
     run.opt.step()
@@ -97,13 +144,14 @@ def train_step(run: Run, images: torch.Tensor, labels: torch.Tensor) -> dict[str
 
 def train_epoch(run: Run, loader, epoch: int, log) -> dict:
     run.model.train()
+    run.net.train(run.stage == 1)  # stage 2: frozen encoders stay in eval mode (BN statistics)
     d, every = run.d, run.cfg.run.log_every
     total = torch.zeros((), device=d.device)
     first_bad = torch.full((), -1, dtype=torch.int64, device=d.device)
     t0, n, steps = time.perf_counter(), 0, len(loader)
-    for step, (views, labels, _) in enumerate(_progress(loader, d, f"epoch {epoch + 1}")):
+    for step, (views, labels, idx) in enumerate(_progress(loader, d, f"epoch {epoch + 1}")):
         gstep = epoch * steps + step
-        terms = train_step(run, views[0], labels.to(d.device, non_blocking=True))
+        terms = train_step(run, views, labels.to(d.device, non_blocking=True), idx)
         bad = ~torch.isfinite(terms["loss"]) & (first_bad < 0)
         first_bad = torch.where(bad, torch.full_like(first_bad, gstep), first_bad)
         total += torch.nan_to_num(terms["loss"], nan=0.0, posinf=0.0, neginf=0.0)
@@ -112,6 +160,8 @@ def train_epoch(run: Run, loader, epoch: int, log) -> dict:
             _check_finite(first_bad, run)  # sync point: once per log_every steps
             log({"epoch": epoch + 1, "step": gstep + 1, "loss": float(terms["loss"]),
                  "lr": run.sched.get_last_lr()[0], "img_s": n / (time.perf_counter() - t0)})
+    if run.bank is not None:
+        run.bank.end_epoch(D.all_reduce_sum)  # eqs. 8-9 in place: next epoch's M; a sync point
     return {"train_loss": float(D.all_reduce_sum(total) / (steps * d.world_size)),
             "img_s": n / (time.perf_counter() - t0)}
 
@@ -133,8 +183,8 @@ def _progress(loader, d: D.Dist, desc: str):
 
 
 def evaluate_split(run: Run, loader) -> dict:
-    text = class_text_features(run.net, run.eval_tokens)
-    preds, labels = predict(run.net, loader, text, run.d)
+    text = run.text if run.text is not None else class_text_features(run.net, run.eval_tokens)
+    preds, labels = predict(run.net, loader, text, run.d, run.adapter)
     return shot_metrics(preds, labels, run.meta)
 
 
@@ -142,9 +192,11 @@ def save_checkpoint(run: Run, epoch: int, best: float, is_best: bool) -> None:
     if not run.d.main:
         return
     payload = {"model": run.net.state_dict(), "optimizer": run.opt.state_dict(),
-               "scheduler": run.sched.state_dict(), "epoch": epoch, "stage": 1, "best": best,
+               "scheduler": run.sched.state_dict(), "epoch": epoch, "stage": run.stage, "best": best,
                "rng": ckpt_io.rng_state(), "config": run.cfg.to_dict(), "model_name": run.cfg.model.name,
                "num_classes": len(run.meta["classes"]), "classes": run.meta["classes"]}
+    if run.stage == 2:
+        payload |= {"adapter": run.adapter.state_dict(), "momentum": run.bank.state_dict()}
     ckpt_io.save(run.out / "last.pt", payload)
     if is_best:
         tmp = run.out / ".best.pt.tmp"
@@ -154,34 +206,47 @@ def save_checkpoint(run: Run, epoch: int, best: float, is_best: bool) -> None:
 
 def resume(run: Run) -> tuple[int, float]:
     c = ckpt_io.load(run.out / "last.pt", model_name=run.cfg.model.name, num_classes=len(run.meta["classes"]))
+    if c["stage"] != run.stage:
+        raise EcvlError(f"{run.out / 'last.pt'}: a stage {c['stage']} checkpoint, resuming stage {run.stage}")
     run.net.load_state_dict(c["model"])
+    if run.stage == 2:
+        run.adapter.load_state_dict(c["adapter"])
+        run.bank.load_state_dict(c["momentum"])
     run.opt.load_state_dict(c["optimizer"])
     run.sched.load_state_dict(c["scheduler"])
     ckpt_io.set_rng_state(c["rng"])
     return c["epoch"], c["best"]
 
 
-def main(cfg: Config, resume_run: bool = False) -> dict:
-    """Stage 1 end to end; returns the final test metrics (also in run.out/metrics.json)."""
+def main(cfg: Config, resume_run: bool = False, stage: int = 1) -> dict:
+    """One stage end to end; returns the final test metrics (also in the run folder's metrics.json).
+    Stage 2 writes under run.out/stage2/."""
     d = D.setup(cfg.run.device, cfg.dist.backend)
     try:
-        return _train(cfg, d, resume_run)
+        return _train(cfg, d, resume_run, stage)
     finally:
         D.teardown()
 
 
-def _train(cfg: Config, d: D.Dist, resume_run: bool) -> dict:
+def _train(cfg: Config, d: D.Dist, resume_run: bool, stage: int) -> dict:
     meta = open_dataset(cfg.data.path)
-    loader = train_loader(cfg, d, meta, "random", randaug=cfg.aug.randaug)
-    run = build_run(cfg, d, meta, len(loader))
+    if stage == 1:
+        loader = train_loader(cfg, d, meta, "random", randaug=cfg.aug.randaug)
+        run = build_run(cfg, d, meta, len(loader))
+    else:
+        steps = meta["images"]["train"] // d.world_size // per_rank_batch(cfg, d)  # drop_last, as the loader
+        run = build_run(cfg, d, meta, steps, stage=2)
+        loader = train_loader(cfg, d, meta, "balanced", views=2, m=run.bank.m, randaug=cfg.stage2.randaug)
     if d.main:
         run.out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run.out / "config.toml")
+        if not resume_run:
+            (run.out / "log.jsonl").unlink(missing_ok=True)
     start, best = resume(run) if resume_run else (0, -math.inf)
     loader.epoch = start
     val = eval_loader(cfg, d, "val") if "val" in meta["images"] else None
     log = _logger(run)
-    for epoch in range(start, cfg.stage1.epochs):
+    for epoch in range(start, (cfg.stage1 if stage == 1 else cfg.stage2).epochs):
         stats = train_epoch(run, loader, epoch, log)
         score = evaluate_split(run, val)["all"] if val is not None else float(epoch)  # train-last without val
         log({"epoch": epoch + 1, **stats, "val_all": score if val is not None else None})
@@ -189,7 +254,7 @@ def _train(cfg: Config, d: D.Dist, resume_run: bool) -> dict:
         best = max(best, score)
     metrics = evaluate_split(run, eval_loader(cfg, d, cfg.data.eval_split))
     if d.main:
-        write_report(metrics, meta, run.out, f"{cfg.model.name} stage 1, {cfg.data.eval_split} split")
+        write_report(metrics, meta, run.out, f"{cfg.model.name} stage {stage}, {cfg.data.eval_split} split")
     return metrics
 
 

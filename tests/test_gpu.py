@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from ecvl_fast import dist as D
-from ecvl_fast.config import Config, ModelCfg, RunCfg, Stage1Cfg
+from ecvl_fast.config import Config, ModelCfg, RunCfg, Stage1Cfg, Stage2Cfg
 from ecvl_fast.loaders.dali_pipeline import CLIP_MEAN, CLIP_STD
 from ecvl_fast.train import build_run, train_step
 
@@ -55,3 +55,24 @@ def test_step_runs_on_gpu_in_bf16(loss):
         raw = run.net.clip.encode_image(images)  # the encoder's matmuls run in bf16
         img, _ = run.net(images)
     assert raw.dtype == torch.bfloat16 and img.dtype == torch.float32  # normalize autocasts to fp32
+
+
+@pytest.mark.parametrize("device_name", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device"))])
+def test_stage2_step_feeds_the_momentum_bank(device_name):
+    """Adapter step on frozen encoders; per-sample L_DCVL lands in the bank (numba.cuda on GPU)."""
+    cfg = Config(model=ModelCfg(name="ecvl-tiny-vit"), run=RunCfg(device=device_name),
+                 stage2=Stage2Cfg(init="none", lr=1e-2, epochs=1))
+    d = D.setup(device_name)
+    run = build_run(cfg, d, {"classes": CLASSES, "images": {"train": 64}}, steps_per_epoch=20, stage=2)
+    images, labels = fixed_batch(d.device)
+    views, idx = [images, images.flip(-1)], torch.arange(64)
+    first = float(train_step(run, views, labels, idx)["loss"])
+    for _ in range(18):
+        train_step(run, views, labels, idx)
+    last = float(train_step(run, views, labels, idx)["loss"])
+    assert last < first
+    assert not any(p.requires_grad for p in run.net.parameters())
+    run.bank.end_epoch()
+    m, seen = run.bank.m.cpu(), run.bank.seen.cpu().bool()
+    assert seen.all() and m.mean().item() == pytest.approx(0.5, abs=1e-4) and run.bank.m.device.type == d.device.type

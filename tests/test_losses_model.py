@@ -90,3 +90,36 @@ def test_zero_shot_equals_open_clip_classifier(kind):
         logits = zero_shot_logits(net(images)[0], ours, net.logit_scale)
     torch.testing.assert_close(logits, clip.logit_scale.exp() * img @ theirs, rtol=1e-5, atol=1e-4)
     assert math.isclose(logits.softmax(1).sum(1).mean().item(), 1.0, rel_tol=1e-6)
+
+
+def naive_dcvl(z1, z2, tau):
+    """NT-Xent written per view: -log exp(s_pos/t) / sum_{k != self} exp(s_k/t), both directions."""
+    z, b = torch.cat([z1, z2]), len(z1)
+    per_view = []
+    for i in range(2 * b):
+        pos = (i + b) % (2 * b)
+        denom = sum(torch.exp((z[i] * z[k]).sum() / tau) for k in range(2 * b) if k != i)
+        per_view.append(-torch.log(torch.exp((z[i] * z[pos]).sum() / tau) / denom))
+    per_view = torch.stack(per_view)
+    return (per_view[:b] + per_view[b:]) / 2
+
+
+def test_dcvl_matches_naive():
+    z1, z2 = feats(5, 8, seed=6), feats(5, 8, seed=7)
+    ours = losses.dcvl_loss(z1, z2, 0.2)
+    ref = naive_dcvl(z1, z2, 0.2)
+    torch.testing.assert_close(ours["per_sample"], ref)
+    torch.testing.assert_close(ours["loss"], ref.mean())
+    for a, b in zip(torch.autograd.grad(ours["loss"], (z1, z2)), torch.autograd.grad(ref.mean(), (z1, z2))):
+        torch.testing.assert_close(a, b)
+
+
+def test_adapter_is_eq7():
+    from ecvl_fast.model import Adapter
+
+    f = torch.randn(4, 8)
+    a = Adapter(8, ratio=0.2)
+    expect = 0.2 * torch.relu(f @ a.fc.weight.T + a.fc.bias) + 0.8 * f
+    torch.testing.assert_close(a(f), expect)
+    a.ratio = 0.0
+    torch.testing.assert_close(a(f), f)

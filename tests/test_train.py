@@ -101,6 +101,12 @@ def test_ddp_two_gloo_processes_match_single_process(tmp_path, mnist):
     assert a[-1] == pytest.approx(b[-1], rel=2e-2)
     assert ddp["all"] == pytest.approx(single["all"], abs=0.03)
     assert ddp["num_images"] == single["num_images"] == 1000
+    # Stage 2 under DDP: only the adapter is wrapped; the momentum bank is summed over ranks.
+    done = subprocess.run(cmd + ["--stage", "2", "--set", "stage2.epochs=2"], capture_output=True, text=True,
+                          env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    bank = ckpt_io.load(tmp_path / "ddp" / "stage2" / "last.pt")["momentum"]
+    assert bank["seen"].sum() > 500 and bank["m"][bank["seen"].bool()].mean().item() == pytest.approx(0.5, abs=1e-4)
 
 
 def cli_error(args, capsys):
@@ -179,3 +185,23 @@ def test_zero_shot_eval_writes_report(tmp_path, mnist):
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["num_images"] == 1000 and len(metrics["per_class"]) == 10
     assert (out / "per_class.png").stat().st_size > 1000
+
+
+def test_stage2_trains_adapter_with_memory_driven_randaugment(tmp_path, mnist):
+    path, sets = tiny_config(tmp_path, mnist, "two", epochs=1)
+    cfg = load_config(path, sets + ["stage2.epochs=3", "stage2.lr=1e-2"])
+    stage1 = training.main(cfg)
+    stage2 = training.main(cfg, stage=2)
+    run = tmp_path / "two" / "stage2"
+    saved = ckpt_io.load(run / "last.pt", model_name="ecvl-tiny-vit", num_classes=10)
+    assert saved["stage"] == 2 and set(saved["adapter"]) == {"fc.weight", "fc.bias"}
+    enc1 = ckpt_io.load(tmp_path / "two" / "last.pt")["model"]
+    assert all(torch.equal(enc1[k], v) for k, v in saved["model"].items())  # encoders stayed frozen
+    m, seen = saved["momentum"]["m"], saved["momentum"]["seen"].bool()
+    assert seen.sum() > 500 and m[seen].mean().item() == pytest.approx(0.5, abs=1e-4)  # eq. 9: mean 0.5
+    assert min(m[seen].min().item(), 1 - m[seen].max().item()) < 1e-5  # the most extreme sample sits at 0 or 1
+    assert m[seen].std() > 0.05 and (m[~seen] == 0).all()
+    assert stage2 != stage1 and stage2["num_images"] == 1000
+    assert cli_main(["eval", "--ckpt", str(run / "last.pt"), "--data", str(mnist), "--out", str(tmp_path / "ev")]) == 0
+    again = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert again["all"] == stage2["all"] and again["few"] == stage2["few"]  # eval applies the adapter too
