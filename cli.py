@@ -190,28 +190,34 @@ def bench_loader(
     json_out: Optional[Path] = typer.Option(None, "--json", help="also write the results here"),
 ):
     """FFCV -> DALI memory-driven RandAugment (2 views) vs the torchvision peer; numba vs numpy kernels."""
+    from ecvl_fast.bench import LoaderBench, run_loader_bench
+
+    _ensure_demo_data(data)
+    r = run_loader_bench(LoaderBench(data, res, batch, workers, dali_threads, min_images=min_images), kernels_n, repeats)
+    k = r["kernels"]
+    _report(f"loader bench: {res} px, batch {batch}, {workers} workers, {dali_threads} DALI threads, 2 views, k=2 "
+            f"({r['machine']})", ("contender", "images/s", "ratio"), [
+                ("FFCV -> DALI", f"{r['ffcv_dali_img_s']:.0f}", f"{r['ratio']:.2f}x ({r['ratio_min']:.2f}-{r['ratio_max']:.2f})"),
+                ("torchvision/PIL peer", f"{r['torchvision_img_s']:.0f}", "1.00x"),
+                (f"kernels numba, N={k['n']:,}", f"{k['numba_s'] * 1e3:.1f} ms/epoch", f"{k['speedup']:.1f}x"),
+                (f"kernels numpy, N={k['n']:,}", f"{k['numpy_s'] * 1e3:.1f} ms/epoch", "1.00x")], r, json_out)
+
+
+def _report(title: str, columns: tuple, rows: list[tuple], result: dict, json_out: Optional[Path]) -> None:
+    """A benchmark's table on the console, and its raw results as JSON when asked."""
     import json
 
     from rich.console import Console
     from rich.table import Table
 
-    from ecvl_fast.bench import LoaderBench, run_loader_bench
-
-    _ensure_demo_data(data)
-    r = run_loader_bench(LoaderBench(data, res, batch, workers, dali_threads, min_images=min_images), kernels_n, repeats)
-    t = Table(title=f"loader bench: {res} px, batch {batch}, {workers} workers, {dali_threads} DALI threads, "
-                    f"2 views, k=2 ({r['machine']})")
-    for col in ("contender", "images/s", "ratio"):
+    t = Table(title=title)
+    for col in columns:
         t.add_column(col, justify="right")
-    t.add_row("FFCV -> DALI", f"{r['ffcv_dali_img_s']:.0f}",
-              f"{r['ratio']:.2f}x ({r['ratio_min']:.2f}-{r['ratio_max']:.2f})")
-    t.add_row("torchvision/PIL peer", f"{r['torchvision_img_s']:.0f}", "1.00x")
-    k = r["kernels"]
-    t.add_row(f"kernels numba, N={k['n']:,}", f"{k['numba_s'] * 1e3:.1f} ms/epoch", f"{k['speedup']:.1f}x")
-    t.add_row(f"kernels numpy, N={k['n']:,}", f"{k['numpy_s'] * 1e3:.1f} ms/epoch", "1.00x")
+    for row in rows:
+        t.add_row(*row)
     Console().print(t)
     if json_out:
-        json_out.write_text(json.dumps(r, indent=1))
+        json_out.write_text(json.dumps(result, indent=1))
 
 
 @bench_app.command("kernels")
@@ -221,25 +227,14 @@ def bench_kernels_cmd(
     json_out: Optional[Path] = typer.Option(None, "--json"),
 ):
     """One epoch of momentum bookkeeping: numba njit vs numpy on CPU, and numba.cuda when a GPU is present."""
-    import json
-
-    from rich.console import Console
-    from rich.table import Table
-
     from ecvl_fast.bench import _machine, bench_kernels, bench_kernels_cuda
 
     r = {"machine": _machine(), "cpu": bench_kernels(n), "cuda": bench_kernels_cuda(n)}
-    t = Table(title=f"momentum kernels, N={n:,} ({r['machine']})")
-    t.add_column("implementation")
-    t.add_column("ms / epoch", justify="right")
-    t.add_column("vs numpy", justify="right")
-    t.add_row("numpy (vectorised)", f"{r['cpu']['numpy_s'] * 1e3:.1f}", "1.0x")
-    t.add_row("numba njit", f"{r['cpu']['numba_s'] * 1e3:.1f}", f"{r['cpu']['speedup']:.1f}x")
+    rows = [("numpy (vectorised)", f"{r['cpu']['numpy_s'] * 1e3:.1f}", "1.0x"),
+            ("numba njit", f"{r['cpu']['numba_s'] * 1e3:.1f}", f"{r['cpu']['speedup']:.1f}x")]
     if r["cuda"]:
-        t.add_row("numba.cuda", f"{r['cuda']['cuda_s'] * 1e3:.2f}", f"{r['cpu']['numpy_s'] / r['cuda']['cuda_s']:.1f}x")
-    Console().print(t)
-    if json_out:
-        json_out.write_text(json.dumps(r, indent=1))
+        rows.append(("numba.cuda", f"{r['cuda']['cuda_s'] * 1e3:.2f}", f"{r['cpu']['numpy_s'] / r['cuda']['cuda_s']:.1f}x"))
+    _report(f"momentum kernels, N={n:,} ({r['machine']})", ("implementation", "ms / epoch", "vs numpy"), rows, r, json_out)
 
 
 @bench_app.command("convert")
@@ -250,23 +245,13 @@ def bench_convert_cmd(
     json_out: Optional[Path] = typer.Option(None, "--json"),
 ):
     """Convert throughput (images/s) for raw and jpg, on a synthetic CIFAR-10 in the standard pickle format."""
-    import json
-
-    from rich.console import Console
-    from rich.table import Table
-
     from ecvl_fast.bench import _machine, bench_convert
 
     r = {"machine": _machine(), **bench_convert(per_class, workers)}
-    t = Table(title=f"convert cifar10-lt, {workers} workers ({r['machine']})")
-    for col in ("format", "images", "seconds", "images/s", "MB"):
-        t.add_column(col, justify="right")
-    for fmt in ("raw", "jpg"):
-        x = r[fmt]
-        t.add_row(fmt, str(x["images"]), f"{x['seconds']:.2f}", f"{x['img_s']:.0f}", f"{x['bytes'] / 1e6:.1f}")
-    Console().print(t)
-    if json_out:
-        json_out.write_text(json.dumps(r, indent=1))
+    rows = [(fmt, str(r[fmt]["images"]), f"{r[fmt]['seconds']:.2f}", f"{r[fmt]['img_s']:.0f}",
+             f"{r[fmt]['bytes'] / 1e6:.1f}") for fmt in ("raw", "jpg")]
+    _report(f"convert cifar10-lt, {workers} workers ({r['machine']})", ("format", "images", "seconds", "images/s", "MB"),
+            rows, r, json_out)
 
 
 def _ensure_demo_data(data: Path) -> None:

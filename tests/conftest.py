@@ -1,7 +1,6 @@
 """Tiny generated datasets: fake CIFAR pickles, image trees and OLTR split files."""
 from pathlib import Path
 
-import numpy as np
 import pytest
 from PIL import Image
 

@@ -205,3 +205,25 @@ def test_stage2_trains_adapter_with_memory_driven_randaugment(tmp_path, mnist):
     assert cli_main(["eval", "--ckpt", str(run / "last.pt"), "--data", str(mnist), "--out", str(tmp_path / "ev")]) == 0
     again = json.loads((tmp_path / "ev" / "metrics.json").read_text())
     assert again["all"] == stage2["all"] and again["few"] == stage2["few"]  # eval applies the adapter too
+
+
+def test_stage2_resume_after_kill_restores_adapter_and_momentum(tmp_path, mnist):
+    path, sets = tiny_config(tmp_path, mnist, "base", epochs=1)
+    training.main(load_config(path, sets))
+    s2 = ["stage2.epochs=3", "stage2.lr=1e-2", f"stage2.init={tmp_path / 'base' / 'best.pt'}"]
+    straight = training.main(load_config(path, sets + s2), stage=2)
+    _, sets = tiny_config(tmp_path, mnist, "killed2", epochs=1)
+    last = tmp_path / "killed2" / "stage2" / "last.pt"
+    cmd = [sys.executable, "-m", "ecvl_fast.cli", "train", "--stage", "2", "--config", str(path)]
+    cmd += sum((["--set", s] for s in sets + s2), [])
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        while not last.exists() and proc.poll() is None:
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    assert ckpt_io.load(last)["epoch"] < 3
+    resumed = training.main(load_config(path, sets + s2), resume_run=True, stage=2)
+    assert resumed == straight
