@@ -85,10 +85,11 @@ def convert(
     print_convert_summary(meta, out)
 
 
-def _config(config: Optional[Path], overrides: list[str]):
+def _config(config: Optional[Path], overrides: Optional[list[str]], pretrained: Optional[str] = None):
+    """--config, then --set overrides, then the --pretrained shortcut."""
     from ecvl_fast.config import load_config
 
-    return load_config(config, overrides or [])
+    return load_config(config, (overrides or []) + ([f"model.pretrained={pretrained}"] if pretrained else []))
 
 
 @app.command()
@@ -103,7 +104,7 @@ def train(
     """Train (one process, or one per GPU under torchrun)."""
     from ecvl_fast import train as training
 
-    cfg = _config(config, (overrides or []) + ([f"model.pretrained={pretrained}"] if pretrained else []))
+    cfg = _config(config, overrides, pretrained)
     if stage not in (1, 2):
         raise EcvlError(f"--stage {stage}: there are stages 1 and 2")
     training.main(cfg, resume_run=resume, stage=stage)
@@ -126,8 +127,7 @@ def evaluate(
 
     if (ckpt is None) == (not zero_shot):
         raise EcvlError("pass exactly one of --ckpt FILE or --zero-shot")
-    run_eval(_config(config, (overrides or []) + ([f"model.pretrained={pretrained}"] if pretrained else [])),
-             data, ckpt, split, out)
+    run_eval(_config(config, overrides, pretrained), data, ckpt, split, out)
 
 
 @app.command()

@@ -9,6 +9,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ecvl_fast.data import default_load_res
+
 
 @dataclass(frozen=True)
 class LoaderBench:
@@ -20,11 +22,6 @@ class LoaderBench:
     views: int = 2
     k: int = 2
     min_images: int = 4096
-
-
-def load_res_for(res: int) -> int:
-    """Decode slightly larger than the crop at ImageNet sizes (256 for 224), as is usual."""
-    return res if res <= 64 else int(round(res * 8 / 7))
 
 
 def _timed(batches, min_images: int) -> float:
@@ -45,7 +42,7 @@ def bench_dali(b: LoaderBench):
 
     path = b.data / "train.beton"
     m = torch.rand(len(read_labels(path)), generator=torch.Generator().manual_seed(0))
-    loader = make_loader(path, "random", b.batch, load_res_for(b.res), workers=b.workers)
+    loader = make_loader(path, "random", b.batch, default_load_res(b.res), workers=b.workers)
     aug = AugmentedLoader(loader, AugSpec(res=b.res, views=b.views, k=b.k), m, threads=b.dali_threads)
     return lambda: _timed(lambda: aug, b.min_images)
 
@@ -58,7 +55,7 @@ def bench_reference(b: LoaderBench):
 
     path = b.data / "train.beton"
     imgs, labels = [], []
-    for im, y, _ in make_loader(path, "sequential", b.batch, load_res_for(b.res), workers=b.workers):
+    for im, y, _ in make_loader(path, "sequential", b.batch, default_load_res(b.res), workers=b.workers):
         imgs.append(im.numpy().copy()), labels.append(y.numpy().copy())
     imgs, labels = np.concatenate(imgs), np.concatenate(labels)
     m = torch.rand(len(labels), generator=torch.Generator().manual_seed(0)).share_memory_()

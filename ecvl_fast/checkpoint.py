@@ -30,6 +30,11 @@ def load(path: Path, *, model_name: str | None = None, num_classes: int | None =
     if not isinstance(ckpt, dict) or any(k not in ckpt for k in REQUIRED):
         raise EcvlError(f"{path}: not an ecvl-fast checkpoint (missing {[k for k in REQUIRED if k not in ckpt]})"
                         if isinstance(ckpt, dict) else f"{path}: not an ecvl-fast checkpoint")
+    return check(ckpt, path, model_name=model_name, num_classes=num_classes)
+
+
+def check(ckpt: dict, path: Path, *, model_name: str | None = None, num_classes: int | None = None) -> dict:
+    """Check a loaded checkpoint against this model and dataset (for callers that load it first)."""
     if model_name is not None and ckpt["model_name"] != model_name:
         raise EcvlError(f"{path}: checkpoint is for model {ckpt['model_name']}, config says {model_name}")
     if num_classes is not None and ckpt["num_classes"] != num_classes:

@@ -21,8 +21,13 @@ def open_dataset(path: str | Path) -> dict:
     return meta
 
 
+def default_load_res(res: int) -> int:
+    """Decode size before the crop: the crop size at small resolutions, else 8/7 of it (256 for 224)."""
+    return res if res <= 64 else round(res * 8 / 7)
+
+
 def load_res(cfg: Config) -> int:
-    return cfg.data.load_res or (cfg.data.res if cfg.data.res <= 64 else round(cfg.data.res * 8 / 7))
+    return cfg.data.load_res or default_load_res(cfg.data.res)
 
 
 def dali_threads(cfg: Config) -> int:

@@ -23,9 +23,8 @@ def run_eval(cfg: Config, data: Path | None, ckpt: Path | None, split: str, out:
     try:
         meta = open_dataset(cfg.data.path)
         if state is not None:
-            ckpt_io.load(ckpt, model_name=cfg.model.name, num_classes=len(meta["classes"]))
-            cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, pretrained="none"))
-        clip, tokenizer = build_clip(cfg.model)
+            ckpt_io.check(state, ckpt, model_name=cfg.model.name, num_classes=len(meta["classes"]))
+        clip, tokenizer = build_clip(cfg.model, load_weights=state is None)  # a checkpoint brings its own
         net = ClipNet(clip).to(d.device)
         if state is not None:
             net.load_state_dict(state["model"])

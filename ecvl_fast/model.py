@@ -30,12 +30,13 @@ def templates(kind: str) -> tuple[str, ...]:
     return tuple(t("{}") for t in OPENAI_IMAGENET_TEMPLATES)
 
 
-def build_clip(cfg: ModelCfg):
-    """(model, tokenizer). `pretrained`: "none", a local file, or an open_clip tag."""
+def build_clip(cfg: ModelCfg, load_weights: bool = True):
+    """(model, tokenizer). `pretrained`: "none", a local file, or an open_clip tag. Callers that
+    restore an ecvl-fast checkpoint pass load_weights=False and skip fetching those weights."""
     oc = _open_clip()
     if cfg.name not in oc.list_models():
         raise EcvlError(f"unknown open_clip model {cfg.name!r} (e.g. RN50, ViT-B-32, ecvl-tiny-vit)")
-    pretrained = None if cfg.pretrained in ("", "none") else cfg.pretrained
+    pretrained = None if cfg.pretrained in ("", "none") or not load_weights else cfg.pretrained
     looks_like_path = pretrained is not None and ("/" in pretrained or pretrained.endswith((".pt", ".bin", ".safetensors")))
     if looks_like_path and not Path(pretrained).is_file():
         raise EcvlError(f"{pretrained}: no such pretrained checkpoint")

@@ -27,7 +27,7 @@ from ecvl_fast import checkpoint as ckpt_io
 from ecvl_fast import dist as D
 from ecvl_fast import losses
 from ecvl_fast.config import Config, save_config
-from ecvl_fast.data import eval_loader, open_dataset, per_rank_batch, train_loader
+from ecvl_fast.data import eval_loader, open_dataset, train_loader
 from ecvl_fast.evaluate import predict, shot_metrics, write_report
 from ecvl_fast.kernels.bank import MomentumBank
 from ecvl_fast.model import Adapter, ClipNet, build_clip, class_text_features, prompt_tokens
@@ -63,7 +63,7 @@ def lr_lambda(total_steps: int, warmup_steps: int):
 def build_run(cfg: Config, d: D.Dist, meta: dict, steps_per_epoch: int, stage: int = 1) -> Run:
     torch.manual_seed(cfg.run.seed)
     sc = cfg.stage1 if stage == 1 else cfg.stage2
-    clip, tokenizer = build_clip(cfg.model if stage == 1 or cfg.stage2.init == "none" else _no_weights(cfg))
+    clip, tokenizer = build_clip(cfg.model, load_weights=stage == 1 or cfg.stage2.init == "none")
     clip.logit_scale.requires_grad_(False)  # eq. 6's scale stays as loaded; BALLAD fixes 100 for CE
     net = ClipNet(clip).to(d.device)
     if d.device.type == "cuda":
@@ -84,13 +84,6 @@ def build_run(cfg: Config, d: D.Dist, meta: dict, steps_per_epoch: int, stage: i
         model = DDP(model, device_ids=[d.local_rank] if d.device.type == "cuda" else None)
     run.model = model
     return run
-
-
-def _no_weights(cfg: Config):
-    """Stage 2 loads the encoders from the stage-1 checkpoint, so skip fetching model.pretrained."""
-    import dataclasses
-
-    return dataclasses.replace(cfg.model, pretrained="none")
 
 
 def _init_stage2(run: Run, meta: dict) -> None:
@@ -232,11 +225,11 @@ def _train(cfg: Config, d: D.Dist, resume_run: bool, stage: int) -> dict:
     meta = open_dataset(cfg.data.path)
     if stage == 1:
         loader = train_loader(cfg, d, meta, "random", randaug=cfg.aug.randaug)
-        run = build_run(cfg, d, meta, len(loader))
     else:
-        steps = meta["images"]["train"] // d.world_size // per_rank_batch(cfg, d)  # drop_last, as the loader
-        run = build_run(cfg, d, meta, steps, stage=2)
-        loader = train_loader(cfg, d, meta, "balanced", views=2, m=run.bank.m, randaug=cfg.stage2.randaug)
+        loader = train_loader(cfg, d, meta, "balanced", views=2, randaug=cfg.stage2.randaug)
+    run = build_run(cfg, d, meta, len(loader), stage)
+    if run.bank is not None:
+        loader.m = run.bank.m  # the loader reads M from the bank the kernels rewrite each epoch
     if d.main:
         run.out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run.out / "config.toml")

@@ -22,13 +22,9 @@ STAT_BLOCKS = 160  # enough to fill an H100/H200 (132 SMs); each thread reduces 
 _STREAMS: dict[int, object] = {}
 
 
-def _view(t):
+def view(t):
     """A numba device view of a torch tensor; views made once (the bank's state) pass through."""
     return cuda.as_cuda_array(t.detach()) if isinstance(t, torch.Tensor) else t
-
-
-def view(t: torch.Tensor):
-    return _view(t)
 
 
 def _stream():
@@ -121,29 +117,29 @@ def _balanced_pick(offsets, order, class_draw, u, out):
 
 def accumulate(loss_sum, loss_count, indices, losses):
     _accumulate[_blocks(indices.shape[0]), THREADS, _stream()](
-        _view(loss_sum), _view(loss_count), _view(indices), _view(losses))
+        view(loss_sum), view(loss_count), view(indices), view(losses))
 
 
 def first_nonfinite(loss_sum, loss_count) -> int:
     n = loss_sum.shape[0]
     out = torch.full((1,), n, dtype=torch.int64, device=_device())
-    _first_nonfinite[_blocks(n), THREADS, _stream()](_view(loss_sum), _view(loss_count), _view(out))
+    _first_nonfinite[_blocks(n), THREADS, _stream()](view(loss_sum), view(loss_count), view(out))
     bad = int(out.item())  # sync point: once per epoch, to name a NaN/inf sample
     return -1 if bad == n else bad
 
 
 def end_epoch(ema, seen, loss_sum, loss_count, beta):
     _end_epoch[_blocks(ema.shape[0]), THREADS, _stream()](
-        _view(ema), _view(seen), _view(loss_sum), _view(loss_count), float(beta))
+        view(ema), view(seen), view(loss_sum), view(loss_count), float(beta))
 
 
 def normalise(ema, seen, m):
     acc = torch.tensor([0.0, 0.0, math.inf, -math.inf], dtype=torch.float64, device=_device())
     stream = _stream()
-    _stats[STAT_BLOCKS, THREADS, stream](_view(ema), _view(seen), _view(acc))
-    _write_m[_blocks(ema.shape[0]), THREADS, stream](_view(ema), _view(seen), _view(m), _view(acc))
+    _stats[STAT_BLOCKS, THREADS, stream](view(ema), view(seen), view(acc))
+    _write_m[_blocks(ema.shape[0]), THREADS, stream](view(ema), view(seen), view(m), view(acc))
 
 
 def balanced_pick(offsets, order, class_draw, u, out):
     _balanced_pick[_blocks(out.shape[0]), THREADS, _stream()](
-        _view(offsets), _view(order), _view(class_draw), _view(u), _view(out))
+        view(offsets), view(order), view(class_draw), view(u), view(out))

@@ -1,7 +1,8 @@
 """The DALI pipeline: per-view crop/flip, memory-driven RandAugment (eq. 10), CLIP normalisation.
 
-All randomness is drawn in numpy from (seed, epoch, step, rank) and fed to DALI with the batch, so
-an epoch is reproducible, resumable and comparable sample-by-sample with the PIL reference.
+All randomness is a hash of (seed, epoch, position in the epoch), drawn in numpy and fed to DALI
+with the batch, so an epoch is reproducible, resumable, identical under DDP, and comparable
+sample-by-sample with the PIL reference.
 Per sample and slot j < k: an op index, u_j, zeta_j and a sign; the op is applied when
 u_j < M_i (probability M_i) at strength M_i * zeta_j. A skipped op is dispatched as index 0
 (identity), so each slot needs one dispatch and no separate "apply?" branch.
@@ -210,7 +211,7 @@ class AugmentedLoader:
         self.loader, self.spec, self.m, self.seed, self.rank, self.world = loader, spec, m, seed, rank, world
         self.device = torch.device(device)
         gpu = self.device.type == "cuda"
-        self.pipe = build_pipeline(spec, loader.batch_size, device_id=self.device.index or 0 if gpu else None,
+        self.pipe = build_pipeline(spec, loader.batch_size, device_id=(self.device.index or 0) if gpu else None,
                                    threads=threads, seed=seed)
 
     def __len__(self) -> int:

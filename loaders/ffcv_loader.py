@@ -49,11 +49,17 @@ def read_labels(path: Path) -> np.ndarray:
     return np.asarray(reader.metadata["f1"], dtype=np.int64)
 
 
+_QUIETED = False
+
+
 def _quiet_numba_finalizer() -> None:
     """ffcv's compiled pipelines make numba print a harmless KeyError from a weakref finalizer at
-    exit (STACK.md); drop exactly that report and pass everything else on."""
+    exit (STACK.md); drop exactly that report and pass everything else on. Installed once."""
+    global _QUIETED
     import sys
 
+    if _QUIETED:
+        return
     previous = sys.unraisablehook
 
     def hook(unraisable):
@@ -62,8 +68,7 @@ def _quiet_numba_finalizer() -> None:
             return
         previous(unraisable)
 
-    if getattr(previous, "__name__", "") != "hook":
-        sys.unraisablehook = hook
+    sys.unraisablehook, _QUIETED = hook, True
 
 
 def make_loader(path: Path, order: str, batch_size: int, load_res: int, *, workers: int = 2,

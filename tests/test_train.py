@@ -67,12 +67,9 @@ def test_stage1_train_loss_falls(tmp_path, mnist, loss):
     assert saved["epoch"] == 4 and saved["config"]["stage1"]["loss"] == loss
 
 
-def test_resume_after_kill_matches_uninterrupted_run(tmp_path, mnist):
-    path, sets = tiny_config(tmp_path, mnist, "straight", epochs=3)
-    straight = training.main(load_config(path, sets))
-    _, sets = tiny_config(tmp_path, mnist, "killed", epochs=3)
-    last = tmp_path / "killed" / "last.pt"
-    cmd = [sys.executable, "-m", "ecvl_fast.cli", "train", "--config", str(path)] + sum((["--set", s] for s in sets), [])
+def kill_after_first_checkpoint(train_args, last, epochs):
+    """Start `ecvl-fast train` in a subprocess and SIGKILL it as soon as `last` appears."""
+    cmd = [sys.executable, "-m", "ecvl_fast.cli", "train"] + train_args
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         while not last.exists() and proc.poll() is None:
@@ -81,7 +78,15 @@ def test_resume_after_kill_matches_uninterrupted_run(tmp_path, mnist):
     finally:
         proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
-    assert ckpt_io.load(last)["epoch"] < 3
+    assert ckpt_io.load(last)["epoch"] < epochs
+
+
+def test_resume_after_kill_matches_uninterrupted_run(tmp_path, mnist):
+    path, sets = tiny_config(tmp_path, mnist, "straight", epochs=3)
+    straight = training.main(load_config(path, sets))
+    _, sets = tiny_config(tmp_path, mnist, "killed", epochs=3)
+    last = tmp_path / "killed" / "last.pt"
+    kill_after_first_checkpoint(["--config", str(path)] + sum((["--set", s] for s in sets), []), last, epochs=3)
     resumed = training.main(load_config(path, sets), resume_run=True)
     assert resumed == straight
 
@@ -214,16 +219,7 @@ def test_stage2_resume_after_kill_restores_adapter_and_momentum(tmp_path, mnist)
     straight = training.main(load_config(path, sets + s2), stage=2)
     _, sets = tiny_config(tmp_path, mnist, "killed2", epochs=1)
     last = tmp_path / "killed2" / "stage2" / "last.pt"
-    cmd = [sys.executable, "-m", "ecvl_fast.cli", "train", "--stage", "2", "--config", str(path)]
-    cmd += sum((["--set", s] for s in sets + s2), [])
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        while not last.exists() and proc.poll() is None:
-            time.sleep(0.05)
-        proc.send_signal(signal.SIGKILL)
-    finally:
-        proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
-    assert ckpt_io.load(last)["epoch"] < 3
+    args = ["--stage", "2", "--config", str(path)] + sum((["--set", s] for s in sets + s2), [])
+    kill_after_first_checkpoint(args, last, epochs=3)
     resumed = training.main(load_config(path, sets + s2), resume_run=True, stage=2)
     assert resumed == straight
