@@ -72,6 +72,7 @@ def bench_kernels(n: int = 1_280_000, batch: int = 512, seed: int = 0) -> dict:
     rng = np.random.default_rng(seed)
     idx = rng.permutation(n).astype(np.int64)
     loss = rng.gamma(2.0, 1.0, n).astype(np.float32)
+    labels = rng.integers(0, 1000, n)
     state = [np.zeros(n, np.float32), np.zeros(n, np.int32), np.zeros(n, np.float32),
              np.zeros(n, np.uint8), np.zeros(n, np.float32)]
 
@@ -81,7 +82,7 @@ def bench_kernels(n: int = 1_280_000, batch: int = 512, seed: int = 0) -> dict:
             cpu.accumulate(s, c, idx[j:j + batch], loss[j:j + batch])
         assert cpu.first_nonfinite(s, c) == -1
         cpu.end_epoch(ema, seen, s, c, 0.97)
-        cpu.normalise(ema, seen, m)
+        cpu.normalise(ema, seen, labels, m, 1000)
 
     def numpy_epoch():
         s, c, ema, seen, m = (a.copy() for a in state)
@@ -117,7 +118,7 @@ def bench_kernels_cuda(n: int = 1_280_000, batch: int = 512, seed: int = 0) -> d
     g = torch.Generator(device="cuda").manual_seed(seed)
     idx = torch.randperm(n, device="cuda", generator=g)
     loss = torch.rand(n, device="cuda", generator=g) * 4
-    bank = MomentumBank(n, device="cuda")
+    bank = MomentumBank(torch.randint(0, 1000, (n,), generator=torch.Generator().manual_seed(seed)), device="cuda")
 
     def epoch():
         for j in range(0, n, batch):

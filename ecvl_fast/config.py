@@ -22,6 +22,7 @@ class DataCfg:
     batch_size: int = 256  # global: split evenly over DDP ranks
     workers: int = 2  # ffcv reader threads
     dali_threads: int = 0  # DALI's thread pool; 0 = 2 x workers (its per-operator waits overlap)
+    prefetch: int = 2  # batches a feeder thread builds ahead of the step (0 = synchronous)
     eval_split: str = "test"
 
 
@@ -35,7 +36,6 @@ class ModelCfg:
 
 @dataclass(frozen=True)
 class AugCfg:
-    randaug: bool = False  # stage 1 default: crop + flip only
     k: int = 2  # RandAugment ops per sample (eq. 10)
     beta: float = 0.97  # momentum of the per-sample loss EMA (eq. 8; BCL)
     crop_min_scale: float = 0.5  # BALLAD's RandomResizedCrop scale (0.5, 1)
@@ -115,7 +115,15 @@ def _coerce(where: str, typ, value):
     return value
 
 
+REMOVED = {
+    ("aug", "randaug"): "stage 1 has no momentum bank, so it has no memory-driven RandAugment; "
+                        "stage 2 has it (stage2.randaug)",
+}
+
+
 def _merge(cfg: Config, section: str, key: str, value, where: str) -> Config:
+    if (section, key) in REMOVED:
+        raise EcvlError(f"{where}: {section}.{key} is not a setting: {REMOVED[section, key]}")
     sections = {f.name: f for f in dataclasses.fields(Config)}
     if section not in sections:
         raise EcvlError(f"{where}: unknown config section {section!r} (known: {', '.join(sections)})")

@@ -9,7 +9,8 @@ from ecvl_fast.dist import Dist
 
 
 def open_dataset(path: str | Path) -> dict:
-    """meta.json plus a cheap check of each .beton against it (label count per split)."""
+    """meta.json plus a cheap check of each .beton against it (label count per split).
+    The train labels are kept in meta["train_labels"] (the momentum bank needs them)."""
     from ecvl_fast.loaders.convert import load_meta
     from ecvl_fast.loaders.ffcv_loader import read_labels
 
@@ -18,6 +19,8 @@ def open_dataset(path: str | Path) -> dict:
         labels = read_labels(Path(path) / f"{split}.beton")
         if len(labels) != n:
             raise EcvlError(f"{path}/{split}.beton: {len(labels)} images, meta.json says {n}; not this dataset's file")
+        if split == "train":
+            meta["train_labels"] = labels
     return meta
 
 
@@ -40,17 +43,19 @@ def per_rank_batch(cfg: Config, d: Dist) -> int:
     return cfg.data.batch_size // d.world_size
 
 
-def train_loader(cfg: Config, d: Dist, meta: dict, order: str, views: int = 1, m=None, randaug: bool = False):
+def train_loader(cfg: Config, d: Dist, meta: dict, order: str, views: int = 1, magnitudes=None):
+    """Stage 1: `random` order, one view, crop + flip. Stage 2: `balanced`, two views, and with
+    `magnitudes` (the momentum bank) the memory-driven RandAugment reading its M (eq. 10)."""
     from ecvl_fast.loaders.dali_pipeline import AugmentedLoader, AugSpec
     from ecvl_fast.loaders.ffcv_loader import make_loader
 
     loader = make_loader(Path(cfg.data.path) / "train.beton", order, per_rank_batch(cfg, d), load_res(cfg),
                          workers=cfg.data.workers, seed=cfg.run.seed, num_classes=len(meta["classes"]),
                          rank=d.rank, world=d.world_size)
-    spec = AugSpec(res=cfg.data.res, train=True, views=views, k=cfg.aug.k, randaug=randaug,
+    spec = AugSpec(res=cfg.data.res, train=True, views=views, k=cfg.aug.k, randaug=magnitudes is not None,
                    crop_scale=(cfg.aug.crop_min_scale, 1.0))
-    return AugmentedLoader(loader, spec, m, device=d.device, seed=cfg.run.seed, rank=d.rank,
-                           world=d.world_size, threads=dali_threads(cfg))
+    return AugmentedLoader(loader, spec, magnitudes, device=d.device, seed=cfg.run.seed, rank=d.rank,
+                           world=d.world_size, threads=dali_threads(cfg), prefetch=cfg.data.prefetch)
 
 
 def eval_loader(cfg: Config, d: Dist, split: str):
@@ -64,4 +69,4 @@ def eval_loader(cfg: Config, d: Dist, split: str):
                          seed=cfg.run.seed, rank=d.rank, world=d.world_size)
     spec = AugSpec(res=cfg.data.res, train=False, randaug=False)
     return AugmentedLoader(loader, spec, device=d.device, seed=cfg.run.seed, rank=d.rank,
-                           world=d.world_size, threads=dali_threads(cfg))
+                           world=d.world_size, threads=dali_threads(cfg), prefetch=cfg.data.prefetch)

@@ -76,7 +76,3 @@ def gather_arrays(*arrays):
     dist.all_gather_object(out, arrays)
     return tuple(np.concatenate([o[i] for o in out]) for i in range(len(arrays)))
 
-
-def barrier() -> None:
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()

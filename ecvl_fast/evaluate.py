@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from ecvl_fast import dist as D
-from ecvl_fast.model import zero_shot_logits
+from ecvl_fast.model import adapted_features, zero_shot_logits
 
 
 def shot_metrics(preds: np.ndarray, labels: np.ndarray, meta: dict) -> dict:
@@ -40,8 +40,7 @@ def predict(net, loader, text_features: torch.Tensor, d: D.Dist, adapter=None):
     for views, y, idx in loader:
         with torch.autocast(d.device.type, dtype=torch.bfloat16, enabled=d.device.type == "cuda"):
             img, _ = net(views[0].to(d.device, non_blocking=True))
-            if adapter is not None:
-                img = torch.nn.functional.normalize(adapter(img.float()), dim=-1)
+            img = adapted_features(img, adapter)
         preds.append(zero_shot_logits(img, text_features, scale).argmax(1).cpu())
         labels.append(y), index.append(idx)
     arrays = [torch.cat(a).numpy() if a else np.zeros(0, np.int64) for a in (preds, labels, index)]
@@ -97,3 +96,46 @@ def print_table(metrics: dict, title: str, rows: dict[str, dict] | None = None) 
         cells = ["-" if m[c] is None else f"{100 * m[c]:.2f}" for c in cols]
         t.add_row(*([label] if any(rows) else []), *cells)
     Console().print(t)
+
+
+QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9)
+
+
+def m_quantiles(bank, groups: dict[str, list[int]]) -> dict:
+    """Per shot group: M's quantiles over its samples, and the share of them seen so far."""
+    m, seen, labels = bank.magnitudes(), bank.seen.cpu().numpy(), bank.labels.cpu().numpy()
+    out = {}
+    for group, classes in groups.items():
+        sel = np.isin(labels, classes)
+        if sel.any():
+            out[group] = {"q": np.quantile(m[sel], QUANTILES).round(4).tolist(),
+                          "seen": round(float(seen[sel].mean()), 4)}
+    return out
+
+
+def plot_m_by_group(log_path: Path, path: Path) -> None:
+    """How M is distributed per shot group at the end of each stage-2 epoch (median, 25-75% band)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in Path(log_path).read_text().splitlines()]
+    rows = [r for r in rows if "m_by_group" in r]
+    if not rows:
+        return
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for group, color in (("many", "tab:blue"), ("medium", "tab:orange"), ("few", "tab:red")):
+        pts = [(r["epoch"], r["m_by_group"][group]["q"]) for r in rows if group in r["m_by_group"]]
+        if not pts:
+            continue
+        x, q = np.array([p[0] for p in pts]), np.array([p[1] for p in pts])
+        ax.plot(x, q[:, 2], color=color, marker="o", ms=3, label=f"{group}: median")
+        ax.fill_between(x, q[:, 1], q[:, 3], color=color, alpha=0.2)
+    ax.set_xlabel("stage-2 epoch (M at its end, used in the next)")
+    ax.set_ylabel("M (eq. 9); band: 25-75%")
+    ax.set_ylim(-0.02, 1.02)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

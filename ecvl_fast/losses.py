@@ -37,11 +37,13 @@ def prompt_ce_loss(image_features: torch.Tensor, class_text_features: torch.Tens
     return {"loss": ce, "ce": ce}
 
 
-def dcvl_loss(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.2) -> dict[str, torch.Tensor]:
+def dcvl_loss(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.2,
+              rows: slice | None = None) -> dict[str, torch.Tensor]:
     """eq. 11, the two-view contrastive loss, as NT-Xent (BCL's form, temperature 0.2).
 
     Each view's positive is the other view of its image; the other 2B - 2 views are negatives.
     `per_sample` (the mean of an image's two view terms) is what the momentum bank tracks (eq. 8).
+    `rows` keeps this rank's samples of a gathered batch (per_sample and the mean), as in `clip_loss`.
     """
     b = z1.shape[0]
     z = torch.cat([z1, z2])
@@ -49,4 +51,6 @@ def dcvl_loss(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.2) -> d
     target = torch.cat([torch.arange(b, 2 * b), torch.arange(b)]).to(z.device)
     per_view = F.cross_entropy(sim, target, reduction="none")
     per_sample = (per_view[:b] + per_view[b:]) / 2
+    if rows is not None:
+        per_sample = per_sample[rows]
     return {"loss": per_sample.mean(), "per_sample": per_sample}

@@ -81,6 +81,12 @@ class Adapter(nn.Module):
         return self.ratio * F.relu(self.fc(f)) + (1 - self.ratio) * f
 
 
+def adapted_features(features: torch.Tensor, adapter: nn.Module | None) -> torch.Tensor:
+    """The image features stage 2 classifies, for training and eval alike: eq. 7, then L2
+    normalisation (eq. 6 takes cosines). Without an adapter (stage 1), the features as they are."""
+    return features if adapter is None else F.normalize(adapter(features.float()), dim=-1)
+
+
 @torch.no_grad()
 def class_text_features(net: ClipNet, tokens: torch.Tensor) -> torch.Tensor:
     """[K, D]: per class, the normalised mean of its normalised template embeddings."""

@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from ecvl_fast import EcvlError
@@ -28,9 +27,9 @@ from ecvl_fast import dist as D
 from ecvl_fast import losses
 from ecvl_fast.config import Config, save_config
 from ecvl_fast.data import eval_loader, open_dataset, train_loader
-from ecvl_fast.evaluate import predict, shot_metrics, write_report
+from ecvl_fast.evaluate import m_quantiles, plot_m_by_group, predict, shot_metrics, write_report
 from ecvl_fast.kernels.bank import MomentumBank
-from ecvl_fast.model import Adapter, ClipNet, build_clip, class_text_features, prompt_tokens
+from ecvl_fast.model import Adapter, ClipNet, adapted_features, build_clip, class_text_features, prompt_tokens
 
 
 @dataclass
@@ -60,7 +59,9 @@ def lr_lambda(total_steps: int, warmup_steps: int):
     return f
 
 
-def build_run(cfg: Config, d: D.Dist, meta: dict, steps_per_epoch: int, stage: int = 1) -> Run:
+def build_run(cfg: Config, d: D.Dist, meta: dict, steps_per_epoch: int, stage: int = 1,
+              out: Path | None = None) -> Run:
+    """`steps_per_epoch` is the loader's length: train images // global batch (drop_last)."""
     torch.manual_seed(cfg.run.seed)
     sc = cfg.stage1 if stage == 1 else cfg.stage2
     clip, tokenizer = build_clip(cfg.model, load_weights=stage == 1 or cfg.stage2.init == "none")
@@ -69,7 +70,7 @@ def build_run(cfg: Config, d: D.Dist, meta: dict, steps_per_epoch: int, stage: i
     if d.device.type == "cuda":
         net = net.to(memory_format=torch.channels_last)
     classes = meta["classes"]
-    run = Run(cfg, d, meta, net, net, None, None, stage=stage, out=Path(cfg.run.out) / ("stage2" if stage == 2 else ""),
+    run = Run(cfg, d, meta, net, net, None, None, stage=stage, out=Path(out or Path(cfg.run.out) / ("stage2" if stage == 2 else "")),
               tokens=prompt_tokens(tokenizer, classes, "single")[0].to(d.device),
               eval_tokens=prompt_tokens(tokenizer, classes, cfg.model.templates).to(d.device))
     if stage == 2:
@@ -87,7 +88,8 @@ def build_run(cfg: Config, d: D.Dist, meta: dict, steps_per_epoch: int, stage: i
 
 
 def _init_stage2(run: Run, meta: dict) -> None:
-    """Frozen encoders (from the stage-1 checkpoint), fixed class text features, a fresh adapter."""
+    """Frozen encoders (from the stage-1 checkpoint), fixed class text features, a fresh adapter,
+    and the momentum bank (built before the loader, which is handed it)."""
     cfg = run.cfg
     if cfg.stage2.init != "none":
         path = Path(cfg.stage2.init or Path(cfg.run.out) / "best.pt")
@@ -95,7 +97,7 @@ def _init_stage2(run: Run, meta: dict) -> None:
     run.net.requires_grad_(False).eval()
     run.text = class_text_features(run.net, run.eval_tokens)
     run.adapter = Adapter(run.text.shape[1], cfg.stage2.ratio).to(run.d.device)
-    run.bank = MomentumBank(meta["images"]["train"], beta=cfg.aug.beta, device=run.d.device)
+    run.bank = MomentumBank(meta["train_labels"], beta=cfg.aug.beta, device=run.d.device)
 
 
 def stage1_loss(run: Run, images: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -114,12 +116,22 @@ def stage1_loss(run: Run, images: torch.Tensor, labels: torch.Tensor) -> dict[st
 
 
 def stage2_loss(run: Run, views: list[torch.Tensor], labels: torch.Tensor, idx: torch.Tensor):
-    cfg, b = run.cfg.stage2, labels.shape[0]
+    """Prompt CE on both views' adapted features, plus L_DCVL (eq. 11) over the global batch.
+
+    Under DDP the adapted features are gathered (with gradient) so every sample has the 2B - 2
+    negatives of the global batch, whatever the number of GPUs; each rank keeps its own rows'
+    per-sample losses for the bank (summed over ranks at epoch end).
+    """
+    cfg, b, r = run.cfg.stage2, labels.shape[0], run.d.rank
     with torch.no_grad():
         feats, _ = run.net(torch.cat(views))  # frozen encoders: both views in one pass
-    adapted = F.normalize(run.model(feats.float()), dim=-1)
-    ce = F.cross_entropy(cfg.ce_scale * adapted @ run.text.T, labels.repeat(len(views)))
-    dcvl = losses.dcvl_loss(adapted[:b], adapted[b:2 * b], cfg.temperature)
+    adapted = adapted_features(feats, run.model)
+    ce = losses.prompt_ce_loss(adapted, run.text, labels.repeat(len(views)), cfg.ce_scale)["loss"]
+    if cfg.dcvl_weight == 0:  # BALLAD's row of the ablation: no L_DCVL, nothing for the bank
+        return {"loss": ce, "ce": ce}
+    rows = slice(r * b, (r + 1) * b) if run.d.enabled else None
+    dcvl = losses.dcvl_loss(D.gather_with_grad(adapted[:b]), D.gather_with_grad(adapted[b:2 * b]),
+                            cfg.temperature, rows=rows)
     run.bank.record(idx, dcvl["per_sample"])  # eq. 8's input; no host sync
     return {"loss": ce + cfg.dcvl_weight * dcvl["loss"], "ce": ce, "dcvl": dcvl["loss"]}
 
@@ -155,6 +167,8 @@ def train_epoch(run: Run, loader, epoch: int, log) -> dict:
                  "lr": run.sched.get_last_lr()[0], "img_s": n / (time.perf_counter() - t0)})
     if run.bank is not None:
         run.bank.end_epoch(D.all_reduce_sum)  # eqs. 8-9 in place: next epoch's M; a sync point
+        if d.main:
+            log({"epoch": epoch + 1, "m_by_group": m_quantiles(run.bank, run.meta["groups"])})
     return {"train_loss": float(D.all_reduce_sum(total) / (steps * d.world_size)),
             "img_s": n / (time.perf_counter() - t0)}
 
@@ -211,25 +225,23 @@ def resume(run: Run) -> tuple[int, float]:
     return c["epoch"], c["best"]
 
 
-def main(cfg: Config, resume_run: bool = False, stage: int = 1) -> dict:
+def main(cfg: Config, resume_run: bool = False, stage: int = 1, out: Path | None = None) -> dict:
     """One stage end to end; returns the final test metrics (also in the run folder's metrics.json).
-    Stage 2 writes under run.out/stage2/."""
+    Stage 2 writes under `out`, by default run.out/stage2/."""
     d = D.setup(cfg.run.device, cfg.dist.backend)
     try:
-        return _train(cfg, d, resume_run, stage)
+        return _train(cfg, d, resume_run, stage, out)
     finally:
         D.teardown()
 
 
-def _train(cfg: Config, d: D.Dist, resume_run: bool, stage: int) -> dict:
+def _train(cfg: Config, d: D.Dist, resume_run: bool, stage: int, out: Path | None) -> dict:
     meta = open_dataset(cfg.data.path)
+    run = build_run(cfg, d, meta, len(meta["train_labels"]) // cfg.data.batch_size, stage, out)
     if stage == 1:
-        loader = train_loader(cfg, d, meta, "random", randaug=cfg.aug.randaug)
-    else:
-        loader = train_loader(cfg, d, meta, "balanced", views=2, randaug=cfg.stage2.randaug)
-    run = build_run(cfg, d, meta, len(loader), stage)
-    if run.bank is not None:
-        loader.m = run.bank.m  # the loader reads M from the bank the kernels rewrite each epoch
+        loader = train_loader(cfg, d, meta, "random")
+    else:  # the loader is handed the bank and reads its M each epoch (eq. 10); + momentum row: not
+        loader = train_loader(cfg, d, meta, "balanced", views=2, magnitudes=run.bank if cfg.stage2.randaug else None)
     if d.main:
         run.out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run.out / "config.toml")
@@ -248,6 +260,8 @@ def _train(cfg: Config, d: D.Dist, resume_run: bool, stage: int) -> dict:
     metrics = evaluate_split(run, eval_loader(cfg, d, cfg.data.eval_split))
     if d.main:
         write_report(metrics, meta, run.out, f"{cfg.model.name} stage {stage}, {cfg.data.eval_split} split")
+        if run.bank is not None:
+            plot_m_by_group(run.out / "log.jsonl", run.out / "m_by_group.png")
     return metrics
 
 

@@ -1,28 +1,33 @@
 """The momentum bank: per-sample loss memory and the shared magnitude tensor M (eqs. 8-9).
 
 All state lives in torch tensors on one device (CUDA on GPU, CPU otherwise). The kernels update
-them in place, and the DALI feed reads `bank.m[indices]` when it builds each batch, so the values
-written at the end of epoch t are the ones used in epoch t+1.
+them in place at the end of each epoch. The loader is handed the bank and asks it for M once per
+epoch (`magnitudes`), so the values written at the end of epoch t are the ones used in epoch t+1.
 """
 from __future__ import annotations
 
 from typing import Callable
 
+import numpy as np
 import torch
 
 from ecvl_fast import EcvlError
 
 
 class MomentumBank:
-    def __init__(self, num_samples: int, beta: float = 0.97, device: str | torch.device = "cpu"):
+    def __init__(self, labels, beta: float = 0.97, device: str | torch.device = "cpu"):
+        """`labels`: every train sample's class (the rule for never-seen samples needs them)."""
         self.beta = float(beta)
         self.device = torch.device(device)
         z = dict(device=self.device)
-        self.loss_sum = torch.zeros(num_samples, dtype=torch.float32, **z)
-        self.loss_count = torch.zeros(num_samples, dtype=torch.int32, **z)
-        self.ema = torch.zeros(num_samples, dtype=torch.float32, **z)
-        self.seen = torch.zeros(num_samples, dtype=torch.uint8, **z)
-        self.m = torch.zeros(num_samples, dtype=torch.float32, **z)
+        self.labels = torch.tensor(np.asarray(labels), dtype=torch.int64, device=self.device)
+        self.num_classes = int(self.labels.max()) + 1 if len(self.labels) else 1
+        n = len(self.labels)
+        self.loss_sum = torch.zeros(n, dtype=torch.float32, **z)
+        self.loss_count = torch.zeros(n, dtype=torch.int32, **z)
+        self.ema = torch.zeros(n, dtype=torch.float32, **z)
+        self.seen = torch.zeros(n, dtype=torch.uint8, **z)
+        self.m = torch.zeros(n, dtype=torch.float32, **z)
         self._k = _kernels(self.device)
         self._views = {}  # tensor id -> kernel view of the bank's own state, made once
 
@@ -48,7 +53,12 @@ class MomentumBank:
         if bad >= 0:
             raise EcvlError(f"sample {bad}: non-finite loss ({float(self.loss_sum[bad])}) in the momentum bank")
         self._k.end_epoch(*self._args(self.ema, self.seen, self.loss_sum, self.loss_count), self.beta)
-        self._k.normalise(*self._args(self.ema, self.seen, self.m))
+        self._k.normalise(*self._args(self.ema, self.seen, self.labels, self.m), self.num_classes)
+
+    def magnitudes(self) -> np.ndarray:
+        """M for every sample as a host array: what the loader reads, once per epoch (on GPU the
+        one device-to-host copy of the epoch, off the step's critical path)."""
+        return self.m.cpu().numpy().copy()
 
     def state_dict(self) -> dict:
         return {"ema": self.ema.cpu(), "seen": self.seen.cpu(), "m": self.m.cpu(),
@@ -65,7 +75,7 @@ class MomentumBank:
         return tuple(self._view(t) for t in tensors)
 
     def _view(self, t: torch.Tensor):
-        own = any(t is s for s in (self.loss_sum, self.loss_count, self.ema, self.seen, self.m))
+        own = any(t is s for s in (self.loss_sum, self.loss_count, self.ema, self.seen, self.m, self.labels))
         if not own:
             return t if self.device.type == "cuda" else t.numpy()
         if id(t) not in self._views:

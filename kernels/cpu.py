@@ -1,10 +1,17 @@
 """CPU kernels (numba njit): pure array functions that update the momentum state in place.
 
-State per sample i: loss_sum[i], loss_count[i] (this epoch), ema[i], seen[i] (has an EMA), m[i].
-`kernels/cuda.py` holds the numba.cuda twins with the same semantics.
+State per sample i: loss_sum[i], loss_count[i] (this epoch), ema[i], seen[i] (has an EMA), m[i],
+labels[i]. The per-sample arithmetic of eqs. 8-9 lives in `formulas.py`; `kernels/cuda.py` holds
+the numba.cuda twins, compiled from the same formulas.
 """
 import numpy as np
 from numba import njit
+
+from ecvl_fast.kernels import formulas
+
+_ema_update = njit(cache=True)(formulas.ema_update)
+_magnitude = njit(cache=True)(formulas.magnitude)
+_spread_of = njit(cache=True)(formulas.spread_of)
 
 
 @njit(cache=True)
@@ -27,28 +34,25 @@ def first_nonfinite(loss_sum, loss_count):
 
 @njit(cache=True)
 def end_epoch(ema, seen, loss_sum, loss_count, beta):
-    """eq. 8: L^m = beta * L^m_prev + (1 - beta) * L_t for samples seen this epoch.
-
-    L_t is the mean of the sample's losses this epoch; a first observation initialises the EMA.
-    The epoch sums are reset. Call `first_nonfinite` before this.
-    """
+    """eq. 8 for the samples seen this epoch (L_t = the mean of their losses this epoch); the
+    epoch sums are reset. Call `first_nonfinite` before this."""
     for i in range(ema.shape[0]):
         c = loss_count[i]
         if c > 0:
-            lt = loss_sum[i] / c
-            ema[i] = beta * ema[i] + (1.0 - beta) * lt if seen[i] else lt
+            ema[i] = _ema_update(ema[i], loss_sum[i] / c, seen[i], beta)
             seen[i] = 1
             loss_sum[i] = 0.0
             loss_count[i] = 0
 
 
 @njit(cache=True)
-def normalise(ema, seen, m):
-    """eq. 9 in BCL's form: z = (L - mean)/std, M = z / max|z| / 2 + 1/2, so M is in [0, 1].
+def normalise(ema, seen, labels, m, num_classes):
+    """eq. 9 for every seen sample (`formulas.magnitude`), then the rule for samples never seen.
 
-    The std cancels: z / max|z| = (L - mean) / max|L - mean|, which is what is computed.
-    The paper divides by max(L - mean), which can push M below 0; BCL's code does this instead.
-    Unseen samples get M = 0 (no augmentation yet); if every value is equal, M = 0.5.
+    Never seen (class-balanced sampling draws with replacement, so after an epoch many head-class
+    samples have not been drawn): M = the mean M of the seen samples of the same class, or the
+    mean over all seen samples (0.5 up to clipping) if none of its class has been seen. Before any
+    sample has been seen, M = 0 everywhere: no augmentation in the first epoch (BCL).
     """
     n, s = 0, 0.0
     lo, hi = np.inf, -np.inf
@@ -59,15 +63,22 @@ def normalise(ema, seen, m):
             s += v
             lo = min(lo, v)
             hi = max(hi, v)
-    mean = s / max(n, 1)
-    spread = max(hi - mean, mean - lo) if n > 0 else 0.0
+    if n == 0:
+        m[:] = 0.0
+        return
+    mean = s / n
+    spread = _spread_of(mean, lo, hi)
+    class_sum, class_n = np.zeros(num_classes, np.float64), np.zeros(num_classes, np.int64)
+    for i in range(ema.shape[0]):
+        if seen[i]:
+            m[i] = _magnitude(np.float64(ema[i]), mean, spread)
+            class_sum[labels[i]] += m[i]
+            class_n[labels[i]] += 1
+    overall = class_sum.sum() / n
     for i in range(ema.shape[0]):
         if not seen[i]:
-            m[i] = 0.0
-        elif spread > 0:
-            m[i] = min(max((ema[i] - mean) / spread / 2.0 + 0.5, 0.0), 1.0)
-        else:
-            m[i] = 0.5
+            c = labels[i]
+            m[i] = class_sum[c] / class_n[c] if class_n[c] > 0 else overall
 
 
 @njit(cache=True)

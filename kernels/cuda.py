@@ -1,4 +1,5 @@
-"""numba.cuda twins of `kernels/cpu.py`, run in place on CUDA torch tensors.
+"""numba.cuda twins of `kernels/cpu.py`, run in place on CUDA torch tensors; the per-sample
+arithmetic is `formulas.py`, compiled as device functions.
 
 Tensors are viewed through `__cuda_array_interface__` (no copy), and every launch goes on torch's
 current stream so the kernels order correctly against the training step and the DALI feed.
@@ -14,6 +15,8 @@ if not hasattr(np, "row_stack"):
     np.row_stack = np.vstack
 
 from numba import cuda  # noqa: E402
+
+from ecvl_fast.kernels import formulas  # noqa: E402
 
 THREADS = 256
 STAT_BLOCKS = 160  # enough to fill an H100/H200 (132 SMs); each thread reduces a strided slice
@@ -59,12 +62,16 @@ def _first_nonfinite(loss_sum, loss_count, out):
         cuda.atomic.min(out, 0, i)
 
 
+_ema_update = cuda.jit(device=True)(formulas.ema_update)
+_magnitude = cuda.jit(device=True)(formulas.magnitude)
+_spread_of = cuda.jit(device=True)(formulas.spread_of)
+
+
 @cuda.jit
 def _end_epoch(ema, seen, loss_sum, loss_count, beta):
     i = cuda.grid(1)
     if i < ema.shape[0] and loss_count[i] > 0:
-        lt = loss_sum[i] / loss_count[i]
-        ema[i] = beta * ema[i] + (1.0 - beta) * lt if seen[i] else lt
+        ema[i] = _ema_update(ema[i], loss_sum[i] / loss_count[i], seen[i], beta)
         seen[i] = 1
         loss_sum[i] = 0.0
         loss_count[i] = 0
@@ -90,29 +97,35 @@ def _stats(ema, seen, acc):
 
 
 @cuda.jit
-def _write_m(ema, seen, m, acc):
+def _write_seen(ema, seen, labels, m, acc, class_acc):
+    """eq. 9 for seen samples; class_acc[c] = [sum of M, count] over the seen samples of class c."""
     i = cuda.grid(1)
-    if i >= ema.shape[0]:
+    if i >= ema.shape[0] or not seen[i]:
         return
-    n = acc[0]
-    mean = acc[1] / n if n > 0 else 0.0
-    spread = max(acc[3] - mean, mean - acc[2]) if n > 0 else 0.0
-    if not seen[i]:
-        m[i] = 0.0
-    elif spread > 0:
-        m[i] = min(max((ema[i] - mean) / spread / 2.0 + 0.5, 0.0), 1.0)
-    else:
-        m[i] = 0.5
+    mean = acc[1] / acc[0]
+    v = _magnitude(float(ema[i]), mean, _spread_of(mean, acc[2], acc[3]))
+    m[i] = v
+    cuda.atomic.add(class_acc, (labels[i], 0), v)
+    cuda.atomic.add(class_acc, (labels[i], 1), 1.0)
 
 
 @cuda.jit
-def _balanced_pick(offsets, order, class_draw, u, out):
-    j = cuda.grid(1)
-    if j < class_draw.shape[0]:
-        c = class_draw[j]
-        n = offsets[c + 1] - offsets[c]
-        k = min(int(u[j] * n), n - 1)
-        out[j] = order[offsets[c] + k]
+def _write_unseen(seen, labels, m, acc, class_acc):
+    """Never-seen samples: their class's mean M, else the mean over all seen (cpu.normalise)."""
+    i = cuda.grid(1)
+    if i >= m.shape[0] or seen[i]:
+        return
+    if acc[0] == 0:
+        m[i] = 0.0
+        return
+    c = labels[i]
+    if class_acc[c, 1] > 0:
+        m[i] = class_acc[c, 0] / class_acc[c, 1]
+    else:
+        total = 0.0
+        for k in range(class_acc.shape[0]):
+            total += class_acc[k, 0]
+        m[i] = total / acc[0]
 
 
 def accumulate(loss_sum, loss_count, indices, losses):
@@ -133,13 +146,11 @@ def end_epoch(ema, seen, loss_sum, loss_count, beta):
         view(ema), view(seen), view(loss_sum), view(loss_count), float(beta))
 
 
-def normalise(ema, seen, m):
+def normalise(ema, seen, labels, m, num_classes: int):
+    """`cpu.normalise` on the device: stats, seen samples, then never-seen ones; no host sync."""
     acc = torch.tensor([0.0, 0.0, math.inf, -math.inf], dtype=torch.float64, device=_device())
-    stream = _stream()
+    class_acc = torch.zeros((num_classes, 2), dtype=torch.float64, device=_device())
+    stream, blocks = _stream(), _blocks(ema.shape[0])
     _stats[STAT_BLOCKS, THREADS, stream](view(ema), view(seen), view(acc))
-    _write_m[_blocks(ema.shape[0]), THREADS, stream](view(ema), view(seen), view(m), view(acc))
-
-
-def balanced_pick(offsets, order, class_draw, u, out):
-    _balanced_pick[_blocks(out.shape[0]), THREADS, _stream()](
-        view(offsets), view(order), view(class_draw), view(u), view(out))
+    _write_seen[blocks, THREADS, stream](view(ema), view(seen), view(labels), view(m), view(acc), view(class_acc))
+    _write_unseen[blocks, THREADS, stream](view(seen), view(labels), view(m), view(acc), view(class_acc))

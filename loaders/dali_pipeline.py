@@ -99,13 +99,19 @@ def batch_draws(spec: AugSpec, positions: np.ndarray, seed: int, epoch: int) -> 
     return views
 
 
+def eq10(op, u, zeta, m):
+    """eq. 10 for one slot: the drawn op is applied when u < M (probability M) at strength
+    M * zeta; a skipped op becomes index 0 (identity). Vectorised; scalars work too. The DALI
+    feed (`plan_slots`) and the PIL reference both call this."""
+    return np.where(u < m, op, 0), m * zeta
+
+
 def plan_slots(spec: AugSpec, m: np.ndarray, d: dict) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """eq. 10 for one view: slot j applies its op when u_j < M (probability M), at strength
-    M * zeta_j; a skipped op becomes index 0 (identity). Returns per slot (leaf, v, matrix)."""
+    """eq. 10 for one view, as per-slot DALI inputs (leaf, v, matrix)."""
     plans = []
     for j in range(spec.k):
-        op = np.where(d["u"][j] < m, d["op"][j], 0)
-        plans.append(slot_inputs(op, m * d["zeta"][j], d["sign"][j], spec.res))
+        op, strength = eq10(d["op"][j], d["u"][j], d["zeta"][j], m)
+        plans.append(slot_inputs(op, strength, d["sign"][j], spec.res))
     return plans
 
 
@@ -199,16 +205,21 @@ def feed(p, spec: AugSpec, images, m: np.ndarray, draws: list[dict]) -> None:
 class AugmentedLoader:
     """FFCV batches through the DALI pipeline: yields ([view NCHW channels_last], labels, indices).
 
-    M_i is gathered from the shared magnitude tensor `m` (the momentum bank's, CUDA or CPU) when a
-    batch is fed, so values the kernels wrote at the end of epoch t are used in epoch t+1. The
-    pipeline runs synchronously (no prefetch), so no batch is ever built from a stale M.
+    `magnitudes` is the momentum bank (anything with `.magnitudes()` -> M per sample). It is read
+    once at the start of each epoch, so values the kernels wrote at the end of epoch t are used
+    throughout epoch t+1, and no per-batch device-to-host copy sits on the step's path.
+
+    With `prefetch` > 0 a feeder thread builds up to that many batches ahead of the step. M is
+    fixed for the epoch and every draw is a function of (seed, epoch, position), so the batches
+    are exactly those of the synchronous loader; the feeder never runs past the epoch's end.
     """
 
-    def __init__(self, loader, spec: AugSpec, m=None, *, device="cpu", seed: int = 0, rank: int = 0,
-                 world: int = 1, threads: int = 2):
+    def __init__(self, loader, spec: AugSpec, magnitudes=None, *, device="cpu", seed: int = 0, rank: int = 0,
+                 world: int = 1, threads: int = 2, prefetch: int = 2):
         import torch
 
-        self.loader, self.spec, self.m, self.seed, self.rank, self.world = loader, spec, m, seed, rank, world
+        self.loader, self.spec, self.bank, self.seed, self.rank, self.world = loader, spec, magnitudes, seed, rank, world
+        self.prefetch = prefetch
         self.device = torch.device(device)
         gpu = self.device.type == "cuda"
         self.pipe = build_pipeline(spec, loader.batch_size, device_id=(self.device.index or 0) if gpu else None,
@@ -225,16 +236,14 @@ class AugmentedLoader:
     def epoch(self, value: int) -> None:
         self.loader.next_epoch = value
 
-    def _magnitudes(self, idx):
-        if self.m is None or not self.spec.randaug:
-            return np.zeros(len(idx), np.float32)
-        # On GPU this gathers on the device and copies B floats back: DALI argument inputs live on the host.
-        return self.m[idx.to(self.m.device)].cpu().numpy()
-
     def __iter__(self):
+        m = self.bank.magnitudes() if self.bank is not None and self.spec.randaug else None
+        batches = self._batches(self.loader.next_epoch, m)
+        return prefetched(batches, self.prefetch) if self.prefetch > 0 else batches
+
+    def _batches(self, epoch: int, m):
         import torch
 
-        epoch = self.loader.next_epoch
         gpu = self.device.type == "cuda"
         b = self.loader.batch_size
         for step, (images, labels, idx) in enumerate(self.loader):
@@ -242,10 +251,56 @@ class AugmentedLoader:
             draws = batch_draws(self.spec, local * self.world + self.rank, self.seed, epoch)
             if gpu:
                 images = images.to(self.device, non_blocking=True)
-            feed(self.pipe, self.spec, images if gpu else images.numpy(), self._magnitudes(idx), draws)
+            mi = m[idx.numpy()] if m is not None else np.zeros(len(idx), np.float32)
+            feed(self.pipe, self.spec, images if gpu else images.numpy(), mi, draws)
             out = _to_torch(self.pipe.run()[0], self.device)
             views = list(out.chunk(self.spec.views))
             yield views, labels.to(torch.int64).clone(), idx.to(torch.int64).clone()
+
+
+def prefetched(batches, depth: int):
+    """Run the generator `batches` in a feeder thread, at most `depth` items ahead of the consumer.
+    Errors surface in the consumer; leaving early stops and joins the feeder."""
+    import queue
+    import threading
+
+    q, stop, end = queue.Queue(maxsize=depth), threading.Event(), object()
+
+    def feeder():
+        try:
+            for item in batches:
+                while not stop.is_set():
+                    try:
+                        q.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    break
+            q.put((end, None))
+        except BaseException as e:  # handed to the consumer
+            q.put((end, e))
+        finally:
+            batches.close()
+
+    thread = threading.Thread(target=feeder, daemon=True, name="ecvl-feeder")
+    thread.start()
+    try:
+        while True:
+            item = q.get()
+            if isinstance(item, tuple) and len(item) == 2 and item[0] is end:
+                if item[1] is not None:
+                    raise item[1]
+                return
+            yield item
+    finally:
+        stop.set()
+        while thread.is_alive():
+            try:
+                q.get(timeout=0.1)
+            except queue.Empty:
+                pass
+        thread.join()
 
 
 def _to_torch(tl, device):

@@ -18,7 +18,6 @@ import numpy as np
 from PIL import Image, ImageEnhance, ImageOps
 
 FILL = 128
-LUMA = (0.299, 0.587, 0.114)  # ITU-R 601-2, PIL's "L" conversion
 SMOOTH = np.array([[1, 1, 1], [1, 5, 1], [1, 1, 1]], np.float32) / 13  # PIL's ImageFilter.SMOOTH
 
 

@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 from torchvision.transforms import functional as TF
 
-from ecvl_fast.loaders.dali_pipeline import CLIP_MEAN, CLIP_STD, AugSpec, batch_draws
+from ecvl_fast.loaders.dali_pipeline import CLIP_MEAN, CLIP_STD, AugSpec, batch_draws, eq10
 from ecvl_fast.loaders.randaug_ops import OPS
 
 MEAN = [c / 255 for c in CLIP_MEAN]
@@ -32,9 +32,9 @@ def reference_view(img: np.ndarray, m: float, d: dict, spec: AugSpec) -> torch.T
         pil = TF.center_crop(TF.resize(pil, spec.res), spec.res)
     if spec.randaug:
         for j in range(spec.k):
-            if d["u"][j] < m:  # eq. 10: apply with probability M at strength M * zeta
-                op = OPS[d["op"][j]]
-                pil = op.pil(pil, op.param(m * d["zeta"][j], d["sign"][j]))
+            i, strength = eq10(d["op"][j], d["u"][j], d["zeta"][j], m)
+            if i:
+                pil = OPS[i].pil(pil, OPS[i].param(strength, d["sign"][j]))
     t = TF.to_tensor(pil)
     if d["flip"]:
         t = t.flip(-1)

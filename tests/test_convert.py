@@ -6,7 +6,7 @@ import sys
 import numpy as np
 import pytest
 
-from cli import main
+from ecvl_fast.cli import main
 from ecvl_fast.loaders import sources
 from ecvl_fast.loaders.convert import ConvertOptions, convert, shot_groups
 from ecvl_fast.loaders.ffcv_loader import make_loader

@@ -26,22 +26,26 @@ def ref_epoch(ema, seen, batches, beta):
     return ema, seen
 
 
-def ref_normalise(ema, seen):
-    """eq. 9, BCL's form, written the long way with the std."""
-    m = np.zeros(len(ema))
-    v = ema[seen.astype(bool)].astype(np.float64)
+def ref_normalise(ema, seen, labels):
+    """eq. 9, BCL's form, written the long way with the std; never-seen samples take their
+    class's mean M (the mean over all seen samples if their class has none seen)."""
+    m, s = np.zeros(len(ema)), seen.astype(bool)
+    v = ema[s].astype(np.float64)
     if len(v) == 0:
         return m
     std = v.std()
     if std == 0:
-        m[seen.astype(bool)] = 0.5
-        return m
-    z = (v - v.mean()) / std
-    m[seen.astype(bool)] = z / np.abs(z).max() / 2 + 0.5
+        m[s] = 0.5
+    else:
+        z = (v - v.mean()) / std
+        m[s] = z / np.abs(z).max() / 2 + 0.5
+    for i in np.flatnonzero(~s):
+        same = s & (labels == labels[i])
+        m[i] = m[same].mean() if same.any() else m[s].mean()
     return m
 
 
-def run_cpu(n, batches, beta, epochs, jit):
+def run_cpu(n, batches, beta, epochs, jit, labels):
     k = (lambda f: f) if jit else (lambda f: f.py_func)
     s, c = np.zeros(n, np.float32), np.zeros(n, np.int32)
     ema, seen, m = np.zeros(n, np.float32), np.zeros(n, np.uint8), np.zeros(n, np.float32)
@@ -50,7 +54,7 @@ def run_cpu(n, batches, beta, epochs, jit):
             k(cpu.accumulate)(s, c, idx, loss)
         assert k(cpu.first_nonfinite)(s, c) == -1
         k(cpu.end_epoch)(ema, seen, s, c, beta)
-        k(cpu.normalise)(ema, seen, m)
+        k(cpu.normalise)(ema, seen, labels, m, int(labels.max()) + 1)
     return ema, seen, m
 
 
@@ -71,35 +75,45 @@ def test_momentum_matches_numpy(jit, case):
         batches = [(np.zeros(3, np.int64), np.array([1.0, 2.0, 4.0], np.float32))]
     else:
         batches = random_batches(rng, n, 6, 64, coverage=0.5 if case == "unseen" else 1.0)
-    ema, seen, m = run_cpu(n, batches, beta, epochs=3, jit=jit)
+    labels = rng.integers(0, 7, n)
+    if case == "unseen":
+        labels[labels == 6] = 5  # class 6 absent; class 5's members partly unseen
+        batches = [(idx[labels[idx] != 4], loss[labels[idx] != 4]) for idx, loss in batches]  # class 4: never seen
+    ema, seen, m = run_cpu(n, batches, beta, epochs=3, jit=jit, labels=labels)
     r_ema, r_seen = np.zeros(n), np.zeros(n, np.uint8)
     for _ in range(3):
         r_ema, r_seen = ref_epoch(r_ema, r_seen, batches, beta)
     np.testing.assert_allclose(ema, r_ema, rtol=1e-5)
     np.testing.assert_array_equal(seen, r_seen)
-    np.testing.assert_allclose(m, ref_normalise(r_ema, r_seen), atol=1e-5)
+    np.testing.assert_allclose(m, ref_normalise(r_ema, r_seen, labels), atol=1e-5)
     assert m.min() >= 0 and m.max() <= 1
     if case == "equal" or case == "n1":
         assert np.all(m[seen == 1] == 0.5)
     if case == "unseen":
-        assert np.all(m[seen == 0] == 0) and (seen == 0).any()
+        unseen_0 = (seen == 0) & (labels == 0)
+        assert unseen_0.any() and np.allclose(m[unseen_0], m[(seen == 1) & (labels == 0)].mean())
+        assert np.allclose(m[labels == 4], m[seen == 1].mean())  # no sample of class 4 seen
     if case == "random":
         assert abs(m.mean() - 0.5) < 0.25 and np.isclose(np.abs(m - 0.5).max(), 0.5)
 
 
-def test_unseen_samples_keep_their_ema():
-    bank = MomentumBank(4, beta=0.5)
+def test_unseen_samples_keep_their_ema_and_take_their_class_mean_m():
+    bank = MomentumBank([0, 0, 0, 1], beta=0.5)
+    assert bank.magnitudes().tolist() == [0, 0, 0, 0]  # before any epoch: no augmentation
     bank.record(torch.tensor([0, 1]), torch.tensor([2.0, 4.0]))
     bank.end_epoch()
     bank.record(torch.tensor([0]), torch.tensor([6.0]))
     bank.end_epoch()
     assert bank.ema.tolist() == [4.0, 4.0, 0.0, 0.0]
     assert bank.seen.tolist() == [1, 1, 0, 0]
+    bank.record(torch.tensor([0, 1]), torch.tensor([2.0, 6.0]))
+    bank.end_epoch()  # ema 3 and 5: M 0 and 1
+    assert bank.magnitudes().tolist() == [0.0, 1.0, 0.5, 0.5]  # sample 2: class 0's mean; 3: all seen
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_nonfinite_loss_names_the_sample(bad):
-    bank = MomentumBank(5)
+    bank = MomentumBank(np.zeros(5, np.int64))
     bank.record(torch.tensor([1, 3]), torch.tensor([0.5, bad]))
     with pytest.raises(EcvlError, match="sample 3"):
         bank.end_epoch()
@@ -132,7 +146,8 @@ def test_balanced_sampler_is_uniform_over_classes_and_seeded():
 def test_cuda_bank_matches_cpu_bank():
     rng = np.random.default_rng(1)
     batches = random_batches(rng, 5000, 20, 512, coverage=0.6)
-    banks = [MomentumBank(5000, device=d) for d in ("cpu", "cuda")]
+    labels = rng.integers(0, 50, 5000)
+    banks = [MomentumBank(labels, device=d) for d in ("cpu", "cuda")]
     for _ in range(3):
         for bank in banks:
             for idx, loss in batches:
@@ -143,19 +158,50 @@ def test_cuda_bank_matches_cpu_bank():
 
 
 @needs_gpu
-def test_cuda_nonfinite_and_balanced_pick():
-    from ecvl_fast.kernels import cuda as kc
-
-    bank = MomentumBank(10, device="cuda")
+def test_cuda_nonfinite():
+    bank = MomentumBank(np.zeros(10, np.int64), device="cuda")
     bank.record(torch.tensor([2, 7]), torch.tensor([1.0, float("nan")]))
     with pytest.raises(EcvlError, match="sample 7"):
         bank.end_epoch()
-    labels = np.random.default_rng(2).integers(0, 5, 100)
-    offsets, order = cpu.class_csr(labels, 5)
-    draw, u = cpu.balanced_draws(5, 4096, seed=1, epoch=0)
-    ref = np.empty(4096, np.int64)
-    cpu.balanced_pick(offsets, order, draw, u, ref)
-    out = torch.empty(4096, dtype=torch.int64, device="cuda")
-    cuda_in = [torch.from_numpy(a).cuda() for a in (offsets, order, draw, u)]
-    kc.balanced_pick(*cuda_in, out)
-    np.testing.assert_array_equal(out.cpu().numpy(), ref)
+
+
+SIMULATED = """
+import numpy as np
+from ecvl_fast.kernels import cpu, cuda as kc
+
+rng = np.random.default_rng(3)
+n, k = 300, 6
+labels = rng.integers(0, k, n)
+labels[labels == 5] = 4  # class 5: no samples
+cpu_state = [np.zeros(n, np.float32), np.zeros(n, np.int32), np.zeros(n, np.float32), np.zeros(n, np.uint8), np.zeros(n, np.float32)]
+sim_state = [a.copy() for a in cpu_state]
+for epoch in range(3):
+    idx = rng.choice(np.flatnonzero(labels != 3), 200).astype(np.int64)  # class 3 never seen
+    loss = rng.gamma(2.0, 1.0, 200).astype(np.float32)
+    s, c, ema, seen, m = cpu_state
+    cpu.accumulate(s, c, idx, loss)
+    cpu.end_epoch(ema, seen, s, c, 0.97)
+    cpu.normalise(ema, seen, labels, m, k)
+    s, c, ema, seen, m = sim_state
+    kc._accumulate[1, 256](s, c, idx, loss)
+    kc._end_epoch[2, 256](ema, seen, s, c, 0.97)
+    acc, cls = np.array([0.0, 0.0, np.inf, -np.inf]), np.zeros((k, 2))
+    kc._stats[2, 32](ema, seen, acc)
+    kc._write_seen[2, 256](ema, seen, labels, m, acc, cls)
+    kc._write_unseen[2, 256](seen, labels, m, acc, cls)
+for a, b in zip(cpu_state, sim_state):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+assert (cpu_state[3][labels == 3] == 0).all() and cpu_state[4][labels == 3].std() == 0
+print("ok")
+"""
+
+
+def test_cuda_kernels_in_numba_simulator_match_cpu():
+    """The CPU twin of the CUDA kernels: the same kernel source under numba's CUDA simulator."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "NUMBA_ENABLE_CUDASIM": "1"}
+    done = subprocess.run([sys.executable, "-c", SIMULATED], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]

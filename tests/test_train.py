@@ -6,10 +6,11 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 
-from cli import main as cli_main
+from ecvl_fast.cli import main as cli_main
 from ecvl_fast import EcvlError
 from ecvl_fast import checkpoint as ckpt_io
 from ecvl_fast import losses
@@ -106,12 +107,16 @@ def test_ddp_two_gloo_processes_match_single_process(tmp_path, mnist):
     assert a[-1] == pytest.approx(b[-1], rel=2e-2)
     assert ddp["all"] == pytest.approx(single["all"], abs=0.03)
     assert ddp["num_images"] == single["num_images"] == 1000
-    # Stage 2 under DDP: only the adapter is wrapped; the momentum bank is summed over ranks.
-    done = subprocess.run(cmd + ["--stage", "2", "--set", "stage2.epochs=2"], capture_output=True, text=True,
-                          env=env, timeout=600)
+    # Stage 2 from the same encoders: L_DCVL over the gathered global batch, so each sample's loss,
+    # its EMA and M are those of one process with the whole batch.
+    s2 = ["--set", "stage2.epochs=2", "--set", f"stage2.init={tmp_path / 'single' / 'best.pt'}"]
+    training.main(load_config(path, sets[:1] + [f"run.out={tmp_path / 'single'}", "stage2.epochs=2"]), stage=2)
+    done = subprocess.run(cmd + ["--stage", "2"] + s2, capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
-    bank = ckpt_io.load(tmp_path / "ddp" / "stage2" / "last.pt")["momentum"]
-    assert bank["seen"].sum() > 500 and bank["m"][bank["seen"].bool()].mean().item() == pytest.approx(0.5, abs=1e-4)
+    one, two = (ckpt_io.load(tmp_path / r / "stage2" / "last.pt")["momentum"] for r in ("single", "ddp"))
+    assert torch.equal(one["seen"], two["seen"]) and one["seen"].sum() > 500
+    torch.testing.assert_close(two["ema"], one["ema"], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(two["m"], one["m"], rtol=0, atol=1e-4)
 
 
 def cli_error(args, capsys):
@@ -134,6 +139,7 @@ def test_bad_config_and_paths(tmp_path, mnist, capsys):
     assert "unknown config section 'stage_1'" in cli_error(["train", "--config", str(toml)], capsys)
     assert "meta.json: missing" in cli_error(args + ["--set", f"data.path={tmp_path}/nowhere"], capsys)
     assert "no such pretrained checkpoint" in cli_error(args + ["--pretrained", "/no/such/weights.pt"], capsys)
+    assert "stage 1 has no momentum bank" in cli_error(args + ["--set", "aug.randaug=true"], capsys)
     assert not (tmp_path / "bad" / "last.pt").exists()
 
 
@@ -205,7 +211,11 @@ def test_stage2_trains_adapter_with_memory_driven_randaugment(tmp_path, mnist):
     m, seen = saved["momentum"]["m"], saved["momentum"]["seen"].bool()
     assert seen.sum() > 500 and m[seen].mean().item() == pytest.approx(0.5, abs=1e-4)  # eq. 9: mean 0.5
     assert min(m[seen].min().item(), 1 - m[seen].max().item()) < 1e-5  # the most extreme sample sits at 0 or 1
-    assert m[seen].std() > 0.05 and (m[~seen] == 0).all()
+    assert m[seen].std() > 0.05 and (~seen).any()
+    assert (run / "m_by_group.png").stat().st_size > 1000
+    groups = [json.loads(line)["m_by_group"] for line in (run / "log.jsonl").read_text().splitlines() if "m_by_group" in line]
+    assert len(groups) == 3 and set(groups[-1]) == {"many", "medium", "few"}
+    assert groups[-1]["few"]["seen"] == 1.0 and groups[-1]["many"]["seen"] < 1.0  # balanced sampling
     assert stage2 != stage1 and stage2["num_images"] == 1000
     assert cli_main(["eval", "--ckpt", str(run / "last.pt"), "--data", str(mnist), "--out", str(tmp_path / "ev")]) == 0
     again = json.loads((tmp_path / "ev" / "metrics.json").read_text())
@@ -223,3 +233,33 @@ def test_stage2_resume_after_kill_restores_adapter_and_momentum(tmp_path, mnist)
     kill_after_first_checkpoint(args, last, epochs=3)
     resumed = training.main(load_config(path, sets + s2), resume_run=True, stage=2)
     assert resumed == straight
+
+
+def test_training_reads_the_banks_m_each_epoch(tmp_path, mnist, monkeypatch):
+    """The loader is handed the bank: what it feeds DALI in epoch t+1 is the bank's M after epoch t."""
+    from ecvl_fast.kernels.bank import MomentumBank
+    from ecvl_fast.loaders import dali_pipeline
+
+    after_epoch, fed = [], []
+    real_end, real_feed = MomentumBank.end_epoch, dali_pipeline.feed
+
+    def end_epoch(bank, *a, **kw):
+        real_end(bank, *a, **kw)
+        after_epoch.append(bank.m.clone())
+
+    def feed(p, spec, images, m, draws):
+        if spec.randaug:
+            fed.append(np.asarray(m).copy())
+        return real_feed(p, spec, images, m, draws)
+
+    monkeypatch.setattr(MomentumBank, "end_epoch", end_epoch)
+    monkeypatch.setattr(dali_pipeline, "feed", feed)
+    path, sets = tiny_config(tmp_path, mnist, "reads", epochs=1)
+    cfg = load_config(path, sets + ["stage2.epochs=2", "data.prefetch=0"])
+    training.main(cfg)
+    training.main(cfg, stage=2)
+    steps = len(fed) // 2
+    assert len(after_epoch) == 2 and steps == 15
+    assert all((m == 0).all() for m in fed[:steps])  # epoch 1: M = 0, no augmentation yet
+    bank_m = after_epoch[0].numpy()
+    assert all(np.isin(m, bank_m).all() for m in fed[steps:]) and np.concatenate(fed[steps:]).std() > 0.05

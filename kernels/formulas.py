@@ -1,0 +1,27 @@
+"""The per-sample arithmetic of eqs. 8-9, written once as plain scalar functions.
+
+`kernels/cpu.py` compiles them with `njit` and `kernels/cuda.py` with `cuda.jit(device=True)`, so
+the CPU and CUDA kernels cannot drift apart; with the JIT off they run as ordinary Python.
+"""
+
+
+def ema_update(prev, lt, seen, beta):
+    """eq. 8: L^m = beta * L^m_prev + (1 - beta) * L_t; a sample's first observation initialises it."""
+    return beta * prev + (1.0 - beta) * lt if seen else lt
+
+
+def magnitude(v, mean, spread):
+    """eq. 9 in BCL's form: z = (L - mean)/std, M = z / max|z| / 2 + 1/2, so M is in [0, 1].
+
+    The std cancels: z / max|z| = (L - mean) / max|L - mean| = (L - mean) / spread. The paper
+    divides by max(L - mean), which can push M below 0; BCL's code does this instead. When every
+    seen loss is equal (spread 0), M = 0.5.
+    """
+    if spread > 0:
+        return min(max((v - mean) / spread / 2.0 + 0.5, 0.0), 1.0)
+    return 0.5
+
+
+def spread_of(mean, lo, hi):
+    """max |L - mean| over the seen samples, from their min and max."""
+    return max(hi - mean, mean - lo)
