@@ -58,7 +58,7 @@ def print_convert_summary(meta: dict, out: Path) -> None:
 @app.command()
 @one_line_errors
 def convert(
-    dataset: str = typer.Argument(..., help="mnist-lt | cifar10-lt | cifar100-lt | imagenet-lt | places-lt | list | folder"),
+    dataset: str = typer.Argument(..., help="mnist-lt | cifar10-lt | cifar100-lt | tiny-imagenet-lt | imagenet-lt | places-lt | list | folder"),
     out: Path = typer.Option(..., "--out", help="output folder (train/val/test .beton + meta.json)"),
     source: Optional[Path] = typer.Option(None, help="CIFAR pickle folder / image tree, or ImageFolder root"),
     root: Optional[Path] = typer.Option(None, help="image root for split-file datasets"),
@@ -66,6 +66,7 @@ def convert(
     val_split: Optional[Path] = typer.Option(None),
     test_split: Optional[Path] = typer.Option(None),
     classes: Optional[Path] = typer.Option(None, help="class names, one per line"),
+    wnids: Optional[Path] = typer.Option(None, help="tiny-imagenet-lt: only these wnids (one per line, in this order)"),
     imbalance: float = typer.Option(100.0, help="imbalance factor IF = n_max / n_min"),
     seed: int = typer.Option(0),
     format: str = typer.Option("raw", help="raw | jpg"),
@@ -132,44 +133,48 @@ def evaluate(
 
 @app.command()
 @one_line_errors
+def ablate(
+    config: Optional[Path] = typer.Option(None, "--config", help="TOML file (e.g. a preset in ecvl_fast/configs)"),
+    seeds: str = typer.Option("0,1,2", help="comma-separated seeds; one stage 1 and three stage-2 rows each"),
+    overrides: Optional[list[str]] = typer.Option(None, "--set", help="section.key=value (repeatable)"),
+    pretrained: Optional[str] = typer.Option(None, help="shortcut for --set model.pretrained=TAG|PATH|none"),
+):
+    """Zero-shot, stage 1, BALLAD, + momentum, ECVL over seeds: a table of mean ± std, ablation.json/png."""
+    from ecvl_fast.ablate import parse_seeds, run_ablation
+
+    run_ablation(_config(config, overrides, pretrained), parse_seeds(seeds))
+
+
+@app.command()
+@one_line_errors
+def pretrain(
+    out: Path = typer.Option(..., "--out", help="weights file to write (then: --set model.pretrained=FILE)"),
+    config: Optional[Path] = typer.Option(None, "--config", help="TOML file; data.path is the pretraining set"),
+    overrides: Optional[list[str]] = typer.Option(None, "--set", help="section.key=value (repeatable)"),
+):
+    """A stand-in for CLIP pretraining: stage 1 on a (balanced) dataset, its CLIP weights saved to --out."""
+    from ecvl_fast import train as training
+    from ecvl_fast.ablate import export_weights
+
+    cfg = _config(config, overrides)
+    training.main(cfg, stage=1)
+    export_weights(Path(cfg.run.out) / "last.pt", out)
+    typer.echo(f"wrote {out} (use: --set model.pretrained={out})")
+
+
+@app.command()
+@one_line_errors
 def demo(
     data: Path = typer.Option(Path("data/mnist-lt")),
     run: Path = typer.Option(Path("runs/demo")),
     config: Optional[Path] = typer.Option(None, help="default: the packaged configs/mnist-demo.toml"),
-    retrain: bool = typer.Option(False, help="train again even if this config already finished"),
+    seeds: str = typer.Option("0", help="comma-separated seeds"),
 ):
-    """The embedded default: mnist-lt (real digits, long-tailed), a tiny CLIP; stage 1, then stage 2."""
-    import json
-    import shutil
+    """The embedded default: the ablation on mnist-lt (real digits, long-tailed) with a small CLIP.
+    Finished rows are reused, so a second run prints the saved table."""
+    from ecvl_fast.demo import run_demo
 
-    import ecvl_fast
-    from ecvl_fast import train as training
-    from ecvl_fast.config import load_config
-    from ecvl_fast.evaluate import print_table
-
-    _ensure_demo_data(data)
-    config = config or Path(ecvl_fast.__file__).parent / "configs" / "mnist-demo.toml"
-    cfg = load_config(config, [f"data.path={data}", f"run.out={run}"])
-    done = [run / "metrics.json", run / "stage2" / "metrics.json"]
-    if retrain or not (done[1].exists() and _same_config(cfg, run / "stage2" / "config.toml")):
-        if run.exists():
-            shutil.rmtree(run)
-        training.main(cfg, stage=1)
-        training.main(cfg, stage=2)
-    else:
-        typer.echo(f"{run}: already trained with this config (--retrain to train again)")
-    rows = {"stage 1": json.loads(done[0].read_text()),
-            "stage 2 (ECVL)": json.loads(done[1].read_text())}
-    print_table({}, f"{cfg.model.name} on {data.name}, {cfg.data.eval_split} split (%)", rows)
-
-
-def _same_config(cfg, saved: Path) -> bool:
-    from ecvl_fast.config import load_config
-
-    try:
-        return saved.is_file() and load_config(saved) == cfg
-    except EcvlError:
-        return False
+    run_demo(data, run, config, seeds)
 
 
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks: tables, and JSON on request.")
@@ -255,10 +260,9 @@ def bench_convert_cmd(
 
 
 def _ensure_demo_data(data: Path) -> None:
-    if not (data / "meta.json").exists() and data == Path("data/mnist-lt"):
-        from ecvl_fast.loaders.convert import ConvertOptions, convert as run_convert
+    from ecvl_fast.demo import ensure_data
 
-        run_convert(ConvertOptions("mnist-lt", data))
+    ensure_data(data)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -20,7 +20,7 @@ import numpy as np
 from ecvl_fast import EcvlError, __version__
 from ecvl_fast.loaders import sources
 
-DATASETS = ("mnist-lt", "cifar10-lt", "cifar100-lt", "imagenet-lt", "places-lt", "list", "folder")
+DATASETS = ("mnist-lt", "cifar10-lt", "cifar100-lt", "tiny-imagenet-lt", "imagenet-lt", "places-lt", "list", "folder")
 MIN_PAGE = 1 << 21  # ffcv's minimum page size
 
 
@@ -34,6 +34,7 @@ class ConvertOptions:
     val_split: Path | None = None
     test_split: Path | None = None
     classes: Path | None = None
+    wnids: Path | None = None
     imbalance: float = 100.0
     seed: int = 0
     format: str = "raw"
@@ -51,6 +52,8 @@ def build_source(o: ConvertOptions) -> sources.Source:
         return sources.load_mnist_lt(o.imbalance, o.seed)
     if o.dataset in ("cifar10-lt", "cifar100-lt"):
         return sources.load_cifar_lt(10 if o.dataset == "cifar10-lt" else 100, o.source, o.imbalance, o.seed)
+    if o.dataset == "tiny-imagenet-lt":
+        return sources.load_tiny_imagenet_lt(o.source, o.imbalance, o.seed, o.wnids)
     if o.dataset in ("imagenet-lt", "places-lt", "list"):
         root = o.root or o.source
         if root is None:
@@ -210,7 +213,7 @@ def _write_all(src: sources.Source, tmp: Path, o: ConvertOptions) -> dict:
         "thresholds": {"many": o.many_threshold, "few": o.few_threshold},
         "images": images, "skipped": {k: len(v) for k, v in skipped.items()},
         "skipped_files": {k: v for k, v in skipped.items() if v},
-        "imbalance": src.info.get("imbalance"), "seed": o.seed, "format": o.format,
+        "imbalance": src.info.get("imbalance"), "seed": o.seed, "source_info": src.info, "format": o.format,
         "max_res": o.max_res, "max_side": largest_side if not o.max_res else min(largest_side, o.max_res),
         "write_seconds": seconds,
         "sha256": {f"{n}.beton": _sha256(tmp / f"{n}.beton") for n in src.splits},

@@ -246,3 +246,86 @@ def load_folder(root: Path) -> Source:
     if "test" not in splits:
         raise EcvlError(f"{root}/test: no such image folder")
     return Source(classes=classes, splits=splits, origin=str(root))
+
+
+def _read_wnids(path: Path) -> list[str]:
+    if not path.is_file():
+        raise EcvlError(f"{path}: no such wnids file")
+    wnids = [w.strip() for w in path.read_text().splitlines() if w.strip()]
+    if not wnids:
+        raise EcvlError(f"{path}: no wnids listed")
+    if len(set(wnids)) != len(wnids):
+        raise EcvlError(f"{path}: a wnid is listed twice")
+    return wnids
+
+
+def _first_names(words: Path, wnids: list[str]) -> list[str]:
+    """The first name `words.txt` gives each wnid ("n01443537\\tgoldfish, Carassius auratus" -> goldfish)."""
+    if not words.is_file():
+        raise EcvlError(f"{words}: no such file (Tiny-ImageNet's wnid -> names table)")
+    names = {}
+    for line in words.read_text().splitlines():
+        wnid, _, text = line.partition("\t")
+        names[wnid.strip()] = text.split(",")[0].strip()
+    missing = [w for w in wnids if not names.get(w)]
+    if missing:
+        raise EcvlError(f"{words}: no name for wnid {missing[0]}")
+    return [names[w] for w in wnids]
+
+
+def load_tiny_imagenet_lt(root: Path | None, imbalance: float, seed: int, wnids_file: Path | None = None) -> Source:
+    """Tiny-ImageNet (`train/<wnid>/images/*.JPEG`, `val/images` + `val/val_annotations.txt`,
+    `wnids.txt`, `words.txt`), made long-tailed: the CIFAR-LT profile over the classes of
+    `wnids.txt` (or the subset in `wnids_file`, in its order); the validation split, all of it
+    for those classes, is the test split. Train folders not listed are ignored and counted."""
+    if root is None or not root.is_dir():
+        raise EcvlError(f"{root}: no such Tiny-ImageNet folder (pass --source)")
+    listed = _read_wnids(root / "wnids.txt")
+    wnids = listed if wnids_file is None else _read_wnids(wnids_file)
+    unknown = [w for w in wnids if w not in set(listed)]
+    if unknown:
+        raise EcvlError(f"{wnids_file}: wnid {unknown[0]} is not in {root / 'wnids.txt'}")
+    if not (root / "train").is_dir():
+        raise EcvlError(f"{root / 'train'}: no such folder")
+    label_of = {w: c for c, w in enumerate(wnids)}
+    paths, labels = [], []
+    for c, w in enumerate(wnids):
+        folder = root / "train" / w / "images"
+        files = sorted(p for p in folder.glob("*") if p.suffix.lower() in IMAGE_EXTS) if folder.is_dir() else []
+        if not files:
+            raise EcvlError(f"{folder}: no train images for class {w}")
+        paths += [str(p) for p in files]
+        labels += [c] * len(files)
+    ignored = sorted(p.name for p in (root / "train").iterdir() if p.is_dir() and p.name not in set(listed))
+    train = Split(labels=np.asarray(labels, dtype=np.int64), paths=paths)
+    keep = long_tail_indices(train.labels, len(wnids), imbalance, seed)
+    test = _tiny_val(root, set(listed), label_of)
+    return Source(classes=_first_names(root / "words.txt", wnids),
+                  splits={"train": train.subset(keep), "test": test}, origin=str(root),
+                  info={"imbalance": imbalance, "seed": seed, "wnids": wnids,
+                        "ignored_train_folders": len(ignored), "ignored_train_folder_names": ignored})
+
+
+def _tiny_val(root: Path, listed: set[str], label_of: dict[str, int]) -> Split:
+    ann = root / "val" / "val_annotations.txt"
+    if not ann.is_file():
+        raise EcvlError(f"{ann}: no such annotation file")
+    paths, labels = [], []
+    for lineno, line in enumerate(ann.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        parts = line.split("\t")
+        if len(parts) < 2:
+            raise EcvlError(f"{ann}:{lineno}: expected 'file<TAB>wnid<TAB>box', got {line.strip()!r}")
+        name, wnid = parts[0].strip(), parts[1].strip()
+        if wnid not in listed:
+            raise EcvlError(f"{ann}:{lineno}: unknown class {wnid} (not in wnids.txt)")
+        path = root / "val" / "images" / name
+        if not path.is_file():
+            raise EcvlError(f"{ann}:{lineno}: {path}: no such image")
+        if wnid in label_of:  # a class outside a --wnids subset is left out
+            paths.append(str(path))
+            labels.append(label_of[wnid])
+    if not paths:
+        raise EcvlError(f"{ann}: no validation image of the selected classes")
+    return Split(labels=np.asarray(labels, dtype=np.int64), paths=paths)

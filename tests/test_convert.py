@@ -145,3 +145,72 @@ def test_import_does_not_load_ffcv_or_dali():
     code = ("import ecvl_fast, ecvl_fast.cli, ecvl_fast.loaders.convert, ecvl_fast.train, ecvl_fast.eval_cli, sys; "
             "bad = [m for m in sys.modules if m.split('.')[0] in ('ffcv', 'nvidia')]; assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def write_tiny_imagenet(root, per_class=40, val_per_class=3, wnids=("n001", "n002", "n003", "n004"), extra=("n999",)):
+    """Tiny-ImageNet's layout from generated JPEGs: train/<wnid>/images, val/images + annotations."""
+    from PIL import Image
+
+    from ecvl_fast.synthetic import fake_images
+
+    for c, w in enumerate(tuple(wnids) + tuple(extra)):
+        folder = root / "train" / w / "images"
+        folder.mkdir(parents=True)
+        for i, img in enumerate(fake_images(per_class, c, 16)):
+            Image.fromarray(img).save(folder / f"{w}_{i}.JPEG")
+    (root / "val" / "images").mkdir(parents=True)
+    lines = []
+    for c, w in enumerate(wnids):
+        for i, img in enumerate(fake_images(val_per_class, 50 + c, 16)):
+            name = f"val_{c}_{i}.JPEG"
+            Image.fromarray(img).save(root / "val" / "images" / name)
+            lines.append(f"{name}\t{w}\t0\t0\t15\t15")
+    (root / "val" / "val_annotations.txt").write_text("\n".join(lines) + "\n")
+    (root / "wnids.txt").write_text("\n".join(wnids))  # no newline after the last, as in the real file
+    (root / "words.txt").write_text("".join(f"{w}\tname{c}, other name\n" for c, w in enumerate(wnids)) + "n999\tspare\n")
+    return root
+
+
+def test_tiny_imagenet_lt(tmp_path, capsys):
+    src = write_tiny_imagenet(tmp_path / "tin")
+    out = tmp_path / "out"
+    assert main(["convert", "tiny-imagenet-lt", "--source", str(src), "--out", str(out), "--imbalance", "10",
+                 "--workers", "1"]) == 0
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["train_counts"] == sources.long_tail_counts(40, 4, 10) == [40, 18, 8, 4]
+    assert meta["classes"] == ["name0", "name1", "name2", "name3"] and meta["images"]["test"] == 12
+    assert meta["source_info"]["ignored_train_folders"] == 1  # n999 is not in wnids.txt
+    _, labels, _ = read_all(out / "test.beton", 16)
+    assert np.bincount(labels).tolist() == [3, 3, 3, 3]
+    sub = tmp_path / "half.txt"
+    sub.write_text("n003\nn001\n")
+    assert main(["convert", "tiny-imagenet-lt", "--source", str(src), "--out", str(tmp_path / "half"), "--imbalance", "1",
+                 "--wnids", str(sub), "--workers", "1"]) == 0
+    half = json.loads((tmp_path / "half" / "meta.json").read_text())
+    assert half["classes"] == ["name2", "name0"] and half["train_counts"] == [40, 40] and half["images"]["test"] == 6
+
+
+def test_tiny_imagenet_bad_inputs(tmp_path, capsys):
+    src = write_tiny_imagenet(tmp_path / "tin", per_class=6)
+    out = tmp_path / "out"
+    args = ["convert", "tiny-imagenet-lt", "--source", str(src), "--out", str(out), "--workers", "1", "--imbalance", "2"]
+    sub = tmp_path / "sub.txt"
+    sub.write_text("n001\nn777\n")
+    assert "n777 is not in" in cli_error(args + ["--wnids", str(sub)], capsys)
+    ann = src / "val" / "val_annotations.txt"
+    good = ann.read_text()
+    ann.write_text(good + "val_x.JPEG\tn555\t0\t0\t1\t1\n")
+    assert "unknown class n555" in cli_error(args, capsys)
+    ann.write_text(good + "val_missing.JPEG\tn001\t0\t0\t1\t1\n")
+    assert "val_missing.JPEG: no such image" in cli_error(args, capsys)
+    ann.write_text(good)
+    victim = src / "train" / "n001" / "images" / "n001_3.JPEG"  # class 0 keeps all of its images
+    victim.write_bytes(victim.read_bytes()[:30])
+    assert "n001_3.JPEG" in cli_error(args, capsys)
+    assert main(args + ["--skip-bad"]) == 0
+    assert json.loads((out / "meta.json").read_text())["skipped"]["train"] == 1
+    ann.unlink()
+    assert "val_annotations.txt: no such annotation file" in cli_error(args + ["--overwrite"], capsys)
+    assert "no such Tiny-ImageNet folder" in cli_error(["convert", "tiny-imagenet-lt", "--source", str(tmp_path / "no"),
+                                                        "--out", str(tmp_path / "o2")], capsys)
+    assert not (tmp_path / "o2").exists() and not list(tmp_path.glob(".o2.tmp-*"))

@@ -1,0 +1,176 @@
+"""`ecvl-fast ablate`: the paper's ablation as one command, over seeds, on the same data.
+
+Per seed: stage 1 once, then on those same frozen encoders three stage-2 rows that differ only in
+the loss and the augmentation (same class-balanced sampler, same two views, same steps):
+
+- ballad:   prompt CE only (no L_DCVL, no RandAugment);
+- momentum: + L_DCVL (eq. 11), the bank updated (eqs. 8-9) but M unused;
+- ecvl:     + the memory-driven RandAugment driven by M (eq. 10).
+
+Zero-shot (eq. 6) comes first when `model.pretrained` gives weights; it has no randomness, so it
+is evaluated once. A row whose metrics.json exists beside the same config.toml is reused, so an
+interrupted ablation continues where it stopped.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+
+from ecvl_fast import EcvlError
+from ecvl_fast.config import Config, load_config
+
+STAGE2_ROWS = {
+    "ballad": {"dcvl_weight": 0.0, "randaug": False},
+    "momentum": {"randaug": False},
+    "ecvl": {"randaug": True},
+}
+LABELS = {"zero-shot": "zero-shot (eq. 6)", "stage1": "stage 1 (both encoders)", "ballad": "BALLAD (adapter, CE)",
+          "momentum": "+ momentum (L_DCVL, no RA)", "ecvl": "ECVL (+ memory-driven RA)"}
+METRICS = ("many", "medium", "few", "all", "macro_f1", "head_tail_gap")
+
+
+def _with(cfg: Config, section: str, **values) -> Config:
+    return dataclasses.replace(cfg, **{section: dataclasses.replace(getattr(cfg, section), **values)})
+
+
+def _finished(folder: Path, cfg: Config, ignore: tuple[str, ...] = ()) -> dict | None:
+    """The saved metrics of a row trained with this config (sections in `ignore` aside), else None."""
+    metrics, saved = folder / "metrics.json", folder / "config.toml"
+    if not (metrics.is_file() and saved.is_file()):
+        return None
+    try:
+        old, new = load_config(saved).to_dict(), cfg.to_dict()
+    except EcvlError:
+        return None
+    if any(old[k] != new[k] for k in new if k not in ignore):
+        return None
+    return json.loads(metrics.read_text())
+
+
+def _stage2_cfg(cfg: Config, row: str) -> Config:
+    return _with(cfg, "stage2", **{**STAGE2_ROWS[row], "init": ""})
+
+
+def run_ablation(cfg: Config, seeds: list[int], log=print) -> dict:
+    from ecvl_fast import train as training
+
+    out = Path(cfg.run.out)
+    per_seed: dict[str, dict[int, dict]] = {}
+    if cfg.model.pretrained not in ("", "none"):
+        per_seed["zero-shot"] = {seeds[0]: _zero_shot(cfg, out / "zero-shot")}
+    for seed in seeds:
+        base = _with(cfg, "run", seed=seed, out=str(out / f"seed{seed}"))
+        seed_dir = Path(base.run.out)
+        done = _finished(seed_dir, base, ignore=("stage2",))  # stage 1 does not read [stage2]
+        if done is None:
+            log(f"seed {seed}: stage 1")
+            done = training.main(base, stage=1)
+        per_seed.setdefault("stage1", {})[seed] = done
+        for row in STAGE2_ROWS:
+            row_cfg = _stage2_cfg(base, row)
+            done = _finished(seed_dir / row, row_cfg)
+            if done is None:
+                log(f"seed {seed}: stage 2, {row}")
+                done = training.main(row_cfg, stage=2, out=seed_dir / row)
+            per_seed.setdefault(row, {})[seed] = done
+    result = summarise(per_seed, cfg, seeds)
+    (out / "ablation.json").write_text(json.dumps(result, indent=1))
+    plot_rows(result, out / "ablation.png")
+    print_ablation(result)
+    return result
+
+
+def _zero_shot(cfg: Config, folder: Path) -> dict:
+    from ecvl_fast.eval_cli import run_eval
+
+    saved = folder / "metrics.json"
+    if saved.is_file() and (folder / "pretrained.txt").is_file() and \
+            (folder / "pretrained.txt").read_text() == f"{cfg.model.name} {cfg.model.pretrained} {cfg.data.path}":
+        return json.loads(saved.read_text())
+    metrics = run_eval(cfg, None, None, cfg.data.eval_split, folder)
+    (folder / "pretrained.txt").write_text(f"{cfg.model.name} {cfg.model.pretrained} {cfg.data.path}")
+    return metrics
+
+
+def summarise(per_seed: dict[str, dict[int, dict]], cfg: Config, seeds: list[int]) -> dict:
+    rows = []
+    for name, runs in per_seed.items():
+        stats = {}
+        for k in METRICS:
+            vals = [r[k] for r in runs.values() if r[k] is not None]
+            stats[k] = {"mean": float(np.mean(vals)), "std": float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0} \
+                if vals else None
+        rows.append({"name": name, "label": LABELS[name], "seeds": list(runs), "per_seed": list(runs.values()),
+                     **stats})
+    return {"data": cfg.data.path, "model": cfg.model.name, "pretrained": cfg.model.pretrained,
+            "seeds": seeds, "config": cfg.to_dict(), "rows": rows}
+
+
+def print_ablation(result: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=f"{result['model']} on {Path(result['data']).name}: mean ± std over seeds "
+                    f"{', '.join(map(str, result['seeds']))} (%)")
+    t.add_column("row")
+    for k in METRICS:
+        t.add_column(k, justify="right")
+    for row in result["rows"]:
+        cells = ["-" if row[k] is None else f"{100 * row[k]['mean']:.2f} ± {100 * row[k]['std']:.2f}" for k in METRICS]
+        t.add_row(row["label"], *cells)
+    Console().print(t)
+
+
+def plot_rows(result: dict, path: Path) -> None:
+    """Bars per shot group (and all, macro-F1), one per row, with the std over seeds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = ("many", "medium", "few", "all", "macro_f1")
+    rows = result["rows"]
+    width = 0.8 / max(1, len(rows))
+    fig, ax = plt.subplots(figsize=(8, 4))
+    for i, row in enumerate(rows):
+        x = np.arange(len(groups)) + (i - (len(rows) - 1) / 2) * width
+        mean = [100 * row[g]["mean"] if row[g] else 0 for g in groups]
+        std = [100 * row[g]["std"] if row[g] else 0 for g in groups]
+        ax.bar(x, mean, width, yerr=std, capsize=2, label=row["label"])
+    ax.set_xticks(np.arange(len(groups)), groups)
+    ax.set_ylabel("test accuracy / macro-F1 (%)")
+    ax.set_title(f"{result['model']} on {Path(result['data']).name}, seeds {result['seeds']}")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def parse_seeds(text: str) -> list[int]:
+    try:
+        seeds = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise EcvlError(f"--seeds {text!r}: expected comma-separated integers, e.g. 0,1,2") from None
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise EcvlError(f"--seeds {text!r}: expected distinct integers, e.g. 0,1,2")
+    return seeds
+
+
+def export_weights(ckpt: Path, out: Path) -> None:
+    """The CLIP weights of an ecvl-fast checkpoint as a file `model.pretrained` can name (open_clip's
+    {"state_dict": ...} form), written to a temp file and renamed."""
+    import os
+
+    import torch
+
+    from ecvl_fast import checkpoint as ckpt_io
+
+    state = ckpt_io.load(ckpt)
+    clip = {k.removeprefix("clip."): v for k, v in state["model"].items()}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    torch.save({"state_dict": clip, "model_name": state["model_name"]}, tmp)
+    os.replace(tmp, out)
