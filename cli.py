@@ -133,6 +133,33 @@ def evaluate(
 
 @app.command()
 @one_line_errors
+def predict(
+    images: Optional[list[Path]] = typer.Argument(None, help="image files"),
+    ckpt: Path = typer.Option(..., "--ckpt", help="a stage 1 or stage 2 checkpoint (last.pt / best.pt)"),
+    folder: Optional[Path] = typer.Option(None, help="classify every image under this folder too"),
+    top_k: int = typer.Option(5, help="classes per image"),
+    out: Optional[Path] = typer.Option(None, help="write the predictions as CSV"),
+    strict: bool = typer.Option(False, help="refuse an unreadable image instead of skipping it"),
+    device: str = typer.Option("auto", help="auto | cpu | cuda"),
+):
+    """Top-k class names and probabilities for image files (the stage-2 adapter applied)."""
+    import torch
+
+    from ecvl_fast.predict import run_predict, write_csv
+
+    if top_k < 1:
+        raise EcvlError(f"--top-k {top_k}: must be at least 1")
+    dev = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    preds = run_predict(ckpt, images or [], folder, top_k, strict, device=dev)
+    if out is not None:
+        write_csv(preds, out)
+    _report(f"{ckpt}: {len(preds)} images", ("image", "top-1", "p", f"top-{top_k}"),
+            [(Path(p.path).name, p.classes[0], f"{p.probs[0]:.3f}", ", ".join(p.classes[1:])) for p in preds[:20]],
+            {}, None)
+
+
+@app.command()
+@one_line_errors
 def ablate(
     config: Optional[Path] = typer.Option(None, "--config", help="TOML file (e.g. a preset in ecvl_fast/configs)"),
     seeds: str = typer.Option("0,1,2", help="comma-separated seeds; one stage 1 and three stage-2 rows each"),

@@ -4,12 +4,31 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+import torch
+
 from ecvl_fast import checkpoint as ckpt_io
 from ecvl_fast import dist as D
 from ecvl_fast.config import Config, from_dict
 from ecvl_fast.data import eval_loader, open_dataset
 from ecvl_fast.evaluate import predict, shot_metrics, write_report
 from ecvl_fast.model import Adapter, ClipNet, build_clip, class_text_features, prompt_tokens
+
+
+def load_classifier(cfg: Config, state: dict | None, classes: list[str], device: torch.device):
+    """(net, class text features, adapter or None): a stage 1 or 2 checkpoint's classifier, or the
+    zero-shot model `cfg.model.pretrained` when `state` is None. Eval and predict both use it."""
+    clip, tokenizer = build_clip(cfg.model, load_weights=state is None)  # a checkpoint brings its own
+    net = ClipNet(clip).to(device)
+    if state is not None:
+        net.load_state_dict(state["model"])
+    net.eval()
+    text = class_text_features(net, prompt_tokens(tokenizer, classes, cfg.model.templates).to(device))
+    adapter = None
+    if state is not None and state.get("stage") == 2:
+        adapter = Adapter(text.shape[1], cfg.stage2.ratio).to(device)
+        adapter.load_state_dict(state["adapter"])
+        adapter.eval()
+    return net, text, adapter
 
 
 def run_eval(cfg: Config, data: Path | None, ckpt: Path | None, split: str, out: Path | None) -> dict:
@@ -24,15 +43,7 @@ def run_eval(cfg: Config, data: Path | None, ckpt: Path | None, split: str, out:
         meta = open_dataset(cfg.data.path)
         if state is not None:
             ckpt_io.check(state, ckpt, model_name=cfg.model.name, num_classes=len(meta["classes"]))
-        clip, tokenizer = build_clip(cfg.model, load_weights=state is None)  # a checkpoint brings its own
-        net = ClipNet(clip).to(d.device)
-        if state is not None:
-            net.load_state_dict(state["model"])
-        text = class_text_features(net, prompt_tokens(tokenizer, meta["classes"], cfg.model.templates).to(d.device))
-        adapter = None
-        if state is not None and state.get("stage") == 2:
-            adapter = Adapter(text.shape[1], cfg.stage2.ratio).to(d.device)
-            adapter.load_state_dict(state["adapter"])
+        net, text, adapter = load_classifier(cfg, state, meta["classes"], d.device)
         preds, labels = predict(net, eval_loader(cfg, d, split), text, d, adapter)
         metrics = shot_metrics(preds, labels, meta)
         if d.main:

@@ -263,3 +263,50 @@ def test_training_reads_the_banks_m_each_epoch(tmp_path, mnist, monkeypatch):
     assert all((m == 0).all() for m in fed[:steps])  # epoch 1: M = 0, no augmentation yet
     bank_m = after_epoch[0].numpy()
     assert all(np.isin(m, bank_m).all() for m in fed[steps:]) and np.concatenate(fed[steps:]).std() > 0.05
+
+
+def test_predict_matches_eval_and_handles_bad_input(tmp_path, mnist, capsys):
+    from PIL import Image
+
+    from ecvl_fast import dist as D
+    from ecvl_fast.data import eval_loader, open_dataset
+    from ecvl_fast.eval_cli import load_classifier
+    from ecvl_fast.evaluate import predict
+    from ecvl_fast.loaders.sources import load_mnist_lt
+
+    path, sets = tiny_config(tmp_path, mnist, "p", epochs=1)
+    cfg = load_config(path, sets + ["stage2.epochs=1"])
+    training.main(cfg)
+    training.main(cfg, stage=2)
+    ckpt = tmp_path / "p" / "stage2" / "last.pt"
+    test = load_mnist_lt(100, 0).splits["test"]  # the same real digits, in the test split's order
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    n = 200
+    for i in range(n):
+        Image.fromarray(test.images[i]).save(folder / f"{i:04d}.png")
+    out = tmp_path / "preds.csv"
+    assert cli_main(["predict", "--ckpt", str(ckpt), "--folder", str(folder), "--top-k", "3", "--out", str(out),
+                     "--device", "cpu"]) == 0
+    rows = out.read_text().splitlines()
+    assert rows[0] == "path,class1,prob1,class2,prob2,class3,prob3" and len(rows) == n + 1
+    state = ckpt_io.load(ckpt)
+    net, text, adapter = load_classifier(cfg, state, state["classes"], torch.device("cpu"))
+    d = D.Dist(0, 0, 1, torch.device("cpu"))
+    ref, _ = predict(net, eval_loader(cfg, d, "test"), text, d, adapter)
+    top1 = [r.split(",")[1] for r in rows[1:]]
+    agree = np.mean([t == state["classes"][p] for t, p in zip(top1, ref[:n])])
+    assert agree >= 0.97, agree  # the same preprocessing up to resampling round-off
+    probs = [float(r.split(",")[2]) for r in rows[1:]]
+    assert all(0 < p <= 1 for p in probs)
+    # Bad inputs: an unreadable image is named and skipped, or refused with --strict.
+    (folder / "broken.png").write_bytes(b"not an image")
+    capsys.readouterr()
+    assert cli_main(["predict", "--ckpt", str(ckpt), "--folder", str(folder), "--device", "cpu", "--out", str(out)]) == 0
+    assert "broken.png" in capsys.readouterr().err and len(out.read_text().splitlines()) == n + 1
+    assert "broken.png: unreadable image" in cli_error(["predict", "--ckpt", str(ckpt), "--device", "cpu", "--strict",
+                                                         str(folder / "broken.png")], capsys)
+    weights = tmp_path / "w.pt"
+    torch.save({"state_dict": state["model"]}, weights)
+    assert "not an ecvl-fast checkpoint" in cli_error(["predict", "--ckpt", str(weights), str(folder / "0000.png")], capsys)
+    assert "no such folder" in cli_error(["predict", "--ckpt", str(ckpt), "--folder", str(tmp_path / "none")], capsys)
