@@ -286,6 +286,104 @@ def bench_convert_cmd(
             rows, r, json_out)
 
 
+def _bench_out(result: dict, json_out: Optional[Path], compare_to: Optional[Path]) -> None:
+    """--json and --compare for the device benchmarks (rank 0 only under torchrun)."""
+    import json
+    import os
+
+    if os.environ.get("RANK", "0") != "0":
+        return
+    if json_out:
+        json_out.write_text(json.dumps(result, indent=1))
+    if compare_to:
+        from ecvl_fast.bench_device import compare
+
+        if not compare_to.is_file():
+            raise EcvlError(f"{compare_to}: no such benchmark JSON")
+        rows = compare(result, json.loads(compare_to.read_text()))
+        _report(f"against {compare_to}", ("metric", "new", "old", "new/old"),
+                [(k, f"{a:.1f}", f"{b:.1f}", f"{r:.2f}x") for k, a, b, r in rows], {}, None)
+
+
+_DEVICE = typer.Option("auto", help="auto | cpu | cuda (the local rank's GPU under torchrun)")
+_JSON = typer.Option(None, "--json", help="write the results here")
+_COMPARE = typer.Option(None, "--compare", help="an earlier run's JSON: print new/old ratios")
+
+
+@bench_app.command("step")
+@one_line_errors
+def bench_step_cmd(model: str = typer.Option("RN50"), res: int = typer.Option(224), batch: int = typer.Option(256, help="per device"),
+                   device: str = _DEVICE, compile: bool = typer.Option(False), steps: int = typer.Option(10),
+                   repeats: int = typer.Option(3), json_out: Optional[Path] = _JSON, compare_to: Optional[Path] = _COMPARE):
+    """Stage 1 and stage 2 train steps on synthetic batches already on the device (no ffcv or DALI)."""
+    from ecvl_fast.bench_device import bench_step
+
+    r = bench_step(model, res, batch, device, compile, steps, repeats)
+    _report(f"train step: {model}, {res} px, batch {batch}/device ({r['machine']['gpu'] or 'CPU'})",
+            ("stage", "img/s per device", "img/s total", "first step s", "peak GB"),
+            [(s, f"{r[s]['img_s']:.0f}", f"{r[s]['img_s_total']:.0f}", f"{r[s]['first_step_s']:.2f}",
+              "-" if r[s]["peak_device_mem_gb"] is None else f"{r[s]['peak_device_mem_gb']:.1f}") for s in ("stage1", "stage2")],
+            r, None)
+    _bench_out(r, json_out, compare_to)
+
+
+@bench_app.command("augment")
+@one_line_errors
+def bench_augment_cmd(data: Optional[Path] = typer.Option(None, help="a converted dataset (else synthetic images)"),
+                      res: int = typer.Option(224), batch: int = typer.Option(256), device: str = _DEVICE,
+                      images: int = typer.Option(4096), workers: int = typer.Option(0, help="peer workers; 0 = every core"),
+                      dali_threads: int = typer.Option(0, help="0 = every core"), repeats: int = typer.Option(3),
+                      json_out: Optional[Path] = _JSON, compare_to: Optional[Path] = _COMPARE):
+    """Memory-driven RandAugment alone (k=2, two views, M ~ U(0,1)): DALI vs the all-core PIL peer."""
+    import os
+
+    from ecvl_fast.bench_device import bench_augment
+
+    cores = os.cpu_count() or 1
+    r = bench_augment(data, res, batch, device, images, workers or cores, dali_threads or cores, repeats)
+    _report(f"augment: {res} px, 2 views, k=2 ({r['config']['device']}; {r['source']})", ("contender", "img/s", "ratio"),
+            [("DALI", f"{r['dali_img_s']:.0f}", f"{r['ratio']:.2f}x"),
+             (f"PIL peer, {r['config']['peer_workers']} workers", f"{r['peer_img_s']:.0f}", "1.00x")], r, None)
+    _bench_out(r, json_out, compare_to)
+
+
+@bench_app.command("train")
+@one_line_errors
+def bench_train_cmd(data: Optional[Path] = typer.Option(None, help="a converted dataset (else synthetic images)"),
+                    model: str = typer.Option("RN50"), res: int = typer.Option(224), batch: int = typer.Option(256),
+                    device: str = _DEVICE, images: int = typer.Option(8192), workers: int = typer.Option(0, help="0 = every core"),
+                    dali_threads: int = typer.Option(0, help="0 = every core"), epochs: int = typer.Option(2),
+                    json_out: Optional[Path] = _JSON, compare_to: Optional[Path] = _COMPARE):
+    """Stage 2 epochs end to end with each feeder: img/s and the data-stall fraction."""
+    import os
+
+    from ecvl_fast.bench_device import bench_train
+
+    cores = os.cpu_count() or 1
+    r = bench_train(data, model, res, batch, device, images, workers or cores, dali_threads or cores, epochs)
+    _report(f"stage-2 training: {model}, {res} px, batch {batch} ({r['config']['device']}; {r['source']})",
+            ("feeder", "img/s", "data stall", "ratio"),
+            [(name, f"{r[name]['img_s']:.0f}", f"{100 * r[name]['data_stall']:.1f}%",
+              f"{r[name]['img_s'] / r['peer']['img_s']:.2f}x") for name in ("dali", "peer")], r, None)
+    _bench_out(r, json_out, compare_to)
+
+
+@bench_app.command("infer")
+@one_line_errors
+def bench_infer_cmd(ckpt: Optional[Path] = typer.Option(None, help="a stage 1/2 checkpoint (else a random model)"),
+                    data: Optional[Path] = typer.Option(None, help="a converted dataset: its test split"),
+                    model: str = typer.Option("RN50"), res: int = typer.Option(224), batch: int = typer.Option(512),
+                    device: str = _DEVICE, images: int = typer.Option(4096), repeats: int = typer.Option(3),
+                    json_out: Optional[Path] = _JSON, compare_to: Optional[Path] = _COMPARE):
+    """The predict path (prepare, encode, adapter, eq. 6) on test images in memory: img/s."""
+    from ecvl_fast.bench_device import bench_infer
+
+    r = bench_infer(ckpt, data, model, res, batch, device, images, repeats)
+    _report(f"inference: {r['config']['model']}, {r['config']['res']} px ({r['config']['device']}; {r['source']})",
+            ("images", "img/s"), [(str(r["config"]["images"]), f"{r['img_s']:.0f}")], r, None)
+    _bench_out(r, json_out, compare_to)
+
+
 def _ensure_demo_data(data: Path) -> None:
     from ecvl_fast.demo import ensure_data
 

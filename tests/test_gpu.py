@@ -2,6 +2,7 @@
 
 Skipped without CUDA; `test_step_runs_on_cpu` is the CPU twin.
 """
+import numpy as np
 import pytest
 import torch
 
@@ -64,7 +65,7 @@ def test_stage2_step_feeds_the_momentum_bank(device_name):
     cfg = Config(model=ModelCfg(name="ecvl-tiny-vit"), run=RunCfg(device=device_name),
                  stage2=Stage2Cfg(init="none", lr=1e-2, epochs=1))
     d = D.setup(device_name)
-    run = build_run(cfg, d, {"classes": CLASSES, "images": {"train": 64}}, steps_per_epoch=20, stage=2)
+    run = build_run(cfg, d, {"classes": CLASSES, "train_labels": np.arange(64) % 10}, steps_per_epoch=20, stage=2)
     images, labels = fixed_batch(d.device)
     views, idx = [images, images.flip(-1)], torch.arange(64)
     first = float(train_step(run, views, labels, idx)["loss"])

@@ -139,6 +139,17 @@ def test_pipeline_matches_reference(randaug):
         assert diff.mean() < (0.05 if not randaug else 0.15), diff.mean()
 
 
+class Magnitudes:
+    """What the loader is handed: the bank's interface over a plain tensor the test rewrites."""
+
+    def __init__(self, m: torch.Tensor):
+        self.m, self.reads = m, 0
+
+    def magnitudes(self) -> np.ndarray:
+        self.reads += 1
+        return self.m.numpy().copy()
+
+
 @pytest.fixture(scope="module")
 def tiny_beton(tmp_path_factory):
     out = tmp_path_factory.mktemp("mnist") / "lt"
@@ -153,7 +164,7 @@ def test_loader_end_to_end(tiny_beton, order):
     m = torch.rand(len(labels))
     train = order != "sequential"
     loader = AugmentedLoader(make_loader(path, order, 64, 36, num_classes=10),
-                             AugSpec(res=32, train=train, views=2 if train else 1), m)
+                             AugSpec(res=32, train=train, views=2 if train else 1), Magnitudes(m))
     for epoch in range(2):
         seen = []
         for views, y, idx in loader:
@@ -171,12 +182,49 @@ def test_loader_end_to_end(tiny_beton, order):
 
 def test_m_written_after_an_epoch_is_used_next_epoch(tiny_beton):
     path = tiny_beton / "train.beton"
-    m = torch.zeros(len(read_labels(path)))
-    loader = AugmentedLoader(make_loader(path, "sequential", 64, 32), AugSpec(res=32, train=False), m)
+    bank = Magnitudes(torch.zeros(len(read_labels(path))))
+    loader = AugmentedLoader(make_loader(path, "sequential", 64, 32), AugSpec(res=32, train=False), bank)
     first = torch.cat([v[0] for v, _, _ in loader])
-    m.fill_(1.0)  # what the kernels do in place at epoch end
+    bank.m.fill_(1.0)  # what the kernels do in place at epoch end
     second = torch.cat([v[0] for v, _, _ in loader])
-    assert not torch.equal(first, second)
+    assert not torch.equal(first, second) and bank.reads == 2  # M is read once per epoch
+
+
+@pytest.mark.parametrize("order", ["random", "balanced"])
+def test_prefetching_loader_yields_the_synchronous_batches(tiny_beton, order):
+    """A feeder thread two batches ahead gives exactly the batches and views of the synchronous
+    loader, over two epochs with M rewritten between them (M is fixed within an epoch)."""
+    path = tiny_beton / "train.beton"
+    n, spec = len(read_labels(path)), AugSpec(res=32, views=2, k=2)
+    runs = []
+    for prefetch in (0, 2):
+        bank = Magnitudes(torch.zeros(n))
+        loader = AugmentedLoader(make_loader(path, order, 64, 32, num_classes=10, seed=3), spec, bank, seed=3,
+                                 prefetch=prefetch)
+        epochs = []
+        for epoch in range(2):
+            epochs.append([(torch.cat(v), y, i) for v, y, i in loader])
+            bank.m.copy_(torch.rand(n, generator=torch.Generator().manual_seed(epoch)))  # the kernels, at epoch end
+        runs.append(epochs)
+    for sync, pre in zip(*runs):
+        assert len(sync) == len(pre) == n // 64
+        for (a, y, i), (b, y2, i2) in zip(sync, pre):
+            assert torch.equal(a, b) and torch.equal(y, y2) and torch.equal(i, i2)
+    assert not torch.equal(runs[0][0][0][0], runs[0][1][0][0])
+
+
+def test_prefetching_stops_early_and_surfaces_errors():
+    from ecvl_fast.loaders.dali_pipeline import prefetched
+
+    def batches():
+        yield from range(3)
+        raise ValueError("decoder broke")
+
+    it = prefetched(batches(), 2)
+    assert [next(it), next(it)] == [0, 1]
+    it.close()  # leaving early joins the feeder
+    with pytest.raises(ValueError, match="decoder broke"):
+        list(prefetched(batches(), 2))
 
 
 @pytest.mark.skipif(not GPU, reason="needs a CUDA device")

@@ -1,0 +1,316 @@
+"""`ecvl-fast bench step|augment|train|infer`: throughput per device, warm-up excluded.
+
+- step:    the stage 1 and stage 2 train steps on synthetic batches already on the device;
+- augment: the memory-driven RandAugment alone (k=2, two views, M ~ U(0,1)): DALI against the
+           torchvision/PIL peer in DataLoader workers on every CPU core, same images, same run;
+- train:   stage 2 epochs through the real data path with each feeder, and the data-stall
+           fraction: 1 - (time of the same steps on a batch already on the device) / (wall time);
+- infer:   the `predict` path (prepare, encode, adapter, eq. 6) on the test images.
+
+Times are medians over repeats, measured with CUDA events on GPU. Under torchrun each rank
+reports its own img/s and rank 0 adds the total. `--compare OLD.json` prints new/old ratios.
+"""
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ecvl_fast import dist as D
+from ecvl_fast.config import Config, DataCfg, ModelCfg, RunCfg, Stage1Cfg, Stage2Cfg
+
+
+def machine_info() -> dict:
+    from importlib import metadata
+
+    def version(pkg):
+        try:
+            return metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            return None
+
+    return {"date": time.strftime("%Y-%m-%d"), "cpus": os.cpu_count(), "torch": torch.__version__,
+            "cuda": torch.version.cuda, "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "dali": version("nvidia-dali-cuda130"), "ffcv": version("ffcv"), "numba": version("numba")}
+
+
+class Timer:
+    """Wall seconds of a block; on CUDA, events on the current stream (synchronised at the end)."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+
+    def __enter__(self):
+        if self.cuda:
+            self.start, self.end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            self.start.record()
+        else:
+            self.t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        if self.cuda:
+            self.end.record()
+            self.end.synchronize()  # sync point: the benchmark's own clock
+            self.seconds = self.start.elapsed_time(self.end) / 1e3
+        else:
+            self.seconds = time.perf_counter() - self.t0
+
+
+def _cfg(model: str, res: int, batch: int, device: str, compile: bool, world: int = 1) -> Config:
+    return Config(data=DataCfg(res=res, batch_size=batch * world), model=ModelCfg(name=model, compile=compile),
+                  stage1=Stage1Cfg(loss="prompt-ce"), stage2=Stage2Cfg(init="none"), run=RunCfg(device=device))
+
+
+def synthetic_batch(n: int, res: int, classes: int, device: torch.device, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 3, res, res, generator=g).contiguous(memory_format=torch.channels_last)
+    x = x.to(torch.bfloat16) if device.type == "cuda" else x
+    return x.to(device), (torch.arange(n) % classes).to(device), torch.arange(n)
+
+
+def _meta(classes: int, n: int) -> dict:
+    return {"classes": [f"class {i}" for i in range(classes)], "train_labels": np.arange(n) % classes}
+
+
+def _with_totals(d: D.Dist, r: dict, keys: tuple[str, ...]) -> dict:
+    """Per-rank img/s, and their sum over ranks (the total) under torchrun."""
+    for k in keys:
+        v = torch.tensor([r[k]], dtype=torch.float64, device=d.device)
+        r[f"{k}_total"] = float(D.all_reduce_sum(v)) if d.enabled else r[k]
+    r["world_size"] = d.world_size
+    return r
+
+
+def bench_step(model: str, res: int, batch: int, device: str, compile: bool = False, steps: int = 10,
+               repeats: int = 3, classes: int = 100) -> dict:
+    """Both stages' train steps (stage 2: two views, frozen encoders + adapter), model only."""
+    from ecvl_fast.train import build_run, train_step
+
+    d = D.setup(device)
+    out = {"machine": machine_info(), "config": dict(model=model, res=res, batch_per_device=batch, compile=compile,
+                                                     steps=steps, repeats=repeats, device=str(d.device))}
+    for stage in (1, 2):
+        cfg = _cfg(model, res, batch, device, compile, d.world_size)
+        run = build_run(cfg, d, _meta(classes, batch), steps_per_epoch=10 ** 6, stage=stage)
+        x, y, idx = synthetic_batch(batch, res, classes, d.device)
+        views = x if stage == 1 else [x, x.flip(-1)]
+        if d.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(d.device)
+        with Timer(d.device) as first:
+            train_step(run, views, y, idx)
+        times = []
+        for _ in range(repeats):
+            with Timer(d.device) as t:
+                for _ in range(steps):
+                    train_step(run, views, y, idx)
+            times.append(t.seconds / steps)
+        step_s = statistics.median(times)
+        out[f"stage{stage}"] = _with_totals(d, {
+            "img_s": batch / step_s, "step_ms": 1e3 * step_s, "first_step_s": first.seconds,
+            "peak_device_mem_gb": torch.cuda.max_memory_allocated(d.device) / 2 ** 30 if d.device.type == "cuda" else None,
+            "encoder_forwards_s": batch * (1 if stage == 1 else 2) / step_s}, ("img_s",))
+    return out
+
+
+def test_images(data: Path | None, res: int, n: int, split: str = "train") -> tuple[np.ndarray, np.ndarray, str]:
+    """uint8 NHWC images and labels: a converted split read once (ffcv), else synthetic ones."""
+    from ecvl_fast.data import default_load_res
+
+    side = default_load_res(res)
+    if data is not None and (Path(data) / f"{split}.beton").is_file():
+        try:
+            from ecvl_fast.loaders.ffcv_loader import make_loader
+
+            imgs, labels = [], []
+            for im, y, _ in make_loader(Path(data) / f"{split}.beton", "sequential", 256, side, workers=2):
+                imgs.append(im.numpy().copy()), labels.append(y.numpy().copy())
+            imgs, labels = np.concatenate(imgs), np.concatenate(labels)
+            reps = -(-n // len(imgs))
+            return np.tile(imgs, (reps, 1, 1, 1))[:n], np.tile(labels, reps)[:n], f"{data}/{split}.beton, in memory"
+        except ImportError:
+            pass
+    from ecvl_fast.synthetic import fake_images
+
+    return fake_images(n, 0, side), np.arange(n) % 100, "synthetic images in memory (no .beton / no ffcv here)"
+
+
+def _peer_loader(images, labels, m, spec, batch: int, workers: int, seed: int = 0):
+    from ecvl_fast.loaders.torch_reference import ReferenceDataset
+
+    ds = ReferenceDataset(images, labels, m, spec, seed=seed)
+    return torch.utils.data.DataLoader(ds, batch_size=batch, shuffle=False, num_workers=workers,
+                                       persistent_workers=workers > 0, drop_last=True, pin_memory=torch.cuda.is_available())
+
+
+def _dali_loader(images, labels, bank, spec, batch: int, device: torch.device, threads: int, prefetch: int = 2):
+    from ecvl_fast.loaders.dali_pipeline import AugmentedLoader
+    from ecvl_fast.loaders.memory import MemoryLoader
+
+    return AugmentedLoader(MemoryLoader(images, labels, "random", batch), spec, bank, device=device,
+                           threads=threads, prefetch=prefetch)
+
+
+class FixedM:
+    """M ~ U(0,1) per sample, fixed: what the augmentation benchmarks feed."""
+
+    def __init__(self, n: int, seed: int = 0):
+        self.m = torch.rand(n, generator=torch.Generator().manual_seed(seed))
+
+    def magnitudes(self) -> np.ndarray:
+        return self.m.numpy()
+
+
+def _img_s(loader, device: torch.device, passes: int) -> float:
+    """Images/s over whole passes of `loader` after one warm-up pass; outputs land on `device`."""
+    for _ in loader:
+        pass
+    n, t0 = 0, time.perf_counter()
+    for _ in range(passes):
+        for views, y, _ in loader:
+            views[-1].to(device, non_blocking=True)
+            n += len(y)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return n / (time.perf_counter() - t0)
+
+
+def bench_augment(data: Path | None, res: int, batch: int, device: str, n: int, workers: int, threads: int,
+                  repeats: int = 3) -> dict:
+    from ecvl_fast.loaders.dali_pipeline import AugSpec
+
+    d = D.setup(device)
+    images, labels, source = test_images(data, res, n)
+    spec, m = AugSpec(res=res, views=2, k=2), FixedM(len(labels))
+    dali = _dali_loader(images, labels, m, spec, batch, d.device, threads)
+    peer = _peer_loader(images, labels, m.m.share_memory_(), spec, batch, workers)
+    pairs = [(_img_s(dali, d.device, 1), _img_s(peer, d.device, 1)) for _ in range(repeats)]
+    ratios = sorted(a / b for a, b in pairs)
+    return {"machine": machine_info(), "source": source,
+            "config": dict(res=res, batch=batch, views=2, k=2, images=len(labels), peer_workers=workers,
+                           dali_threads=threads, device=str(d.device)),
+            "dali_img_s": statistics.median(a for a, _ in pairs), "peer_img_s": statistics.median(b for _, b in pairs),
+            "ratio": ratios[len(ratios) // 2], "pairs": pairs}
+
+
+def _stage2_run(model: str, res: int, batch: int, device: str, labels: np.ndarray, d: D.Dist):
+    from ecvl_fast.train import build_run
+
+    cfg = _cfg(model, res, batch, device, False, d.world_size)
+    return build_run(cfg, d, {"classes": [f"class {i}" for i in range(int(labels.max()) + 1)], "train_labels": labels},
+                     steps_per_epoch=10 ** 6, stage=2)
+
+
+def _train_pass(run, loader, d: D.Dist) -> tuple[float, int]:
+    from ecvl_fast.train import train_step
+
+    n = 0
+    with Timer(d.device) as t:
+        for views, y, idx in loader:
+            views = [v.to(d.device, non_blocking=True) for v in views]
+            if d.device.type == "cuda":
+                views = [v.to(torch.bfloat16).contiguous(memory_format=torch.channels_last) for v in views]
+            train_step(run, views, y.to(d.device, non_blocking=True), idx)
+            n += len(y)
+    return t.seconds, n
+
+
+def bench_train(data: Path | None, model: str, res: int, batch: int, device: str, n: int, workers: int,
+                threads: int, epochs: int = 2) -> dict:
+    """Stage 2 epochs (adapter + L_DCVL + memory-driven RA) fed by DALI, then by the PIL peer."""
+    from ecvl_fast.loaders.dali_pipeline import AugSpec
+    from ecvl_fast.train import train_step
+
+    d = D.setup(device)
+    images, labels, source = test_images(data, res, n)
+    run = _stage2_run(model, res, batch, device, labels, d)
+    run.bank.m.copy_(FixedM(len(labels)).m)  # M ~ U(0,1), as after some epochs; both feeders read it
+    spec = AugSpec(res=res, views=2, k=2)
+    feeders = {"dali": _dali_loader(images, labels, run.bank, spec, batch, d.device, threads),
+               "peer": _peer_loader(images, labels, run.bank.m.cpu().share_memory_(), spec, batch, workers)}
+    x, y, idx = synthetic_batch(batch, res, int(labels.max()) + 1, d.device)
+    steps = len(feeders["dali"])
+
+    def model_only() -> float:
+        """Seconds per step with the batch already on the device: the step's own cost."""
+        with Timer(d.device) as t:
+            for _ in range(steps):
+                train_step(run, [x, x], y, idx)
+        return t.seconds / steps
+
+    model_only()  # warm-up
+    step_s = [model_only()]
+    out = {"machine": machine_info(), "source": source,
+           "config": dict(model=model, res=res, batch=batch, images=len(labels), epochs=epochs, peer_workers=workers,
+                          dali_threads=threads, device=str(d.device)),
+           }
+    walls = {}
+    for name, loader in feeders.items():
+        _train_pass(run, loader, d)  # warm-up epoch (JIT, worker start-up)
+        secs, imgs = zip(*[_train_pass(run, loader, d) for _ in range(epochs)])
+        walls[name] = (statistics.median(secs), imgs[0])
+    step_s.append(model_only())  # before and after the feeders; the faster is the step's cost
+    out["model_only_step_ms"] = 1e3 * min(step_s)
+    for name, (wall, imgs) in walls.items():
+        compute = min(step_s) * (imgs // batch)
+        out[name] = _with_totals(d, {"img_s": imgs / wall, "epoch_s": wall, "step_ms": 1e3 * wall / (imgs // batch),
+                                     "data_stall": max(0.0, 1 - compute / wall)}, ("img_s",))
+    out["ratio"] = out["dali"]["img_s"] / out["peer"]["img_s"]
+    return out
+
+
+def bench_infer(ckpt: Path | None, data: Path | None, model: str, res: int, batch: int, device: str, n: int,
+                repeats: int = 3) -> dict:
+    """The predict path on test images held in memory: prepare (resize, normalise), encode, classify."""
+    from ecvl_fast.evaluate import predict_logits
+    from ecvl_fast.predict import load_checkpoint, to_input
+
+    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
+                       "cpu" if device == "auto" else device)
+    if ckpt is not None:
+        from ecvl_fast.eval_cli import load_classifier
+
+        state, cfg = load_checkpoint(ckpt)
+        net, text, adapter = load_classifier(cfg, state, state["classes"], dev)
+        res = cfg.data.res
+    else:
+        run = _stage2_run(model, res, batch, str(dev), np.arange(100), D.Dist(0, 0, 1, dev))
+        net, text, adapter = run.net, run.text, run.adapter
+    if dev.type == "cuda":
+        net = net.to(memory_format=torch.channels_last)
+    images, _, source = test_images(data, res, n, split="test")
+    batches = [images[i:i + batch] for i in range(0, len(images) - batch + 1, batch)]
+
+    def one_pass():
+        for b in batches:
+            x = to_input(b, res, dev)
+            x = x.to(torch.bfloat16).contiguous(memory_format=torch.channels_last) if dev.type == "cuda" else x
+            predict_logits(net, x, text, adapter).argmax(1)
+
+    one_pass()
+    times = []
+    for _ in range(repeats):
+        with Timer(dev) as t:
+            one_pass()
+        times.append(t.seconds)
+    done = len(batches) * batch
+    return {"machine": machine_info(), "source": source, "checkpoint": str(ckpt) if ckpt else None,
+            "config": dict(model=model if ckpt is None else cfg.model.name, res=res, batch=batch, images=done,
+                           device=str(dev)),
+            "img_s": done / statistics.median(times)}
+
+
+def compare(new: dict, old: dict, prefix: str = "") -> list[tuple[str, float, float, float]]:
+    """(key, new, old, new/old) for every img/s and ratio both results hold."""
+    rows = []
+    for k, v in new.items():
+        if isinstance(v, dict) and isinstance(old.get(k), dict):
+            rows += compare(v, old[k], f"{prefix}{k}.")
+        elif (k.endswith("img_s") or k.endswith("img_s_total") or k == "ratio") and isinstance(v, (int, float)) \
+                and isinstance(old.get(k), (int, float)) and old[k]:
+            rows.append((prefix + k, float(v), float(old[k]), float(v) / float(old[k])))
+    return rows
