@@ -20,6 +20,16 @@ def write_tree(root: Path, counts: list[int], size: int = 24, seed: int = 0) -> 
     return paths
 
 
+@pytest.fixture(scope="session")
+def mnist(tmp_path_factory):
+    """The embedded MNIST-LT, converted once for the whole run (real digits, 988 train, 1,000 test)."""
+    from ecvl_fast.loaders.convert import ConvertOptions, convert
+
+    out = tmp_path_factory.mktemp("data") / "mnist-lt"
+    convert(ConvertOptions("mnist-lt", out, workers=1))
+    return out
+
+
 @pytest.fixture
 def cifar10_dir(tmp_path):
     return write_cifar10(tmp_path / "cifar-10-batches-py")

@@ -10,7 +10,6 @@ from ecvl_fast import train as training
 from ecvl_fast.ablate import parse_seeds
 from ecvl_fast.cli import main
 from ecvl_fast.config import load_config
-from ecvl_fast.loaders.convert import ConvertOptions, convert
 
 TINY = """
 [data]
@@ -30,13 +29,6 @@ lr = 1e-2
 device = "cpu"
 log_every = 5
 """
-
-
-@pytest.fixture(scope="module")
-def mnist(tmp_path_factory):
-    out = tmp_path_factory.mktemp("data") / "mnist-lt"
-    convert(ConvertOptions("mnist-lt", out, workers=1))
-    return out
 
 
 def test_pretrain_writes_weights_open_clip_loads(tmp_path, mnist):

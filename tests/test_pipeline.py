@@ -6,7 +6,6 @@ from PIL import Image
 from scipy import stats
 
 from conftest import fake_images
-from ecvl_fast.loaders.convert import ConvertOptions, convert
 from ecvl_fast.loaders.dali_pipeline import AugmentedLoader, AugSpec, batch_draws, build_pipeline, feed, plan_slots
 from ecvl_fast.loaders.ffcv_loader import ORDERS, make_loader, read_labels
 from ecvl_fast.loaders.randaug_ops import LEAF_OF_OP, LEAVES, OP_INDEX, OPS, slot_inputs
@@ -150,16 +149,9 @@ class Magnitudes:
         return self.m.numpy().copy()
 
 
-@pytest.fixture(scope="module")
-def tiny_beton(tmp_path_factory):
-    out = tmp_path_factory.mktemp("mnist") / "lt"
-    convert(ConvertOptions("mnist-lt", out, workers=1))
-    return out
-
-
 @pytest.mark.parametrize("order", ORDERS)
-def test_loader_end_to_end(tiny_beton, order):
-    path = tiny_beton / ("test.beton" if order == "sequential" else "train.beton")
+def test_loader_end_to_end(mnist, order):
+    path = mnist / ("test.beton" if order == "sequential" else "train.beton")
     labels = read_labels(path)
     m = torch.rand(len(labels))
     train = order != "sequential"
@@ -180,8 +172,8 @@ def test_loader_end_to_end(tiny_beton, order):
             assert counts.min() > 40  # the rarest class has 4 images but is drawn ~1/10 of the time
 
 
-def test_m_written_after_an_epoch_is_used_next_epoch(tiny_beton):
-    path = tiny_beton / "train.beton"
+def test_m_written_after_an_epoch_is_used_next_epoch(mnist):
+    path = mnist / "train.beton"
     bank = Magnitudes(torch.zeros(len(read_labels(path))))
     loader = AugmentedLoader(make_loader(path, "sequential", 64, 32), AugSpec(res=32, train=False), bank)
     first = torch.cat([v[0] for v, _, _ in loader])
@@ -191,10 +183,10 @@ def test_m_written_after_an_epoch_is_used_next_epoch(tiny_beton):
 
 
 @pytest.mark.parametrize("order", ["random", "balanced"])
-def test_prefetching_loader_yields_the_synchronous_batches(tiny_beton, order):
+def test_prefetching_loader_yields_the_synchronous_batches(mnist, order):
     """A feeder thread two batches ahead gives exactly the batches and views of the synchronous
     loader, over two epochs with M rewritten between them (M is fixed within an epoch)."""
-    path = tiny_beton / "train.beton"
+    path = mnist / "train.beton"
     n, spec = len(read_labels(path)), AugSpec(res=32, views=2, k=2)
     runs = []
     for prefetch in (0, 2):

@@ -37,13 +37,6 @@ log_every = 5
 """
 
 
-@pytest.fixture(scope="module")
-def mnist(tmp_path_factory):
-    out = tmp_path_factory.mktemp("data") / "mnist-lt"
-    convert(ConvertOptions("mnist-lt", out, workers=1))
-    return out
-
-
 def tiny_config(tmp_path, mnist, name, epochs=3, loss="prompt-ce"):
     path = tmp_path / f"{name}.toml"
     path.write_text(TINY.format(epochs=epochs, loss=loss))
@@ -269,7 +262,7 @@ def test_predict_matches_eval_and_handles_bad_input(tmp_path, mnist, capsys):
     from PIL import Image
 
     from ecvl_fast import dist as D
-    from ecvl_fast.data import eval_loader, open_dataset
+    from ecvl_fast.data import eval_loader
     from ecvl_fast.eval_cli import load_classifier
     from ecvl_fast.evaluate import predict
     from ecvl_fast.loaders.sources import load_mnist_lt
