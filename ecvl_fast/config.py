@@ -59,7 +59,7 @@ class Stage2Cfg:
     warmup_epochs: float = 0.0
     ratio: float = 0.2  # eq. 7's lambda (BALLAD's adapter ratio)
     temperature: float = 0.2  # L_DCVL's NT-Xent temperature (BCL)
-    dcvl_weight: float = 1.0
+    dcvl_weight: float = 1.0  # 0 with randaug: L_DCVL still feeds the bank (M) but adds no gradient
     ce_scale: float = 100.0
     randaug: bool = True  # memory-driven RandAugment (eq. 10)
     init: str = ""  # stage-1 checkpoint; "" = run.out/best.pt; "none" = model.pretrained as is

@@ -127,12 +127,12 @@ def stage2_loss(run: Run, views: list[torch.Tensor], labels: torch.Tensor, idx: 
         feats, _ = run.net(torch.cat(views))  # frozen encoders: both views in one pass
     adapted = adapted_features(feats, run.model)
     ce = losses.prompt_ce_loss(adapted, run.text, labels.repeat(len(views)), cfg.ce_scale)["loss"]
-    if cfg.dcvl_weight == 0:  # BALLAD's row of the ablation: no L_DCVL, nothing for the bank
+    if cfg.dcvl_weight == 0 and not cfg.randaug:  # BALLAD's row: no L_DCVL, and no reader of the bank
         return {"loss": ce, "ce": ce}
     rows = slice(r * b, (r + 1) * b) if run.d.enabled else None
     dcvl = losses.dcvl_loss(D.gather_with_grad(adapted[:b]), D.gather_with_grad(adapted[b:2 * b]),
                             cfg.temperature, rows=rows)
-    run.bank.record(idx, dcvl["per_sample"])  # eq. 8's input; no host sync
+    run.bank.record(idx, dcvl["per_sample"])  # eq. 8's input (also when its weight is 0); no host sync
     return {"loss": ce + cfg.dcvl_weight * dcvl["loss"], "ce": ce, "dcvl": dcvl["loss"]}
 
 
