@@ -62,6 +62,7 @@ class Stage2Cfg:
     dcvl_weight: float = 1.0  # 0 with randaug: L_DCVL still feeds the bank (M) but adds no gradient
     ce_scale: float = 100.0
     randaug: bool = True  # memory-driven RandAugment (eq. 10)
+    randaug_m: float = -1.0  # < 0: M from the memory (eq. 9); in [0, 1]: this M for every sample (ablation)
     init: str = ""  # stage-1 checkpoint; "" = run.out/best.pt; "none" = model.pretrained as is
 
 

@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -241,7 +242,7 @@ def _train(cfg: Config, d: D.Dist, resume_run: bool, stage: int, out: Path | Non
     if stage == 1:
         loader = train_loader(cfg, d, meta, "random")
     else:  # the loader is handed the bank and reads its M each epoch (eq. 10); + momentum row: not
-        loader = train_loader(cfg, d, meta, "balanced", views=2, magnitudes=run.bank if cfg.stage2.randaug else None)
+        loader = train_loader(cfg, d, meta, "balanced", views=2, magnitudes=_magnitudes(cfg, run.bank))
     if d.main:
         run.out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run.out / "config.toml")
@@ -263,6 +264,26 @@ def _train(cfg: Config, d: D.Dist, resume_run: bool, stage: int, out: Path | Non
         if run.bank is not None:
             plot_m_by_group(run.out / "log.jsonl", run.out / "m_by_group.png")
     return metrics
+
+
+class FixedMagnitude:
+    """One M for every sample, in place of the memory: plain RandAugment at strength M (ablation)."""
+
+    def __init__(self, n: int, m: float):
+        self.n, self.m = n, m
+
+    def magnitudes(self) -> np.ndarray:
+        return np.full(self.n, self.m, np.float32)
+
+
+def _magnitudes(cfg: Config, bank: MomentumBank):
+    if not cfg.stage2.randaug:
+        return None
+    if cfg.stage2.randaug_m < 0:
+        return bank
+    if cfg.stage2.randaug_m > 1:
+        raise EcvlError(f"stage2.randaug_m={cfg.stage2.randaug_m}: a fixed M lies in [0, 1] (< 0: the memory)")
+    return FixedMagnitude(len(bank), cfg.stage2.randaug_m)
 
 
 def _logger(run: Run):
