@@ -303,3 +303,17 @@ def test_predict_matches_eval_and_handles_bad_input(tmp_path, mnist, capsys):
     torch.save({"state_dict": state["model"]}, weights)
     assert "not an ecvl-fast checkpoint" in cli_error(["predict", "--ckpt", str(weights), str(folder / "0000.png")], capsys)
     assert "no such folder" in cli_error(["predict", "--ckpt", str(ckpt), "--folder", str(tmp_path / "none")], capsys)
+
+
+def test_fixed_magnitude_replaces_the_memory(tmp_path, mnist, monkeypatch):
+    from ecvl_fast.loaders import dali_pipeline
+
+    fed, real_feed = [], dali_pipeline.feed
+    monkeypatch.setattr(dali_pipeline, "feed", lambda p, spec, images, m, draws: (
+        fed.append(np.asarray(m).copy()) if spec.randaug else None, real_feed(p, spec, images, m, draws))[1])
+    path, sets = tiny_config(tmp_path, mnist, "fixed", epochs=1)
+    training.main(load_config(path, sets))
+    with pytest.raises(EcvlError, match="a fixed M lies in"):
+        training.main(load_config(path, sets + ["stage2.randaug_m=1.5"]), stage=2)
+    training.main(load_config(path, sets + ["stage2.epochs=1", "stage2.randaug_m=0.5"]), stage=2)
+    assert len(fed) == 15 and all((m == 0.5).all() for m in fed)
