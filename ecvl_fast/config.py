@@ -38,6 +38,7 @@ class ModelCfg:
 class AugCfg:
     k: int = 2  # RandAugment ops per sample (eq. 10)
     beta: float = 0.97  # momentum of the per-sample loss EMA (eq. 8; BCL)
+    m_norm: str = "bcl"  # eq. 9: "bcl" (z / max|z| / 2 + 1/2) or "rank" (the EMA's percentile rank)
     crop_min_scale: float = 0.5  # BALLAD's RandomResizedCrop scale (0.5, 1)
 
 
@@ -96,6 +97,7 @@ class Config:
 CHOICES = {
     ("model", "templates"): ("single", "openai"),
     ("stage1", "loss"): ("clip", "prompt-ce"),
+    ("aug", "m_norm"): ("bcl", "rank"),
     ("data", "eval_split"): ("test", "val"),
     ("dist", "backend"): ("auto", "nccl", "gloo"),
     ("run", "device"): ("auto", "cpu", "cuda"),

@@ -98,7 +98,7 @@ def _init_stage2(run: Run, meta: dict) -> None:
     run.net.requires_grad_(False).eval()
     run.text = class_text_features(run.net, run.eval_tokens)
     run.adapter = Adapter(run.text.shape[1], cfg.stage2.ratio).to(run.d.device)
-    run.bank = MomentumBank(meta["train_labels"], beta=cfg.aug.beta, device=run.d.device)
+    run.bank = MomentumBank(meta["train_labels"], beta=cfg.aug.beta, device=run.d.device, norm=cfg.aug.m_norm)
 
 
 def stage1_loss(run: Run, images: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:

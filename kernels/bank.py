@@ -14,10 +14,16 @@ import torch
 from ecvl_fast import EcvlError
 
 
+NORMS = ("bcl", "rank")
+
+
 class MomentumBank:
-    def __init__(self, labels, beta: float = 0.97, device: str | torch.device = "cpu"):
-        """`labels`: every train sample's class (the rule for never-seen samples needs them)."""
-        self.beta = float(beta)
+    def __init__(self, labels, beta: float = 0.97, device: str | torch.device = "cpu", norm: str = "bcl"):
+        """`labels`: every train sample's class (the rule for never-seen samples needs them).
+        `norm`: eq. 9 as BCL computes it ("bcl"), or the EMA's percentile rank ("rank", see `_rank`)."""
+        if norm not in NORMS:
+            raise EcvlError(f"unknown M normalisation {norm!r}; choose one of {', '.join(NORMS)}")
+        self.beta, self.norm = float(beta), norm
         self.device = torch.device(device)
         z = dict(device=self.device)
         self.labels = torch.tensor(np.asarray(labels), dtype=torch.int64, device=self.device)
@@ -54,6 +60,26 @@ class MomentumBank:
             raise EcvlError(f"sample {bad}: non-finite loss ({float(self.loss_sum[bad])}) in the momentum bank")
         self._k.end_epoch(*self._args(self.ema, self.seen, self.loss_sum, self.loss_count), self.beta)
         self._k.normalise(*self._args(self.ema, self.seen, self.labels, self.m), self.num_classes)
+        if self.norm == "rank":
+            self._rank()
+
+    def _rank(self) -> None:
+        """M = the percentile rank of the sample's EMA among the seen samples, so M spreads evenly
+        over [0, 1]. BCL's z / max|z| lets a few outliers squeeze most samples into a narrow band
+        around 0.5 (README, "Evidence"). Never-seen samples: their class's mean M, as in eq. 9's
+        kernels. Once per epoch; boolean indexing syncs with the host on GPU."""
+        seen = self.seen.bool()
+        n = int(seen.sum())
+        if n == 0:
+            return
+        ranks = torch.empty(n, dtype=torch.float32, device=self.device)
+        ranks[self.ema[seen].argsort()] = torch.linspace(0, 1, n, device=self.device) if n > 1 else 0.5
+        self.m[seen] = ranks
+        k = self.num_classes
+        sums = torch.zeros(k, device=self.device).index_add_(0, self.labels[seen], ranks)
+        counts = torch.bincount(self.labels[seen], minlength=k)
+        per_class = torch.where(counts > 0, sums / counts.clamp(min=1), ranks.mean())
+        self.m[~seen] = per_class[self.labels[~seen]]
 
     def magnitudes(self) -> np.ndarray:
         """M for every sample as a host array: what the loader reads, once per epoch (on GPU the

@@ -111,6 +111,25 @@ def test_unseen_samples_keep_their_ema_and_take_their_class_mean_m():
     assert bank.magnitudes().tolist() == [0.0, 1.0, 0.5, 0.5]  # sample 2: class 0's mean; 3: all seen
 
 
+def test_rank_normalisation_spreads_m_evenly():
+    rng = np.random.default_rng(4)
+    labels = np.repeat([0, 1, 2], 100)
+    loss = np.r_[rng.gamma(2.0, 1.0, 299), 500.0].astype(np.float32)  # one outlier
+    banks = {norm: MomentumBank(labels, beta=0.5, norm=norm) for norm in ("bcl", "rank")}
+    seen = np.flatnonzero(labels != 2)[::2].tolist() + [299]  # half of classes 0 and 1, and the outlier
+    for bank in banks.values():
+        bank.record(torch.tensor(seen), torch.from_numpy(loss[seen]))
+        bank.end_epoch()
+    bcl, rank = (banks[n].magnitudes() for n in ("bcl", "rank"))
+    assert np.ptp(np.quantile(bcl[seen], [0.1, 0.9])) < 0.05  # the outlier squeezes BCL's M around 0.5
+    np.testing.assert_allclose(np.sort(rank[seen]), np.linspace(0, 1, len(seen)), atol=1e-6)
+    assert (np.argsort(rank[seen], kind="stable") == np.argsort(loss[seen], kind="stable")).all()
+    unseen0 = np.setdiff1d(np.flatnonzero(labels == 0), seen)
+    assert np.allclose(rank[unseen0], rank[[i for i in seen if labels[i] == 0]].mean())
+    with pytest.raises(EcvlError, match="unknown M normalisation"):
+        MomentumBank(labels, norm="minmax")
+
+
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_nonfinite_loss_names_the_sample(bad):
     bank = MomentumBank(np.zeros(5, np.int64))
