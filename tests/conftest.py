@@ -7,6 +7,26 @@ from PIL import Image
 from ecvl_fast.synthetic import fake_images, write_cifar10  # noqa: F401  (re-exported for tests)
 
 
+# A tiny CLIP on MNIST-LT for end-to-end tests (format with epochs and loss).
+TINY = """
+[data]
+res = 32
+batch_size = 64
+workers = 1
+[model]
+name = "ecvl-tiny-vit"
+[stage1]
+epochs = {epochs}
+loss = "{loss}"
+lr = 2e-3
+weight_decay = 0.05
+warmup_epochs = 0.5
+[run]
+device = "cpu"
+log_every = 5
+"""
+
+
 def write_tree(root: Path, counts: list[int], size: int = 24, seed: int = 0) -> list[Path]:
     paths, k = [], 0
     for c, n in enumerate(counts):

@@ -11,23 +11,12 @@ from ecvl_fast.ablate import parse_seeds
 from ecvl_fast.cli import main
 from ecvl_fast.config import load_config
 
-TINY = """
-[data]
-res = 32
-batch_size = 64
-workers = 1
-[model]
-name = "ecvl-tiny-vit"
-[stage1]
-epochs = 1
-loss = "prompt-ce"
-lr = 2e-3
+from conftest import TINY as TINY_STAGE1
+
+TINY = TINY_STAGE1.format(epochs=1, loss="prompt-ce") + """
 [stage2]
 epochs = 2
 lr = 1e-2
-[run]
-device = "cpu"
-log_every = 5
 """
 
 

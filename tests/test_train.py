@@ -18,23 +18,8 @@ from ecvl_fast import train as training
 from ecvl_fast.config import load_config
 from ecvl_fast.loaders.convert import ConvertOptions, convert
 
-TINY = """
-[data]
-res = 32
-batch_size = 64
-workers = 1
-[model]
-name = "ecvl-tiny-vit"
-[stage1]
-epochs = {epochs}
-loss = "{loss}"
-lr = 2e-3
-weight_decay = 0.05
-warmup_epochs = 0.5
-[run]
-device = "cpu"
-log_every = 5
-"""
+from conftest import TINY
+
 
 
 def tiny_config(tmp_path, mnist, name, epochs=3, loss="prompt-ce"):
