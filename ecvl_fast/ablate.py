@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -66,7 +67,7 @@ def run_ablation(cfg: Config, seeds: list[int], log=print) -> dict:
         seed_dir = Path(base.run.out)
         done = _finished(seed_dir, base, ignore=("stage2",))  # stage 1 does not read [stage2]
         if done is None:
-            log(f"seed {seed}: stage 1")
+            log(f"seed {seed}: stage 1")  # every rank decides alike: it reads the same finished files
             done = training.main(base, stage=1)
         per_seed.setdefault("stage1", {})[seed] = done
         for row in STAGE2_ROWS:
@@ -77,9 +78,12 @@ def run_ablation(cfg: Config, seeds: list[int], log=print) -> dict:
                 done = training.main(row_cfg, stage=2, out=seed_dir / row)
             per_seed.setdefault(row, {})[seed] = done
     result = summarise(per_seed, cfg, seeds)
-    (out / "ablation.json").write_text(json.dumps(result, indent=1))
-    plot_rows(result, out / "ablation.png")
-    print_ablation(result)
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun every rank has the metrics; rank 0 writes
+        tmp = out / ".ablation.json.tmp"
+        tmp.write_text(json.dumps(result, indent=1))
+        tmp.replace(out / "ablation.json")
+        plot_rows(result, out / "ablation.png")
+        print_ablation(result)
     return result
 
 
@@ -91,7 +95,8 @@ def _zero_shot(cfg: Config, folder: Path) -> dict:
             (folder / "pretrained.txt").read_text() == f"{cfg.model.name} {cfg.model.pretrained} {cfg.data.path}":
         return json.loads(saved.read_text())
     metrics = run_eval(cfg, None, None, cfg.data.eval_split, folder)
-    (folder / "pretrained.txt").write_text(f"{cfg.model.name} {cfg.model.pretrained} {cfg.data.path}")
+    if int(os.environ.get("RANK", "0")) == 0:
+        (folder / "pretrained.txt").write_text(f"{cfg.model.name} {cfg.model.pretrained} {cfg.data.path}")
     return metrics
 
 
