@@ -28,8 +28,8 @@ STAGE2_ROWS = {
     "momentum": {"randaug": False},
     "ecvl": {"randaug": True},
 }
-LABELS = {"zero-shot": "zero-shot (eq. 6)", "stage1": "stage 1 (both encoders)", "ballad": "BALLAD (adapter, CE)",
-          "momentum": "+ momentum (L_DCVL, no RA)", "ecvl": "ECVL (+ memory-driven RA)"}
+LABELS = {"zero-shot": "zero-shot", "stage1": "stage 1", "ballad": "BALLAD", "momentum": "+ momentum",
+          "ecvl": "ECVL"}
 METRICS = ("many", "medium", "few", "all", "macro_f1", "head_tail_gap")
 
 
@@ -56,6 +56,13 @@ def _stage2_cfg(cfg: Config, row: str) -> Config:
 
 
 def run_ablation(cfg: Config, seeds: list[int], log=print) -> dict:
+    from ecvl_fast import dist as D
+
+    with D.session(cfg.run.device, cfg.dist.backend):  # one process group for every row
+        return _ablation(cfg, seeds, log)
+
+
+def _ablation(cfg: Config, seeds: list[int], log) -> dict:
     from ecvl_fast import train as training
 
     out = Path(cfg.run.out)
@@ -126,7 +133,10 @@ def print_ablation(result: dict) -> None:
     for row in result["rows"]:
         cells = ["-" if row[k] is None else f"{100 * row[k]['mean']:.2f} ± {100 * row[k]['std']:.2f}" for k in METRICS]
         t.add_row(row["label"], *cells)
-    Console().print(t)
+    Console(width=max(120, Console().width)).print(t)
+    print("BALLAD: adapter on class-balanced batches, prompt CE only; + momentum: adds L_DCVL (eq. 11), the bank "
+          "updated, M unused; ECVL: adds the memory-driven RandAugment (eq. 10). Same stage-1 encoders, sampler, "
+          "views and steps in all three.")
 
 
 def plot_rows(result: dict, path: Path) -> None:

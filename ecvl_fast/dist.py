@@ -42,6 +42,23 @@ def teardown() -> None:
         dist.destroy_process_group()
 
 
+class session:
+    """`with D.session(device, backend) as d:` sets up the process group if none exists and tears
+    down only one it set up, so several stages can share one group (`ablate` runs many in turn:
+    re-creating a group under torchrun's store can hang)."""
+
+    def __init__(self, device: str = "auto", backend: str = "auto"):
+        self.device, self.backend = device, backend
+
+    def __enter__(self) -> Dist:
+        self.owned = not dist.is_initialized()
+        return setup(self.device, self.backend)
+
+    def __exit__(self, *exc) -> None:
+        if self.owned:
+            teardown()
+
+
 def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     """Concatenate x over ranks, rank order; gradients flow back to each rank's slice."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:

@@ -38,8 +38,7 @@ def run_eval(cfg: Config, data: Path | None, ckpt: Path | None, split: str, out:
         cfg = from_dict(state["config"], f"{ckpt} config")
     if data is not None:
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, path=str(data)))
-    d = D.setup(cfg.run.device, cfg.dist.backend)
-    try:
+    with D.session(cfg.run.device, cfg.dist.backend) as d:
         meta = open_dataset(cfg.data.path)
         if state is not None:
             ckpt_io.check(state, ckpt, model_name=cfg.model.name, num_classes=len(meta["classes"]))
@@ -50,5 +49,3 @@ def run_eval(cfg: Config, data: Path | None, ckpt: Path | None, split: str, out:
             where = out or (ckpt.parent / f"eval-{split}" if ckpt else Path(cfg.run.out) / f"zero-shot-{split}")
             write_report(metrics, meta, where, f"{cfg.model.name} {'zero-shot' if ckpt is None else ckpt.name}, {split}")
         return metrics
-    finally:
-        D.teardown()

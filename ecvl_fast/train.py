@@ -229,11 +229,8 @@ def resume(run: Run) -> tuple[int, float]:
 def main(cfg: Config, resume_run: bool = False, stage: int = 1, out: Path | None = None) -> dict:
     """One stage end to end; returns the final test metrics (also in the run folder's metrics.json).
     Stage 2 writes under `out`, by default run.out/stage2/."""
-    d = D.setup(cfg.run.device, cfg.dist.backend)
-    try:
+    with D.session(cfg.run.device, cfg.dist.backend) as d:
         return _train(cfg, d, resume_run, stage, out)
-    finally:
-        D.teardown()
 
 
 def _train(cfg: Config, d: D.Dist, resume_run: bool, stage: int, out: Path | None) -> dict:

@@ -61,7 +61,7 @@ def test_ablate_rows_seeds_json_and_resume(tmp_path, mnist, monkeypatch, capsys)
     assert cfgs["ecvl"].randaug is True
     bank = {n: torch.load(out / "seed0" / n / "last.pt", weights_only=True)["momentum"] for n in cfgs}
     assert bank["ballad"]["seen"].sum() == 0 and bank["momentum"]["seen"].sum() > 500
-    assert "ECVL" in capsys.readouterr().out
+    assert sum(line.startswith("│ ECVL ") for line in capsys.readouterr().out.splitlines()) == 1
     # Every row is finished: a second run trains nothing and prints the same table.
     monkeypatch.setattr(training, "main", lambda *a, **k: (_ for _ in ()).throw(AssertionError("retrained")))
     assert main(args) == 0
@@ -90,3 +90,23 @@ def test_every_preset_loads():
         cfg = load_config(p)
         if p.stem != "mnist-demo":
             assert (cfg.model.name, cfg.model.pretrained, cfg.stage2.epochs) == ("RN50", "openai", 300)
+
+
+def test_ablate_under_torchrun_two_gloo_processes(tmp_path, mnist):
+    """One process group per row, one writer: rank 0 alone writes ablation.json."""
+    import os
+    import subprocess
+    import sys
+
+    cfg = tmp_path / "tiny.toml"
+    cfg.write_text(TINY.replace("epochs = 2", "epochs = 1"))
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29531",
+           "-m", "ecvl_fast.cli", "ablate", "--config", str(cfg), "--seeds", "0", "--set", f"data.path={mnist}",
+           "--set", f"run.out={out}"]
+    done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = json.loads((out / "ablation.json").read_text())["rows"]
+    assert [r["name"] for r in rows] == ["stage1", "ballad", "momentum", "ecvl"]
+    assert all(r["per_seed"][0]["num_images"] == 1000 for r in rows)
+    assert sum(line.startswith("│ ECVL ") for line in done.stdout.splitlines()) == 1  # the table, printed once
