@@ -143,14 +143,11 @@ def predict(
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
 ):
     """Top-k class names and probabilities for image files (the stage-2 adapter applied)."""
-    import torch
-
     from ecvl_fast.predict import run_predict, write_csv
 
     if top_k < 1:
         raise EcvlError(f"--top-k {top_k}: must be at least 1")
-    dev = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
-    preds = run_predict(ckpt, images or [], folder, top_k, strict, device=dev)
+    preds = run_predict(ckpt, images or [], folder, top_k, strict, device=device)
     if out is not None:
         write_csv(preds, out)
     _report(f"{ckpt}: {len(preds)} images", ("image", "top-1", "p", f"top-{top_k}"),

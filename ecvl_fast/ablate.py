@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -58,17 +57,17 @@ def _stage2_cfg(cfg: Config, row: str) -> Config:
 def run_ablation(cfg: Config, seeds: list[int], log=print) -> dict:
     from ecvl_fast import dist as D
 
-    with D.session(cfg.run.device, cfg.dist.backend):  # one process group for every row
-        return _ablation(cfg, seeds, log)
+    with D.session(cfg.run.device, cfg.dist.backend) as d:  # one process group for every row
+        return _ablation(cfg, seeds, log, d.main)
 
 
-def _ablation(cfg: Config, seeds: list[int], log) -> dict:
+def _ablation(cfg: Config, seeds: list[int], log, main: bool) -> dict:
     from ecvl_fast import train as training
 
     out = Path(cfg.run.out)
     per_seed: dict[str, dict[int, dict]] = {}
     if cfg.model.pretrained not in ("", "none"):
-        per_seed["zero-shot"] = {seeds[0]: _zero_shot(cfg, out / "zero-shot")}
+        per_seed["zero-shot"] = {seeds[0]: _zero_shot(cfg, out / "zero-shot", main)}
     for seed in seeds:
         base = _with(cfg, "run", seed=seed, out=str(out / f"seed{seed}"))
         seed_dir = Path(base.run.out)
@@ -85,7 +84,7 @@ def _ablation(cfg: Config, seeds: list[int], log) -> dict:
                 done = training.main(row_cfg, stage=2, out=seed_dir / row)
             per_seed.setdefault(row, {})[seed] = done
     result = summarise(per_seed, cfg, seeds)
-    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun every rank has the metrics; rank 0 writes
+    if main:  # under torchrun every rank has the metrics; rank 0 writes
         tmp = out / ".ablation.json.tmp"
         tmp.write_text(json.dumps(result, indent=1))
         tmp.replace(out / "ablation.json")
@@ -94,7 +93,7 @@ def _ablation(cfg: Config, seeds: list[int], log) -> dict:
     return result
 
 
-def _zero_shot(cfg: Config, folder: Path) -> dict:
+def _zero_shot(cfg: Config, folder: Path, main: bool) -> dict:
     from ecvl_fast.eval_cli import run_eval
 
     saved = folder / "metrics.json"
@@ -102,7 +101,7 @@ def _zero_shot(cfg: Config, folder: Path) -> dict:
             (folder / "pretrained.txt").read_text() == f"{cfg.model.name} {cfg.model.pretrained} {cfg.data.path}":
         return json.loads(saved.read_text())
     metrics = run_eval(cfg, None, None, cfg.data.eval_split, folder)
-    if int(os.environ.get("RANK", "0")) == 0:
+    if main:
         (folder / "pretrained.txt").write_text(f"{cfg.model.name} {cfg.model.pretrained} {cfg.data.path}")
     return metrics
 

@@ -73,8 +73,9 @@ def synthetic_batch(n: int, res: int, classes: int, device: torch.device, seed: 
     return x.to(device), (torch.arange(n) % classes).to(device), torch.arange(n)
 
 
-def _meta(classes: int, n: int) -> dict:
-    return {"classes": [f"class {i}" for i in range(classes)], "train_labels": np.arange(n) % classes}
+def _meta(labels: np.ndarray) -> dict:
+    """What build_run reads of a dataset's meta.json, for synthetic data with these train labels."""
+    return {"classes": [f"class {i}" for i in range(int(labels.max()) + 1)], "train_labels": labels}
 
 
 def _with_totals(d: D.Dist, r: dict, keys: tuple[str, ...]) -> dict:
@@ -96,7 +97,7 @@ def bench_step(model: str, res: int, batch: int, device: str, compile: bool = Fa
                                                      steps=steps, repeats=repeats, device=str(d.device))}
     for stage in (1, 2):
         cfg = _cfg(model, res, batch, device, compile, d.world_size)
-        run = build_run(cfg, d, _meta(classes, batch), steps_per_epoch=10 ** 6, stage=stage)
+        run = build_run(cfg, d, _meta(np.arange(batch) % classes), steps_per_epoch=10 ** 6, stage=stage)
         x, y, idx = synthetic_batch(batch, res, classes, d.device)
         views = x if stage == 1 else [x, x.flip(-1)]
         if d.device.type == "cuda":
@@ -117,7 +118,7 @@ def bench_step(model: str, res: int, batch: int, device: str, compile: bool = Fa
     return out
 
 
-def test_images(data: Path | None, res: int, n: int, split: str = "train") -> tuple[np.ndarray, np.ndarray, str]:
+def held_images(data: Path | None, res: int, n: int, split: str = "train") -> tuple[np.ndarray, np.ndarray, str]:
     """uint8 NHWC images and labels: a converted split read once (ffcv), else synthetic ones."""
     from ecvl_fast.data import default_load_res
 
@@ -155,14 +156,9 @@ def _dali_loader(images, labels, bank, spec, batch: int, device: torch.device, t
                            threads=threads, prefetch=prefetch)
 
 
-class FixedM:
-    """M ~ U(0,1) per sample, fixed: what the augmentation benchmarks feed."""
-
-    def __init__(self, n: int, seed: int = 0):
-        self.m = torch.rand(n, generator=torch.Generator().manual_seed(seed))
-
-    def magnitudes(self) -> np.ndarray:
-        return self.m.numpy()
+def uniform_m(n: int, seed: int = 0) -> np.ndarray:
+    """M ~ U(0,1) per sample, fixed: what the augmentation benchmarks feed (as after some epochs)."""
+    return np.random.default_rng(seed).random(n, dtype=np.float32)
 
 
 def _img_s(loader, device: torch.device, passes: int) -> float:
@@ -181,13 +177,14 @@ def _img_s(loader, device: torch.device, passes: int) -> float:
 
 def bench_augment(data: Path | None, res: int, batch: int, device: str, n: int, workers: int, threads: int,
                   repeats: int = 3) -> dict:
+    from ecvl_fast.kernels.bank import StaticMagnitudes
     from ecvl_fast.loaders.dali_pipeline import AugSpec
 
     d = D.setup(device)
-    images, labels, source = test_images(data, res, n)
-    spec, m = AugSpec(res=res, views=2, k=2), FixedM(len(labels))
-    dali = _dali_loader(images, labels, m, spec, batch, d.device, threads)
-    peer = _peer_loader(images, labels, m.m.share_memory_(), spec, batch, workers)
+    images, labels, source = held_images(data, res, n)
+    spec, m = AugSpec(res=res, views=2, k=2), uniform_m(len(labels))
+    dali = _dali_loader(images, labels, StaticMagnitudes(m), spec, batch, d.device, threads)
+    peer = _peer_loader(images, labels, torch.from_numpy(m).share_memory_(), spec, batch, workers)
     pairs = [(_img_s(dali, d.device, 1), _img_s(peer, d.device, 1)) for _ in range(repeats)]
     ratios = sorted(a / b for a, b in pairs)
     return {"machine": machine_info(), "source": source,
@@ -201,8 +198,7 @@ def _stage2_run(model: str, res: int, batch: int, device: str, labels: np.ndarra
     from ecvl_fast.train import build_run
 
     cfg = _cfg(model, res, batch, device, False, d.world_size)
-    return build_run(cfg, d, {"classes": [f"class {i}" for i in range(int(labels.max()) + 1)], "train_labels": labels},
-                     steps_per_epoch=10 ** 6, stage=2)
+    return build_run(cfg, d, _meta(labels), steps_per_epoch=10 ** 6, stage=2)
 
 
 def _train_pass(run, loader, d: D.Dist) -> tuple[float, int]:
@@ -226,9 +222,9 @@ def bench_train(data: Path | None, model: str, res: int, batch: int, device: str
     from ecvl_fast.train import train_step
 
     d = D.setup(device)
-    images, labels, source = test_images(data, res, n)
+    images, labels, source = held_images(data, res, n)
     run = _stage2_run(model, res, batch, device, labels, d)
-    run.bank.m.copy_(FixedM(len(labels)).m)  # M ~ U(0,1), as after some epochs; both feeders read it
+    run.bank.m.copy_(torch.from_numpy(uniform_m(len(labels))))  # both feeders read this M
     spec = AugSpec(res=res, views=2, k=2)
     feeders = {"dali": _dali_loader(images, labels, run.bank, spec, batch, d.device, threads),
                "peer": _peer_loader(images, labels, run.bank.m.cpu().share_memory_(), spec, batch, workers)}
@@ -269,8 +265,7 @@ def bench_infer(ckpt: Path | None, data: Path | None, model: str, res: int, batc
     from ecvl_fast.evaluate import predict_logits
     from ecvl_fast.predict import load_checkpoint, to_input
 
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                       "cpu" if device == "auto" else device)
+    dev = D.resolve_device(device)
     if ckpt is not None:
         from ecvl_fast.eval_cli import load_classifier
 
@@ -282,7 +277,7 @@ def bench_infer(ckpt: Path | None, data: Path | None, model: str, res: int, batc
         net, text, adapter = run.net, run.text, run.adapter
     if dev.type == "cuda":
         net = net.to(memory_format=torch.channels_last)
-    images, _, source = test_images(data, res, n, split="test")
+    images, _, source = held_images(data, res, n, split="test")
     batches = [images[i:i + batch] for i in range(0, len(images) - batch + 1, batch)]
 
     def one_pass():

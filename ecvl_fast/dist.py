@@ -24,12 +24,18 @@ class Dist:
         return self.world_size > 1
 
 
+def resolve_device(device: str = "auto", local_rank: int = 0) -> torch.device:
+    """"auto": this rank's GPU where CUDA is available, else the CPU; "cpu" or "cuda" as asked."""
+    use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
+    return torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+
+
 def setup(device: str = "auto", backend: str = "auto") -> Dist:
     """One process per GPU under torchrun (NCCL), or per CPU process (gloo); plain single process otherwise."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
-    dev = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    dev = resolve_device(device, local_rank)
+    use_cuda = dev.type == "cuda"
     if use_cuda:
         torch.cuda.set_device(dev)
     if world > 1 and not dist.is_initialized():

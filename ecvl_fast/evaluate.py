@@ -108,9 +108,10 @@ def print_table(metrics: dict, title: str, rows: dict[str, dict] | None = None) 
 QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9)
 
 
-def m_quantiles(bank, groups: dict[str, list[int]]) -> dict:
-    """Per shot group: M's quantiles over its samples, and the share of them seen so far."""
-    m, seen, labels = bank.magnitudes(), bank.seen.cpu().numpy(), bank.labels.cpu().numpy()
+def m_quantiles(bank, labels: np.ndarray, groups: dict[str, list[int]]) -> dict:
+    """Per shot group: M's quantiles over its samples, and the share of them seen so far
+    (`labels`: the train labels on the host)."""
+    m, seen = bank.magnitudes(), bank.seen.cpu().numpy()
     out = {}
     for group, classes in groups.items():
         sel = np.isin(labels, classes)

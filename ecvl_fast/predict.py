@@ -71,13 +71,14 @@ def load_checkpoint(ckpt: Path) -> tuple[dict, Config]:
 
 
 def run_predict(ckpt: Path, images: list[Path], folder: Path | None = None, top_k: int = 5, strict: bool = False,
-                batch_size: int = 256, device: str = "cpu") -> list[Prediction]:
+                batch_size: int = 256, device: str = "auto") -> list[Prediction]:
     from ecvl_fast.data import load_res as load_res_of
+    from ecvl_fast.dist import resolve_device
     from ecvl_fast.eval_cli import load_classifier
     from ecvl_fast.evaluate import predict_logits
 
     state, cfg = load_checkpoint(ckpt)
-    dev = torch.device(device)
+    dev = resolve_device(device)
     net, text, adapter = load_classifier(cfg, state, state["classes"], dev)
     files, k = image_files(images, folder), min(top_k, len(state["classes"]))
     out, pending = [], []

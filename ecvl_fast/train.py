@@ -29,7 +29,7 @@ from ecvl_fast import losses
 from ecvl_fast.config import Config, save_config
 from ecvl_fast.data import eval_loader, open_dataset, train_loader
 from ecvl_fast.evaluate import m_quantiles, plot_m_by_group, predict, shot_metrics, write_report
-from ecvl_fast.kernels.bank import MomentumBank
+from ecvl_fast.kernels.bank import MomentumBank, StaticMagnitudes
 from ecvl_fast.model import Adapter, ClipNet, adapted_features, build_clip, class_text_features, prompt_tokens
 
 
@@ -169,7 +169,7 @@ def train_epoch(run: Run, loader, epoch: int, log) -> dict:
     if run.bank is not None:
         run.bank.end_epoch(D.all_reduce_sum)  # eqs. 8-9 in place: next epoch's M; a sync point
         if d.main:
-            log({"epoch": epoch + 1, "m_by_group": m_quantiles(run.bank, run.meta["groups"])})
+            log({"epoch": epoch + 1, "m_by_group": m_quantiles(run.bank, run.meta["train_labels"], run.meta["groups"])})
     return {"train_loss": float(D.all_reduce_sum(total) / (steps * d.world_size)),
             "img_s": n / (time.perf_counter() - t0)}
 
@@ -263,16 +263,6 @@ def _train(cfg: Config, d: D.Dist, resume_run: bool, stage: int, out: Path | Non
     return metrics
 
 
-class FixedMagnitude:
-    """One M for every sample, in place of the memory: plain RandAugment at strength M (ablation)."""
-
-    def __init__(self, n: int, m: float):
-        self.n, self.m = n, m
-
-    def magnitudes(self) -> np.ndarray:
-        return np.full(self.n, self.m, np.float32)
-
-
 def _magnitudes(cfg: Config, bank: MomentumBank):
     if not cfg.stage2.randaug:
         return None
@@ -280,7 +270,7 @@ def _magnitudes(cfg: Config, bank: MomentumBank):
         return bank
     if cfg.stage2.randaug_m > 1:
         raise EcvlError(f"stage2.randaug_m={cfg.stage2.randaug_m}: a fixed M lies in [0, 1] (< 0: the memory)")
-    return FixedMagnitude(len(bank), cfg.stage2.randaug_m)
+    return StaticMagnitudes(np.full(len(bank), cfg.stage2.randaug_m))  # plain RandAugment at this M
 
 
 def _logger(run: Run):

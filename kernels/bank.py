@@ -109,6 +109,17 @@ class MomentumBank:
         return self._views[id(t)]
 
 
+class StaticMagnitudes:
+    """M per sample that never changes: what a loader reads instead of the memory (ablations,
+    benchmarks). Same interface as `MomentumBank.magnitudes`."""
+
+    def __init__(self, m):
+        self.m = np.asarray(m, np.float32)
+
+    def magnitudes(self) -> np.ndarray:
+        return self.m
+
+
 def _kernels(device: torch.device):
     if device.type == "cuda":
         from ecvl_fast.kernels import cuda as k
