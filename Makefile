@@ -20,9 +20,10 @@ $(PY):
 	python3 -m venv .venv
 	$(PY) -m pip install -q --upgrade pip
 
-$(STAMP): pyproject.toml | $(PY)
+# pyproject.toml gives ranges; constraints.txt pins the set known to work here (DALI for CUDA 13).
+$(STAMP): pyproject.toml constraints.txt | $(PY)
 	$(MAKE) sysdeps
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[dali-cuda13,test]'
 	touch $(STAMP)
 
 demo: setup

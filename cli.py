@@ -27,9 +27,10 @@ def one_line_errors(fn):
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except EcvlError as e:
-            typer.echo(f"error: {e}", err=True)
-            raise typer.Exit(2)
+        except EcvlError as e:  # a preempted run exits with its own status (lifecycle.EXIT_PREEMPTED)
+            code = getattr(e, "exit_code", 2)
+            typer.echo(f"{'stopped' if code != 2 else 'error'}: {e}", err=True)
+            raise typer.Exit(code)
         except FileNotFoundError as e:
             typer.echo(f"error: {e.filename}: no such file", err=True)
             raise typer.Exit(2)
@@ -100,15 +101,17 @@ def train(
     overrides: Optional[list[str]] = typer.Option(None, "--set", help="section.key=value (repeatable)"),
     pretrained: Optional[str] = typer.Option(None, help="shortcut for --set model.pretrained=TAG|PATH|none"),
     stage: int = typer.Option(1, help="1: fine-tune both encoders; 2: adapter + L_DCVL + memory-driven RandAugment"),
-    resume: bool = typer.Option(False, help="continue the run in run.out from its last.pt"),
+    restart: bool = typer.Option(False, help="start over; the run already in the folder is moved to previous-<time>/"),
 ):
-    """Train (one process, or one per GPU under torchrun)."""
+    """Train (one process, or one per GPU under torchrun). Re-running the same command continues
+    the run in its folder from the last checkpoint (mid-epoch after a preemption); exit status 75
+    means stopped on SIGTERM/SIGUSR1 with a checkpoint written."""
     from ecvl_fast import train as training
 
     cfg = _config(config, overrides, pretrained)
     if stage not in (1, 2):
         raise EcvlError(f"--stage {stage}: there are stages 1 and 2")
-    training.main(cfg, resume_run=resume, stage=stage)
+    training.main(cfg, stage=stage, restart=restart)
 
 
 @app.command("eval")
@@ -135,7 +138,7 @@ def evaluate(
 @one_line_errors
 def predict(
     images: Optional[list[Path]] = typer.Argument(None, help="image files"),
-    ckpt: Path = typer.Option(..., "--ckpt", help="a stage 1 or stage 2 checkpoint (last.pt / best.pt)"),
+    ckpt: Path = typer.Option(..., "--ckpt", help="a stage 1/2 checkpoint (last.pt / best.pt), or an exported .pt / .onnx"),
     folder: Optional[Path] = typer.Option(None, help="classify every image under this folder too"),
     top_k: int = typer.Option(5, help="classes per image"),
     out: Optional[Path] = typer.Option(None, help="write the predictions as CSV"),
@@ -153,6 +156,22 @@ def predict(
     _report(f"{ckpt}: {len(preds)} images", ("image", "top-1", "p", f"top-{top_k}"),
             [(Path(p.path).name, p.classes[0], f"{p.probs[0]:.3f}", ", ".join(p.classes[1:])) for p in preds[:20]],
             {}, None)
+
+
+@app.command()
+@one_line_errors
+def export(
+    ckpt: Path = typer.Option(..., "--ckpt", help="a stage 1 or stage 2 checkpoint"),
+    out: Path = typer.Option(..., "--out", help="the file to write (model.pt or model.onnx)"),
+    format: str = typer.Option("pt", "--format", help="pt (weights, weights_only loadable) | onnx (needs ecvl-fast[onnx])"),
+):
+    """A slim classifier to deploy: image encoder, adapter, class text features and names, preprocessing
+    (no optimizer, no momentum bank, no text tower). `predict --ckpt` reads it."""
+    from ecvl_fast.export import export as run_export
+
+    r = run_export(ckpt, out, format)
+    typer.echo(f"wrote {out} ({r['bytes'] / 1e6:.1f} MB; the checkpoint: {r['checkpoint_bytes'] / 1e6:.1f} MB), "
+               f"{len(r['classes'])} classes, {r['res']} px")
 
 
 @app.command()
@@ -175,13 +194,15 @@ def pretrain(
     out: Path = typer.Option(..., "--out", help="weights file to write (then: --set model.pretrained=FILE)"),
     config: Optional[Path] = typer.Option(None, "--config", help="TOML file; data.path is the pretraining set"),
     overrides: Optional[list[str]] = typer.Option(None, "--set", help="section.key=value (repeatable)"),
+    restart: bool = typer.Option(False, help="start over; the run already in run.out is moved to previous-<time>/"),
 ):
-    """A stand-in for CLIP pretraining: stage 1 on a (balanced) dataset, its CLIP weights saved to --out."""
+    """A stand-in for CLIP pretraining: stage 1 on a (balanced) dataset, its CLIP weights saved to --out.
+    Like train, the same command continues an interrupted run."""
     from ecvl_fast import train as training
     from ecvl_fast.ablate import export_weights
 
     cfg = _config(config, overrides)
-    training.main(cfg, stage=1)
+    training.main(cfg, stage=1, restart=restart)
     export_weights(Path(cfg.run.out) / "last.pt", out)
     typer.echo(f"wrote {out} (use: --set model.pretrained={out})")
 
@@ -195,9 +216,11 @@ def demo(
     seeds: str = typer.Option("0", help="comma-separated seeds"),
 ):
     """The embedded default: the ablation on mnist-lt (real digits, long-tailed) with a small CLIP.
-    Finished rows are reused, so a second run prints the saved table."""
-    from ecvl_fast.demo import run_demo
+    Finished rows are reused, so a second run prints the saved table. Kernels and threads are
+    pinned (AVX2, 2 threads) so that the table is the same on every 2-core x86_64 machine."""
+    from ecvl_fast.demo import pin_numerics, run_demo
 
+    pin_numerics()
     run_demo(data, run, config, seeds)
 
 
@@ -305,17 +328,19 @@ def _bench_out(result: dict, json_out: Optional[Path], compare_to: Optional[Path
 _DEVICE = typer.Option("auto", help="auto | cpu | cuda (the local rank's GPU under torchrun)")
 _JSON = typer.Option(None, "--json", help="write the results here")
 _COMPARE = typer.Option(None, "--compare", help="an earlier run's JSON: print new/old ratios")
+_PRECISION = typer.Option("auto", help="auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp16 | fp32")
 
 
 @bench_app.command("step")
 @one_line_errors
 def bench_step_cmd(model: str = typer.Option("RN50"), res: int = typer.Option(224), batch: int = typer.Option(256, help="per device"),
                    device: str = _DEVICE, compile: bool = typer.Option(False), steps: int = typer.Option(10),
-                   repeats: int = typer.Option(3), json_out: Optional[Path] = _JSON, compare_to: Optional[Path] = _COMPARE):
+                   repeats: int = typer.Option(3), precision: str = _PRECISION, json_out: Optional[Path] = _JSON,
+                   compare_to: Optional[Path] = _COMPARE):
     """Stage 1 and stage 2 train steps on synthetic batches already on the device (no ffcv or DALI)."""
     from ecvl_fast.bench_device import bench_step
 
-    r = bench_step(model, res, batch, device, compile, steps, repeats)
+    r = bench_step(model, res, batch, device, compile, steps, repeats, precision=precision)
     _report(f"train step: {model}, {res} px, batch {batch}/device ({r['machine']['gpu'] or 'CPU'})",
             ("stage", "img/s per device", "img/s total", "first step s", "peak GB"),
             [(s, f"{r[s]['img_s']:.0f}", f"{r[s]['img_s_total']:.0f}", f"{r[s]['first_step_s']:.2f}",
@@ -350,14 +375,14 @@ def bench_train_cmd(data: Optional[Path] = typer.Option(None, help="a converted 
                     model: str = typer.Option("RN50"), res: int = typer.Option(224), batch: int = typer.Option(256),
                     device: str = _DEVICE, images: int = typer.Option(8192), workers: int = typer.Option(0, help="0 = every core"),
                     dali_threads: int = typer.Option(0, help="0 = every core"), epochs: int = typer.Option(2),
-                    json_out: Optional[Path] = _JSON, compare_to: Optional[Path] = _COMPARE):
+                    precision: str = _PRECISION, json_out: Optional[Path] = _JSON, compare_to: Optional[Path] = _COMPARE):
     """Stage 2 epochs end to end with each feeder: img/s and the data-stall fraction."""
     import os
 
     from ecvl_fast.bench_device import bench_train
 
     cores = os.cpu_count() or 1
-    r = bench_train(data, model, res, batch, device, images, workers or cores, dali_threads or cores, epochs)
+    r = bench_train(data, model, res, batch, device, images, workers or cores, dali_threads or cores, epochs, precision)
     _report(f"stage-2 training: {model}, {res} px, batch {batch} ({r['config']['device']}; {r['source']})",
             ("feeder", "img/s", "data stall", "ratio"),
             [(name, f"{r[name]['img_s']:.0f}", f"{100 * r[name]['data_stall']:.1f}%",
@@ -371,11 +396,11 @@ def bench_infer_cmd(ckpt: Optional[Path] = typer.Option(None, help="a stage 1/2 
                     data: Optional[Path] = typer.Option(None, help="a converted dataset: its test split"),
                     model: str = typer.Option("RN50"), res: int = typer.Option(224), batch: int = typer.Option(512),
                     device: str = _DEVICE, images: int = typer.Option(4096), repeats: int = typer.Option(3),
-                    json_out: Optional[Path] = _JSON, compare_to: Optional[Path] = _COMPARE):
+                    precision: str = _PRECISION, json_out: Optional[Path] = _JSON, compare_to: Optional[Path] = _COMPARE):
     """The predict path (prepare, encode, adapter, eq. 6) on test images in memory: img/s."""
     from ecvl_fast.bench_device import bench_infer
 
-    r = bench_infer(ckpt, data, model, res, batch, device, images, repeats)
+    r = bench_infer(ckpt, data, model, res, batch, device, images, repeats, precision)
     _report(f"inference: {r['config']['model']}, {r['config']['res']} px ({r['config']['device']}; {r['source']})",
             ("images", "img/s"), [(str(r["config"]["images"]), f"{r['img_s']:.0f}")], r, None)
     _bench_out(r, json_out, compare_to)

@@ -37,13 +37,15 @@ def _timed(batches, min_images: int) -> float:
 
 def bench_dali(b: LoaderBench):
     """A function that times the FFCV -> DALI loader (built once, reused)."""
+    from ecvl_fast.kernels.bank import StaticMagnitudes
     from ecvl_fast.loaders.dali_pipeline import AugmentedLoader, AugSpec
     from ecvl_fast.loaders.ffcv_loader import make_loader, read_labels
 
     path = b.data / "train.beton"
     m = torch.rand(len(read_labels(path)), generator=torch.Generator().manual_seed(0))
     loader = make_loader(path, "random", b.batch, default_load_res(b.res), workers=b.workers)
-    aug = AugmentedLoader(loader, AugSpec(res=b.res, views=b.views, k=b.k), m, threads=b.dali_threads)
+    aug = AugmentedLoader(loader, AugSpec(res=b.res, views=b.views, k=b.k), StaticMagnitudes(m.numpy()),
+                          threads=b.dali_threads)
     return lambda: _timed(lambda: aug, b.min_images)
 
 

@@ -46,6 +46,7 @@ class Timer:
 
     def __enter__(self):
         if self.cuda:
+            torch.cuda.synchronize()  # sync point: work queued before the block (warm-up) is not timed
             self.start, self.end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             self.start.record()
         else:
@@ -61,16 +62,18 @@ class Timer:
             self.seconds = time.perf_counter() - self.t0
 
 
-def _cfg(model: str, res: int, batch: int, device: str, compile: bool, world: int = 1) -> Config:
+def _cfg(model: str, res: int, batch: int, device: str, compile: bool, world: int = 1, precision: str = "auto") -> Config:
     return Config(data=DataCfg(res=res, batch_size=batch * world), model=ModelCfg(name=model, compile=compile),
-                  stage1=Stage1Cfg(loss="prompt-ce"), stage2=Stage2Cfg(init="none"), run=RunCfg(device=device))
+                  stage1=Stage1Cfg(loss="prompt-ce"), stage2=Stage2Cfg(init="none"),
+                  run=RunCfg(device=device, precision=precision))
 
 
-def synthetic_batch(n: int, res: int, classes: int, device: torch.device, seed: int = 0):
+def synthetic_batch(n: int, res: int, classes: int, device: torch.device, dt: torch.dtype = torch.float32, seed: int = 0):
+    from ecvl_fast import precision
+
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, 3, res, res, generator=g).contiguous(memory_format=torch.channels_last)
-    x = x.to(torch.bfloat16) if device.type == "cuda" else x
-    return x.to(device), (torch.arange(n) % classes).to(device), torch.arange(n)
+    x = precision.inputs(torch.randn(n, 3, res, res, generator=g).to(device), dt)
+    return x, (torch.arange(n) % classes).to(device), torch.arange(n, device=device)
 
 
 def _meta(labels: np.ndarray) -> dict:
@@ -88,17 +91,18 @@ def _with_totals(d: D.Dist, r: dict, keys: tuple[str, ...]) -> dict:
 
 
 def bench_step(model: str, res: int, batch: int, device: str, compile: bool = False, steps: int = 10,
-               repeats: int = 3, classes: int = 100) -> dict:
+               repeats: int = 3, classes: int = 100, precision: str = "auto") -> dict:
     """Both stages' train steps (stage 2: two views, frozen encoders + adapter), model only."""
     from ecvl_fast.train import build_run, train_step
 
     d = D.setup(device)
     out = {"machine": machine_info(), "config": dict(model=model, res=res, batch_per_device=batch, compile=compile,
-                                                     steps=steps, repeats=repeats, device=str(d.device))}
+                                                     steps=steps, repeats=repeats, device=str(d.device),
+                                                     precision=precision)}
     for stage in (1, 2):
-        cfg = _cfg(model, res, batch, device, compile, d.world_size)
+        cfg = _cfg(model, res, batch, device, compile, d.world_size, precision)
         run = build_run(cfg, d, _meta(np.arange(batch) % classes), steps_per_epoch=10 ** 6, stage=stage)
-        x, y, idx = synthetic_batch(batch, res, classes, d.device)
+        x, y, idx = synthetic_batch(batch, res, classes, d.device, run.amp)
         views = x if stage == 1 else [x, x.flip(-1)]
         if d.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(d.device)
@@ -148,12 +152,13 @@ def _peer_loader(images, labels, m, spec, batch: int, workers: int, seed: int = 
                                        persistent_workers=workers > 0, drop_last=True, pin_memory=torch.cuda.is_available())
 
 
-def _dali_loader(images, labels, bank, spec, batch: int, device: torch.device, threads: int, prefetch: int = 2):
+def _dali_loader(images, labels, bank, spec, batch: int, device: torch.device, threads: int, prefetch: int = 2,
+                 dtype: torch.dtype | None = None):
     from ecvl_fast.loaders.dali_pipeline import AugmentedLoader
     from ecvl_fast.loaders.memory import MemoryLoader
 
     return AugmentedLoader(MemoryLoader(images, labels, "random", batch), spec, bank, device=device,
-                           threads=threads, prefetch=prefetch)
+                           threads=threads, prefetch=prefetch, dtype=dtype)
 
 
 def uniform_m(n: int, seed: int = 0) -> np.ndarray:
@@ -168,7 +173,8 @@ def _img_s(loader, device: torch.device, passes: int) -> float:
     n, t0 = 0, time.perf_counter()
     for _ in range(passes):
         for views, y, _ in loader:
-            views[-1].to(device, non_blocking=True)
+            for v in views:  # both views reach the device, as in training (the peer's via pinned memory)
+                v.to(device, non_blocking=True)
             n += len(y)
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -194,10 +200,10 @@ def bench_augment(data: Path | None, res: int, batch: int, device: str, n: int, 
             "ratio": ratios[len(ratios) // 2], "pairs": pairs}
 
 
-def _stage2_run(model: str, res: int, batch: int, device: str, labels: np.ndarray, d: D.Dist):
+def _stage2_run(model: str, res: int, batch: int, device: str, labels: np.ndarray, d: D.Dist, precision: str = "auto"):
     from ecvl_fast.train import build_run
 
-    cfg = _cfg(model, res, batch, device, False, d.world_size)
+    cfg = _cfg(model, res, batch, device, False, d.world_size, precision)
     return build_run(cfg, d, _meta(labels), steps_per_epoch=10 ** 6, stage=2)
 
 
@@ -209,26 +215,26 @@ def _train_pass(run, loader, d: D.Dist) -> tuple[float, int]:
         for views, y, idx in loader:
             views = [v.to(d.device, non_blocking=True) for v in views]
             if d.device.type == "cuda":
-                views = [v.to(torch.bfloat16).contiguous(memory_format=torch.channels_last) for v in views]
-            train_step(run, views, y.to(d.device, non_blocking=True), idx)
+                views = [v.to(run.amp).contiguous(memory_format=torch.channels_last) for v in views]
+            train_step(run, views, y.to(d.device, non_blocking=True), idx.to(d.device, non_blocking=True))
             n += len(y)
     return t.seconds, n
 
 
 def bench_train(data: Path | None, model: str, res: int, batch: int, device: str, n: int, workers: int,
-                threads: int, epochs: int = 2) -> dict:
+                threads: int, epochs: int = 2, precision: str = "auto") -> dict:
     """Stage 2 epochs (adapter + L_DCVL + memory-driven RA) fed by DALI, then by the PIL peer."""
     from ecvl_fast.loaders.dali_pipeline import AugSpec
     from ecvl_fast.train import train_step
 
     d = D.setup(device)
     images, labels, source = held_images(data, res, n)
-    run = _stage2_run(model, res, batch, device, labels, d)
+    run = _stage2_run(model, res, batch, device, labels, d, precision)
     run.bank.m.copy_(torch.from_numpy(uniform_m(len(labels))))  # both feeders read this M
     spec = AugSpec(res=res, views=2, k=2)
-    feeders = {"dali": _dali_loader(images, labels, run.bank, spec, batch, d.device, threads),
+    feeders = {"dali": _dali_loader(images, labels, run.bank, spec, batch, d.device, threads, dtype=run.amp),
                "peer": _peer_loader(images, labels, run.bank.m.cpu().share_memory_(), spec, batch, workers)}
-    x, y, idx = synthetic_batch(batch, res, int(labels.max()) + 1, d.device)
+    x, y, idx = synthetic_batch(batch, res, int(labels.max()) + 1, d.device, run.amp)
     steps = len(feeders["dali"])
 
     def model_only() -> float:
@@ -242,7 +248,7 @@ def bench_train(data: Path | None, model: str, res: int, batch: int, device: str
     step_s = [model_only()]
     out = {"machine": machine_info(), "source": source,
            "config": dict(model=model, res=res, batch=batch, images=len(labels), epochs=epochs, peer_workers=workers,
-                          dali_threads=threads, device=str(d.device)),
+                          dali_threads=threads, device=str(d.device), precision=precision),
            }
     walls = {}
     for name, loader in feeders.items():
@@ -260,7 +266,7 @@ def bench_train(data: Path | None, model: str, res: int, batch: int, device: str
 
 
 def bench_infer(ckpt: Path | None, data: Path | None, model: str, res: int, batch: int, device: str, n: int,
-                repeats: int = 3) -> dict:
+                repeats: int = 3, precision: str = "auto") -> dict:
     """The predict path on test images held in memory: prepare (resize, normalise), encode, classify."""
     from ecvl_fast.evaluate import predict_logits
     from ecvl_fast.predict import load_checkpoint, to_input
@@ -273,18 +279,21 @@ def bench_infer(ckpt: Path | None, data: Path | None, model: str, res: int, batc
         net, text, adapter = load_classifier(cfg, state, state["classes"], dev)
         res = cfg.data.res
     else:
-        run = _stage2_run(model, res, batch, str(dev), np.arange(100), D.Dist(0, 0, 1, dev))
+        run = _stage2_run(model, res, batch, str(dev), np.arange(100), D.Dist(0, 0, 1, dev), precision)
         net, text, adapter = run.net, run.text, run.adapter
     if dev.type == "cuda":
         net = net.to(memory_format=torch.channels_last)
+    from ecvl_fast import precision as prec
+
+    dt = prec.dtype(precision, dev)
     images, _, source = held_images(data, res, n, split="test")
-    batches = [images[i:i + batch] for i in range(0, len(images) - batch + 1, batch)]
+    held = torch.from_numpy(images)
+    held = held.pin_memory() if dev.type == "cuda" else held  # as a loader would hand them over
+    batches = [held[i:i + batch] for i in range(0, len(held) - batch + 1, batch)]
 
     def one_pass():
         for b in batches:
-            x = to_input(b, res, dev)
-            x = x.to(torch.bfloat16).contiguous(memory_format=torch.channels_last) if dev.type == "cuda" else x
-            predict_logits(net, x, text, adapter).argmax(1)
+            predict_logits(net, to_input(b, res, dev, dt), text, adapter, dt).argmax(1)
 
     one_pass()
     times = []
@@ -295,7 +304,7 @@ def bench_infer(ckpt: Path | None, data: Path | None, model: str, res: int, batc
     done = len(batches) * batch
     return {"machine": machine_info(), "source": source, "checkpoint": str(ckpt) if ckpt else None,
             "config": dict(model=model if ckpt is None else cfg.model.name, res=res, batch=batch, images=done,
-                           device=str(dev)),
+                           device=str(dev), precision=precision),
             "img_s": done / statistics.median(times)}
 
 

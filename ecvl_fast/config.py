@@ -50,6 +50,7 @@ class Stage1Cfg:
     weight_decay: float = 0.1
     warmup_epochs: float = 1.0
     ce_scale: float = 100.0  # BALLAD's logit scale for prompt-ce
+    accum_steps: int = 1  # micro-batches per optimizer step (exact; the CLIP loss caches features)
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,7 @@ class Stage2Cfg:
     randaug: bool = True  # memory-driven RandAugment (eq. 10)
     randaug_m: float = -1.0  # < 0: M from the memory (eq. 9); in [0, 1]: this M for every sample (ablation)
     init: str = ""  # stage-1 checkpoint; "" = run.out/best.pt; "none" = model.pretrained as is
+    accum_steps: int = 1  # chunks the frozen encoders run in (their activations are the memory)
 
 
 @dataclass(frozen=True)
@@ -77,7 +79,11 @@ class RunCfg:
     out: str = "runs/default"
     seed: int = 0
     device: str = "auto"  # "auto", "cpu" or "cuda"
-    log_every: int = 20  # steps between host syncs for logging
+    log_every: int = 20  # steps between host syncs for logging (and for agreeing on a stop signal)
+    checkpoint_every: int = 0  # steps between mid-epoch checkpoints (0: at epoch ends only)
+    stop_grace_s: float = 60.0  # after SIGTERM/SIGUSR1, leave anyway after this long (a dead peer)
+    tensorboard: bool = False  # also write TensorBoard scalars to <run folder>/tb (main rank)
+    precision: str = "auto"  # "auto" (bf16 on CUDA, fp32 on CPU), "bf16", "fp16" (+ GradScaler) or "fp32"
 
 
 @dataclass(frozen=True)
@@ -101,6 +107,7 @@ CHOICES = {
     ("data", "eval_split"): ("test", "val"),
     ("dist", "backend"): ("auto", "nccl", "gloo"),
     ("run", "device"): ("auto", "cpu", "cuda"),
+    ("run", "precision"): ("auto", "bf16", "fp16", "fp32"),
 }
 
 
@@ -135,6 +142,8 @@ def _merge(cfg: Config, section: str, key: str, value, where: str) -> Config:
     if key not in hints:
         raise EcvlError(f"{where}: unknown key {section}.{key} (known: {', '.join(hints)})")
     value = _coerce(where, hints[key], value)
+    if key == "accum_steps" and value < 1:
+        raise EcvlError(f"{where}: {section}.{key} must be at least 1, not {value}")
     allowed = CHOICES.get((section, key))
     if allowed and value not in allowed:
         raise EcvlError(f"{where}: {section}.{key} must be one of {', '.join(allowed)}, not {value!r}")

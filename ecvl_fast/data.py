@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ecvl_fast import EcvlError
+from ecvl_fast import EcvlError, precision
 from ecvl_fast.config import Config
 from ecvl_fast.dist import Dist
 
@@ -55,7 +55,8 @@ def train_loader(cfg: Config, d: Dist, meta: dict, order: str, views: int = 1, m
     spec = AugSpec(res=cfg.data.res, train=True, views=views, k=cfg.aug.k, randaug=magnitudes is not None,
                    crop_scale=(cfg.aug.crop_min_scale, 1.0))
     return AugmentedLoader(loader, spec, magnitudes, device=d.device, seed=cfg.run.seed, rank=d.rank,
-                           world=d.world_size, threads=dali_threads(cfg), prefetch=cfg.data.prefetch)
+                           world=d.world_size, threads=dali_threads(cfg), prefetch=cfg.data.prefetch,
+                           dtype=precision.dtype(cfg.run.precision, d.device))
 
 
 def eval_loader(cfg: Config, d: Dist, split: str):
@@ -69,4 +70,5 @@ def eval_loader(cfg: Config, d: Dist, split: str):
                          seed=cfg.run.seed, rank=d.rank, world=d.world_size)
     spec = AugSpec(res=cfg.data.res, train=False, randaug=False)
     return AugmentedLoader(loader, spec, device=d.device, seed=cfg.run.seed, rank=d.rank,
-                           world=d.world_size, threads=dali_threads(cfg), prefetch=cfg.data.prefetch)
+                           world=d.world_size, threads=dali_threads(cfg), prefetch=cfg.data.prefetch,
+                           dtype=precision.dtype(cfg.run.precision, d.device))

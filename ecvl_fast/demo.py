@@ -7,6 +7,22 @@ import ecvl_fast
 
 DEMO_CONFIG = Path(ecvl_fast.__file__).parent / "configs" / "mnist-demo.toml"
 
+# The demo's table should be the same on every machine of the 2-core x86_64 kind. Float sums
+# round differently when torch, MKL or oneDNN pick other kernels (AVX-512 where the CPU has it,
+# AVX2 where not) or split work over other thread counts, and 60 epochs amplify that. So the demo
+# pins the kernels to AVX2 and the threads to 2. They are read when torch loads: set them first.
+PINNED = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2", "OMP_NUM_THREADS": "2"}
+
+
+def pin_numerics() -> bool:
+    """Set PINNED where the user has not; False when torch is loaded already (then too late)."""
+    import os
+    import sys
+
+    for key, value in PINNED.items():
+        os.environ.setdefault(key, value)
+    return "torch" not in sys.modules
+
 
 def ensure_data(data: Path) -> None:
     """Build the embedded dataset on first use (only at its default place)."""

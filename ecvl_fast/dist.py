@@ -7,6 +7,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from ecvl_fast import EcvlError
+
 
 @dataclass(frozen=True)
 class Dist:
@@ -30,8 +32,22 @@ def resolve_device(device: str = "auto", local_rank: int = 0) -> torch.device:
     return torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
 
 
+SRUN_FORM = ("srun --ntasks-per-node=1 torchrun --nnodes=$SLURM_NNODES --nproc-per-node=$GPUS_PER_NODE "
+             "--rdzv-backend=c10d --rdzv-endpoint=$MASTER_ADDR:29500 -m ecvl_fast.cli train ...")
+
+
+def check_launcher(env=os.environ) -> None:
+    """Several SLURM tasks without torchrun's variables would each train as rank 0 of a world of 1,
+    all writing the same folder: refuse, showing the form that works (README, "On a cluster")."""
+    tasks = int(env.get("SLURM_NTASKS", "1") or 1)
+    if tasks > 1 and not {"WORLD_SIZE", "RANK", "LOCAL_RANK"} & set(env):
+        raise EcvlError(f"SLURM_NTASKS={tasks} but no torchrun variables: each task would train alone as rank 0. "
+                        f"Start one torchrun per node: {SRUN_FORM}")
+
+
 def setup(device: str = "auto", backend: str = "auto") -> Dist:
     """One process per GPU under torchrun (NCCL), or per CPU process (gloo); plain single process otherwise."""
+    check_launcher()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     dev = resolve_device(device, local_rank)
@@ -99,3 +115,23 @@ def gather_arrays(*arrays):
     dist.all_gather_object(out, arrays)
     return tuple(np.concatenate([o[i] for o in out]) for i in range(len(arrays)))
 
+
+
+def all_reduce_max(x: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(x, op=dist.ReduceOp.MAX)
+    return x
+
+
+def barrier() -> None:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def broadcast_object(obj):
+    """Rank 0's `obj` on every rank."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]

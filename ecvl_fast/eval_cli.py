@@ -8,6 +8,7 @@ import torch
 
 from ecvl_fast import checkpoint as ckpt_io
 from ecvl_fast import dist as D
+from ecvl_fast import precision
 from ecvl_fast.config import Config, from_dict
 from ecvl_fast.data import eval_loader, open_dataset
 from ecvl_fast.evaluate import predict, shot_metrics, write_report
@@ -43,7 +44,8 @@ def run_eval(cfg: Config, data: Path | None, ckpt: Path | None, split: str, out:
         if state is not None:
             ckpt_io.check(state, ckpt, model_name=cfg.model.name, num_classes=len(meta["classes"]))
         net, text, adapter = load_classifier(cfg, state, meta["classes"], d.device)
-        preds, labels = predict(net, eval_loader(cfg, d, split), text, d, adapter)
+        dt = precision.dtype(cfg.run.precision, d.device)
+        preds, labels = predict(net, eval_loader(cfg, d, split), text, d, adapter, dt)
         metrics = shot_metrics(preds, labels, meta)
         if d.main:
             where = out or (ckpt.parent / f"eval-{split}" if ckpt else Path(cfg.run.out) / f"zero-shot-{split}")

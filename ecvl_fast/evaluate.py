@@ -31,25 +31,29 @@ def shot_metrics(preds: np.ndarray, labels: np.ndarray, meta: dict) -> dict:
 
 
 @torch.no_grad()
-def predict_logits(net, images: torch.Tensor, text_features: torch.Tensor, adapter=None) -> torch.Tensor:
-    """eq. 6 on a batch of prepared images, through the stage-2 adapter when there is one (eq. 7)."""
-    dev = images.device.type
-    with torch.autocast(dev, dtype=torch.bfloat16, enabled=dev == "cuda"):
+def predict_logits(net, images: torch.Tensor, text_features: torch.Tensor, adapter=None,
+                   dt: torch.dtype | None = None) -> torch.Tensor:
+    """eq. 6 on a batch of prepared images, through the stage-2 adapter when there is one (eq. 7).
+    `dt`: the compute dtype (run.precision; default bf16 on CUDA, fp32 on CPU)."""
+    from ecvl_fast import precision
+
+    dt = dt or precision.dtype("auto", images.device)
+    with precision.autocast(images.device, dt):
         img, _ = net(images)
         img = adapted_features(img, adapter)
     return zero_shot_logits(img, text_features, net.logit_scale)
 
 
 @torch.no_grad()
-def predict(net, loader, text_features: torch.Tensor, d: D.Dist, adapter=None):
+def predict(net, loader, text_features: torch.Tensor, d: D.Dist, adapter=None, dt: torch.dtype | None = None):
     """Predictions over the whole eval split, gathered from every rank, each sample once.
     With a stage-2 adapter, image features pass through it (eq. 7) before eq. 6."""
     net.eval()
     preds, labels, index = [], [], []
     for views, y, idx in loader:
-        logits = predict_logits(net, views[0].to(d.device, non_blocking=True), text_features, adapter)
-        preds.append(logits.argmax(1).cpu())
-        labels.append(y), index.append(idx)
+        logits = predict_logits(net, views[0].to(d.device, non_blocking=True), text_features, adapter, dt)
+        preds.append(logits.argmax(1).cpu())  # sync point: eval reads its predictions back per batch
+        labels.append(y.cpu()), index.append(idx.cpu())
     arrays = [torch.cat(a).numpy() if a else np.zeros(0, np.int64) for a in (preds, labels, index)]
     p, y, i = D.gather_arrays(*arrays)
     _, first = np.unique(i, return_index=True)

@@ -5,10 +5,28 @@ Inputs are L2-normalised features. Distributed callers gather features with
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
 
+def fp32(loss):
+    """Run a loss in fp32 whatever autocast the caller is in. Under bf16 autocast the logit
+    matmuls would run in bf16, whose 8-bit mantissa rounds logits at scale 100 (eq. 6, BALLAD's CE)
+    or 1/0.2 to steps of 0.5 to 0.03: coarse targets for a loss that compares them. The features
+    are [B, D] and the matmuls [B, K] or [2B, 2B], so fp32 costs little next to the encoders."""
+    @functools.wraps(loss)
+    def wrapper(*args, **kwargs):
+        first = next(a for a in args if isinstance(a, torch.Tensor))
+        with torch.autocast(first.device.type, enabled=False):
+            args = [a.float() if isinstance(a, torch.Tensor) and a.is_floating_point() and a.element_size() < 4 else a
+                    for a in args]  # fp16/bf16 up; fp32 and fp64 (the parity tests) as they are
+            return loss(*args, **kwargs)
+    return wrapper
+
+
+@fp32
 def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, labels: torch.Tensor,
               scale, rows: slice | None = None) -> dict[str, torch.Tensor]:
     """eqs. 4-5: symmetric image<->text contrastive loss over the batch.
@@ -29,6 +47,7 @@ def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, labels:
     return {"loss": (i2t + t2i) / 2, "i2t": i2t, "t2i": t2i}
 
 
+@fp32
 def prompt_ce_loss(image_features: torch.Tensor, class_text_features: torch.Tensor, labels: torch.Tensor,
                    scale: float = 100.0) -> dict[str, torch.Tensor]:
     """BALLAD's phase A: cross-entropy of image features against all K class prompts."""
@@ -37,6 +56,7 @@ def prompt_ce_loss(image_features: torch.Tensor, class_text_features: torch.Tens
     return {"loss": ce, "ce": ce}
 
 
+@fp32
 def dcvl_loss(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.2,
               rows: slice | None = None) -> dict[str, torch.Tensor]:
     """eq. 11, the two-view contrastive loss, as NT-Xent (BCL's form, temperature 0.2).
@@ -48,7 +68,7 @@ def dcvl_loss(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.2,
     b = z1.shape[0]
     z = torch.cat([z1, z2])
     sim = (z @ z.T / temperature).masked_fill(torch.eye(2 * b, dtype=torch.bool, device=z.device), float("-inf"))
-    target = torch.cat([torch.arange(b, 2 * b), torch.arange(b)]).to(z.device)
+    target = torch.arange(2 * b, device=z.device).roll(b)  # made on the device: no host copy per step
     per_view = F.cross_entropy(sim, target, reduction="none")
     per_sample = (per_view[:b] + per_view[b:]) / 2
     if rows is not None:

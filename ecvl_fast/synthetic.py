@@ -11,11 +11,13 @@ import numpy as np
 def fake_images(n: int, seed: int, size: int = 32) -> np.ndarray:
     """Smooth random images (gradients plus noise), so JPEG error stays small and measurable."""
     rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:size, 0:size] / size
-    base = rng.uniform(0, 255, (n, 1, 1, 3)) * 0.5
-    slope = rng.uniform(-80, 80, (n, 1, 1, 3))
-    img = base + slope * (xx[None, :, :, None] + yy[None, :, :, None]) + 64
-    return np.clip(img, 0, 255).astype(np.uint8)
+    ramp = (np.add.outer(np.arange(size), np.arange(size)) / size).astype(np.float32)[None, :, :, None]
+    base = (rng.uniform(0, 255, (n, 1, 1, 3)) * 0.5).astype(np.float32)
+    slope = rng.uniform(-80, 80, (n, 1, 1, 3)).astype(np.float32)
+    out = np.empty((n, size, size, 3), np.uint8)
+    for i in range(0, n, 256):  # float32 in chunks: the uint8 result is the only full-size array
+        out[i:i + 256] = np.clip(base[i:i + 256] + slope[i:i + 256] * ramp + 64, 0, 255)
+    return out
 
 
 def write_cifar10(root: Path, per_class_train: int = 50, per_class_test: int = 5) -> Path:

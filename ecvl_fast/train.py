@@ -5,13 +5,14 @@ them and trains the adapter (eq. 7) on class-balanced batches (eq. 12) of two vi
 prompt cross-entropy plus L_DCVL (eq. 11); each sample's L_DCVL feeds the momentum bank (eq. 8),
 whose normalised M (eq. 9) drives the next epoch's RandAugment (eq. 10).
 
-Top to bottom: set-up -> resume -> per epoch (train, validate, checkpoint) -> final test report.
+Top to bottom: set-up -> resume (lifecycle.py) -> per epoch (train, validate, checkpoint) -> final
+test report. Logging lives in logs.py; resuming, signals and the checkpoint cadence in lifecycle.py.
 The step does autocast -> loss -> backward -> step with no host sync; the loss is read back
 only every `run.log_every` steps (the sync points are marked).
 """
 from __future__ import annotations
 
-import json
+import contextlib
 import math
 import shutil
 import time
@@ -25,11 +26,12 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from ecvl_fast import EcvlError
 from ecvl_fast import checkpoint as ckpt_io
 from ecvl_fast import dist as D
-from ecvl_fast import losses
+from ecvl_fast import lifecycle, losses, precision
 from ecvl_fast.config import Config, save_config
 from ecvl_fast.data import eval_loader, open_dataset, train_loader
 from ecvl_fast.evaluate import m_quantiles, plot_m_by_group, predict, shot_metrics, write_report
 from ecvl_fast.kernels.bank import MomentumBank, StaticMagnitudes
+from ecvl_fast.logs import RunLog
 from ecvl_fast.model import Adapter, ClipNet, adapted_features, build_clip, class_text_features, prompt_tokens
 
 
@@ -49,6 +51,9 @@ class Run:
     adapter: Adapter | None = None  # stage 2: the only trainable module
     text: torch.Tensor | None = None  # stage 2: frozen class text features [K, D]
     bank: MomentumBank | None = None  # stage 2: per-sample loss memory and M
+    best: float = -math.inf  # the best validation score so far
+    amp: torch.dtype = torch.float32  # compute dtype (run.precision)
+    scaler: torch.amp.GradScaler | None = None  # fp16 only; a pass-through otherwise
 
 
 def lr_lambda(total_steps: int, warmup_steps: int):
@@ -79,6 +84,8 @@ def build_run(cfg: Config, d: D.Dist, meta: dict, steps_per_epoch: int, stage: i
     trainable = run.adapter if stage == 2 else net
     run.opt = torch.optim.AdamW([p for p in trainable.parameters() if p.requires_grad], lr=sc.lr,
                                 weight_decay=sc.weight_decay)
+    run.amp = precision.dtype(cfg.run.precision, d.device)
+    run.scaler = precision.scaler(d.device, run.amp)
     warmup = max(1, int(sc.warmup_epochs * steps_per_epoch))
     run.sched = torch.optim.lr_scheduler.LambdaLR(run.opt, lr_lambda(sc.epochs * steps_per_epoch, warmup))
     model = torch.compile(trainable) if cfg.model.compile else trainable  # compile before wrapping in DDP
@@ -101,18 +108,25 @@ def _init_stage2(run: Run, meta: dict) -> None:
     run.bank = MomentumBank(meta["train_labels"], beta=cfg.aug.beta, device=run.d.device, norm=cfg.aug.m_norm)
 
 
-def stage1_loss(run: Run, images: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+def stage1_loss(run: Run, images: torch.Tensor, labels: torch.Tensor, cached=None, j: int = 0) -> dict[str, torch.Tensor]:
+    """eqs. 4-5 (or BALLAD's prompt CE). `cached`: every micro-batch's (image, text) features,
+    computed without gradient; micro-batch `j`'s are replaced by this call's, so the loss sees the
+    whole batch's negatives while the gradient flows through micro-batch `j` only."""
     cfg, k = run.cfg.stage1, run.tokens.shape[0]
     if cfg.loss == "prompt-ce":
         img, txt = run.model(images, run.tokens)
-        return losses.prompt_ce_loss(img.float(), txt.float(), labels, cfg.ce_scale)
+        return losses.prompt_ce_loss(img, txt, labels, cfg.ce_scale)
     # clip: the text of each sample is its class prompt; encode the fewer of (batch, classes).
     few_labels = labels.shape[0] < k
     img, txt = run.model(images, run.tokens[labels] if few_labels else run.tokens)
     txt = txt if few_labels else txt[labels]
+    if cached is not None:
+        img = torch.cat([c[0] for c in cached[:j]] + [img] + [c[0] for c in cached[j + 1:]])
+        txt = torch.cat([c[1] for c in cached[:j]] + [txt] + [c[1] for c in cached[j + 1:]])
+        labels = torch.cat([c[2] for c in cached])
     b, r = labels.shape[0], run.d.rank
     all_labels = D.gather_tensor(labels)
-    return losses.clip_loss(D.gather_with_grad(img.float()), D.gather_with_grad(txt.float()), all_labels,
+    return losses.clip_loss(D.gather_with_grad(img), D.gather_with_grad(txt), all_labels,
                             run.net.logit_scale, rows=slice(r * b, (r + 1) * b) if run.d.enabled else None)
 
 
@@ -121,11 +135,13 @@ def stage2_loss(run: Run, views: list[torch.Tensor], labels: torch.Tensor, idx: 
 
     Under DDP the adapted features are gathered (with gradient) so every sample has the 2B - 2
     negatives of the global batch, whatever the number of GPUs; each rank keeps its own rows'
-    per-sample losses for the bank (summed over ranks at epoch end).
+    per-sample losses for the bank (summed over ranks at epoch end). With accumulation the frozen
+    encoders (the memory) run in `stage2.accum_steps` chunks; the adapter and the losses then see
+    the whole batch at once, so every term, and M, is that of the unsplit batch.
     """
     cfg, b, r = run.cfg.stage2, labels.shape[0], run.d.rank
-    with torch.no_grad():
-        feats, _ = run.net(torch.cat(views))  # frozen encoders: both views in one pass
+    with torch.no_grad():  # frozen encoders: both views in one pass, or in chunks
+        feats = torch.cat([run.net(x)[0] for x in torch.cat(views).chunk(cfg.accum_steps)])
     adapted = adapted_features(feats, run.model)
     ce = losses.prompt_ce_loss(adapted, run.text, labels.repeat(len(views)), cfg.ce_scale)["loss"]
     if cfg.dcvl_weight == 0 and not cfg.randaug:  # BALLAD's row: no L_DCVL, and no reader of the bank
@@ -138,40 +154,108 @@ def stage2_loss(run: Run, views: list[torch.Tensor], labels: torch.Tensor, idx: 
 
 
 def train_step(run: Run, views, labels: torch.Tensor, idx: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """autocast -> loss -> backward (scaled under fp16) -> step. Stage 1 with `accum_steps` > 1
+    runs the batch as micro-batches and steps once (`_stage1_backward`)."""
     views = [views] if isinstance(views, torch.Tensor) else views
-    with torch.autocast(run.d.device.type, dtype=torch.bfloat16, enabled=run.d.device.type == "cuda"):
-        terms = stage1_loss(run, views[0], labels) if run.stage == 1 else stage2_loss(run, views, labels, idx)
     run.opt.zero_grad(set_to_none=True)
-    terms["loss"].backward()
-    run.opt.step()
+    if run.stage == 1:
+        terms = _stage1_backward(run, views[0], labels)
+    else:
+        with precision.autocast(run.d.device, run.amp):
+            terms = stage2_loss(run, views, labels, idx)
+        run.scaler.scale(terms["loss"]).backward()
+    run.scaler.step(run.opt)
+    run.scaler.update()
     run.sched.step()
     return {k: v.detach() for k, v in terms.items()}
 
 
-def train_epoch(run: Run, loader, epoch: int, log) -> dict:
+def _stage1_backward(run: Run, images: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Gradients of the batch's loss, accumulated over `stage1.accum_steps` micro-batches.
+
+    Prompt CE is a mean of per-sample terms: micro-batch j's mean, weighted by its share of the
+    batch, sums to the batch's. The CLIP loss compares every sample with every other, so (as
+    open_clip's --accum-freq) the features of all micro-batches are computed first without
+    gradient, then each micro-batch is run again with gradient against the others' cached features.
+    DDP synchronises gradients on the last micro-batch only.
+    """
+    a, n = run.cfg.stage1.accum_steps, labels.shape[0]
+    xs, ys = images.chunk(a), labels.chunk(a)
+    cached = None
+    if a > 1 and run.cfg.stage1.loss == "clip":
+        with torch.no_grad(), precision.autocast(run.d.device, run.amp):
+            cached = [_features(run, x, y) for x, y in zip(xs, ys)]
+    total: dict[str, torch.Tensor] = {}
+    for j, (x, y) in enumerate(zip(xs, ys)):
+        sync = j == len(xs) - 1 or not run.d.enabled
+        with (contextlib.nullcontext() if sync else run.model.no_sync()), precision.autocast(run.d.device, run.amp):
+            terms = stage1_loss(run, x, y, cached, j)
+            weight = 1.0 if cached is not None else y.shape[0] / n  # the cached form's loss is the whole batch's
+            run.scaler.scale(terms["loss"] * weight).backward()
+        for k, v in terms.items():
+            total[k] = total.get(k, 0) + v.detach() * (1.0 / len(xs) if cached is not None else weight)
+    return total
+
+
+def _features(run: Run, images: torch.Tensor, labels: torch.Tensor):
+    """(image features, per-sample text features, labels) of a micro-batch, as stage1_loss forms them."""
+    few_labels = labels.shape[0] < run.tokens.shape[0]
+    img, txt = run.model(images, run.tokens[labels] if few_labels else run.tokens)
+    return img, (txt if few_labels else txt[labels]), labels
+
+
+def train_epoch(run: Run, loader, epoch: int, log, stop: lifecycle.StopSignal | None = None,
+                pos: lifecycle.Position | None = None) -> dict:
+    """One epoch, from `pos.step` when a stopped run resumes in it. Every `run.log_every` steps
+    (a sync point) the ranks check the loss and agree on a stop signal; every
+    `run.checkpoint_every` steps the main rank writes a checkpoint that resumes at that step."""
     run.model.train()
     run.net.train(run.stage == 1)  # stage 2: frozen encoders stay in eval mode (BN statistics)
-    d, every = run.d, run.cfg.run.log_every
-    total = torch.zeros((), device=d.device)
+    d, every, cadence = run.d, run.cfg.run.log_every, run.cfg.run.checkpoint_every
+    here = pos is not None and pos.epoch == epoch
+    first, carry = (pos.step, pos.carry or {}) if here else (0, {})
+    total = torch.full((), carry.get("total", 0.0) if d.main else 0.0, device=d.device)
     first_bad = torch.full((), -1, dtype=torch.int64, device=d.device)
-    t0, n, steps = time.perf_counter(), 0, len(loader)
-    for step, (views, labels, idx) in enumerate(_progress(loader, d, f"epoch {epoch + 1}")):
+    fp16, streak = run.amp == torch.float16, torch.zeros((), dtype=torch.int64, device=d.device)
+    t0, n, timed, steps = time.perf_counter(), carry.get("images", 0), 0, len(loader)
+    if here and first:
+        loader.resume_at(epoch, first)
+    for step, (views, labels, idx) in enumerate(log.progress(loader, epoch), first):
         gstep = epoch * steps + step
         terms = train_step(run, views, labels.to(d.device, non_blocking=True), idx)
-        bad = ~torch.isfinite(terms["loss"]) & (first_bad < 0)
+        finite = torch.isfinite(terms["loss"])
+        if fp16:  # the scaler skips a step whose loss or gradients overflow; only a window of them is an error
+            streak = torch.where(finite, torch.zeros_like(streak), streak + 1)
+            finite = streak < every
+        bad = ~finite & (first_bad < 0)
         first_bad = torch.where(bad, torch.full_like(first_bad, gstep), first_bad)
         total += torch.nan_to_num(terms["loss"], nan=0.0, posinf=0.0, neginf=0.0)
-        n += labels.shape[0] * d.world_size
-        if (step + 1) % every == 0 or step + 1 == steps:
+        n, timed = n + labels.shape[0] * d.world_size, timed + labels.shape[0] * d.world_size
+        last = step + 1 == steps
+        if (step + 1) % every == 0 or last:
             _check_finite(first_bad, run)  # sync point: once per log_every steps
             log({"epoch": epoch + 1, "step": gstep + 1, "loss": float(terms["loss"]),
-                 "lr": run.sched.get_last_lr()[0], "img_s": n / (time.perf_counter() - t0)})
+                 "lr": run.sched.get_last_lr()[0], "img_s": timed / (time.perf_counter() - t0)})
+            if not last and stop is not None and stop.agreed(d):  # sync point: a signal reached some rank
+                _save_mid_epoch(run, epoch, step + 1, total, n)
+                raise lifecycle.Preempted(f"stopped by {stop.name} at epoch {epoch + 1}, step {step + 1}; "
+                                          f"checkpoint {run.out / 'last.pt'} written: run the same command to resume")
+        if cadence and not last and (gstep + 1) % cadence == 0:
+            _save_mid_epoch(run, epoch, step + 1, total, n)
     if run.bank is not None:
         run.bank.end_epoch(D.all_reduce_sum)  # eqs. 8-9 in place: next epoch's M; a sync point
         if d.main:
             log({"epoch": epoch + 1, "m_by_group": m_quantiles(run.bank, run.meta["train_labels"], run.meta["groups"])})
     return {"train_loss": float(D.all_reduce_sum(total) / (steps * d.world_size)),
-            "img_s": n / (time.perf_counter() - t0)}
+            "img_s": timed / (time.perf_counter() - t0)}
+
+
+def _save_mid_epoch(run: Run, epoch: int, step: int, total: torch.Tensor, images: int) -> None:
+    """A checkpoint that resumes at `step` of `epoch`: this epoch's running sums over every rank
+    (the loss total, the bank's per-sample sums) go with it. Every rank calls it (collectives)."""
+    carry = {"total": float(D.all_reduce_sum(total.detach().clone())), "images": images}
+    partial = run.bank.partial_state(D.all_reduce_sum) if run.bank is not None else None
+    save_checkpoint(run, lifecycle.Position(epoch, step, run.best, carry), partial=partial)
 
 
 def _check_finite(first_bad: torch.Tensor, run: Run) -> None:
@@ -184,27 +268,24 @@ def _check_finite(first_bad: torch.Tensor, run: Run) -> None:
         raise EcvlError(f"non-finite loss at step {int(bad) + 1}; training stopped ({kept})")
 
 
-def _progress(loader, d: D.Dist, desc: str):
-    from tqdm import tqdm
-
-    return tqdm(loader, desc=desc, leave=False, disable=not d.main, dynamic_ncols=True)
-
-
 def evaluate_split(run: Run, loader) -> dict:
     text = run.text if run.text is not None else class_text_features(run.net, run.eval_tokens)
-    preds, labels = predict(run.net, loader, text, run.d, run.adapter)
+    preds, labels = predict(run.net, loader, text, run.d, run.adapter, run.amp)
     return shot_metrics(preds, labels, run.meta)
 
 
-def save_checkpoint(run: Run, epoch: int, best: float, is_best: bool) -> None:
+def save_checkpoint(run: Run, pos: lifecycle.Position, is_best: bool = False, partial: dict | None = None) -> None:
+    """last.pt (temp file, then rename), resuming at `pos`; best.pt a copy of it at epoch ends."""
     if not run.d.main:
         return
     payload = {"model": run.net.state_dict(), "optimizer": run.opt.state_dict(),
-               "scheduler": run.sched.state_dict(), "epoch": epoch, "stage": run.stage, "best": best,
+               "scheduler": run.sched.state_dict(), "epoch": pos.epoch, "stage": run.stage, "best": pos.best,
+               "position": {"epoch": pos.epoch, "step": pos.step, "carry": pos.carry},
+               "scaler": run.scaler.state_dict(),
                "rng": ckpt_io.rng_state(), "config": run.cfg.to_dict(), "model_name": run.cfg.model.name,
                "num_classes": len(run.meta["classes"]), "classes": run.meta["classes"]}
     if run.stage == 2:
-        payload |= {"adapter": run.adapter.state_dict(), "momentum": run.bank.state_dict()}
+        payload |= {"adapter": run.adapter.state_dict(), "momentum": {**run.bank.state_dict(), **(partial or {})}}
     ckpt_io.save(run.out / "last.pt", payload)
     if is_best:
         tmp = run.out / ".best.pt.tmp"
@@ -212,30 +293,41 @@ def save_checkpoint(run: Run, epoch: int, best: float, is_best: bool) -> None:
         tmp.replace(run.out / "best.pt")
 
 
-def resume(run: Run) -> tuple[int, float]:
-    c = ckpt_io.load(run.out / "last.pt", model_name=run.cfg.model.name, num_classes=len(run.meta["classes"]))
+def restore(run: Run, c: dict) -> None:
+    """Everything `save_checkpoint` wrote, back into the run (the bank's partial sums: main rank)."""
     if c["stage"] != run.stage:
         raise EcvlError(f"{run.out / 'last.pt'}: a stage {c['stage']} checkpoint, resuming stage {run.stage}")
     run.net.load_state_dict(c["model"])
     if run.stage == 2:
         run.adapter.load_state_dict(c["adapter"])
-        run.bank.load_state_dict(c["momentum"])
+        run.bank.load_state_dict(c["momentum"], partial=run.d.main)
     run.opt.load_state_dict(c["optimizer"])
     run.sched.load_state_dict(c["scheduler"])
+    if c.get("scaler"):
+        run.scaler.load_state_dict(c["scaler"])
     ckpt_io.set_rng_state(c["rng"])
-    return c["epoch"], c["best"]
 
 
-def main(cfg: Config, resume_run: bool = False, stage: int = 1, out: Path | None = None) -> dict:
+def main(cfg: Config, stage: int = 1, out: Path | None = None, restart: bool = False) -> dict:
     """One stage end to end; returns the final test metrics (also in the run folder's metrics.json).
-    Stage 2 writes under `out`, by default run.out/stage2/."""
-    with D.session(cfg.run.device, cfg.dist.backend) as d:
-        return _train(cfg, d, resume_run, stage, out)
+    Stage 2 writes under `out`, by default run.out/stage2/. A folder with a checkpoint continues
+    where it stopped (lifecycle.py); `restart` starts over, keeping the old run aside."""
+    with D.session(cfg.run.device, cfg.dist.backend) as d, lifecycle.StopSignal(cfg.run.stop_grace_s) as stop:
+        return _train(cfg, d, stage, out, restart, stop)
 
 
-def _train(cfg: Config, d: D.Dist, resume_run: bool, stage: int, out: Path | None) -> dict:
+def _train(cfg: Config, d: D.Dist, stage: int, out: Path | None, restart: bool, stop) -> dict:
     meta = open_dataset(cfg.data.path)
-    run = build_run(cfg, d, meta, len(meta["train_labels"]) // cfg.data.batch_size, stage, out)
+    sc = cfg.stage1 if stage == 1 else cfg.stage2
+    folder = Path(out or Path(cfg.run.out) / ("stage2" if stage == 2 else ""))
+    lifecycle.check_shared_folder(folder, d)
+    log = RunLog(folder, d.main, sc.epochs, stage, cfg.run.tensorboard)
+    pos, ckpt = lifecycle.start(folder, cfg, sc.epochs, d, restart, log)
+    if pos.finished is not None:
+        if d.main:
+            print(f"{folder}: finished already ({sc.epochs} epochs); its metrics.json stands (--restart to train again)")
+        return pos.finished
+    run = build_run(cfg, d, meta, len(meta["train_labels"]) // cfg.data.batch_size, stage, folder)
     if stage == 1:
         loader = train_loader(cfg, d, meta, "random")
     else:  # the loader is handed the bank and reads its M each epoch (eq. 10); + momentum row: not
@@ -243,23 +335,27 @@ def _train(cfg: Config, d: D.Dist, resume_run: bool, stage: int, out: Path | Non
     if d.main:
         run.out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run.out / "config.toml")
-        if not resume_run:
-            (run.out / "log.jsonl").unlink(missing_ok=True)
-    start, best = resume(run) if resume_run else (0, -math.inf)
-    loader.epoch = start
+    if ckpt is not None:
+        restore(run, ckpt)
+    run.best = pos.best
+    loader.epoch = pos.epoch
     val = eval_loader(cfg, d, "val") if "val" in meta["images"] else None
-    log = _logger(run)
-    for epoch in range(start, (cfg.stage1 if stage == 1 else cfg.stage2).epochs):
-        stats = train_epoch(run, loader, epoch, log)
-        score = evaluate_split(run, val)["all"] if val is not None else float(epoch)  # train-last without val
-        log({"epoch": epoch + 1, **stats, "val_all": score if val is not None else None})
-        save_checkpoint(run, epoch + 1, max(best, score), score > best)
-        best = max(best, score)
+    for epoch in range(pos.epoch, sc.epochs):
+        stats = train_epoch(run, loader, epoch, log, stop, pos)
+        scores = evaluate_split(run, val) if val is not None else None
+        score = scores["all"] if scores is not None else float(epoch)  # train-last without a val split
+        log.epoch_end(epoch, stats, run.sched.get_last_lr()[0], scores)
+        save_checkpoint(run, lifecycle.Position(epoch + 1, 0, max(run.best, score)), score > run.best)
+        run.best = max(run.best, score)
+        if epoch + 1 < sc.epochs and stop.agreed(d):  # sync point, once per epoch
+            raise lifecycle.Preempted(f"stopped by {stop.name} after epoch {epoch + 1}; checkpoint "
+                                      f"{run.out / 'last.pt'} written: run the same command to resume")
     metrics = evaluate_split(run, eval_loader(cfg, d, cfg.data.eval_split))
     if d.main:
         write_report(metrics, meta, run.out, f"{cfg.model.name} stage {stage}, {cfg.data.eval_split} split")
         if run.bank is not None:
             plot_m_by_group(run.out / "log.jsonl", run.out / "m_by_group.png")
+    log.close()
     return metrics
 
 
@@ -271,13 +367,3 @@ def _magnitudes(cfg: Config, bank: MomentumBank):
     if cfg.stage2.randaug_m > 1:
         raise EcvlError(f"stage2.randaug_m={cfg.stage2.randaug_m}: a fixed M lies in [0, 1] (< 0: the memory)")
     return StaticMagnitudes(np.full(len(bank), cfg.stage2.randaug_m))  # plain RandAugment at this M
-
-
-def _logger(run: Run):
-    path = run.out / "log.jsonl"
-
-    def log(record: dict) -> None:
-        if run.d.main:
-            with open(path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-    return log

@@ -41,9 +41,14 @@ class MomentumBank:
         return self.m.numel()
 
     def record(self, indices: torch.Tensor, losses: torch.Tensor) -> None:
-        """Add per-sample losses (one per index; repeat an index for several views). No host sync."""
-        idx = indices.detach().to(self.device, torch.int64).contiguous()
-        val = losses.detach().to(self.device, torch.float32).contiguous()
+        """Add per-sample losses (one per index; repeat an index for several views). No host sync:
+        the indices must already be on the bank's device (the loader hands them over there), since
+        copying them here from pageable host memory would block every step."""
+        if indices.device != self.device:
+            raise EcvlError(f"sample indices on {indices.device}, the momentum bank on {self.device}: "
+                            "move them with the batch (a copy here would sync every step)")
+        idx = indices.detach().to(torch.int64).contiguous()
+        val = losses.detach().to(torch.float32).contiguous()
         self._k.accumulate(*self._args(self.loss_sum, self.loss_count, idx, val))
 
     def end_epoch(self, all_reduce: Callable[[torch.Tensor], None] | None = None) -> None:
@@ -90,12 +95,26 @@ class MomentumBank:
         return {"ema": self.ema.cpu(), "seen": self.seen.cpu(), "m": self.m.cpu(),
                 "beta": torch.tensor(self.beta)}
 
-    def load_state_dict(self, sd: dict) -> None:
+    def partial_state(self, all_reduce: Callable[[torch.Tensor], None] | None = None) -> dict:
+        """This epoch's per-sample loss sums and counts so far, summed over DDP ranks: what a
+        checkpoint written mid-epoch needs to resume the epoch exactly (every rank calls it)."""
+        s, c = self.loss_sum.clone(), self.loss_count.clone()
+        if all_reduce is not None:
+            all_reduce(s)
+            all_reduce(c)
+        return {"loss_sum": s.cpu(), "loss_count": c.cpu()}
+
+    def load_state_dict(self, sd: dict, partial: bool = True) -> None:
+        """`partial`: also this epoch's sums when the checkpoint has them (one rank takes them,
+        the others start the epoch's remainder from zero, so the epoch-end sum is the whole)."""
         if sd["ema"].numel() != len(self):
             raise EcvlError(f"momentum state holds {sd['ema'].numel()} samples, this dataset {len(self)}")
         for name in ("ema", "seen", "m"):
             getattr(self, name).copy_(sd[name])
         self.beta = float(sd["beta"])
+        self.loss_sum.zero_(), self.loss_count.zero_()
+        if partial and "loss_sum" in sd:
+            self.loss_sum.copy_(sd["loss_sum"]), self.loss_count.copy_(sd["loss_count"])
 
     def _args(self, *tensors):
         return tuple(self._view(t) for t in tensors)

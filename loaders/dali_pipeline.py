@@ -144,7 +144,13 @@ def build_pipeline(spec: AugSpec, batch_size: int, *, device_id: int | None = No
     Folding views into the batch halves the number of operator launches per image, which is what
     bounds DALI at small resolutions (see README, "What limits the loader").
     """
-    from nvidia.dali import fn, pipeline_def, types
+    try:
+        from nvidia.dali import fn, pipeline_def, types
+    except ImportError:
+        from ecvl_fast import EcvlError
+
+        raise EcvlError("the data path needs NVIDIA DALI for your CUDA major: pip install 'ecvl-fast[dali-cuda13]' "
+                        "(driver for CUDA 13) or 'ecvl-fast[dali-cuda12]' (CUDA 12; nvidia-smi shows the version)") from None
 
     gpu = device_id is not None
 
@@ -184,8 +190,8 @@ def feed(p, spec: AugSpec, images, m: np.ndarray, draws: list[dict]) -> None:
     if views > 1:
         images = torch.cat([images] * views) if isinstance(images, torch.Tensor) else np.concatenate([images] * views)
     if isinstance(images, torch.Tensor) and images.is_cuda:
-        # DALI copies the batch on torch's current stream, so the copy is ordered after the
-        # host-to-device transfer that produced it; no device-wide sync.
+        # DALI copies the batch on the stream we name and orders its work after that copy, so the
+        # host-to-device transfer that produced `images` on the same stream comes first (no sync).
         p.feed_input("images", images, layout="HWC", cuda_stream=torch.cuda.current_stream().cuda_stream)
     else:
         p.feed_input("images", images, layout="HWC")
@@ -203,7 +209,8 @@ def feed(p, spec: AugSpec, images, m: np.ndarray, draws: list[dict]) -> None:
 
 
 class AugmentedLoader:
-    """FFCV batches through the DALI pipeline: yields ([view NCHW channels_last], labels, indices).
+    """FFCV batches through the DALI pipeline: yields ([view NCHW channels_last], labels, indices),
+    all three on `device` (bf16 views on GPU), so the step never copies or syncs for its inputs.
 
     `magnitudes` is the momentum bank (anything with `.magnitudes()` -> M per sample). It is read
     once at the start of each epoch, so values the kernels wrote at the end of epoch t are used
@@ -212,17 +219,24 @@ class AugmentedLoader:
     With `prefetch` > 0 a feeder thread builds up to that many batches ahead of the step. M is
     fixed for the epoch and every draw is a function of (seed, epoch, position), so the batches
     are exactly those of the synchronous loader; the feeder never runs past the epoch's end.
+
+    On GPU the feeder owns a CUDA stream, so its copies and DALI's work overlap the step (see
+    `_gpu_batch`); each batch carries an event the consumer's stream waits on (`_handed_over`).
     """
 
     def __init__(self, loader, spec: AugSpec, magnitudes=None, *, device="cpu", seed: int = 0, rank: int = 0,
-                 world: int = 1, threads: int = 2, prefetch: int = 2):
+                 world: int = 1, threads: int = 2, prefetch: int = 2, dtype=None):
         import torch
 
         self.loader, self.spec, self.bank, self.seed, self.rank, self.world = loader, spec, magnitudes, seed, rank, world
         self.prefetch = prefetch
         self.device = torch.device(device)
         gpu = self.device.type == "cuda"
-        self.pipe = build_pipeline(spec, loader.batch_size, device_id=(self.device.index or 0) if gpu else None,
+        if gpu and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        self.stream = torch.cuda.Stream(self.device) if gpu else None
+        self.dtype = dtype or (torch.bfloat16 if gpu else torch.float32)  # the step's compute dtype (on GPU)
+        self.pipe = build_pipeline(spec, loader.batch_size, device_id=self.device.index if gpu else None,
                                    threads=threads, seed=seed)
 
     def __len__(self) -> int:
@@ -236,26 +250,84 @@ class AugmentedLoader:
     def epoch(self, value: int) -> None:
         self.loader.next_epoch = value
 
+    def resume_at(self, epoch: int, step: int) -> None:
+        """Start at batch `step` of `epoch`: the batches and views are those the uninterrupted run
+        had there (every draw is a function of the position in the epoch)."""
+        self.loader.next_epoch, self.loader.resume_at = epoch, (epoch, step)
+
     def __iter__(self):
         m = self.bank.magnitudes() if self.bank is not None and self.spec.randaug else None
-        batches = self._batches(self.loader.next_epoch, m)
-        return prefetched(batches, self.prefetch) if self.prefetch > 0 else batches
+        at = getattr(self.loader, "resume_at", None)
+        first = at[1] if at is not None and at[0] == self.loader.next_epoch else 0
+        batches = self._batches(self.loader.next_epoch, m, first)
+        return _handed_over(prefetched(batches, self.prefetch) if self.prefetch > 0 else batches)
 
-    def _batches(self, epoch: int, m):
+    def _batches(self, epoch: int, m, first: int = 0):
+        """(views, labels, indices, ready event or None) per batch from batch `first` of the epoch;
+        runs in the feeder thread."""
         import torch
 
         gpu = self.device.type == "cuda"
-        b = self.loader.batch_size
-        for step, (images, labels, idx) in enumerate(self.loader):
+        if gpu:  # a new thread starts on cuda:0; under torchrun rank r works on cuda:r
+            torch.cuda.set_device(self.device)
+        b, previous = self.loader.batch_size, None
+        for step, (images, labels, idx) in enumerate(self.loader, first):
             local = step * b + np.arange(len(labels))
             draws = batch_draws(self.spec, local * self.world + self.rank, self.seed, epoch)
-            if gpu:
-                images = images.to(self.device, non_blocking=True)
             mi = m[idx.numpy()] if m is not None else np.zeros(len(idx), np.float32)
-            feed(self.pipe, self.spec, images if gpu else images.numpy(), mi, draws)
-            out = _to_torch(self.pipe.run()[0], self.device)
-            views = list(out.chunk(self.spec.views))
-            yield views, labels.to(torch.int64).clone(), idx.to(torch.int64).clone()
+            if gpu:
+                if previous is not None:
+                    previous.synchronize()  # the last output is copied out before DALI reuses its buffer
+                batch = self._gpu_batch(images, labels, idx, mi, draws)
+                previous = batch[3]
+                yield batch
+            else:
+                feed(self.pipe, self.spec, images.numpy(), mi, draws)
+                views = list(_to_torch(self.pipe.run()[0], self.device).chunk(self.spec.views))
+                yield views, labels.to(torch.int64).clone(), idx.to(torch.int64).clone(), None
+
+    def _gpu_batch(self, images, labels, idx, mi, draws):
+        """One batch on the feeder's stream: host-to-device copies, DALI, the copy out of DALI's
+        buffer into bf16. Returns before the GPU work is done, except for the host copies:
+
+        ffcv yields pinned slots it refills as soon as we take a later batch, and a non-blocking
+        copy from pinned memory reads it whenever the stream gets there. So we wait for our copies
+        (microseconds for a batch) before returning to ffcv for the next batch.
+        """
+        import torch
+
+        with torch.cuda.stream(self.stream):
+            x = images.to(self.device, non_blocking=True)
+            y = _pinned(labels).to(self.device, non_blocking=True)
+            i = _pinned(idx).to(self.device, non_blocking=True)
+            copied = torch.cuda.Event()
+            copied.record(self.stream)
+            feed(self.pipe, self.spec, x, mi, draws)  # DALI copies `x` on this (current) stream
+            views = list(_to_torch(self.pipe.run()[0], self.device, self.stream, self.dtype).chunk(self.spec.views))
+            y, i = y.to(torch.int64), i.to(torch.int64)
+            ready = torch.cuda.Event()
+            ready.record(self.stream)
+        copied.synchronize()
+        return views, y, i, ready
+
+
+def _pinned(t):
+    return t if t.is_pinned() else t.pin_memory()
+
+
+def _handed_over(batches):
+    """The consumer's side: on GPU, its current stream waits for the feeder's event, and every
+    tensor made on the feeder's stream is marked as used on the consumer's (`record_stream`), so
+    the caching allocator does not hand its memory back to the feeder while the step reads it."""
+    import torch
+
+    for views, labels, idx, ready in batches:
+        if ready is not None:
+            stream = torch.cuda.current_stream(views[0].device)
+            stream.wait_event(ready)
+            for t in (*views, labels, idx):
+                t.record_stream(stream)
+        yield views, labels, idx
 
 
 def prefetched(batches, depth: int):
@@ -303,11 +375,19 @@ def prefetched(batches, depth: int):
         thread.join()
 
 
-def _to_torch(tl, device):
-    """DALI NHWC float output -> NCHW channels_last (a free permute); bf16 on GPU. Copies, since
-    DALI owns its output buffers."""
+def _to_torch(tl, device, stream=None, dtype=None):
+    """DALI NHWC float output -> NCHW channels_last (a free permute); `dtype` on GPU. Always a copy
+    in memory torch owns: DALI releases its one output buffer at the next run (prefetch depth 1).
+
+    On GPU the copy goes through DALI's `feed_ndarray` on `stream`, which orders it after DALI's
+    own work on its internal stream, then converts to the compute dtype on the same stream."""
     import torch
 
-    t = torch.from_dlpack(tl.as_tensor())
-    t = t.to(torch.bfloat16) if device.type == "cuda" else t.clone()
-    return t.permute(0, 3, 1, 2)
+    if device.type != "cuda":
+        return torch.from_dlpack(tl.as_tensor()).clone().permute(0, 3, 1, 2)
+    from nvidia.dali.plugin.pytorch import feed_ndarray
+
+    t = tl.as_tensor()
+    out = torch.empty(t.shape(), dtype=torch.float32, device=device)
+    feed_ndarray(t, out, cuda_stream=stream)
+    return out.to(dtype or torch.bfloat16).permute(0, 3, 1, 2)

@@ -36,6 +36,14 @@ def epoch_indices(order: str, labels: np.ndarray, num_classes: int, seed: int, e
     return full[: per_rank * world][rank::world]
 
 
+def resume_offset(loader, epoch: int) -> int:
+    """Samples of `epoch` to skip: a run resumed mid-epoch sets `loader.resume_at = (epoch, step)`,
+    and that epoch then starts at batch `step` (every later epoch is whole). Shared with
+    `MemoryLoader`."""
+    at = getattr(loader, "resume_at", None)
+    return at[1] * loader.batch_size if at is not None and at[0] == epoch else 0
+
+
 def read_labels(path: Path) -> np.ndarray:
     """All labels of a .beton, read from its metadata table (no image decoding)."""
     from ffcv.reader import Reader
@@ -89,7 +97,11 @@ def make_loader(path: Path, order: str, batch_size: int, load_res: int, *, worke
 
     class Order(TraversalOrder):
         def sample_order(self, epoch: int):
-            return epoch_indices(order, labels, k, seed, epoch, rank, world)
+            full = epoch_indices(order, labels, k, seed, epoch, rank, world)
+            skip = resume_offset(self.loader, epoch)
+            # ffcv trims an epoch to whole batches by the full epoch's length; a shortened one
+            # must be trimmed here, or its remainder would come out as one extra, partial batch.
+            return full[:len(full) // batch_size * batch_size][skip:] if skip else full
 
     int_pipe = lambda: [IntDecoder(), ToTensor(), Squeeze(1)]  # noqa: E731
     loader = Loader(

@@ -9,17 +9,17 @@ from ecvl_fast.cli import main
 MACHINE = {"date", "cpus", "torch", "cuda", "gpu", "dali", "ffcv", "numba"}
 
 
-def run_bench(tmp_path, name, *args):
-    out = tmp_path / f"{name}.json"
-    assert main(["bench", name, "--device", "cpu", "--json", str(out), *args]) == 0
+def run_bench(tmp_path, args):
+    out = tmp_path / f"{args[1]}.json"
+    assert main([*args, "--device", "cpu", "--json", str(out)]) == 0
     r = json.loads(out.read_text())
     assert set(r["machine"]) == MACHINE and r["machine"]["cpus"] >= 1
     return r, out
 
 
 def test_bench_step(tmp_path):
-    r, _ = run_bench(tmp_path, "step", "--model", "ecvl-tiny-vit", "--res", "32", "--batch", "8", "--steps", "2",
-                     "--repeats", "2")
+    r, _ = run_bench(tmp_path, ["bench", "step", "--model", "ecvl-tiny-vit", "--res", "32", "--batch", "8", "--steps", "2",
+                     "--repeats", "2"])
     for stage in ("stage1", "stage2"):
         s = r[stage]
         assert s["img_s"] > 0 and s["img_s_total"] == s["img_s"] and s["world_size"] == 1
@@ -28,11 +28,11 @@ def test_bench_step(tmp_path):
 
 
 def test_bench_augment_train_infer_and_compare(tmp_path, capsys):
-    r, _ = run_bench(tmp_path, "augment", "--res", "32", "--batch", "32", "--images", "128", "--repeats", "1")
+    r, _ = run_bench(tmp_path, ["bench", "augment", "--res", "32", "--batch", "32", "--images", "128", "--repeats", "1"])
     assert r["dali_img_s"] > 0 and r["peer_img_s"] > 0 and r["ratio"] == pytest.approx(r["dali_img_s"] / r["peer_img_s"])
     assert "synthetic" in r["source"] and r["config"]["views"] == 2 and r["config"]["k"] == 2
-    r, path = run_bench(tmp_path, "train", "--model", "ecvl-tiny-vit", "--res", "32", "--batch", "32",
-                        "--images", "128", "--epochs", "1")
+    r, path = run_bench(tmp_path, ["bench", "train", "--model", "ecvl-tiny-vit", "--res", "32", "--batch", "32",
+                        "--images", "128", "--epochs", "1"])
     for feeder in ("dali", "peer"):
         assert r[feeder]["img_s"] > 0 and 0 <= r[feeder]["data_stall"] < 1
     assert r["model_only_step_ms"] > 0 and r["ratio"] == pytest.approx(r["dali"]["img_s"] / r["peer"]["img_s"])
@@ -44,7 +44,7 @@ def test_bench_augment_train_infer_and_compare(tmp_path, capsys):
     capsys.readouterr()
     assert main(["bench", "infer", "--device", "cpu", "--model", "ecvl-tiny-vit", "--res", "32", "--images", "128",
                  "--batch", "64", "--compare", str(tmp_path / "old.json")]) == 0
-    r, _ = run_bench(tmp_path, "infer", "--model", "ecvl-tiny-vit", "--res", "32", "--images", "128", "--batch", "64")
+    r, _ = run_bench(tmp_path, ["bench", "infer", "--model", "ecvl-tiny-vit", "--res", "32", "--images", "128", "--batch", "64"])
     assert r["img_s"] > 0 and r["config"]["images"] == 128
     assert main(["bench", "step", "--device", "cpu", "--compare", str(tmp_path / "missing.json"), "--model",
                  "ecvl-tiny-vit", "--res", "32", "--batch", "4", "--steps", "1", "--repeats", "1"]) == 2

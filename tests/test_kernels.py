@@ -2,14 +2,17 @@
 import numpy as np
 import pytest
 import torch
-from scipy import stats
 
 from ecvl_fast import EcvlError
 from ecvl_fast.kernels import cpu
 from ecvl_fast.kernels.bank import MomentumBank
 
 GPU = torch.cuda.is_available()
-needs_gpu = pytest.mark.skipif(not GPU, reason="needs a CUDA device")
+
+
+def needs_gpu(test):
+    """Selected by `-m gpu` (the device check); skipped without CUDA."""
+    return pytest.mark.gpu(pytest.mark.skipif(not GPU, reason="needs a CUDA device")(test))
 
 
 def ref_epoch(ema, seen, batches, beta):
@@ -153,6 +156,8 @@ def test_balanced_pick_matches_numpy(jit):
 
 
 def test_balanced_sampler_is_uniform_over_classes_and_seeded():
+    from scipy import stats  # here, not at the top: the GPU check machine has no scipy
+
     labels = np.repeat(np.arange(10), [1000, 500, 250, 120, 60, 30, 15, 8, 4, 2])
     idx = cpu.balanced_indices(labels, 10, 20000, seed=0, epoch=0)
     freq = np.bincount(labels[idx], minlength=10)
@@ -170,7 +175,7 @@ def test_cuda_bank_matches_cpu_bank():
     for _ in range(3):
         for bank in banks:
             for idx, loss in batches:
-                bank.record(torch.from_numpy(idx), torch.from_numpy(loss))
+                bank.record(torch.from_numpy(idx).to(bank.device), torch.from_numpy(loss).to(bank.device))
             bank.end_epoch()
     for name in ("ema", "seen", "m"):
         torch.testing.assert_close(getattr(banks[1], name).cpu(), getattr(banks[0], name), rtol=1e-4, atol=1e-5)
@@ -179,7 +184,7 @@ def test_cuda_bank_matches_cpu_bank():
 @needs_gpu
 def test_cuda_nonfinite():
     bank = MomentumBank(np.zeros(10, np.int64), device="cuda")
-    bank.record(torch.tensor([2, 7]), torch.tensor([1.0, float("nan")]))
+    bank.record(torch.tensor([2, 7], device="cuda"), torch.tensor([1.0, float("nan")], device="cuda"))
     with pytest.raises(EcvlError, match="sample 7"):
         bank.end_epoch()
 

@@ -123,3 +123,27 @@ def test_adapter_is_eq7():
     torch.testing.assert_close(a(f), expect)
     a.ratio = 0.0
     torch.testing.assert_close(a(f), f)
+
+
+def test_losses_stay_fp32_under_bf16_autocast():
+    """The step runs the losses inside bf16 autocast (CPU autocast here, CUDA in training). Their
+    logit matmuls must still be fp32: at scale 100 bf16 would round logits to steps of 0.5."""
+    g = torch.Generator().manual_seed(0)
+    img = F.normalize(torch.randn(32, 64, generator=g), dim=-1).requires_grad_()
+    txt = F.normalize(torch.randn(10, 64, generator=g), dim=-1)
+    z2 = F.normalize(torch.randn(32, 64, generator=g), dim=-1)
+    labels = torch.arange(32) % 10
+    calls = {"clip": lambda: losses.clip_loss(img, txt[labels], labels, 100.0)["loss"],
+             "prompt_ce": lambda: losses.prompt_ce_loss(img, txt, labels, 100.0)["loss"],
+             "dcvl": lambda: losses.dcvl_loss(img, z2, 0.2)["loss"]}
+    for name, call in calls.items():
+        plain = call()
+        (grad_plain,) = torch.autograd.grad(plain, img)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            cast = call()
+            bf16_logits = (100.0 * img @ txt.T).float()  # what autocast does to an unguarded matmul
+        (grad_cast,) = torch.autograd.grad(cast, img)
+        assert cast.dtype == torch.float32, name
+        torch.testing.assert_close(cast, plain, rtol=1e-6, atol=1e-6, msg=name)
+        torch.testing.assert_close(grad_cast, grad_plain, rtol=1e-5, atol=1e-7, msg=name)
+    assert (bf16_logits - 100.0 * img.detach() @ txt.T).abs().max() > 0.05  # the guard is needed

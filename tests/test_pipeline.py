@@ -5,55 +5,19 @@ import torch
 from PIL import Image
 from scipy import stats
 
-from conftest import fake_images
-from ecvl_fast.loaders.dali_pipeline import AugmentedLoader, AugSpec, batch_draws, build_pipeline, feed, plan_slots
+from dali_helpers import images, run, run_leaf
+from ecvl_fast.loaders.dali_pipeline import AugmentedLoader, AugSpec, batch_draws, plan_slots
 from ecvl_fast.loaders.ffcv_loader import ORDERS, make_loader, read_labels
-from ecvl_fast.loaders.randaug_ops import LEAF_OF_OP, LEAVES, OP_INDEX, OPS, slot_inputs
+from ecvl_fast.loaders.randaug_ops import LEAF_OF_OP, OP_INDEX, OPS
 from ecvl_fast.loaders.torch_reference import reference_batch
 
-GPU = torch.cuda.is_available()
 B = 32
-
-
-def images(n=B, size=40, seed=0):
-    rng = np.random.default_rng(seed)
-    half = n // 2
-    return np.concatenate([fake_images(half, seed, size), rng.integers(0, 256, (n - half, size, size, 3), dtype=np.uint8)])
-
-
-def run(spec, imgs, m, draws, device_id=None):
-    """Views as a list of NHWC float arrays."""
-    p = build_pipeline(spec, len(imgs), device_id=device_id)
-    feed(p, spec, imgs, m, draws)
-    out = p.run()[0]
-    out = np.array(out.as_cpu().as_tensor() if device_id is not None else out.as_tensor())
-    return np.split(out, spec.views)
 
 
 # Tolerances in 0..255 units. Rounding: DALI rounds to nearest where PIL truncates (max 1).
 # equalize: DALI follows OpenCV's LUT formula, PIL its own, so only the mean is close.
 # sharpness: PIL leaves the 1-px border unfiltered; compared on the interior.
 TOLERANCE = {"equalize": ("mean", 16.0), "sharpness": ("interior-max", 1)}
-
-
-def run_leaf(op_name, imgs, strengths, signs):
-    """One op through its DALI leaf, with the parameters `slot_inputs` feeds in training."""
-    from nvidia.dali import fn, pipeline_def
-
-    n, size = len(imgs), imgs.shape[1]
-    leaf, v, mat = slot_inputs(np.full(n, OP_INDEX[op_name]), np.asarray(strengths, np.float32),
-                               np.asarray(signs, np.float32), size)
-
-    @pipeline_def(batch_size=n, num_threads=1, device_id=None)
-    def single():
-        x, block = fn.external_source(name="x"), fn.external_source(name="p")
-        return LEAVES[leaf[0]](x, block), block
-
-    p = single()
-    p.build()
-    p.feed_input("x", list(imgs), layout="HWC")
-    p.feed_input("p", mat)
-    return np.array(p.run()[0].as_tensor())
 
 
 @pytest.mark.parametrize("op", OPS, ids=[op.name for op in OPS])
@@ -217,14 +181,3 @@ def test_prefetching_stops_early_and_surfaces_errors():
     it.close()  # leaving early joins the feeder
     with pytest.raises(ValueError, match="decoder broke"):
         list(prefetched(batches(), 2))
-
-
-@pytest.mark.skipif(not GPU, reason="needs a CUDA device")
-def test_gpu_pipeline_matches_cpu():
-    imgs = images(16, 32)
-    spec = AugSpec(res=32, views=1, randaug=True)
-    m = np.linspace(0, 1, 16)
-    draws = batch_draws(spec, np.arange(16), seed=5, epoch=0)
-    cpu = run(spec, imgs, m, draws)[0]
-    gpu = run(spec, torch.from_numpy(imgs).cuda(), m, draws, device_id=0)[0]
-    assert np.abs(cpu - gpu).mean() < 0.02

@@ -1,0 +1,173 @@
+"""A run's lifecycle on a shared cluster: the same command resumes, signals stop it cleanly.
+
+- **Auto-resume.** A run folder with a `last.pt` is continued, from mid-epoch if that is where it
+  stopped; one with a finished run is reported, not trained again; one whose saved config
+  differs is refused, naming the keys. `--restart` starts over and moves the old run aside
+  (`previous-<time>/`), so nothing is deleted.
+- **Preemption.** SIGTERM (torchrun, SLURM at the time limit) and SIGUSR1 (SLURM's `--signal`)
+  set a flag. Ranks agree on it at the next log-cadence sync point, the main rank writes a
+  checkpoint that resumes at that very step, and every rank leaves with `EXIT_PREEMPTED`.
+  If the agreement cannot complete (a dead peer), a watchdog exits after `run.stop_grace_s`;
+  the last good checkpoint then stands.
+- **Shared filesystem.** Only global rank 0 writes; every rank reads the run folder, so at
+  start-up each rank must read back a token rank 0 wrote there.
+"""
+from __future__ import annotations
+
+import math
+import os
+import secrets
+import signal
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ecvl_fast import EcvlError
+from ecvl_fast import checkpoint as ckpt_io
+from ecvl_fast import dist as D
+
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped on a signal with a checkpoint; run the same command again
+
+# Settings that change how a run executes, not what it computes: a resumed run may change them.
+OPERATIONAL = {"data": {"workers", "dali_threads", "prefetch"}, "dist": {"backend"},
+               "run": {"device", "log_every", "checkpoint_every", "stop_grace_s", "tensorboard"}}
+
+
+class Preempted(EcvlError):
+    """Stopped on a signal after writing a resumable checkpoint (exit status EXIT_PREEMPTED)."""
+    exit_code = EXIT_PREEMPTED
+
+
+@dataclass
+class Position:
+    """Where a run continues: `step` is the first step of `epoch` still to run; `carry` holds that
+    epoch's running sums (train loss, images) when it stopped mid-epoch."""
+    epoch: int = 0
+    step: int = 0
+    best: float = -math.inf
+    carry: dict | None = None
+    finished: dict | None = None  # a finished run's metrics: nothing to train
+
+
+def config_diff(old: dict, new: dict) -> list[str]:
+    """`section.key` for every setting that differs and changes what the run computes."""
+    keys = []
+    for section, values in new.items():
+        for key, value in values.items():
+            if key in OPERATIONAL.get(section, ()):
+                continue
+            if old.get(section, {}).get(key) != value:
+                keys.append(f"{section}.{key} ({old.get(section, {}).get(key)!r} -> {value!r})")
+    return keys
+
+
+def set_aside(folder: Path) -> Path | None:
+    """`--restart`: move what a previous run left in `folder` into `folder/previous-<time>/`."""
+    old = [p for p in folder.iterdir() if not p.name.startswith("previous-")] if folder.is_dir() else []
+    if not old:
+        return None
+    dest = folder / time.strftime("previous-%Y%m%d-%H%M%S")
+    dest.mkdir()
+    for p in old:
+        p.rename(dest / p.name)
+    return dest
+
+
+def start(folder: Path, cfg, epochs: int, d: D.Dist, restart: bool, log) -> tuple[Position, dict | None]:
+    """Decide how this run starts; returns (position, the checkpoint to restore or None)."""
+    if restart and d.main:
+        moved = set_aside(folder)
+        if moved is not None:
+            print(f"--restart: the previous run in {folder} was moved to {moved}")
+    D.barrier()
+    last = folder / "last.pt"
+    if not last.is_file():
+        return Position(), None
+    ckpt = ckpt_io.load(last)  # a different model shows up as a config difference below
+    diff = config_diff(ckpt["config"], cfg.to_dict())
+    if diff:
+        raise EcvlError(f"{folder} holds a run with another config: {'; '.join(diff)}. Re-run with its config "
+                        f"({folder / 'config.toml'}), pass --restart to start over (the old run is kept in "
+                        f"{folder}/previous-*), or choose another run.out")
+    at = ckpt.get("position") or {"epoch": ckpt["epoch"], "step": 0}
+    pos = Position(at["epoch"], at["step"], ckpt["best"], at.get("carry"))
+    metrics = folder / "metrics.json"
+    if pos.epoch >= epochs and pos.step == 0 and metrics.is_file():
+        import json
+
+        pos.finished = json.loads(metrics.read_text())
+        return pos, None
+    log({"event": "resumed", "epoch": pos.epoch + 1, "step": pos.step, "host": socket.gethostname()})
+    if d.main:
+        print(f"resuming {folder} at epoch {pos.epoch + 1}" + (f", step {pos.step}" if pos.step else ""))
+    return pos, ckpt
+
+
+def check_shared_folder(folder: Path, d: D.Dist) -> None:
+    """Every rank must see what rank 0 writes in the run folder (checkpoints, the stage-2 init,
+    finished rows). A node that does not gets one clear line, not a hang or a wrong result."""
+    if not d.enabled:
+        return
+    token = D.broadcast_object(secrets.token_hex(8) if d.main else None)
+    path = folder / f".token-{token}"
+    if d.main:
+        folder.mkdir(parents=True, exist_ok=True)
+        path.write_text(token)
+    D.barrier()
+    try:
+        ok = path.read_text() == token
+    except OSError:
+        ok = False
+    missing = torch.tensor([0 if ok else 1], device=d.device)
+    D.all_reduce_sum(missing)
+    D.barrier()
+    if d.main:
+        path.unlink(missing_ok=True)
+    if int(missing):
+        where = "" if ok else f" (this is rank {d.rank} on {socket.gethostname()})"
+        raise EcvlError(f"{int(missing)} rank(s) cannot read {folder}, which rank 0 writes: run.out (and the data) "
+                        f"must be on a filesystem every node shares{where}")
+
+
+class StopSignal:
+    """SIGTERM / SIGUSR1 set a flag (handlers only in the main thread, restored on exit)."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self, grace_s: float):
+        self.grace_s, self.signum, self._old = grace_s, None, {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for s in self.SIGNALS:
+                self._old[s] = signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self._old.items():
+            signal.signal(s, handler)
+
+    def _handle(self, signum, frame):
+        if self.signum is None:
+            self.signum = signum
+            threading.Thread(target=self._watchdog, daemon=True, name="ecvl-stop-watchdog").start()
+
+    def _watchdog(self):
+        """If the ranks cannot agree and checkpoint in time (a peer died mid-collective), leave;
+        the checkpoint is written to a temp file and renamed, so the last good one stands."""
+        time.sleep(self.grace_s)
+        os._exit(EXIT_PREEMPTED)
+
+    def agreed(self, d: D.Dist) -> bool:
+        """Has any rank been signalled? Every rank calls this at the same steps (a sync point)."""
+        flag = torch.tensor([0 if self.signum is None else 1], device=d.device)
+        D.all_reduce_max(flag)
+        return bool(int(flag))
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signum).name if self.signum is not None else "a signal on another rank"

@@ -1,0 +1,160 @@
+"""Fitting the user's stack: precision (bf16 / fp16 with a scaler / fp32), exact gradient
+accumulation, and `export` to a slim .pt and ONNX that `predict` reads like a checkpoint."""
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ecvl_fast import EcvlError
+from ecvl_fast import dist as D
+from ecvl_fast import precision
+from ecvl_fast import train as training
+from ecvl_fast.cli import main as cli_main
+from ecvl_fast.config import Config, ModelCfg, RunCfg, Stage1Cfg, Stage2Cfg, load_config
+from ecvl_fast.train import build_run, train_step
+
+from conftest import TINY
+
+CLASSES = [f"digit {i}" for i in range(10)]
+
+
+def batch(n=64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(n) % 10
+    x = (labels.float() / 9 - 0.5)[:, None, None, None] * 2 + torch.randn(n, 3, 32, 32, generator=g) * 0.3
+    return x.contiguous(memory_format=torch.channels_last), labels
+
+
+def stage_run(stage, loss="prompt-ce", accum=1, prec="fp32", n=64):
+    cfg = Config(model=ModelCfg(name="ecvl-tiny-vit"), run=RunCfg(device="cpu", precision=prec),
+                 stage1=Stage1Cfg(lr=2e-3, loss=loss, warmup_epochs=0.0, accum_steps=accum),
+                 stage2=Stage2Cfg(init="none", lr=1e-2, accum_steps=accum))
+    meta = {"classes": CLASSES, "train_labels": np.arange(n) % 10}
+    return build_run(cfg, D.Dist(0, 0, 1, torch.device("cpu")), meta, steps_per_epoch=10, stage=stage)
+
+
+def params(run):
+    return {k: v.detach().clone() for k, v in (run.adapter or run.net).named_parameters()}
+
+
+@pytest.mark.parametrize("stage,loss", [(1, "prompt-ce"), (1, "clip"), (2, "prompt-ce")])
+def test_two_micro_batches_of_32_equal_one_batch_of_64(stage, loss):
+    """Same parameters after a step, and in stage 2 the same per-sample L_DCVL in the bank."""
+    x, y = batch()
+    runs = [stage_run(stage, loss, accum) for accum in (1, 2)]
+    for run in runs:  # plain SGD: the step is the gradient itself (Adam would blow up rounding noise
+        # in zero-gradient parameters, such as attention key biases, into full-size steps)
+        run.opt = torch.optim.SGD([p for p in (run.adapter or run.net).parameters() if p.requires_grad], lr=0.5)
+    before = params(runs[0])
+    terms = []
+    for run in runs:
+        views = x if stage == 1 else [x, x.flip(-1)]
+        terms.append(train_step(run, views, y, torch.arange(64)))
+    after = [params(r) for r in runs]
+    assert any(not torch.equal(before[k], after[0][k]) for k in before)  # the step changed something
+    for k in before:  # the same update, to float rounding (summation order differs)
+        step0, step1 = after[0][k] - before[k], after[1][k] - before[k]
+        assert (step1 - step0).abs().max() <= 1e-5 * step0.abs().max() + 1e-7, k
+    torch.testing.assert_close(terms[1]["loss"], terms[0]["loss"], rtol=1e-5, atol=1e-6)
+    if stage == 2:
+        torch.testing.assert_close(runs[1].bank.loss_sum, runs[0].bank.loss_sum, rtol=1e-5, atol=1e-6)
+
+
+def test_accumulation_steps_must_be_positive():
+    with pytest.raises(EcvlError, match="stage1.accum_steps must be at least 1"):
+        load_config(None, ["stage1.accum_steps=0"])
+
+
+def test_precision_switch():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert precision.dtype("auto", cpu) == torch.float32 and precision.dtype("auto", cuda) == torch.bfloat16
+    assert precision.dtype("fp16", cpu) == torch.float16
+    assert precision.scaler(cpu, torch.float16).is_enabled() and not precision.scaler(cpu, torch.bfloat16).is_enabled()
+    with pytest.raises(EcvlError, match="run.precision must be one of"):
+        load_config(None, ["run.precision=fp8"])
+
+
+@pytest.mark.parametrize("prec", ["bf16", "fp16", "fp32"])
+def test_every_precision_trains_on_cpu(prec):
+    run = stage_run(1, prec=prec)
+    x, y = batch()
+    first = float(train_step(run, x, y)["loss"])
+    for _ in range(15):
+        last = float(train_step(run, x, y)["loss"])
+    assert np.isfinite(last) and last < first
+    assert run.scaler.is_enabled() == (prec == "fp16") and run.amp == precision.DTYPES[prec]
+
+
+def test_fp16_a_scaler_skipped_step_does_not_stop_the_run(tmp_path, mnist):
+    """A non-finite step under fp16 is the scaler's to skip (it lowers the scale); under fp32 it
+    stops the run with one line."""
+    path = tmp_path / "tiny.toml"
+    path.write_text(TINY.format(epochs=1, loss="prompt-ce"))
+    real = training.train_step
+    calls = {"n": 0}
+
+    def one_overflow(run, views, labels, idx=None):
+        calls["n"] += 1
+        if calls["n"] == 3:  # one batch overflows, as fp16 activations do
+            views = views[0] * float("inf") if isinstance(views, list) else views * float("inf")
+        return real(run, views, labels, idx)
+
+    training.train_step = one_overflow
+    try:
+        metrics = training.main(load_config(path, [f"data.path={mnist}", f"run.out={tmp_path / 'fp16'}",
+                                                   "run.precision=fp16"]))
+        assert metrics["num_images"] == 1000
+        calls["n"] = 0
+        with pytest.raises(EcvlError, match="non-finite loss at step 3"):
+            training.main(load_config(path, [f"data.path={mnist}", f"run.out={tmp_path / 'fp32'}",
+                                             "run.precision=fp32"]))
+    finally:
+        training.train_step = real
+
+
+def test_export_pt_and_onnx_predict_like_the_checkpoint(tmp_path, mnist):
+    """Real test digits, written as image files; the same top-1 from all three files."""
+    from ecvl_fast.loaders.ffcv_loader import make_loader
+
+    path = tmp_path / "tiny.toml"
+    path.write_text(TINY.format(epochs=1, loss="prompt-ce") + "[stage2]\nepochs = 1\nlr = 1e-2\n")
+    sets = [f"data.path={mnist}", f"run.out={tmp_path / 'run'}"]
+    training.main(load_config(path, sets))
+    training.main(load_config(path, sets), stage=2)
+    ckpt = tmp_path / "run" / "stage2" / "last.pt"
+    folder = tmp_path / "digits"
+    folder.mkdir()
+    images, _, _ = next(iter(make_loader(mnist / "test.beton", "sequential", 48, 32)))
+    for i, im in enumerate(images.numpy()):
+        Image.fromarray(im).save(folder / f"{i:02d}.png")
+    assert cli_main(["export", "--ckpt", str(ckpt), "--out", str(tmp_path / "model.pt")]) == 0
+    assert cli_main(["export", "--ckpt", str(ckpt), "--out", str(tmp_path / "model.onnx"), "--format", "onnx"]) == 0
+    from ecvl_fast.predict import run_predict
+
+    preds = {name: run_predict(tmp_path / name if name != "ckpt" else ckpt, [], folder, top_k=10, device="cpu")
+             for name in ("ckpt", "model.pt", "model.onnx")}
+    ref, classes = preds["ckpt"], torch.load(ckpt, weights_only=True)["classes"]
+    for name, tol in (("model.pt", 1e-4), ("model.onnx", 1e-3)):
+        assert [p.classes[0] for p in preds[name]] == [p.classes[0] for p in ref], name
+        for a, b in zip(preds[name], ref):
+            pa, pb = dict(zip(a.classes, a.probs)), dict(zip(b.classes, b.probs))
+            assert max(abs(pa[c] - pb[c]) for c in classes) < tol, name
+    # slimmer by at least the text tower and the training state
+    state = torch.load(ckpt, weights_only=True)
+    text_tower = sum(v.numel() * v.element_size() for k, v in state["model"].items() if not k.startswith("clip.visual."))
+    opt = sum(t.numel() * t.element_size() for s in state["optimizer"]["state"].values() for t in s.values()
+              if isinstance(t, torch.Tensor))
+    saved = ckpt.stat().st_size - (tmp_path / "model.pt").stat().st_size
+    assert saved >= text_tower + opt - 10 * 512 * 4  # less the class text features it keeps
+    exported = torch.load(tmp_path / "model.pt", weights_only=True)
+    assert "optimizer" not in exported and "momentum" not in exported and exported["classes"] == classes
+
+
+def test_export_refuses_bad_input(tmp_path, capsys):
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    capsys.readouterr()
+    assert cli_main(["export", "--ckpt", str(tmp_path / "junk.pt"), "--out", str(tmp_path / "m.pt")]) == 2
+    assert cli_main(["export", "--ckpt", str(tmp_path / "missing.pt"), "--out", str(tmp_path / "m.pt")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and all(line.startswith("error:") for line in err)
+    assert not (tmp_path / "m.pt").exists()
