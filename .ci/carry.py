@@ -19,6 +19,10 @@ from importlib import metadata
 from pathlib import Path
 
 LIST = Path(__file__).with_name("gpu-carry.txt")
+# Installed even where the machine has a copy: `pip install -e . --no-build-isolation` builds with
+# whatever setuptools is importable, and one older than 70.1 has no bdist_wheel without `wheel`
+# (the rehearsal's fresh venv failed exactly so).
+ALWAYS = {"setuptools"}
 PLATFORMS = ["manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64",
              "manylinux1_x86_64"]
 
@@ -55,6 +59,9 @@ def install(folder: Path, target: Path, leave_out: list[str]) -> int:
         name = canonical(w.name.split("-")[0])
         if name in skip:
             print(f"carry: leaving out {name} (as asked)")
+            continue
+        if name in ALWAYS:
+            todo.append(str(w))
             continue
         try:
             print(f"carry: {name} {metadata.version(name)} is here already; not installing {w.name}")

@@ -146,7 +146,9 @@ def build_pipeline(spec: AugSpec, batch_size: int, *, device_id: int | None = No
     """
     try:
         from nvidia.dali import fn, pipeline_def, types
-    except ImportError:
+    except ImportError as e:
+        if not (e.name or "").startswith("nvidia"):
+            raise  # DALI is there but lacks one of its own dependencies: say which
         from ecvl_fast import EcvlError
 
         raise EcvlError("the data path needs NVIDIA DALI for your CUDA major: pip install 'ecvl-fast[dali-cuda13]' "

@@ -41,9 +41,12 @@ def test_ablate_rows_seeds_json_and_resume(tmp_path, mnist, monkeypatch, capsys)
     assert main(["pretrain", "--config", str(cfg), "--out", str(weights), "--set", f"data.path={mnist}",
                  "--set", f"run.out={tmp_path / 'pre'}"]) == 0
     out = tmp_path / "abl"
+    # `ecvl-fast demo` is the ablation with a config file: run it first, then `ablate` on the same rows
+    demo_cfg = tmp_path / "demo.toml"
+    demo_cfg.write_text(TINY.replace('name = "ecvl-tiny-vit"', f'name = "ecvl-tiny-vit"\npretrained = "{weights}"'))
+    assert main(["demo", "--config", str(demo_cfg), "--data", str(mnist), "--run", str(out), "--seeds", "0,1"]) == 0
     args = ["ablate", "--config", str(cfg), "--seeds", "0,1", "--set", f"data.path={mnist}", "--set", f"run.out={out}",
             "--pretrained", str(weights)]
-    assert main(args) == 0
     result = json.loads((out / "ablation.json").read_text())
     names = [r["name"] for r in result["rows"]]
     assert names == ["zero-shot", "stage1", "ballad", "momentum", "ecvl"]
@@ -62,9 +65,9 @@ def test_ablate_rows_seeds_json_and_resume(tmp_path, mnist, monkeypatch, capsys)
     bank = {n: torch.load(out / "seed0" / n / "last.pt", weights_only=True)["momentum"] for n in cfgs}
     assert bank["ballad"]["seen"].sum() == 0 and bank["momentum"]["seen"].sum() > 500
     assert sum(line.startswith("│ ECVL ") for line in capsys.readouterr().out.splitlines()) == 1
-    # Every row is finished: a second run trains nothing and prints the same table.
+    # Every row is finished: `ablate` with the same settings trains nothing and prints the same table.
     monkeypatch.setattr(training, "main", lambda *a, **k: (_ for _ in ()).throw(AssertionError("retrained")))
-    assert main(args) == 0
+    assert main(args) == 0 and sum(line.startswith("│ ECVL ") for line in capsys.readouterr().out.splitlines()) == 1
     assert json.loads((out / "ablation.json").read_text())["rows"] == result["rows"]
     # A changed stage-2 setting retrains the stage-2 rows only, not stage 1.
     calls = []

@@ -1,19 +1,13 @@
 """Every `ecvl-fast` command is run by some test: the ones no other test file runs are smoke-tested
-here at the smallest size that still exercises them (exit 0, and they write what they say)."""
+here at the smallest size that still exercises them (exit 0, and they write what they say).
+`demo` runs in test_ablate.py, as the first half of the ablation test."""
 import json
 import re
 from pathlib import Path
 
 import typer
 
-from conftest import TINY as TINY_STAGE1
 from ecvl_fast.cli import app, main
-
-TINY = TINY_STAGE1.format(epochs=1, loss="prompt-ce") + """
-[stage2]
-epochs = 1
-lr = 1e-2
-"""
 
 
 def command_paths(group, prefix=()):
@@ -33,22 +27,6 @@ def test_every_command_is_run_by_a_test():
     missing = [" ".join(p) for p in paths
                if not re.search(r'\[\s*"' + r'",\s*"'.join(p) + r'"', source)]  # ["bench", "loader" ... or [..., "train"
     assert not missing, f"commands no test runs: {missing}"
-
-
-def test_demo_runs_the_ablation_and_reuses_it(tmp_path, mnist, capsys):
-    cfg = tmp_path / "tiny.toml"
-    cfg.write_text(TINY)
-    run = tmp_path / "demo"
-    args = ["demo", "--data", str(mnist), "--run", str(run), "--config", str(cfg), "--seeds", "0"]
-    assert main(args) == 0
-    result = json.loads((run / "ablation.json").read_text())
-    assert [r["name"] for r in result["rows"]] == ["stage1", "ballad", "momentum", "ecvl"]
-    assert (run / "ablation.png").stat().st_size > 1000
-    first = capsys.readouterr().out
-    stamp = (run / "seed0" / "ecvl" / "metrics.json").stat().st_mtime_ns
-    assert main(args) == 0  # a second run prints the saved table, training nothing
-    assert (run / "seed0" / "ecvl" / "metrics.json").stat().st_mtime_ns == stamp
-    assert "ECVL" in first and "ECVL" in capsys.readouterr().out
 
 
 def test_bench_loader_kernels_convert(tmp_path, mnist):
