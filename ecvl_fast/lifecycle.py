@@ -140,6 +140,7 @@ class StopSignal:
 
     def __init__(self, grace_s: float):
         self.grace_s, self.signum, self._old = grace_s, None, {}
+        self._left = threading.Event()  # set on leaving the block: the watchdog stands down
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
@@ -148,6 +149,7 @@ class StopSignal:
         return self
 
     def __exit__(self, *exc):
+        self._left.set()
         for s, handler in self._old.items():
             signal.signal(s, handler)
 
@@ -159,8 +161,8 @@ class StopSignal:
     def _watchdog(self):
         """If the ranks cannot agree and checkpoint in time (a peer died mid-collective), leave;
         the checkpoint is written to a temp file and renamed, so the last good one stands."""
-        time.sleep(self.grace_s)
-        os._exit(EXIT_PREEMPTED)
+        if not self._left.wait(self.grace_s):
+            os._exit(EXIT_PREEMPTED)
 
     def agreed(self, d: D.Dist) -> bool:
         """Has any rank been signalled? Every rank calls this at the same steps (a sync point)."""

@@ -93,23 +93,3 @@ def test_every_preset_loads():
         cfg = load_config(p)
         if p.stem != "mnist-demo":
             assert (cfg.model.name, cfg.model.pretrained, cfg.stage2.epochs) == ("RN50", "openai", 300)
-
-
-def test_ablate_under_torchrun_two_gloo_processes(tmp_path, mnist):
-    """One process group per row, one writer: rank 0 alone writes ablation.json."""
-    import os
-    import subprocess
-    import sys
-
-    cfg = tmp_path / "tiny.toml"
-    cfg.write_text(TINY.replace("epochs = 2", "epochs = 1"))
-    out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29531",
-           "-m", "ecvl_fast.cli", "ablate", "--config", str(cfg), "--seeds", "0", "--set", f"data.path={mnist}",
-           "--set", f"run.out={out}"]
-    done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
-    assert done.returncode == 0, done.stderr[-2000:]
-    rows = json.loads((out / "ablation.json").read_text())["rows"]
-    assert [r["name"] for r in rows] == ["stage1", "ballad", "momentum", "ecvl"]
-    assert all(r["per_seed"][0]["num_images"] == 1000 for r in rows)
-    assert sum(line.startswith("│ ECVL ") for line in done.stdout.splitlines()) == 1  # the table, printed once

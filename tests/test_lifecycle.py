@@ -57,7 +57,7 @@ def signal_mid_epoch(args, folder: Path, epoch: int, sig=signal.SIGTERM):
     return proc.returncode, out, err
 
 
-@pytest.mark.parametrize("stage,sig", [(1, signal.SIGTERM), (2, signal.SIGUSR1)])
+@pytest.mark.parametrize("stage,sig", [(2, signal.SIGTERM)])  # stage 2 holds stage 1's state and the bank
 def test_a_signal_mid_epoch_then_the_same_command_matches_an_uninterrupted_run(tmp_path, mnist, capsys, stage, sig):
     """SIGTERM (torchrun, SLURM at the limit) or SIGUSR1 (SLURM's --signal) mid-epoch: exit 75 with a
     checkpoint at that step; the same command then finishes with the uninterrupted run's metrics,
@@ -166,3 +166,32 @@ def test_tensorboard_gets_loss_lr_throughput_val_groups_and_m(tmp_path, mnist):
     for tag in ("loss", "lr", "img_s", "train_loss", "val_all", "val_many", "val_few", "M_few/median", "M_many/p90"):
         assert f"stage2/{tag}" in tags, (tag, sorted(tags))
     assert [e.step for e in events.Scalars("stage2/loss")] == [5, 10, 15]
+
+
+def test_sigusr1_and_sigterm_set_the_stop_flag_and_are_restored():
+    """SLURM's --signal sends SIGUSR1, torchrun and the time limit SIGTERM: both are a stop request."""
+    import os
+
+    from ecvl_fast import dist as D
+    from ecvl_fast.lifecycle import StopSignal
+
+    d = D.Dist(0, 0, 1, torch.device("cpu"))
+    before = signal.getsignal(signal.SIGUSR1)
+    for sig in (signal.SIGUSR1, signal.SIGTERM):
+        with StopSignal(grace_s=60) as stop:
+            assert not stop.agreed(d)
+            os.kill(os.getpid(), sig)
+            time.sleep(0.05)
+            assert stop.agreed(d) and stop.name == sig.name
+    assert signal.getsignal(signal.SIGUSR1) is before
+
+
+def test_the_stop_watchdog_leaves_only_when_the_run_cannot():
+    """After a signal the watchdog exits the process (status 75) once stop_grace_s passes, unless
+    the run has left its block by then (then it stands down)."""
+    code = ("import os, signal, time; from ecvl_fast.lifecycle import StopSignal\n"
+            "with StopSignal(grace_s=0.3):\n    os.kill(os.getpid(), signal.SIGTERM); time.sleep(0.05)\n"
+            "time.sleep(0.6); print('survived')\n"
+            "with StopSignal(grace_s=0.3):\n    os.kill(os.getpid(), signal.SIGTERM); time.sleep(5)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.stdout.strip() == "survived" and done.returncode == EXIT_PREEMPTED, done.stderr[-2000:]

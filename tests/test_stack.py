@@ -74,7 +74,7 @@ def test_precision_switch():
         load_config(None, ["run.precision=fp8"])
 
 
-@pytest.mark.parametrize("prec", ["bf16", "fp16", "fp32"])
+@pytest.mark.parametrize("prec", ["fp16", "fp32"])  # bf16: the GPU tests' default
 def test_every_precision_trains_on_cpu(prec):
     run = stage_run(1, prec=prec)
     x, y = batch()
@@ -111,10 +111,9 @@ def test_export_pt_and_onnx_predict_like_the_checkpoint(tmp_path, mnist):
     from ecvl_fast.loaders.ffcv_loader import make_loader
 
     path = tmp_path / "tiny.toml"
-    path.write_text(TINY.format(epochs=1, loss="prompt-ce") + "[stage2]\nepochs = 1\nlr = 1e-2\n")
+    path.write_text(TINY.format(epochs=1, loss="prompt-ce") + "[stage2]\nepochs = 1\nlr = 1e-2\ninit = \"none\"\n")
     sets = [f"data.path={mnist}", f"run.out={tmp_path / 'run'}"]
-    training.main(load_config(path, sets))
-    training.main(load_config(path, sets), stage=2)
+    training.main(load_config(path, sets), stage=2)  # an adapter on the random encoders
     ckpt = tmp_path / "run" / "stage2" / "last.pt"
     folder = tmp_path / "digits"
     folder.mkdir()
