@@ -112,14 +112,11 @@ def stage1_loss(run: Run, images: torch.Tensor, labels: torch.Tensor, cached=Non
     """eqs. 4-5 (or BALLAD's prompt CE). `cached`: every micro-batch's (image, text) features,
     computed without gradient; micro-batch `j`'s are replaced by this call's, so the loss sees the
     whole batch's negatives while the gradient flows through micro-batch `j` only."""
-    cfg, k = run.cfg.stage1, run.tokens.shape[0]
+    cfg = run.cfg.stage1
     if cfg.loss == "prompt-ce":
         img, txt = run.model(images, run.tokens)
         return losses.prompt_ce_loss(img, txt, labels, cfg.ce_scale)
-    # clip: the text of each sample is its class prompt; encode the fewer of (batch, classes).
-    few_labels = labels.shape[0] < k
-    img, txt = run.model(images, run.tokens[labels] if few_labels else run.tokens)
-    txt = txt if few_labels else txt[labels]
+    img, txt, _ = _features(run, images, labels)
     if cached is not None:
         img = torch.cat([c[0] for c in cached[:j]] + [img] + [c[0] for c in cached[j + 1:]])
         txt = torch.cat([c[1] for c in cached[:j]] + [txt] + [c[1] for c in cached[j + 1:]])
@@ -198,7 +195,8 @@ def _stage1_backward(run: Run, images: torch.Tensor, labels: torch.Tensor) -> di
 
 
 def _features(run: Run, images: torch.Tensor, labels: torch.Tensor):
-    """(image features, per-sample text features, labels) of a micro-batch, as stage1_loss forms them."""
+    """(image features, per-sample text features, labels) for the CLIP loss: the text of each sample
+    is its class prompt; encode the fewer of (batch, classes)."""
     few_labels = labels.shape[0] < run.tokens.shape[0]
     img, txt = run.model(images, run.tokens[labels] if few_labels else run.tokens)
     return img, (txt if few_labels else txt[labels]), labels
