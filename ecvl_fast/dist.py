@@ -55,8 +55,24 @@ def setup(device: str = "auto", backend: str = "auto") -> Dist:
     if use_cuda:
         torch.cuda.set_device(dev)
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group(backend=("nccl" if use_cuda else "gloo") if backend == "auto" else backend)
+        dist.init_process_group(backend=("nccl" if use_cuda else "gloo") if backend == "auto" else backend,
+                                store=attempt_store(rank, world), rank=rank, world_size=world)
     return Dist(rank, local_rank, world, dev)
+
+
+def attempt_store(rank: int, world: int) -> dist.Store:
+    """The env:// store, with a prefix that names this start of the worker group.
+
+    torchrun's agent serves one TCPStore to every restart of its workers and adds no prefix per
+    restart (torch 2.4+; pytorch/pytorch#135712), so a restarted worker can read the keys of the
+    attempt that failed (gloo's peer addresses: "connectFullMesh failed ... Connection refused",
+    or a hang). TORCHELASTIC_RESTART_COUNT cannot name the attempt: each agent counts its own
+    restarts, and a healthy node restarts its workers without counting. Every rank index is
+    started once per attempt on every node, though, so the number of starts of this rank index,
+    counted in the store itself, is the same on all ranks."""
+    store, _, _ = next(dist.rendezvous("env://", rank, world))
+    starts = store.add(f"ecvl/starts/rank{rank}", 1)
+    return dist.PrefixStore(f"ecvl/attempt{starts}/", store)
 
 
 def teardown() -> None:

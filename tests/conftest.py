@@ -1,5 +1,5 @@
 """Tiny generated datasets: fake CIFAR pickles, image trees and OLTR split files; two torchrun
-agents acting as two nodes."""
+agents acting as two nodes; finding a torchrun worker to kill."""
 import os
 import subprocess
 import sys
@@ -84,3 +84,18 @@ def two_nodes(cli_args: list[str], port: int, cwds=(None, None)) -> list[tuple[i
                               stderr=subprocess.PIPE, text=True) for r in range(2)]
     outs = [p.communicate(timeout=600) for p in procs]
     return [(p.returncode, *o) for p, o in zip(procs, outs)]
+
+
+def worker_pid(agent_pid: int, local_rank: int) -> int | None:
+    """The pid of the torchrun worker with LOCAL_RANK=local_rank among the children of agent_pid."""
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            env = (proc / "environ").read_bytes().split(b"\0")
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == agent_pid and f"LOCAL_RANK={local_rank}".encode() in env:
+            return int(proc.name)
+    return None

@@ -41,37 +41,79 @@ def test_stage1_train_loss_falls(tmp_path, mnist, loss):
     assert saved["epoch"] == 4 and saved["config"]["stage1"]["loss"] == loss
 
 
-def test_ddp_two_nodes_match_single_process(tmp_path, mnist):
-    path, sets = tiny_config(tmp_path, mnist, "single", epochs=1, loss="clip")
+@pytest.fixture(scope="module")
+def stage1_pair(tmp_path_factory, mnist):
+    """Stage 1 (CLIP loss, 1 epoch) in one process and as two torchrun agents acting as two nodes."""
+    tmp = tmp_path_factory.mktemp("ddp")
+    path, sets = tiny_config(tmp, mnist, "single", epochs=1, loss="clip")
     single = training.main(load_config(path, sets))
-    # two torchrun agents, one process each, as two nodes on 127.0.0.1
-    _, sets = tiny_config(tmp_path, mnist, "ddp", epochs=1, loss="clip")
+    _, sets = tiny_config(tmp, mnist, "ddp", epochs=1, loss="clip")
     cmd = ["train", "--config", str(path)] + sum((["--set", s] for s in sets), [])
-    for code, _, err in two_nodes(cmd, 29517):
+    results = two_nodes(cmd, 29517)
+    return tmp, path, single, results
+
+
+def test_ddp_two_nodes_match_single_process(stage1_pair):
+    tmp, _, single, results = stage1_pair
+    for code, _, err in results:
         assert code == 0, err[-2000:]
-    ddp = json.loads((tmp_path / "ddp" / "metrics.json").read_text())
-    a, b = (torch.load(tmp_path / r / "last.pt", weights_only=True)["model"] for r in ("single", "ddp"))
+    ddp = json.loads((tmp / "ddp" / "metrics.json").read_text())
+    a, b = (torch.load(tmp / r / "last.pt", weights_only=True)["model"] for r in ("single", "ddp"))
     # The same weights after an epoch: same samples, same global batch, gradients averaged. Not the
     # attention's in_proj_bias: its key third gets zero gradient (softmax ignores a shift), and
     # Adam turns that zero's rounding noise into full-size steps of either sign.
     for k in a:
         if not k.endswith("in_proj_bias"):
             torch.testing.assert_close(b[k], a[k], rtol=1e-3, atol=1e-4, msg=k)
-    a, b = epoch_losses(tmp_path / "single"), epoch_losses(tmp_path / "ddp")
+    a, b = epoch_losses(tmp / "single"), epoch_losses(tmp / "ddp")
     assert a[0] == pytest.approx(b[0], rel=1e-4)  # first epoch: same samples, same views, same math
     assert a[-1] == pytest.approx(b[-1], rel=2e-2)
     assert ddp["all"] == pytest.approx(single["all"], abs=0.03)
     assert ddp["num_images"] == single["num_images"] == 1000
-    # Stage 2 from the same encoders: L_DCVL over the gathered global batch, so each sample's loss,
-    # its EMA and M are those of one process with the whole batch.
-    s2 = ["--set", "stage2.epochs=2", "--set", f"stage2.init={tmp_path / 'single' / 'best.pt'}"]
-    training.main(load_config(path, sets[:1] + [f"run.out={tmp_path / 'single'}", "stage2.epochs=2"]), stage=2)
-    for code, _, err in two_nodes(cmd + ["--stage", "2"] + s2, 29519):
-        assert code == 0, err[-2000:]
-    one, two = (ckpt_io.load(tmp_path / r / "stage2" / "last.pt")["momentum"] for r in ("single", "ddp"))
+
+
+def test_elastic_restart_resumes_and_matches_one_process(stage1_pair, mnist):
+    """Stage 2 as 2 gloo workers under `torchrun --max-restarts 1`; worker 1 is SIGKILLed after
+    the first checkpoint (step 5 of 15). torchrun stops worker 0 and starts both again; the same
+    command resumes from that checkpoint and ends where one uninterrupted process ends: L_DCVL
+    over the gathered global batch, so each sample's loss, its EMA and M are the same."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import worker_pid
+
+    tmp, path, _, _ = stage1_pair
+    init = ["--set", f"stage2.init={tmp / 'single' / 'best.pt'}", "--set", "stage2.epochs=2"]
+    base = ["train", "--config", str(path), "--stage", "2", *init]
+    single = training.main(load_config(path, [f"data.path={mnist}", f"run.out={tmp / 'single'}",
+                                              f"stage2.init={tmp / 'single' / 'best.pt'}", "stage2.epochs=2"]), stage=2)
+    run = tmp / "elastic"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "--max-restarts", "1", "-m", "ecvl_fast.cli", *base, "--set", f"data.path={mnist}",
+           "--set", f"run.out={run}", "--set", "run.checkpoint_every=5"]
+    with open(tmp / "torchrun.txt", "w+") as log:  # a file, not a pipe nobody reads while we wait
+        agent = subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=log, stderr=log)
+        deadline = time.monotonic() + 300
+        while not (run / "stage2" / "last.pt").exists():  # rank 0 renames it into place when complete
+            assert agent.poll() is None and time.monotonic() < deadline, (tmp / "torchrun.txt").read_text()[-3000:]
+            time.sleep(0.02)
+        os.kill(worker_pid(agent.pid, 1), signal.SIGKILL)
+        agent.wait(timeout=300)
+    out = (tmp / "torchrun.txt").read_text()
+    assert agent.returncode == 0, out[-3000:]
+    assert "(exitcode: -9) local_rank: 1" in out  # torchrun saw the kill and restarted the group
+    log = [json.loads(line) for line in (run / "stage2" / "log.jsonl").read_text().splitlines()]
+    resumed = [r for r in log if r.get("event") == "resumed"]
+    assert len(resumed) == 1 and resumed[0]["epoch"] == 1 and resumed[0]["step"] == 5, resumed
+    one, two = (ckpt_io.load(r / "stage2" / "last.pt")["momentum"] for r in (tmp / "single", run))
     assert torch.equal(one["seen"], two["seen"]) and one["seen"].sum() > 500
     torch.testing.assert_close(two["ema"], one["ema"], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(two["m"], one["m"], rtol=0, atol=1e-4)
+    metrics = json.loads((run / "stage2" / "metrics.json").read_text())
+    assert metrics["all"] == pytest.approx(single["all"], abs=0.003)  # 3 of 1,000 test images
 
 
 def cli_error(args, capsys):
