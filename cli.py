@@ -70,6 +70,7 @@ def convert(
     wnids: Optional[Path] = typer.Option(None, help="tiny-imagenet-lt: only these wnids (one per line, in this order)"),
     imbalance: float = typer.Option(100.0, help="imbalance factor IF = n_max / n_min"),
     seed: int = typer.Option(0),
+    val_per_class: int = typer.Option(0, help="tiny-imagenet-lt: a val split of this many spare train images per class"),
     format: str = typer.Option("raw", help="raw | jpg"),
     max_res: Optional[int] = typer.Option(None, help="longest side kept, in pixels"),
     jpeg_quality: int = typer.Option(90),
@@ -181,11 +182,15 @@ def ablate(
     seeds: str = typer.Option("0,1,2", help="comma-separated seeds; one stage 1 and three stage-2 rows each"),
     overrides: Optional[list[str]] = typer.Option(None, "--set", help="section.key=value (repeatable)"),
     pretrained: Optional[str] = typer.Option(None, help="shortcut for --set model.pretrained=TAG|PATH|none"),
+    rows: str = typer.Option("ballad,momentum,ecvl", help="stage-2 rows, comma-separated: ballad, momentum, ecvl, "
+                             "ecvl+, the ECVL+ variants (ecvl-class, ecvl-ce, ecvl-ce-class, ecvl-class-easy, "
+                             "ecvl-ce-class-easy) and the no-memory controls (freq-rare, freq-common)"),
 ):
-    """Zero-shot, stage 1, BALLAD, + momentum, ECVL over seeds: a table of mean ± std, ablation.json/png."""
-    from ecvl_fast.ablate import parse_seeds, run_ablation
+    """Zero-shot, stage 1, then the stage-2 rows (BALLAD, + momentum, ECVL by default) over seeds on
+    the same stage-1 encoders: a table of mean ± std, paired differences, ablation.json/png."""
+    from ecvl_fast.ablate import parse_rows, parse_seeds, run_ablation
 
-    run_ablation(_config(config, overrides, pretrained), parse_seeds(seeds))
+    run_ablation(_config(config, overrides, pretrained), parse_seeds(seeds), rows=parse_rows(rows))
 
 
 @app.command()

@@ -1,15 +1,20 @@
 """`ecvl-fast ablate`: the paper's ablation as one command, over seeds, on the same data.
 
-Per seed: stage 1 once, then on those same frozen encoders three stage-2 rows that differ only in
-the loss and the augmentation (same class-balanced sampler, same two views, same steps):
+Per seed: stage 1 once, then on those same frozen encoders the stage-2 rows, which differ only in
+the loss and the augmentation (same class-balanced sampler, same two views, same steps). The
+default rows are the paper's:
 
 - ballad:   prompt CE only (no L_DCVL, no RandAugment);
 - momentum: + L_DCVL (eq. 11), the bank updated (eqs. 8-9) but M unused;
 - ecvl:     + the memory-driven RandAugment driven by M (eq. 10).
 
+`--rows` picks others by name: the ECVL+ variants (`ecvl-class`, `ecvl-ce`, ...), each named by
+what it changes in the memory, and the no-memory controls (`freq-rare`, `freq-common`), where M
+comes from class size alone (README, "ECVL+").
+
 Zero-shot (eq. 6) comes first when `model.pretrained` gives weights; it has no randomness, so it
 is evaluated once. A row whose metrics.json exists beside the same config.toml is reused, so an
-interrupted ablation continues where it stopped.
+interrupted ablation continues where it stopped, and rows added later train only themselves.
 """
 from __future__ import annotations
 
@@ -22,14 +27,41 @@ import numpy as np
 from ecvl_fast import EcvlError
 from ecvl_fast.config import Config, load_config
 
+PAPER_MEMORY = {"m_source": "dcvl", "m_scope": "sample", "m_direction": "hard"}
+
+
+def _memory(**changes) -> dict:
+    return {"stage2": {"randaug": True}, "aug": {**PAPER_MEMORY, **changes}}
+
+
+# row -> (settings per config section, label, its no-memory control)
 STAGE2_ROWS = {
-    "ballad": {"dcvl_weight": 0.0, "randaug": False},
-    "momentum": {"randaug": False},
-    "ecvl": {"randaug": True},
+    "ballad": ({"stage2": {"dcvl_weight": 0.0, "randaug": False}, "aug": PAPER_MEMORY}, "BALLAD", None),
+    "momentum": ({"stage2": {"randaug": False}, "aug": PAPER_MEMORY}, "+ momentum", None),
+    "ecvl": (_memory(), "ECVL", "freq-rare"),
+    "ecvl-class": (_memory(m_scope="class"), "ECVL, M per class", "freq-rare"),
+    "ecvl-ce": (_memory(m_source="ce"), "ECVL, M from CE", "freq-rare"),
+    "ecvl-ce-class": (_memory(m_source="ce", m_scope="class"), "ECVL, M per class from CE", "freq-rare"),
+    "ecvl-class-easy": (_memory(m_scope="class", m_direction="easy"), "ECVL, M per class, reversed",
+                        "freq-common"),
+    "ecvl-ce-class-easy": (_memory(m_source="ce", m_scope="class", m_direction="easy"),
+                           "ECVL, M per class from CE, reversed", "freq-common"),
+    "freq-rare": (_memory(m_source="frequency"), "control: M by rarity", None),
+    "freq-common": (_memory(m_source="frequency", m_direction="easy"), "control: M by class size", None),
 }
-LABELS = {"zero-shot": "zero-shot", "stage1": "stage 1", "ballad": "BALLAD", "momentum": "+ momentum",
-          "ecvl": "ECVL"}
+# The variant the evidence recommends (README, "ECVL+"): its settings under its own name.
+STAGE2_ROWS["ecvl+"] = (STAGE2_ROWS["ecvl-ce-class"][0], "ECVL+ (M per class from CE)", "freq-rare")
+DEFAULT_ROWS = ("ballad", "momentum", "ecvl")
+LABELS = {"zero-shot": "zero-shot", "stage1": "stage 1", **{k: v[1] for k, v in STAGE2_ROWS.items()}}
 METRICS = ("many", "medium", "few", "all", "macro_f1", "head_tail_gap")
+
+
+def parse_rows(text: str) -> tuple[str, ...]:
+    rows = tuple(r.strip() for r in text.split(",") if r.strip())
+    unknown = [r for r in rows if r not in STAGE2_ROWS]
+    if unknown or not rows or len(set(rows)) != len(rows):
+        raise EcvlError(f"--rows {text!r}: expected distinct names from {', '.join(STAGE2_ROWS)}")
+    return rows
 
 
 def _with(cfg: Config, section: str, **values) -> Config:
@@ -51,17 +83,19 @@ def _finished(folder: Path, cfg: Config, ignore: tuple[str, ...] = ()) -> dict |
 
 
 def _stage2_cfg(cfg: Config, row: str) -> Config:
-    return _with(cfg, "stage2", **{**STAGE2_ROWS[row], "init": ""})
+    sections = STAGE2_ROWS[row][0]
+    cfg = _with(cfg, "stage2", **{**sections["stage2"], "init": ""})
+    return _with(cfg, "aug", **sections["aug"])
 
 
-def run_ablation(cfg: Config, seeds: list[int], log=print) -> dict:
+def run_ablation(cfg: Config, seeds: list[int], log=print, rows: tuple[str, ...] = DEFAULT_ROWS) -> dict:
     from ecvl_fast import dist as D
 
     with D.session(cfg.run.device, cfg.dist.backend) as d:  # one process group for every row
-        return _ablation(cfg, seeds, log, d.main)
+        return _ablation(cfg, seeds, log, d.main, rows)
 
 
-def _ablation(cfg: Config, seeds: list[int], log, main: bool) -> dict:
+def _ablation(cfg: Config, seeds: list[int], log, main: bool, rows: tuple[str, ...] = DEFAULT_ROWS) -> dict:
     from ecvl_fast import train as training
 
     out = Path(cfg.run.out)
@@ -76,7 +110,7 @@ def _ablation(cfg: Config, seeds: list[int], log, main: bool) -> dict:
             log(f"seed {seed}: stage 1")  # every rank decides alike: it reads the same finished files
             done = training.main(base, stage=1)
         per_seed.setdefault("stage1", {})[seed] = done
-        for row in STAGE2_ROWS:
+        for row in rows:
             row_cfg = _stage2_cfg(base, row)
             done = _finished(seed_dir / row, row_cfg)
             if done is None:
@@ -117,7 +151,30 @@ def summarise(per_seed: dict[str, dict[int, dict]], cfg: Config, seeds: list[int
         rows.append({"name": name, "label": LABELS[name], "seeds": list(runs), "per_seed": list(runs.values()),
                      **stats})
     return {"data": cfg.data.path, "model": cfg.model.name, "pretrained": cfg.model.pretrained,
-            "seeds": seeds, "config": cfg.to_dict(), "rows": rows}
+            "seeds": seeds, "config": cfg.to_dict(), "rows": rows, "paired": paired(per_seed, seeds)}
+
+
+PAIRED = ("few", "macro_f1", "all")
+
+
+def paired(per_seed: dict[str, dict[int, dict]], seeds: list[int]) -> list[dict]:
+    """Each stage-2 row minus BALLAD and minus its no-memory control, seed by seed (the same
+    stage-1 encoders on both sides of each difference), with the mean and std of the differences."""
+    out = []
+    for row in per_seed:
+        if row not in STAGE2_ROWS:
+            continue
+        for other in ("ballad", STAGE2_ROWS[row][2]):
+            if other is None or other == row or other not in per_seed:
+                continue
+            both = [s for s in seeds if s in per_seed[row] and s in per_seed[other]]
+            entry = {"row": row, "against": other, "seeds": both}
+            for k in PAIRED:
+                d = [per_seed[row][s][k] - per_seed[other][s][k] for s in both]
+                entry[k] = {"per_seed": d, "mean": float(np.mean(d)),
+                            "std": float(np.std(d, ddof=1)) if len(d) > 1 else 0.0}
+            out.append(entry)
+    return out
 
 
 def print_ablation(result: dict) -> None:
@@ -132,10 +189,20 @@ def print_ablation(result: dict) -> None:
     for row in result["rows"]:
         cells = ["-" if row[k] is None else f"{100 * row[k]['mean']:.2f} ± {100 * row[k]['std']:.2f}" for k in METRICS]
         t.add_row(row["label"], *cells)
-    Console(width=max(120, Console().width)).print(t)
+    console = Console(width=max(120, Console().width))
+    console.print(t)
+    if result.get("paired"):
+        t = Table(title="paired by seed: row minus BALLAD, and minus its no-memory control (points; per seed, mean ± std)")
+        for col in ("row", "minus", *PAIRED):
+            t.add_column(col, justify="left" if col in ("row", "minus") else "right")
+        for e in result["paired"]:
+            t.add_row(LABELS[e["row"]], LABELS[e["against"]], *(
+                " ".join(f"{100 * v:+.2f}" for v in e[k]["per_seed"]) + f"  ({100 * e[k]['mean']:+.2f} ± {100 * e[k]['std']:.2f})"
+                for k in PAIRED))
+        console.print(t)
     print("BALLAD: adapter on class-balanced batches, prompt CE only; + momentum: adds L_DCVL (eq. 11), the bank "
           "updated, M unused; ECVL: adds the memory-driven RandAugment (eq. 10). Same stage-1 encoders, sampler, "
-          "views and steps in all three.")
+          "views and steps in every row; the others change only where M comes from (README, \"ECVL+\").")
 
 
 def plot_rows(result: dict, path: Path) -> None:

@@ -39,6 +39,11 @@ class AugCfg:
     k: int = 2  # RandAugment ops per sample (eq. 10)
     beta: float = 0.97  # momentum of the per-sample loss EMA (eq. 8; BCL)
     m_norm: str = "bcl"  # eq. 9: "bcl" (z / max|z| / 2 + 1/2) or "rank" (the EMA's percentile rank)
+    # ECVL+ (README, "ECVL+"); the defaults are the paper's memory
+    m_source: str = "dcvl"  # the per-sample loss the EMA tracks: "dcvl" (eq. 8), "ce" (prompt CE), or
+    #                         "frequency": no memory, M from the class's size alone (the control)
+    m_scope: str = "sample"  # "sample" (eq. 9) or "class": one M per class, its rank by mean EMA
+    m_direction: str = "hard"  # "hard": poorly learned (or rare) -> high M; "easy": the reverse
     crop_min_scale: float = 0.5  # BALLAD's RandomResizedCrop scale (0.5, 1)
 
 
@@ -104,6 +109,9 @@ CHOICES = {
     ("model", "templates"): ("single", "openai"),
     ("stage1", "loss"): ("clip", "prompt-ce"),
     ("aug", "m_norm"): ("bcl", "rank"),
+    ("aug", "m_source"): ("dcvl", "ce", "frequency"),
+    ("aug", "m_scope"): ("sample", "class"),
+    ("aug", "m_direction"): ("hard", "easy"),
     ("data", "eval_split"): ("test", "val"),
     ("dist", "backend"): ("auto", "nccl", "gloo"),
     ("run", "device"): ("auto", "cpu", "cuda"),

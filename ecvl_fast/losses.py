@@ -50,10 +50,12 @@ def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, labels:
 @fp32
 def prompt_ce_loss(image_features: torch.Tensor, class_text_features: torch.Tensor, labels: torch.Tensor,
                    scale: float = 100.0) -> dict[str, torch.Tensor]:
-    """BALLAD's phase A: cross-entropy of image features against all K class prompts."""
+    """BALLAD's phase A: cross-entropy of image features against all K class prompts.
+    `per_sample`: each row's term (what ECVL+'s `aug.m_source = "ce"` memory tracks)."""
     logits = scale * image_features @ class_text_features.T
-    ce = F.cross_entropy(logits, labels)
-    return {"loss": ce, "ce": ce}
+    per_sample = F.cross_entropy(logits, labels, reduction="none")
+    ce = per_sample.mean()
+    return {"loss": ce, "ce": ce, "per_sample": per_sample}
 
 
 @fp32

@@ -30,7 +30,7 @@ from ecvl_fast import lifecycle, losses, precision
 from ecvl_fast.config import Config, save_config
 from ecvl_fast.data import eval_loader, open_dataset, train_loader
 from ecvl_fast.evaluate import m_quantiles, plot_m_by_group, predict, shot_metrics, write_report
-from ecvl_fast.kernels.bank import MomentumBank, StaticMagnitudes
+from ecvl_fast.kernels.bank import MomentumBank, StaticMagnitudes, frequency_magnitudes
 from ecvl_fast.logs import RunLog
 from ecvl_fast.model import Adapter, ClipNet, adapted_features, build_clip, class_text_features, prompt_tokens
 
@@ -105,7 +105,10 @@ def _init_stage2(run: Run, meta: dict) -> None:
     run.net.requires_grad_(False).eval()
     run.text = class_text_features(run.net, run.eval_tokens)
     run.adapter = Adapter(run.text.shape[1], cfg.stage2.ratio).to(run.d.device)
-    run.bank = MomentumBank(meta["train_labels"], beta=cfg.aug.beta, device=run.d.device, norm=cfg.aug.m_norm)
+    a = cfg.aug
+    fixed = frequency_magnitudes(meta["train_labels"], a.m_direction) if a.m_source == "frequency" else None
+    run.bank = MomentumBank(meta["train_labels"], beta=a.beta, device=run.d.device, norm=a.m_norm,
+                            scope=a.m_scope, direction=a.m_direction, fixed=fixed)
 
 
 def stage1_loss(run: Run, images: torch.Tensor, labels: torch.Tensor, cached=None, j: int = 0) -> dict[str, torch.Tensor]:
@@ -115,7 +118,8 @@ def stage1_loss(run: Run, images: torch.Tensor, labels: torch.Tensor, cached=Non
     cfg = run.cfg.stage1
     if cfg.loss == "prompt-ce":
         img, txt = run.model(images, run.tokens)
-        return losses.prompt_ce_loss(img, txt, labels, cfg.ce_scale)
+        terms = losses.prompt_ce_loss(img, txt, labels, cfg.ce_scale)
+        return {"loss": terms["loss"], "ce": terms["ce"]}
     img, txt, _ = _features(run, images, labels)
     if cached is not None:
         img = torch.cat([c[0] for c in cached[:j]] + [img] + [c[0] for c in cached[j + 1:]])
@@ -140,13 +144,19 @@ def stage2_loss(run: Run, views: list[torch.Tensor], labels: torch.Tensor, idx: 
     with torch.no_grad():  # frozen encoders: both views in one pass, or in chunks
         feats = torch.cat([run.net(x)[0] for x in torch.cat(views).chunk(cfg.accum_steps)])
     adapted = adapted_features(feats, run.model)
-    ce = losses.prompt_ce_loss(adapted, run.text, labels.repeat(len(views)), cfg.ce_scale)["loss"]
+    ce_terms = losses.prompt_ce_loss(adapted, run.text, labels.repeat(len(views)), cfg.ce_scale)
+    ce = ce_terms["loss"]
     if cfg.dcvl_weight == 0 and not cfg.randaug:  # BALLAD's row: no L_DCVL, and no reader of the bank
         return {"loss": ce, "ce": ce}
+    if run.cfg.aug.m_source == "ce":  # ECVL+: how well each sample is classified, mean of its views
+        run.bank.record(idx, ce_terms["per_sample"].detach().view(len(views), b).mean(0))
+        if cfg.dcvl_weight == 0:
+            return {"loss": ce, "ce": ce}
     rows = slice(r * b, (r + 1) * b) if run.d.enabled else None
     dcvl = losses.dcvl_loss(D.gather_with_grad(adapted[:b]), D.gather_with_grad(adapted[b:2 * b]),
                             cfg.temperature, rows=rows)
-    run.bank.record(idx, dcvl["per_sample"])  # eq. 8's input (also when its weight is 0); no host sync
+    if run.cfg.aug.m_source != "ce":
+        run.bank.record(idx, dcvl["per_sample"])  # eq. 8's input (also when its weight is 0); no host sync
     return {"loss": ce + cfg.dcvl_weight * dcvl["loss"], "ce": ce, "dcvl": dcvl["loss"]}
 
 

@@ -15,15 +15,25 @@ from ecvl_fast import EcvlError
 
 
 NORMS = ("bcl", "rank")
+SCOPES = ("sample", "class")
+DIRECTIONS = ("hard", "easy")
 
 
 class MomentumBank:
-    def __init__(self, labels, beta: float = 0.97, device: str | torch.device = "cpu", norm: str = "bcl"):
+    def __init__(self, labels, beta: float = 0.97, device: str | torch.device = "cpu", norm: str = "bcl",
+                 scope: str = "sample", direction: str = "hard", fixed=None):
         """`labels`: every train sample's class (the rule for never-seen samples needs them).
-        `norm`: eq. 9 as BCL computes it ("bcl"), or the EMA's percentile rank ("rank", see `_rank`)."""
-        if norm not in NORMS:
-            raise EcvlError(f"unknown M normalisation {norm!r}; choose one of {', '.join(NORMS)}")
-        self.beta, self.norm = float(beta), norm
+        `norm`: eq. 9 as BCL computes it ("bcl"), or the EMA's percentile rank ("rank", see `_rank`).
+        `scope` "class": one M per class, its rank by mean EMA (`kernels.cpu.class_scope`).
+        `direction` "easy": M = 1 - M, so what is learned well is augmented harder (Ahn et al.,
+        ICLR 2023); "hard" (the paper): what is learned poorly.
+        `fixed`: M per sample that the memory never changes (the no-memory controls,
+        `frequency_magnitudes`); the EMA is still kept."""
+        for value, known, what in ((norm, NORMS, "M normalisation"), (scope, SCOPES, "M scope"),
+                                   (direction, DIRECTIONS, "M direction")):
+            if value not in known:
+                raise EcvlError(f"unknown {what} {value!r}; choose one of {', '.join(known)}")
+        self.beta, self.norm, self.scope, self.direction = float(beta), norm, scope, direction
         self.device = torch.device(device)
         z = dict(device=self.device)
         self.labels = torch.tensor(np.asarray(labels), dtype=torch.int64, device=self.device)
@@ -36,6 +46,9 @@ class MomentumBank:
         self.m = torch.zeros(n, dtype=torch.float32, **z)
         self._k = _kernels(self.device)
         self._views = {}  # tensor id -> kernel view of the bank's own state, made once
+        self.fixed = None if fixed is None else torch.as_tensor(np.asarray(fixed), dtype=torch.float32).to(self.device)
+        if self.fixed is not None:
+            self.m.copy_(self.fixed)
 
     def __len__(self) -> int:
         return self.m.numel()
@@ -64,9 +77,15 @@ class MomentumBank:
         if bad >= 0:
             raise EcvlError(f"sample {bad}: non-finite loss ({float(self.loss_sum[bad])}) in the momentum bank")
         self._k.end_epoch(*self._args(self.ema, self.seen, self.loss_sum, self.loss_count), self.beta)
+        if self.fixed is not None:
+            return
         self._k.normalise(*self._args(self.ema, self.seen, self.labels, self.m), self.num_classes)
         if self.norm == "rank":
             self._rank()
+        if self.scope == "class":
+            self._k.class_scope(*self._args(self.ema, self.seen, self.labels, self.m), self.num_classes)
+        if self.direction == "easy":  # not before anything is seen: M = 0, no augmentation (no host sync)
+            self.m.copy_(torch.where(self.seen.bool().any(), 1 - self.m, self.m))
 
     def _rank(self) -> None:
         """M = the percentile rank of the sample's EMA among the seen samples, so M spreads evenly
@@ -126,6 +145,20 @@ class MomentumBank:
         if id(t) not in self._views:
             self._views[id(t)] = self._k.view(t) if self.device.type == "cuda" else t.numpy()
         return self._views[id(t)]
+
+
+def frequency_magnitudes(labels, direction: str = "hard") -> np.ndarray:
+    """The no-memory control (aug.m_source = "frequency"): M per sample from its class's size
+    alone, the class's rank on [0, 1]. "hard": the rarest class gets 1, as if rare meant poorly
+    learned; "easy": the most frequent gets 1. Ties keep class order."""
+    from ecvl_fast.kernels import cpu
+
+    labels = np.asarray(labels, np.int64)
+    counts = np.bincount(labels).astype(np.float64)
+    key = 1.0 / np.maximum(counts, 1) if direction == "hard" else counts
+    per_class = np.empty(len(counts))
+    cpu.rank_classes(key, counts > 0, per_class)
+    return per_class[labels].astype(np.float32)
 
 
 class StaticMagnitudes:

@@ -12,6 +12,8 @@ from ecvl_fast.kernels import formulas
 _ema_update = njit(cache=True)(formulas.ema_update)
 _magnitude = njit(cache=True)(formulas.magnitude)
 _spread_of = njit(cache=True)(formulas.spread_of)
+_rank_unit = njit(cache=True)(formulas.rank_unit)
+_ranks_below = njit(cache=True)(formulas.ranks_below)
 
 
 @njit(cache=True)
@@ -79,6 +81,37 @@ def normalise(ema, seen, labels, m, num_classes):
         if not seen[i]:
             c = labels[i]
             m[i] = class_sum[c] / class_n[c] if class_n[c] > 0 else overall
+
+
+@njit(cache=True)
+def rank_classes(means, present, out):
+    """out[c] = class c's rank by mean among the present classes, on [0, 1] (0: the lowest mean);
+    0.5 for a class not present. Returns how many are present."""
+    n = 0
+    for c in range(means.shape[0]):
+        n += 1 if present[c] else 0
+    for c in range(means.shape[0]):
+        out[c] = _rank_unit(_ranks_below(means, present, c), n) if present[c] else 0.5
+    return n
+
+
+@njit(cache=True)
+def class_scope(ema, seen, labels, m, num_classes):
+    """aug.m_scope = "class": every sample's M is its class's rank, over the classes, by the mean
+    EMA of the class's seen samples (0: the lowest mean loss, 1: the highest; a class with no
+    seen sample gets 0.5). Before any sample is seen M is left as it is (0)."""
+    sums, counts = np.zeros(num_classes, np.float64), np.zeros(num_classes, np.int64)
+    for i in range(ema.shape[0]):
+        if seen[i]:
+            sums[labels[i]] += ema[i]
+            counts[labels[i]] += 1
+    present = counts > 0
+    means = sums / np.maximum(counts, 1)
+    per_class = np.empty(num_classes, np.float64)
+    if rank_classes(means, present, per_class) == 0:
+        return
+    for i in range(m.shape[0]):
+        m[i] = per_class[labels[i]]
 
 
 @njit(cache=True)

@@ -65,6 +65,8 @@ def _first_nonfinite(loss_sum, loss_count, out):
 _ema_update = cuda.jit(device=True)(formulas.ema_update)
 _magnitude = cuda.jit(device=True)(formulas.magnitude)
 _spread_of = cuda.jit(device=True)(formulas.spread_of)
+_rank_unit = cuda.jit(device=True)(formulas.rank_unit)
+_ranks_below = cuda.jit(device=True)(formulas.ranks_below)
 
 
 @cuda.jit
@@ -126,6 +128,62 @@ def _write_unseen(seen, labels, m, acc, class_acc):
         for k in range(class_acc.shape[0]):
             total += class_acc[k, 0]
         m[i] = total / acc[0]
+
+
+@cuda.jit
+def _class_sums(ema, seen, labels, class_acc):
+    """class_acc[c] = [sum of EMA, count] over the seen samples of class c."""
+    i = cuda.grid(1)
+    if i < ema.shape[0] and seen[i]:
+        cuda.atomic.add(class_acc, (labels[i], 0), float(ema[i]))
+        cuda.atomic.add(class_acc, (labels[i], 1), 1.0)
+
+
+@cuda.jit
+def _class_means(class_acc, means, present):
+    c = cuda.grid(1)
+    if c < class_acc.shape[0]:
+        means[c] = class_acc[c, 0] / max(class_acc[c, 1], 1.0)
+        present[c] = class_acc[c, 1] > 0
+
+
+@cuda.jit
+def _rank_classes(means, present, per_class):
+    """cpu.rank_classes, one thread per class (each counts the present classes itself); -1 for
+    every class when none is present, which `_write_class` reads as "leave M alone"."""
+    c = cuda.grid(1)
+    if c >= means.shape[0]:
+        return
+    n = 0
+    for j in range(means.shape[0]):
+        n += 1 if present[j] else 0
+    if n == 0:
+        per_class[c] = -1.0
+    elif present[c]:
+        per_class[c] = _rank_unit(_ranks_below(means, present, c), n)
+    else:
+        per_class[c] = 0.5
+
+
+@cuda.jit
+def _write_class(labels, m, per_class):
+    i = cuda.grid(1)
+    if i < m.shape[0] and per_class[labels[i]] >= 0:
+        m[i] = per_class[labels[i]]
+
+
+def class_scope(ema, seen, labels, m, num_classes: int):
+    """`cpu.class_scope` on the device, no host sync (one thread per class ranks it, O(K) each)."""
+    dev = _device()
+    class_acc = torch.zeros((num_classes, 2), dtype=torch.float64, device=dev)
+    means = torch.empty(num_classes, dtype=torch.float64, device=dev)
+    present = torch.empty(num_classes, dtype=torch.uint8, device=dev)
+    per_class = torch.empty(num_classes, dtype=torch.float64, device=dev)
+    stream, blocks, k_blocks = _stream(), _blocks(ema.shape[0]), _blocks(num_classes)
+    _class_sums[blocks, THREADS, stream](view(ema), view(seen), view(labels), view(class_acc))
+    _class_means[k_blocks, THREADS, stream](view(class_acc), view(means), view(present))
+    _rank_classes[k_blocks, THREADS, stream](view(means), view(present), view(per_class))
+    _write_class[blocks, THREADS, stream](view(labels), view(m), view(per_class))
 
 
 def accumulate(loss_sum, loss_count, indices, losses):

@@ -25,3 +25,18 @@ def magnitude(v, mean, spread):
 def spread_of(mean, lo, hi):
     """max |L - mean| over the seen samples, from their min and max."""
     return max(hi - mean, mean - lo)
+
+
+def rank_unit(r, n):
+    """A rank r among n (0 = lowest) on [0, 1]: r / (n - 1); 0.5 when there is only one."""
+    return r / (n - 1.0) if n > 1 else 0.5
+
+
+def ranks_below(means, present, c):
+    """How many present classes come before class c: a lower mean, or the same mean and a lower
+    index (so ties are broken the way a stable sort breaks them)."""
+    r = 0
+    for j in range(means.shape[0]):
+        if present[j] and (means[j] < means[c] or (means[j] == means[c] and j < c)):
+            r += 1
+    return r

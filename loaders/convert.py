@@ -37,6 +37,7 @@ class ConvertOptions:
     wnids: Path | None = None
     imbalance: float = 100.0
     seed: int = 0
+    val_per_class: int = 0
     format: str = "raw"
     max_res: int | None = None
     jpeg_quality: int = 90
@@ -53,7 +54,7 @@ def build_source(o: ConvertOptions) -> sources.Source:
     if o.dataset in ("cifar10-lt", "cifar100-lt"):
         return sources.load_cifar_lt(10 if o.dataset == "cifar10-lt" else 100, o.source, o.imbalance, o.seed)
     if o.dataset == "tiny-imagenet-lt":
-        return sources.load_tiny_imagenet_lt(o.source, o.imbalance, o.seed, o.wnids)
+        return sources.load_tiny_imagenet_lt(o.source, o.imbalance, o.seed, o.wnids, o.val_per_class)
     if o.dataset in ("imagenet-lt", "places-lt", "list"):
         root = o.root or o.source
         if root is None:
@@ -171,6 +172,8 @@ def _validate_options(o: ConvertOptions) -> None:
         raise EcvlError(f"{o.out}: already exists; pass --overwrite to replace it")
     if o.imbalance < 1:
         raise EcvlError(f"--imbalance must be >= 1, got {o.imbalance}")
+    if o.val_per_class and o.dataset != "tiny-imagenet-lt":
+        raise EcvlError("--val-per-class carves a val split from spare train images: tiny-imagenet-lt only")
     if o.few_threshold > o.many_threshold:
         raise EcvlError("--few-threshold must not exceed --many-threshold")
 

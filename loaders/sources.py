@@ -273,11 +273,16 @@ def _first_names(words: Path, wnids: list[str]) -> list[str]:
     return [names[w] for w in wnids]
 
 
-def load_tiny_imagenet_lt(root: Path | None, imbalance: float, seed: int, wnids_file: Path | None = None) -> Source:
+def load_tiny_imagenet_lt(root: Path | None, imbalance: float, seed: int, wnids_file: Path | None = None,
+                          val_per_class: int = 0) -> Source:
     """Tiny-ImageNet (`train/<wnid>/images/*.JPEG`, `val/images` + `val/val_annotations.txt`,
     `wnids.txt`, `words.txt`), made long-tailed: the CIFAR-LT profile over the classes of
     `wnids.txt` (or the subset in `wnids_file`, in its order); the validation split, all of it
-    for those classes, is the test split. Train folders not listed are ignored and counted."""
+    for those classes, is the test split. Train folders not listed are ignored and counted.
+
+    `val_per_class` > 0 adds a "val" split for choosing settings without the test split: per
+    class, that many of the train images the long-tail profile left out (`held_out_indices`).
+    The train split is the same as without it."""
     if root is None or not root.is_dir():
         raise EcvlError(f"{root}: no such Tiny-ImageNet folder (pass --source)")
     listed = _read_wnids(root / "wnids.txt")
@@ -299,11 +304,24 @@ def load_tiny_imagenet_lt(root: Path | None, imbalance: float, seed: int, wnids_
     ignored = sorted(p.name for p in (root / "train").iterdir() if p.is_dir() and p.name not in set(listed))
     train = Split(labels=np.asarray(labels, dtype=np.int64), paths=paths)
     keep = long_tail_indices(train.labels, len(wnids), imbalance, seed)
-    test = _tiny_val(root, set(listed), label_of)
-    return Source(classes=_first_names(root / "words.txt", wnids),
-                  splits={"train": train.subset(keep), "test": test}, origin=str(root),
-                  info={"imbalance": imbalance, "seed": seed, "wnids": wnids,
+    splits = {"train": train.subset(keep)}
+    if val_per_class > 0:
+        splits["val"] = train.subset(held_out_indices(train.labels, keep, val_per_class, seed))
+    splits["test"] = _tiny_val(root, set(listed), label_of)
+    return Source(classes=_first_names(root / "words.txt", wnids), splits=splits, origin=str(root),
+                  info={"imbalance": imbalance, "seed": seed, "wnids": wnids, "val_per_class": val_per_class,
                         "ignored_train_folders": len(ignored), "ignored_train_folder_names": ignored})
+
+
+def held_out_indices(labels: np.ndarray, keep: np.ndarray, per_class: int, seed: int) -> np.ndarray:
+    """Up to `per_class` indices per class among those not in `keep`: a validation split of real
+    images of the same classes, disjoint from the train split. A class the profile left with
+    fewer spare images gives what it has (none for the head class at full size)."""
+    spare = np.ones(len(labels), bool)
+    spare[keep] = False
+    rng = np.random.default_rng([seed, 1])
+    out = [rng.permutation(np.flatnonzero(spare & (labels == c)))[:per_class] for c in range(int(labels.max()) + 1)]
+    return np.sort(np.concatenate(out))
 
 
 def _tiny_val(root: Path, listed: set[str], label_of: dict[str, int]) -> Split:

@@ -2,12 +2,13 @@
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from ecvl_fast import EcvlError
 from ecvl_fast import train as training
-from ecvl_fast.ablate import parse_seeds
+from ecvl_fast.ablate import parse_rows, parse_seeds
 from ecvl_fast.cli import main
 from ecvl_fast.config import load_config
 
@@ -64,10 +65,11 @@ def test_ablate_rows_seeds_json_and_resume(tmp_path, mnist, monkeypatch, capsys)
     assert cfgs["ecvl"].randaug is True
     bank = {n: torch.load(out / "seed0" / n / "last.pt", weights_only=True)["momentum"] for n in cfgs}
     assert bank["ballad"]["seen"].sum() == 0 and bank["momentum"]["seen"].sum() > 500
-    assert sum(line.startswith("│ ECVL ") for line in capsys.readouterr().out.splitlines()) == 1
+    ecvl_lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("│ ECVL ")]
+    assert len(ecvl_lines) == 2 and "BALLAD" in ecvl_lines[1]  # its row, then its difference from BALLAD
     # Every row is finished: `ablate` with the same settings trains nothing and prints the same table.
     monkeypatch.setattr(training, "main", lambda *a, **k: (_ for _ in ()).throw(AssertionError("retrained")))
-    assert main(args) == 0 and sum(line.startswith("│ ECVL ") for line in capsys.readouterr().out.splitlines()) == 1
+    assert main(args) == 0 and sum(line.startswith("│ ECVL ") for line in capsys.readouterr().out.splitlines()) == 2
     assert json.loads((out / "ablation.json").read_text())["rows"] == result["rows"]
     # A changed stage-2 setting retrains the stage-2 rows only, not stage 1.
     calls = []
@@ -75,13 +77,47 @@ def test_ablate_rows_seeds_json_and_resume(tmp_path, mnist, monkeypatch, capsys)
                         json.loads((Path(out) / "metrics.json").read_text()))
     assert main(args + ["--set", "stage2.temperature=0.1"]) == 0
     assert calls == [2, 2, 2, 2, 2, 2]
+    # --rows: only the rows named, on the same stage-1 encoders; finished rows (BALLAD) are reused
+    monkeypatch.undo()
+    trained, real = [], training.main
+    monkeypatch.setattr(training, "main", lambda cfg, stage=1, out=None, **k:
+                        trained.append((stage, out and Path(out).name)) or real(cfg, stage, out, **k))
+    rows_args = ["ablate", "--config", str(cfg), "--seeds", "0", "--set", f"data.path={mnist}", "--set",
+                 f"run.out={out}", "--pretrained", str(weights), "--rows", "ballad,ecvl-ce-class,freq-rare"]
+    assert main(rows_args) == 0
+    assert trained == [(2, "ecvl-ce-class"), (2, "freq-rare")]
+    result = json.loads((out / "ablation.json").read_text())
+    assert [r["name"] for r in result["rows"]] == ["zero-shot", "stage1", "ballad", "ecvl-ce-class", "freq-rare"]
+    aug = {n: load_config(out / "seed0" / n / "config.toml").aug for n in ("ballad", "ecvl-ce-class", "freq-rare")}
+    assert (aug["ecvl-ce-class"].m_source, aug["ecvl-ce-class"].m_scope) == ("ce", "class")
+    assert aug["freq-rare"].m_source == "frequency" and aug["ballad"].m_source == "dcvl"
+    per_seed = {r["name"]: r["per_seed"][0] for r in result["rows"]}
+    pairs = {(e["row"], e["against"]): e for e in result["paired"]}
+    assert set(pairs) == {("ecvl-ce-class", "ballad"), ("ecvl-ce-class", "freq-rare"), ("freq-rare", "ballad")}
+    e = pairs["ecvl-ce-class", "freq-rare"]
+    assert e["few"]["per_seed"] == [per_seed["ecvl-ce-class"]["few"] - per_seed["freq-rare"]["few"]]
+    # what the rows put in M: one M per class from CE; the control's M rises as classes get rarer
+    from ecvl_fast.data import open_dataset
+
+    labels = np.asarray(open_dataset(mnist)["train_labels"])
+    counts = np.bincount(labels)
+    for name in ("ecvl-ce-class", "freq-rare"):
+        m = torch.load(out / "seed0" / name / "last.pt", weights_only=True)["momentum"]["m"].numpy()
+        per_class = np.array([m[labels == c].mean() for c in range(10)])
+        assert all(np.ptp(m[labels == c]) == 0 for c in range(10)) and np.ptp(per_class) == 1.0
+        if name == "freq-rare":
+            assert (np.argsort(per_class, kind="stable") == np.argsort(-counts, kind="stable")).all()
 
 
-def test_seed_list_is_checked():
+def test_seed_and_row_lists_are_checked():
     assert parse_seeds("0, 1,2") == [0, 1, 2]
     for bad in ("", "a,b", "1,1"):
         with pytest.raises(EcvlError, match="--seeds"):
             parse_seeds(bad)
+    assert parse_rows("ballad, ecvl+") == ("ballad", "ecvl+")
+    for bad in ("", "ballad,ballad", "ecvl,balad"):
+        with pytest.raises(EcvlError, match="--rows"):
+            parse_rows(bad)
 
 
 def test_every_preset_loads():

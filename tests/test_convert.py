@@ -189,6 +189,17 @@ def test_tiny_imagenet_lt(tmp_path, capsys):
                  "--wnids", str(sub), "--workers", "1"]) == 0
     half = json.loads((tmp_path / "half" / "meta.json").read_text())
     assert half["classes"] == ["name2", "name0"] and half["train_counts"] == [40, 40] and half["images"]["test"] == 6
+    # --val-per-class: a val split from the train images the profile left out; train unchanged
+    assert main(["convert", "tiny-imagenet-lt", "--source", str(src), "--out", str(tmp_path / "val"), "--imbalance",
+                 "10", "--workers", "1", "--val-per-class", "5"]) == 0
+    with_val = json.loads((tmp_path / "val" / "meta.json").read_text())
+    assert with_val["train_counts"] == meta["train_counts"] and with_val["images"]["val"] == 15
+    train_px, _, _ = read_all(tmp_path / "val" / "train.beton", 16)
+    val_px, val_labels, _ = read_all(tmp_path / "val" / "val.beton", 16)
+    assert np.bincount(val_labels).tolist() == [0, 5, 5, 5]  # class 0 kept all 40 of its images
+    assert not {v.tobytes() for v in val_px} & {t.tobytes() for t in train_px}
+    assert "tiny-imagenet-lt only" in cli_error(["convert", "mnist-lt", "--out", str(tmp_path / "m"),
+                                                 "--val-per-class", "5"], capsys)
 
 
 def test_tiny_imagenet_bad_inputs(tmp_path, capsys):

@@ -133,6 +133,89 @@ def test_rank_normalisation_spreads_m_evenly():
         MomentumBank(labels, norm="minmax")
 
 
+def ref_class_scope(ema, seen, labels, num_classes, m):
+    """aug.m_scope = "class" by hand: class means over seen samples, ranked by a stable sort over
+    the classes that have one, on [0, 1]; 0.5 for a class with none; nothing seen: M unchanged."""
+    s = seen.astype(bool)
+    if not s.any():
+        return m.copy()
+    present = np.array([(s & (labels == c)).any() for c in range(num_classes)])
+    means = np.array([ema[s & (labels == c)].astype(np.float64).mean() if present[c] else 0.0
+                      for c in range(num_classes)])
+    per_class = np.full(num_classes, 0.5)
+    order = [c for c in np.argsort(means, kind="stable") if present[c]]
+    for r, c in enumerate(order):
+        per_class[c] = r / (len(order) - 1) if len(order) > 1 else 0.5
+    return per_class[labels]
+
+
+@pytest.mark.parametrize("jit", [True, False], ids=["jit", "nojit"])
+@pytest.mark.parametrize("case", ["random", "ties", "absent", "one-class", "none-seen"])
+def test_class_scope_matches_numpy(jit, case):
+    rng = np.random.default_rng(11)
+    n, k = 120, 8
+    labels = rng.integers(0, k, n)
+    ema = rng.gamma(2.0, 1.0, n).astype(np.float32)
+    seen = (rng.random(n) < 0.7).astype(np.uint8)
+    if case == "ties":
+        labels = np.repeat(np.arange(k), n // k)  # every class's samples share a loss of 1 or 2
+        ema = np.repeat(rng.integers(1, 3, k), n // k).astype(np.float32)
+    elif case == "absent":
+        seen[labels == 3] = 0  # class 3 never seen
+        labels[labels == 7] = 6  # class 7 has no samples
+    elif case == "one-class":
+        seen[labels != 2] = 0
+    elif case == "none-seen":
+        seen[:] = 0
+    m = rng.random(n).astype(np.float32)
+    expected = ref_class_scope(ema, seen, labels, k, m)
+    (cpu.class_scope if jit else cpu.class_scope.py_func)(ema, seen, labels, m, k)
+    np.testing.assert_allclose(m, expected, atol=1e-6)
+    if case == "random":
+        assert m.min() == 0.0 and m.max() == 1.0 and len(np.unique(m)) == k
+        for c in range(k):
+            assert np.ptp(m[labels == c]) == 0  # one M per class
+    if case == "absent":
+        assert np.allclose(m[labels == 3], 0.5)
+    if case == "ties":  # equal means: the lower class index ranks first, as a stable sort
+        assert len(np.unique(m)) == k
+
+
+def test_bank_scope_direction_and_frequency_control():
+    """The bank's options against numpy: M per class, M reversed, and the fixed no-memory M."""
+    from ecvl_fast.kernels.bank import frequency_magnitudes
+
+    rng = np.random.default_rng(5)
+    labels = np.r_[np.zeros(40), np.ones(20), np.full(10, 2), np.full(5, 3), np.full(5, 4)].astype(np.int64)
+    batches = random_batches(rng, len(labels), 4, 32, coverage=0.8)
+    kinds = {"plain": {}, "easy": {"direction": "easy"}, "class": {"scope": "class"},
+             "class-easy": {"scope": "class", "direction": "easy"},
+             "freq": {"fixed": frequency_magnitudes(labels, "hard")}}
+    banks = {name: MomentumBank(labels, beta=0.9, **kw) for name, kw in kinds.items()}
+    assert banks["easy"].magnitudes().tolist() == [0.0] * len(labels)  # nothing seen: no augmentation
+    for _ in range(2):
+        for bank in banks.values():
+            for idx, loss in batches:
+                bank.record(torch.from_numpy(idx), torch.from_numpy(loss))
+            bank.end_epoch()
+    m = {name: bank.magnitudes() for name, bank in banks.items()}
+    ema, seen = banks["plain"].ema.numpy(), banks["plain"].seen.numpy()
+    np.testing.assert_allclose(m["plain"], ref_normalise(ema, seen, labels), atol=1e-5)
+    np.testing.assert_allclose(m["easy"], 1 - m["plain"], atol=1e-6)
+    by_class = ref_class_scope(ema, seen, labels, 5, m["plain"])
+    np.testing.assert_allclose(m["class"], by_class, atol=1e-6)
+    np.testing.assert_allclose(m["class-easy"], 1 - by_class, atol=1e-6)
+    # the control: rank of 1/n_c over classes, rarest 1; classes 3 and 4 tie (5 each): class order
+    np.testing.assert_allclose(m["freq"], np.array([0, 0.25, 0.5, 0.75, 1.0])[labels], atol=1e-6)
+    np.testing.assert_allclose(frequency_magnitudes(labels, "easy"), np.array([1, 0.75, 0.5, 0, 0.25])[labels],
+                               atol=1e-6)
+    assert banks["freq"].seen.sum() > 0  # the EMA is kept, M is not touched by it
+    with pytest.raises(EcvlError, match="unknown M scope"):
+        MomentumBank(labels, scope="batch")
+    with pytest.raises(EcvlError, match="unknown M direction"):
+        MomentumBank(labels, direction="up")
+
+
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_nonfinite_loss_names_the_sample(bad):
     bank = MomentumBank(np.zeros(5, np.int64))
@@ -182,6 +265,21 @@ def test_cuda_bank_matches_cpu_bank():
 
 
 @needs_gpu
+@pytest.mark.parametrize("options", [{"scope": "class"}, {"scope": "class", "direction": "easy"}])
+def test_cuda_bank_options_match_cpu_bank(options):
+    rng = np.random.default_rng(2)
+    batches = random_batches(rng, 5000, 20, 512, coverage=0.6)
+    labels = rng.integers(0, 300, 5000)
+    banks = [MomentumBank(labels, device=d, **options) for d in ("cpu", "cuda")]
+    for _ in range(2):
+        for bank in banks:
+            for idx, loss in batches:
+                bank.record(torch.from_numpy(idx).to(bank.device), torch.from_numpy(loss).to(bank.device))
+            bank.end_epoch()
+    torch.testing.assert_close(banks[1].m.cpu(), banks[0].m, rtol=0, atol=1e-5)
+
+
+@needs_gpu
 def test_cuda_nonfinite():
     bank = MomentumBank(np.zeros(10, np.int64), device="cuda")
     bank.record(torch.tensor([2, 7], device="cuda"), torch.tensor([1.0, float("nan")], device="cuda"))
@@ -216,6 +314,21 @@ for epoch in range(3):
 for a, b in zip(cpu_state, sim_state):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 assert (cpu_state[3][labels == 3] == 0).all() and cpu_state[4][labels == 3].std() == 0
+
+# aug.m_scope = "class" (class 3 unseen, class 5 empty; classes 0 and 1 tied), and nothing seen
+ema, seen = cpu_state[2].copy(), cpu_state[3].copy()
+ema[labels == 1] = ema[labels == 0].mean()
+for seen_now in (seen, np.zeros_like(seen)):
+    m_cpu, m_sim = np.full(n, 0.25, np.float32), np.full(n, 0.25, np.float32)
+    cpu.class_scope(ema, seen_now, labels, m_cpu, k)
+    acc, means = np.zeros((k, 2)), np.zeros(k)
+    present, per_class = np.zeros(k, np.uint8), np.zeros(k)
+    kc._class_sums[2, 256](ema, seen_now, labels, acc)
+    kc._class_means[1, 32](acc, means, present)
+    kc._rank_classes[1, 32](means, present, per_class)
+    kc._write_class[2, 256](labels, m_sim, per_class)
+    np.testing.assert_allclose(m_sim, m_cpu, atol=1e-6)
+assert (m_cpu == 0.25).all()  # nothing seen: left alone
 print("ok")
 """
 

@@ -10,7 +10,7 @@ from ecvl_fast import dist as D
 from ecvl_fast import precision
 from ecvl_fast import train as training
 from ecvl_fast.cli import main as cli_main
-from ecvl_fast.config import Config, ModelCfg, RunCfg, Stage1Cfg, Stage2Cfg, load_config
+from ecvl_fast.config import AugCfg, Config, ModelCfg, RunCfg, Stage1Cfg, Stage2Cfg, load_config
 from ecvl_fast.train import build_run, train_step
 
 from conftest import TINY
@@ -25,8 +25,8 @@ def batch(n=64, seed=0):
     return x.contiguous(memory_format=torch.channels_last), labels
 
 
-def stage_run(stage, loss="prompt-ce", accum=1, prec="fp32", n=64):
-    cfg = Config(model=ModelCfg(name="ecvl-tiny-vit"), run=RunCfg(device="cpu", precision=prec),
+def stage_run(stage, loss="prompt-ce", accum=1, prec="fp32", n=64, aug=AugCfg()):
+    cfg = Config(model=ModelCfg(name="ecvl-tiny-vit"), run=RunCfg(device="cpu", precision=prec), aug=aug,
                  stage1=Stage1Cfg(lr=2e-3, loss=loss, warmup_epochs=0.0, accum_steps=accum),
                  stage2=Stage2Cfg(init="none", lr=1e-2, accum_steps=accum))
     meta = {"classes": CLASSES, "train_labels": np.arange(n) % 10}
@@ -58,6 +58,28 @@ def test_two_micro_batches_of_32_equal_one_batch_of_64(stage, loss):
     torch.testing.assert_close(terms[1]["loss"], terms[0]["loss"], rtol=1e-5, atol=1e-6)
     if stage == 2:
         torch.testing.assert_close(runs[1].bank.loss_sum, runs[0].bank.loss_sum, rtol=1e-5, atol=1e-6)
+
+
+def test_ce_memory_records_each_samples_prompt_ce():
+    """aug.m_source = "ce" (ECVL+): the bank's input is each sample's prompt CE, the mean of its
+    two views' terms, not its L_DCVL; the loss that trains the adapter is unchanged."""
+    import torch.nn.functional as F
+
+    from ecvl_fast.model import adapted_features
+
+    x, y = batch()
+    views = [x, x.flip(-1)]
+    runs = {src: stage_run(2, aug=AugCfg(m_source=src)) for src in ("ce", "dcvl")}
+    runs["ce"].adapter.load_state_dict(runs["dcvl"].adapter.state_dict())
+    with torch.no_grad():
+        run = runs["ce"]
+        ce = [F.cross_entropy(100.0 * adapted_features(run.net(v)[0], run.model) @ run.text.T, y, reduction="none")
+              for v in views]
+    terms = {src: train_step(r, views, y, torch.arange(64)) for src, r in runs.items()}
+    torch.testing.assert_close(runs["ce"].bank.loss_sum, (ce[0] + ce[1]) / 2, rtol=1e-5, atol=1e-6)
+    assert runs["ce"].bank.loss_count.tolist() == [1] * 64
+    assert not torch.allclose(runs["dcvl"].bank.loss_sum, runs["ce"].bank.loss_sum)
+    torch.testing.assert_close(terms["ce"]["loss"], terms["dcvl"]["loss"])
 
 
 def test_accumulation_steps_must_be_positive():

@@ -23,6 +23,20 @@ def tiny_config(tmp_path, mnist, name, epochs=3, loss="prompt-ce"):
     return path, ["data.path=" + str(mnist), "run.out=" + str(tmp_path / name)]
 
 
+@pytest.fixture(scope="module")
+def tiny_stage1(tmp_path_factory, mnist):
+    """One stage-1 run (prompt CE, 1 epoch) that the stage-2 tests start from: (folder, metrics)."""
+    tmp = tmp_path_factory.mktemp("stage1")
+    path, sets = tiny_config(tmp, mnist, "s1", epochs=1)
+    return tmp / "s1", training.main(load_config(path, sets))
+
+
+def stage2_config(tmp_path, mnist, stage1_dir, name, extra=()):
+    """The tiny config for a stage-2 run in tmp_path/name/stage2 from the shared stage-1 encoders."""
+    path, sets = tiny_config(tmp_path, mnist, name, epochs=1)
+    return load_config(path, sets + [f"stage2.init={stage1_dir / 'best.pt'}", *extra])
+
+
 def epoch_losses(run_dir):
     rows = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
     return [r["train_loss"] for r in rows if "train_loss" in r]
@@ -72,11 +86,12 @@ def test_ddp_two_nodes_match_single_process(stage1_pair):
     assert ddp["num_images"] == single["num_images"] == 1000
 
 
-def test_elastic_restart_resumes_and_matches_one_process(stage1_pair, mnist):
-    """Stage 2 as 2 gloo workers under `torchrun --max-restarts 1`; worker 1 is SIGKILLed after
-    the first checkpoint (step 5 of 15). torchrun stops worker 0 and starts both again; the same
-    command resumes from that checkpoint and ends where one uninterrupted process ends: L_DCVL
-    over the gathered global batch, so each sample's loss, its EMA and M are the same."""
+def test_elastic_restart_on_two_nodes_resumes_and_matches_one_process(stage1_pair, mnist):
+    """Stage 2 on two torchrun agents acting as two nodes (c10d rendezvous on 127.0.0.1, one gloo
+    worker each, `--max-restarts 1`); node 1's worker is SIGKILLed after the first checkpoint
+    (step 5 of 15). The agents stop the other worker and start both again; the same command
+    resumes from that checkpoint and ends where one uninterrupted process ends: L_DCVL over the
+    gathered global batch, so each sample's loss, its EMA and M are the same."""
     import os
     import signal
     import subprocess
@@ -86,25 +101,28 @@ def test_elastic_restart_resumes_and_matches_one_process(stage1_pair, mnist):
     from conftest import worker_pid
 
     tmp, path, _, _ = stage1_pair
-    init = ["--set", f"stage2.init={tmp / 'single' / 'best.pt'}", "--set", "stage2.epochs=2"]
-    base = ["train", "--config", str(path), "--stage", "2", *init]
-    single = training.main(load_config(path, [f"data.path={mnist}", f"run.out={tmp / 'single'}",
-                                              f"stage2.init={tmp / 'single' / 'best.pt'}", "stage2.epochs=2"]), stage=2)
+    stage2 = [f"data.path={mnist}", f"stage2.init={tmp / 'single' / 'best.pt'}", "stage2.epochs=2"]
+    single = training.main(load_config(path, stage2 + [f"run.out={tmp / 'single'}"]), stage=2)
     run = tmp / "elastic"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           "--max-restarts", "1", "-m", "ecvl_fast.cli", *base, "--set", f"data.path={mnist}",
-           "--set", f"run.out={run}", "--set", "run.checkpoint_every=5"]
+    args = ["train", "--config", str(path), "--stage", "2"] + sum(
+        (["--set", s] for s in stage2 + [f"run.out={run}", "run.checkpoint_every=5"]), [])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
     with open(tmp / "torchrun.txt", "w+") as log:  # a file, not a pipe nobody reads while we wait
-        agent = subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=log, stderr=log)
+        agents = [subprocess.Popen(
+            [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+             "--max-restarts", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint", "127.0.0.1:29561",
+             "--rdzv-id", "elastic", "-m", "ecvl_fast.cli", *args], env=env, stdout=log, stderr=log)
+            for _ in range(2)]
         deadline = time.monotonic() + 300
-        while not (run / "stage2" / "last.pt").exists():  # rank 0 renames it into place when complete
-            assert agent.poll() is None and time.monotonic() < deadline, (tmp / "torchrun.txt").read_text()[-3000:]
+        while not (run / "stage2" / "last.pt").exists():  # the main rank renames it into place when complete
+            assert all(a.poll() is None for a in agents) and time.monotonic() < deadline, \
+                (tmp / "torchrun.txt").read_text()[-3000:]
             time.sleep(0.02)
-        os.kill(worker_pid(agent.pid, 1), signal.SIGKILL)
-        agent.wait(timeout=300)
+        os.kill(worker_pid(agents[1].pid, 0), signal.SIGKILL)
+        codes = [a.wait(timeout=300) for a in agents]
     out = (tmp / "torchrun.txt").read_text()
-    assert agent.returncode == 0, out[-3000:]
-    assert "(exitcode: -9) local_rank: 1" in out  # torchrun saw the kill and restarted the group
+    assert codes == [0, 0], out[-3000:]
+    assert "(exitcode: -9) local_rank: 0" in out  # the agent saw the kill and restarted the group
     log = [json.loads(line) for line in (run / "stage2" / "log.jsonl").read_text().splitlines()]
     resumed = [r for r in log if r.get("event") == "resumed"]
     assert len(resumed) == 1 and resumed[0]["epoch"] == 1 and resumed[0]["step"] == 5, resumed
@@ -195,15 +213,14 @@ def test_zero_shot_eval_writes_report(tmp_path, mnist):
     assert (out / "per_class.png").stat().st_size > 1000
 
 
-def test_stage2_trains_adapter_with_memory_driven_randaugment(tmp_path, mnist):
-    path, sets = tiny_config(tmp_path, mnist, "two", epochs=1)
-    cfg = load_config(path, sets + ["stage2.epochs=3", "stage2.lr=1e-2"])
-    stage1 = training.main(cfg)
+def test_stage2_trains_adapter_with_memory_driven_randaugment(tmp_path, mnist, tiny_stage1):
+    stage1_dir, stage1 = tiny_stage1
+    cfg = stage2_config(tmp_path, mnist, stage1_dir, "two", ["stage2.epochs=3", "stage2.lr=1e-2"])
     stage2 = training.main(cfg, stage=2)
     run = tmp_path / "two" / "stage2"
     saved = ckpt_io.load(run / "last.pt", model_name="ecvl-tiny-vit", num_classes=10)
     assert saved["stage"] == 2 and set(saved["adapter"]) == {"fc.weight", "fc.bias"}
-    enc1 = ckpt_io.load(tmp_path / "two" / "last.pt")["model"]
+    enc1 = ckpt_io.load(stage1_dir / "last.pt")["model"]
     assert all(torch.equal(enc1[k], v) for k, v in saved["model"].items())  # encoders stayed frozen
     m, seen = saved["momentum"]["m"], saved["momentum"]["seen"].bool()
     assert seen.sum() > 500 and m[seen].mean().item() == pytest.approx(0.5, abs=1e-4)  # eq. 9: mean 0.5
@@ -219,7 +236,7 @@ def test_stage2_trains_adapter_with_memory_driven_randaugment(tmp_path, mnist):
     assert again["all"] == stage2["all"] and again["few"] == stage2["few"]  # eval applies the adapter too
 
 
-def test_training_reads_the_banks_m_each_epoch(tmp_path, mnist, monkeypatch):
+def test_training_reads_the_banks_m_each_epoch(tmp_path, mnist, monkeypatch, tiny_stage1):
     """The loader is handed the bank: what it feeds DALI in epoch t+1 is the bank's M after epoch t."""
     from ecvl_fast.kernels.bank import MomentumBank
     from ecvl_fast.loaders import dali_pipeline
@@ -238,9 +255,7 @@ def test_training_reads_the_banks_m_each_epoch(tmp_path, mnist, monkeypatch):
 
     monkeypatch.setattr(MomentumBank, "end_epoch", end_epoch)
     monkeypatch.setattr(dali_pipeline, "feed", feed)
-    path, sets = tiny_config(tmp_path, mnist, "reads", epochs=1)
-    cfg = load_config(path, sets + ["stage2.epochs=2", "data.prefetch=0"])
-    training.main(cfg)
+    cfg = stage2_config(tmp_path, mnist, tiny_stage1[0], "reads", ["stage2.epochs=2", "data.prefetch=0"])
     training.main(cfg, stage=2)
     steps = len(fed) // 2
     assert len(after_epoch) == 2 and steps == 15
@@ -249,7 +264,7 @@ def test_training_reads_the_banks_m_each_epoch(tmp_path, mnist, monkeypatch):
     assert all(np.isin(m, bank_m).all() for m in fed[steps:]) and np.concatenate(fed[steps:]).std() > 0.05
 
 
-def test_predict_matches_eval_and_handles_bad_input(tmp_path, mnist, capsys):
+def test_predict_matches_eval_and_handles_bad_input(tmp_path, mnist, capsys, tiny_stage1):
     from PIL import Image
 
     from ecvl_fast import dist as D
@@ -258,9 +273,7 @@ def test_predict_matches_eval_and_handles_bad_input(tmp_path, mnist, capsys):
     from ecvl_fast.evaluate import predict
     from ecvl_fast.loaders.sources import load_mnist_lt
 
-    path, sets = tiny_config(tmp_path, mnist, "p", epochs=1)
-    cfg = load_config(path, sets + ["stage2.epochs=1"])
-    training.main(cfg)
+    cfg = stage2_config(tmp_path, mnist, tiny_stage1[0], "p", ["stage2.epochs=1"])
     training.main(cfg, stage=2)
     ckpt = tmp_path / "p" / "stage2" / "last.pt"
     test = load_mnist_lt(100, 0).splits["test"]  # the same real digits, in the test split's order
@@ -296,15 +309,14 @@ def test_predict_matches_eval_and_handles_bad_input(tmp_path, mnist, capsys):
     assert "no such folder" in cli_error(["predict", "--ckpt", str(ckpt), "--folder", str(tmp_path / "none")], capsys)
 
 
-def test_fixed_magnitude_replaces_the_memory(tmp_path, mnist, monkeypatch):
+def test_fixed_magnitude_replaces_the_memory(tmp_path, mnist, monkeypatch, tiny_stage1):
     from ecvl_fast.loaders import dali_pipeline
 
     fed, real_feed = [], dali_pipeline.feed
     monkeypatch.setattr(dali_pipeline, "feed", lambda p, spec, images, m, draws: (
         fed.append(np.asarray(m).copy()) if spec.randaug else None, real_feed(p, spec, images, m, draws))[1])
-    path, sets = tiny_config(tmp_path, mnist, "fixed", epochs=1)
-    training.main(load_config(path, sets))
     with pytest.raises(EcvlError, match="a fixed M lies in"):
-        training.main(load_config(path, sets + ["stage2.randaug_m=1.5"]), stage=2)
-    training.main(load_config(path, sets + ["stage2.epochs=1", "stage2.randaug_m=0.5"]), stage=2)
+        training.main(stage2_config(tmp_path, mnist, tiny_stage1[0], "fixed", ["stage2.randaug_m=1.5"]), stage=2)
+    training.main(stage2_config(tmp_path, mnist, tiny_stage1[0], "fixed", ["stage2.epochs=1", "stage2.randaug_m=0.5"]),
+                  stage=2)
     assert len(fed) == 15 and all((m == 0.5).all() for m in fed)
