@@ -116,7 +116,7 @@ def _ablation(cfg: Config, seeds: list[int], log, main: bool, rows: tuple[str, .
             if done is None:
                 log(f"seed {seed}: stage 2, {row}")
                 done = training.main(row_cfg, stage=2, out=seed_dir / row)
-            per_seed.setdefault(row, {})[seed] = done
+            per_seed.setdefault(row, {})[seed] = {**done, "val": last_val(seed_dir / row)}
     result = summarise(per_seed, cfg, seeds)
     if main:  # under torchrun every rank has the metrics; rank 0 writes
         tmp = out / ".ablation.json.tmp"
@@ -125,6 +125,19 @@ def _ablation(cfg: Config, seeds: list[int], log, main: bool, rows: tuple[str, .
         plot_rows(result, out / "ablation.png")
         print_ablation(result)
     return result
+
+
+def last_val(folder: Path) -> dict | None:
+    """The last epoch's validation scores in a run's log.jsonl (a dataset with a val split): what
+    settings are chosen on, so that the test split is read once."""
+    log = folder / "log.jsonl"
+    if not log.is_file():
+        return None
+    for line in reversed(log.read_text().splitlines()):
+        r = json.loads(line)
+        if r.get("val_all") is not None:
+            return {"all": r["val_all"], **(r.get("val_groups") or {}), "macro_f1": r.get("val_macro_f1")}
+    return None
 
 
 def _zero_shot(cfg: Config, folder: Path, main: bool) -> dict:
@@ -148,6 +161,10 @@ def summarise(per_seed: dict[str, dict[int, dict]], cfg: Config, seeds: list[int
             vals = [r[k] for r in runs.values() if r[k] is not None]
             stats[k] = {"mean": float(np.mean(vals)), "std": float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0} \
                 if vals else None
+        vals = [r["val"] for r in runs.values() if r.get("val")]
+        if len(vals) == len(runs):  # validation means, for choosing a row without the test split
+            stats["val"] = {k: float(np.mean([v[k] for v in vals])) for k in ("few", "all", "macro_f1")
+                            if all(v.get(k) is not None for v in vals)}
         rows.append({"name": name, "label": LABELS[name], "seeds": list(runs), "per_seed": list(runs.values()),
                      **stats})
     return {"data": cfg.data.path, "model": cfg.model.name, "pretrained": cfg.model.pretrained,
@@ -157,14 +174,21 @@ def summarise(per_seed: dict[str, dict[int, dict]], cfg: Config, seeds: list[int
 PAIRED = ("few", "macro_f1", "all")
 
 
+CONTROLS = ("freq-rare", "freq-common")
+
+
 def paired(per_seed: dict[str, dict[int, dict]], seeds: list[int]) -> list[dict]:
     """Each stage-2 row minus BALLAD and minus its no-memory control, seed by seed (the same
-    stage-1 encoders on both sides of each difference), with the mean and std of the differences."""
+    stage-1 encoders on both sides of each difference), with the mean and std of the differences.
+    A memory row is also set against the other control when it ran: which way its M points is
+    what the memory finds, so either class-size rule may be the one it has to beat."""
     out = []
     for row in per_seed:
         if row not in STAGE2_ROWS:
             continue
-        for other in ("ballad", STAGE2_ROWS[row][2]):
+        own = STAGE2_ROWS[row][2]
+        others = ("ballad", own) + (tuple(c for c in CONTROLS if c != own) if own else ())
+        for other in others:
             if other is None or other == row or other not in per_seed:
                 continue
             both = [s for s in seeds if s in per_seed[row] and s in per_seed[other]]
@@ -191,6 +215,10 @@ def print_ablation(result: dict) -> None:
         t.add_row(row["label"], *cells)
     console = Console(width=max(120, Console().width))
     console.print(t)
+    val = [(row["label"], row["val"]) for row in result["rows"] if row.get("val")]
+    if val:
+        print("val split (last epoch, mean over seeds; choose on these): " + "; ".join(
+            f"{label} " + " ".join(f"{k} {100 * v:.2f}" for k, v in scores.items()) for label, scores in val))
     if result.get("paired"):
         t = Table(title="paired by seed: row minus BALLAD, and minus its no-memory control (points; per seed, mean ± std)")
         for col in ("row", "minus", *PAIRED):

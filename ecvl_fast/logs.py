@@ -54,7 +54,8 @@ class RunLog:
         self.done += 1
         val = None if scores is None else scores["all"]
         groups = None if scores is None else {g: scores[g] for g in ("many", "medium", "few") if scores.get(g) is not None}
-        self({"epoch": epoch + 1, **stats, "lr": lr, "val_all": val, "val_groups": groups})
+        self({"epoch": epoch + 1, **stats, "lr": lr, "val_all": val, "val_groups": groups,
+              "val_macro_f1": None if scores is None else scores.get("macro_f1")})
         if self.main and not self.interactive:
             acc = "-" if val is None else f"{100 * val:.2f}%"
             print(f"{time.strftime('%Y-%m-%d %H:%M:%S')} stage {self.stage} epoch {epoch + 1}/{self.epochs} "

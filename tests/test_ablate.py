@@ -8,7 +8,7 @@ import torch
 
 from ecvl_fast import EcvlError
 from ecvl_fast import train as training
-from ecvl_fast.ablate import parse_rows, parse_seeds
+from ecvl_fast.ablate import last_val, parse_rows, parse_seeds
 from ecvl_fast.cli import main
 from ecvl_fast.config import load_config
 
@@ -93,7 +93,7 @@ def test_ablate_rows_seeds_json_and_resume(tmp_path, mnist, monkeypatch, capsys)
     assert aug["freq-rare"].m_source == "frequency" and aug["ballad"].m_source == "dcvl"
     per_seed = {r["name"]: r["per_seed"][0] for r in result["rows"]}
     pairs = {(e["row"], e["against"]): e for e in result["paired"]}
-    assert set(pairs) == {("ecvl-ce-class", "ballad"), ("ecvl-ce-class", "freq-rare"), ("freq-rare", "ballad")}
+    assert set(pairs) == {("ecvl-ce-class", "ballad"), ("ecvl-ce-class", "freq-rare"), ("freq-rare", "ballad")}  # no freq-common run
     e = pairs["ecvl-ce-class", "freq-rare"]
     assert e["few"]["per_seed"] == [per_seed["ecvl-ce-class"]["few"] - per_seed["freq-rare"]["few"]]
     # what the rows put in M: one M per class from CE; the control's M rises as classes get rarer
@@ -118,6 +118,15 @@ def test_seed_and_row_lists_are_checked():
     for bad in ("", "ballad,ballad", "ecvl,balad"):
         with pytest.raises(EcvlError, match="--rows"):
             parse_rows(bad)
+
+
+def test_last_val_reads_the_last_scored_epoch(tmp_path):
+    records = [{"epoch": 1, "val_all": 0.2, "val_groups": {"many": 0.3, "few": 0.1}, "val_macro_f1": 0.15},
+               {"epoch": 2, "val_all": 0.4, "val_groups": {"many": 0.5, "few": 0.2}, "val_macro_f1": 0.35},
+               {"epoch": 2, "m_by_group": {}}, {"time": "t", "event": "finished"}]
+    (tmp_path / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert last_val(tmp_path) == {"all": 0.4, "many": 0.5, "few": 0.2, "macro_f1": 0.35}
+    assert last_val(tmp_path / "elsewhere") is None
 
 
 def test_every_preset_loads():
