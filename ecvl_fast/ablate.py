@@ -49,8 +49,10 @@ STAGE2_ROWS = {
     "freq-rare": (_memory(m_source="frequency"), "control: M by rarity", None),
     "freq-common": (_memory(m_source="frequency", m_direction="easy"), "control: M by class size", None),
 }
-# The variant the evidence recommends (README, "ECVL+"): its settings under its own name.
-STAGE2_ROWS["ecvl+"] = (STAGE2_ROWS["ecvl-ce-class"][0], "ECVL+ (M per class from CE)", "freq-rare")
+# The best variant measured (README, "ECVL+"; chosen on the val split by the rule fixed before the
+# runs: the highest mean few-shot accuracy), under its own name. It does not beat BALLAD there.
+STAGE2_ROWS["ecvl+"] = (STAGE2_ROWS["ecvl-ce-class-easy"][0], "ECVL+ (best measured: M per class from CE, reversed)",
+                        "freq-common")
 DEFAULT_ROWS = ("ballad", "momentum", "ecvl")
 LABELS = {"zero-shot": "zero-shot", "stage1": "stage 1", **{k: v[1] for k, v in STAGE2_ROWS.items()}}
 METRICS = ("many", "medium", "few", "all", "macro_f1", "head_tail_gap")
