@@ -148,14 +148,15 @@ def stage2_loss(run: Run, views: list[torch.Tensor], labels: torch.Tensor, idx: 
     ce = ce_terms["loss"]
     if cfg.dcvl_weight == 0 and not cfg.randaug:  # BALLAD's row: no L_DCVL, and no reader of the bank
         return {"loss": ce, "ce": ce}
-    if run.cfg.aug.m_source == "ce":  # ECVL+: how well each sample is classified, mean of its views
+    source = run.cfg.aug.m_source
+    if source == "ce":  # ECVL+: how well each sample is classified, mean of its views
         run.bank.record(idx, ce_terms["per_sample"].detach().view(len(views), b).mean(0))
-        if cfg.dcvl_weight == 0:
-            return {"loss": ce, "ce": ce}
+    if cfg.dcvl_weight == 0 and source != "dcvl":  # nothing reads L_DCVL
+        return {"loss": ce, "ce": ce}
     rows = slice(r * b, (r + 1) * b) if run.d.enabled else None
     dcvl = losses.dcvl_loss(D.gather_with_grad(adapted[:b]), D.gather_with_grad(adapted[b:2 * b]),
                             cfg.temperature, rows=rows)
-    if run.cfg.aug.m_source != "ce":
+    if source == "dcvl":
         run.bank.record(idx, dcvl["per_sample"])  # eq. 8's input (also when its weight is 0); no host sync
     return {"loss": ce + cfg.dcvl_weight * dcvl["loss"], "ce": ce, "dcvl": dcvl["loss"]}
 

@@ -25,10 +25,10 @@ def batch(n=64, seed=0):
     return x.contiguous(memory_format=torch.channels_last), labels
 
 
-def stage_run(stage, loss="prompt-ce", accum=1, prec="fp32", n=64, aug=AugCfg()):
+def stage_run(stage, loss="prompt-ce", accum=1, prec="fp32", n=64, aug=AugCfg(), dcvl_weight=1.0):
     cfg = Config(model=ModelCfg(name="ecvl-tiny-vit"), run=RunCfg(device="cpu", precision=prec), aug=aug,
                  stage1=Stage1Cfg(lr=2e-3, loss=loss, warmup_epochs=0.0, accum_steps=accum),
-                 stage2=Stage2Cfg(init="none", lr=1e-2, accum_steps=accum))
+                 stage2=Stage2Cfg(init="none", lr=1e-2, accum_steps=accum, dcvl_weight=dcvl_weight))
     meta = {"classes": CLASSES, "train_labels": np.arange(n) % 10}
     return build_run(cfg, D.Dist(0, 0, 1, torch.device("cpu")), meta, steps_per_epoch=10, stage=stage)
 
@@ -70,7 +70,8 @@ def test_ce_memory_records_each_samples_prompt_ce():
     x, y = batch()
     views = [x, x.flip(-1)]
     runs = {src: stage_run(2, aug=AugCfg(m_source=src)) for src in ("ce", "dcvl")}
-    runs["ce"].adapter.load_state_dict(runs["dcvl"].adapter.state_dict())
+    start = {k: v.clone() for k, v in runs["dcvl"].adapter.state_dict().items()}
+    runs["ce"].adapter.load_state_dict(start)
     with torch.no_grad():
         run = runs["ce"]
         ce = [F.cross_entropy(100.0 * adapted_features(run.net(v)[0], run.model) @ run.text.T, y, reduction="none")
@@ -80,6 +81,11 @@ def test_ce_memory_records_each_samples_prompt_ce():
     assert runs["ce"].bank.loss_count.tolist() == [1] * 64
     assert not torch.allclose(runs["dcvl"].bank.loss_sum, runs["ce"].bank.loss_sum)
     torch.testing.assert_close(terms["ce"]["loss"], terms["dcvl"]["loss"])
+    # without the L_DCVL term (the ballad+ rows): the same CE memory, and L_DCVL is not computed
+    plain = stage_run(2, aug=AugCfg(m_source="ce"), dcvl_weight=0.0)
+    plain.adapter.load_state_dict(start)
+    assert set(train_step(plain, views, y, torch.arange(64))) == {"loss", "ce"}
+    torch.testing.assert_close(plain.bank.loss_sum, runs["ce"].bank.loss_sum)
 
 
 def test_accumulation_steps_must_be_positive():

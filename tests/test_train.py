@@ -89,7 +89,7 @@ def test_ddp_two_nodes_match_single_process(stage1_pair):
 def test_elastic_restart_on_two_nodes_resumes_and_matches_one_process(stage1_pair, mnist):
     """Stage 2 on two torchrun agents acting as two nodes (c10d rendezvous on 127.0.0.1, one gloo
     worker each, `--max-restarts 1`); node 1's worker is SIGKILLed after the first checkpoint
-    (step 5 of 15). The agents stop the other worker and start both again; the same command
+    (step 5 of the epoch's 15). The agents stop the other worker and start both again; the same command
     resumes from that checkpoint and ends where one uninterrupted process ends: L_DCVL over the
     gathered global batch, so each sample's loss, its EMA and M are the same."""
     import os
@@ -101,7 +101,7 @@ def test_elastic_restart_on_two_nodes_resumes_and_matches_one_process(stage1_pai
     from conftest import worker_pid
 
     tmp, path, _, _ = stage1_pair
-    stage2 = [f"data.path={mnist}", f"stage2.init={tmp / 'single' / 'best.pt'}", "stage2.epochs=2"]
+    stage2 = [f"data.path={mnist}", f"stage2.init={tmp / 'single' / 'best.pt'}", "stage2.epochs=1"]
     single = training.main(load_config(path, stage2 + [f"run.out={tmp / 'single'}"]), stage=2)
     run = tmp / "elastic"
     args = ["train", "--config", str(path), "--stage", "2"] + sum(
@@ -125,7 +125,8 @@ def test_elastic_restart_on_two_nodes_resumes_and_matches_one_process(stage1_pai
     assert "(exitcode: -9) local_rank: 0" in out  # the agent saw the kill and restarted the group
     log = [json.loads(line) for line in (run / "stage2" / "log.jsonl").read_text().splitlines()]
     resumed = [r for r in log if r.get("event") == "resumed"]
-    assert len(resumed) == 1 and resumed[0]["epoch"] == 1 and resumed[0]["step"] == 5, resumed
+    # from a checkpoint (step 5, or 10 should the kill land late), not from scratch
+    assert len(resumed) == 1 and resumed[0]["epoch"] == 1 and resumed[0]["step"] in (5, 10), resumed
     one, two = (ckpt_io.load(r / "stage2" / "last.pt")["momentum"] for r in (tmp / "single", run))
     assert torch.equal(one["seen"], two["seen"]) and one["seen"].sum() > 500
     torch.testing.assert_close(two["ema"], one["ema"], rtol=1e-4, atol=1e-5)
