@@ -128,7 +128,7 @@ def test_elastic_restart_on_two_nodes_resumes_and_matches_one_process(stage1_pai
     # from a checkpoint (step 5, or 10 should the kill land late), not from scratch
     assert len(resumed) == 1 and resumed[0]["epoch"] == 1 and resumed[0]["step"] in (5, 10), resumed
     one, two = (ckpt_io.load(r / "stage2" / "last.pt")["momentum"] for r in (tmp / "single", run))
-    assert torch.equal(one["seen"], two["seen"]) and one["seen"].sum() > 500
+    assert torch.equal(one["seen"], two["seen"]) and one["seen"].sum() > 300  # one balanced epoch: ~40%
     torch.testing.assert_close(two["ema"], one["ema"], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(two["m"], one["m"], rtol=0, atol=1e-4)
     metrics = json.loads((run / "stage2" / "metrics.json").read_text())
