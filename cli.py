@@ -179,12 +179,12 @@ def export(
 @one_line_errors
 def ablate(
     config: Optional[Path] = typer.Option(None, "--config", help="TOML file (e.g. a preset in ecvl_fast/configs)"),
-    seeds: str = typer.Option("0,1,2", help="comma-separated seeds; one stage 1 and three stage-2 rows each"),
+    seeds: str = typer.Option("0,1,2", help="comma-separated seeds; one stage 1 and the --rows each"),
     overrides: Optional[list[str]] = typer.Option(None, "--set", help="section.key=value (repeatable)"),
     pretrained: Optional[str] = typer.Option(None, help="shortcut for --set model.pretrained=TAG|PATH|none"),
-    rows: str = typer.Option("ballad,momentum,ecvl", help="stage-2 rows, comma-separated: ballad, momentum, ecvl, "
-                             "ecvl+, the ECVL+ variants (ecvl-class, ecvl-ce, ecvl-ce-class, ecvl-class-easy, "
-                             "ecvl-ce-class-easy) and the no-memory controls (freq-rare, freq-common)"),
+    rows: str = typer.Option("ballad,momentum,ecvl", help="stage-2 rows, comma-separated: the paper's, ecvl+, the "
+                             "ECVL+ variants and their no-memory controls (README, \"ECVL+\"); an unknown name "
+                             "lists them all"),
 ):
     """Zero-shot, stage 1, then the stage-2 rows (BALLAD, + momentum, ECVL by default) over seeds on
     the same stage-1 encoders: a table of mean ± std, paired differences, ablation.json/png."""
