@@ -40,10 +40,15 @@ class AugCfg:
     beta: float = 0.97  # momentum of the per-sample loss EMA (eq. 8; BCL)
     m_norm: str = "bcl"  # eq. 9: "bcl" (z / max|z| / 2 + 1/2) or "rank" (the EMA's percentile rank)
     # ECVL+ (README, "ECVL+"); the defaults are the paper's memory
-    m_source: str = "dcvl"  # the per-sample loss the EMA tracks: "dcvl" (eq. 8), "ce" (prompt CE), or
-    #                         "frequency": no memory, M from the class's size alone (the control)
+    m_source: str = "dcvl"  # the per-sample loss the EMA tracks: "dcvl" (eq. 8), "ce" (prompt CE),
+    #                         "frequency": no memory, M from the class's size alone (the control), or
+    #                         "lol": Ahn et al.'s level of learning per class (needs m_scope "class",
+    #                         m_direction "easy"): a class classified right more than lol_accept of the
+    #                         time goes a level up at epoch end, else down; M = level / lol_levels
     m_scope: str = "sample"  # "sample" (eq. 9) or "class": one M per class, its rank by mean EMA
     m_direction: str = "hard"  # "hard": poorly learned (or rare) -> high M; "easy": the reverse
+    lol_accept: float = 0.6  # Ahn et al.'s code default (accept_rate)
+    lol_levels: int = 10  # their max_d is 30 over 200 epochs; stage 2 here runs 5-10 epochs
     crop_min_scale: float = 0.5  # BALLAD's RandomResizedCrop scale (0.5, 1)
 
 
@@ -109,7 +114,7 @@ CHOICES = {
     ("model", "templates"): ("single", "openai"),
     ("stage1", "loss"): ("clip", "prompt-ce"),
     ("aug", "m_norm"): ("bcl", "rank"),
-    ("aug", "m_source"): ("dcvl", "ce", "frequency"),
+    ("aug", "m_source"): ("dcvl", "ce", "frequency", "lol"),
     ("aug", "m_scope"): ("sample", "class"),
     ("aug", "m_direction"): ("hard", "easy"),
     ("data", "eval_split"): ("test", "val"),
@@ -150,8 +155,10 @@ def _merge(cfg: Config, section: str, key: str, value, where: str) -> Config:
     if key not in hints:
         raise EcvlError(f"{where}: unknown key {section}.{key} (known: {', '.join(hints)})")
     value = _coerce(where, hints[key], value)
-    if key == "accum_steps" and value < 1:
+    if key in ("accum_steps", "lol_levels") and value < 1:
         raise EcvlError(f"{where}: {section}.{key} must be at least 1, not {value}")
+    if key == "lol_accept" and not 0 <= value < 1:
+        raise EcvlError(f"{where}: {section}.{key} is an accuracy in [0, 1), not {value}")
     allowed = CHOICES.get((section, key))
     if allowed and value not in allowed:
         raise EcvlError(f"{where}: {section}.{key} must be one of {', '.join(allowed)}, not {value!r}")

@@ -107,8 +107,12 @@ def _init_stage2(run: Run, meta: dict) -> None:
     run.adapter = Adapter(run.text.shape[1], cfg.stage2.ratio).to(run.d.device)
     a = cfg.aug
     fixed = frequency_magnitudes(meta["train_labels"], a.m_direction) if a.m_source == "frequency" else None
+    if a.m_source == "lol" and (a.m_scope, a.m_direction) != ("class", "easy"):
+        raise EcvlError(f'aug.m_source = "lol" gives one M per class that rises as the class is learned: '
+                        f'set aug.m_scope = "class" and aug.m_direction = "easy" (not {a.m_scope!r}, {a.m_direction!r})')
     run.bank = MomentumBank(meta["train_labels"], beta=a.beta, device=run.d.device, norm=a.m_norm,
-                            scope=a.m_scope, direction=a.m_direction, fixed=fixed)
+                            scope=a.m_scope, direction=a.m_direction, fixed=fixed,
+                            lol=(a.lol_levels, a.lol_accept) if a.m_source == "lol" else None)
 
 
 def stage1_loss(run: Run, images: torch.Tensor, labels: torch.Tensor, cached=None, j: int = 0) -> dict[str, torch.Tensor]:
@@ -151,6 +155,8 @@ def stage2_loss(run: Run, views: list[torch.Tensor], labels: torch.Tensor, idx: 
     source = run.cfg.aug.m_source
     if source == "ce":  # ECVL+: how well each sample is classified, mean of its views
         run.bank.record(idx, ce_terms["per_sample"].detach().view(len(views), b).mean(0))
+    elif source == "lol":  # the share of its views classified right
+        run.bank.record(idx, ce_terms["correct"].view(len(views), b).mean(0))
     if cfg.dcvl_weight == 0 and source != "dcvl":  # nothing reads L_DCVL
         return {"loss": ce, "ce": ce}
     rows = slice(r * b, (r + 1) * b) if run.d.enabled else None

@@ -21,14 +21,17 @@ DIRECTIONS = ("hard", "easy")
 
 class MomentumBank:
     def __init__(self, labels, beta: float = 0.97, device: str | torch.device = "cpu", norm: str = "bcl",
-                 scope: str = "sample", direction: str = "hard", fixed=None):
+                 scope: str = "sample", direction: str = "hard", fixed=None, lol: tuple[int, float] | None = None):
         """`labels`: every train sample's class (the rule for never-seen samples needs them).
         `norm`: eq. 9 as BCL computes it ("bcl"), or the EMA's percentile rank ("rank", see `_rank`).
         `scope` "class": one M per class, its rank by mean EMA (`kernels.cpu.class_scope`).
         `direction` "easy": M = 1 - M, so what is learned well is augmented harder (Ahn et al.,
         ICLR 2023); "hard" (the paper): what is learned poorly.
         `fixed`: M per sample that the memory never changes (the no-memory controls,
-        `frequency_magnitudes`); the EMA is still kept."""
+        `frequency_magnitudes`); the EMA is still kept.
+        `lol` = (levels, accept): Ahn et al.'s level-of-learning rule instead of eqs. 8-9 (the
+        recorded values are then correctness, `kernels.cpu.lol_update`); scope and direction are
+        per class and "easy" by construction."""
         for value, known, what in ((norm, NORMS, "M normalisation"), (scope, SCOPES, "M scope"),
                                    (direction, DIRECTIONS, "M direction")):
             if value not in known:
@@ -44,6 +47,8 @@ class MomentumBank:
         self.ema = torch.zeros(n, dtype=torch.float32, **z)
         self.seen = torch.zeros(n, dtype=torch.uint8, **z)
         self.m = torch.zeros(n, dtype=torch.float32, **z)
+        self.level = torch.zeros(self.num_classes, dtype=torch.int32, **z)  # aug.m_source = "lol"
+        self.lol = lol
         self._k = _kernels(self.device)
         self._views = {}  # tensor id -> kernel view of the bank's own state, made once
         self.fixed = None if fixed is None else torch.as_tensor(np.asarray(fixed), dtype=torch.float32).to(self.device)
@@ -76,8 +81,10 @@ class MomentumBank:
         bad = self._k.first_nonfinite(*self._args(self.loss_sum, self.loss_count))
         if bad >= 0:
             raise EcvlError(f"sample {bad}: non-finite loss ({float(self.loss_sum[bad])}) in the momentum bank")
+        if self.lol is not None:  # before end_epoch, which resets the epoch's sums
+            self._k.lol_update(*self._args(self.loss_sum, self.loss_count, self.labels, self.level, self.m), *self.lol)
         self._k.end_epoch(*self._args(self.ema, self.seen, self.loss_sum, self.loss_count), self.beta)
-        if self.fixed is not None:
+        if self.fixed is not None or self.lol is not None:
             return
         self._k.normalise(*self._args(self.ema, self.seen, self.labels, self.m), self.num_classes)
         if self.norm == "rank":
@@ -111,7 +118,7 @@ class MomentumBank:
         return self.m.cpu().numpy().copy()
 
     def state_dict(self) -> dict:
-        return {"ema": self.ema.cpu(), "seen": self.seen.cpu(), "m": self.m.cpu(),
+        return {"ema": self.ema.cpu(), "seen": self.seen.cpu(), "m": self.m.cpu(), "level": self.level.cpu(),
                 "beta": torch.tensor(self.beta)}
 
     def partial_state(self, all_reduce: Callable[[torch.Tensor], None] | None = None) -> dict:
@@ -128,8 +135,9 @@ class MomentumBank:
         the others start the epoch's remainder from zero, so the epoch-end sum is the whole)."""
         if sd["ema"].numel() != len(self):
             raise EcvlError(f"momentum state holds {sd['ema'].numel()} samples, this dataset {len(self)}")
-        for name in ("ema", "seen", "m"):
-            getattr(self, name).copy_(sd[name])
+        for name in ("ema", "seen", "m", "level"):
+            if name in sd:  # checkpoints from before aug.m_source = "lol" have no level
+                getattr(self, name).copy_(sd[name])
         self.beta = float(sd["beta"])
         self.loss_sum.zero_(), self.loss_count.zero_()
         if partial and "loss_sum" in sd:
@@ -139,7 +147,7 @@ class MomentumBank:
         return tuple(self._view(t) for t in tensors)
 
     def _view(self, t: torch.Tensor):
-        own = any(t is s for s in (self.loss_sum, self.loss_count, self.ema, self.seen, self.m, self.labels))
+        own = any(t is s for s in (self.loss_sum, self.loss_count, self.ema, self.seen, self.m, self.labels, self.level))
         if not own:
             return t if self.device.type == "cuda" else t.numpy()
         if id(t) not in self._views:

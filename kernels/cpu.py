@@ -14,6 +14,7 @@ _magnitude = njit(cache=True)(formulas.magnitude)
 _spread_of = njit(cache=True)(formulas.spread_of)
 _rank_unit = njit(cache=True)(formulas.rank_unit)
 _ranks_below = njit(cache=True)(formulas.ranks_below)
+_lol_step = njit(cache=True)(formulas.lol_step)
 
 
 @njit(cache=True)
@@ -112,6 +113,23 @@ def class_scope(ema, seen, labels, m, num_classes):
         return
     for i in range(m.shape[0]):
         m[i] = per_class[labels[i]]
+
+
+@njit(cache=True)
+def lol_update(loss_sum, loss_count, labels, level, m, levels, accept):
+    """aug.m_source = "lol": this epoch's per-sample sums are of correctness (1: right), so a
+    class's sum over count is its accuracy on the views it was trained on, augmented at its current
+    level. Each class's level takes one step (`formulas.lol_step`); every sample's M is its class's
+    level / levels. Call before `end_epoch`, which resets the sums."""
+    num_classes = level.shape[0]
+    correct, trials = np.zeros(num_classes, np.float64), np.zeros(num_classes, np.float64)
+    for i in range(loss_sum.shape[0]):
+        correct[labels[i]] += loss_sum[i]
+        trials[labels[i]] += loss_count[i]
+    for c in range(num_classes):
+        level[c] = _lol_step(level[c], correct[c], trials[c], accept, levels)
+    for i in range(m.shape[0]):
+        m[i] = level[labels[i]] / levels
 
 
 @njit(cache=True)

@@ -67,6 +67,7 @@ _magnitude = cuda.jit(device=True)(formulas.magnitude)
 _spread_of = cuda.jit(device=True)(formulas.spread_of)
 _rank_unit = cuda.jit(device=True)(formulas.rank_unit)
 _ranks_below = cuda.jit(device=True)(formulas.ranks_below)
+_lol_step = cuda.jit(device=True)(formulas.lol_step)
 
 
 @cuda.jit
@@ -184,6 +185,39 @@ def class_scope(ema, seen, labels, m, num_classes: int):
     _class_means[k_blocks, THREADS, stream](view(class_acc), view(means), view(present))
     _rank_classes[k_blocks, THREADS, stream](view(means), view(present), view(per_class))
     _write_class[blocks, THREADS, stream](view(labels), view(m), view(per_class))
+
+
+@cuda.jit
+def _class_totals(loss_sum, loss_count, labels, class_acc):
+    """class_acc[c] = [sum of this epoch's values, count] over the samples of class c."""
+    i = cuda.grid(1)
+    if i < loss_sum.shape[0] and loss_count[i] > 0:
+        cuda.atomic.add(class_acc, (labels[i], 0), float(loss_sum[i]))
+        cuda.atomic.add(class_acc, (labels[i], 1), float(loss_count[i]))
+
+
+@cuda.jit
+def _lol_levels(class_acc, level, levels, accept):
+    c = cuda.grid(1)
+    if c < level.shape[0]:
+        level[c] = _lol_step(level[c], class_acc[c, 0], class_acc[c, 1], accept, levels)
+
+
+@cuda.jit
+def _write_level(labels, m, level, levels):
+    i = cuda.grid(1)
+    if i < m.shape[0]:
+        m[i] = level[labels[i]] / levels
+
+
+def lol_update(loss_sum, loss_count, labels, level, m, levels: int, accept: float):
+    """`cpu.lol_update` on the device, no host sync."""
+    k = level.shape[0]
+    class_acc = torch.zeros((k, 2), dtype=torch.float64, device=_device())
+    stream, blocks = _stream(), _blocks(loss_sum.shape[0])
+    _class_totals[blocks, THREADS, stream](view(loss_sum), view(loss_count), view(labels), view(class_acc))
+    _lol_levels[_blocks(k), THREADS, stream](view(class_acc), view(level), int(levels), float(accept))
+    _write_level[blocks, THREADS, stream](view(labels), view(m), view(level), int(levels))
 
 
 def accumulate(loss_sum, loss_count, indices, losses):

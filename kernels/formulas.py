@@ -40,3 +40,13 @@ def ranks_below(means, present, c):
         if present[j] and (means[j] < means[c] or (means[j] == means[c] and j < c)):
             r += 1
     return r
+
+
+def lol_step(level, correct, trials, accept, levels):
+    """Ahn, Ko and Yun's level-of-learning rule (ICLR 2023, CUDA; their code: accept_rate 0.6):
+    a class whose samples were classified correctly more than `accept` of the time goes one level
+    up, otherwise one down, within [0, levels]. A class with no trials keeps its level."""
+    if trials <= 0:
+        return level
+    step = 1 if correct / trials > accept else -1
+    return min(max(level + step, 0), levels)

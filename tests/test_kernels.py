@@ -216,6 +216,63 @@ def test_bank_scope_direction_and_frequency_control():
         MomentumBank(labels, direction="up")
 
 
+def ref_lol(loss_sum, loss_count, labels, level, levels, accept):
+    """Ahn et al.'s level-of-learning step by hand: per class, accuracy = summed correctness over
+    trials this epoch; above `accept` one level up, else one down, within [0, levels]; a class
+    with no trials keeps its level. M = level / levels."""
+    level = level.copy()
+    for c in range(len(level)):
+        mine = labels == c
+        trials = loss_count[mine].sum()
+        if trials > 0:
+            up = loss_sum[mine].sum() / trials > accept
+            level[c] = min(max(level[c] + (1 if up else -1), 0), levels)
+    return level, level[labels] / levels
+
+
+@pytest.mark.parametrize("jit", [True, False], ids=["jit", "nojit"])
+def test_lol_update_matches_numpy(jit):
+    rng = np.random.default_rng(13)
+    n, k, levels = 200, 7, 4
+    labels = rng.integers(0, k, n)
+    labels[labels == 6] = 5  # class 6 has no samples: no trials, level kept
+    level = np.array([0, 4, 2, 2, 1, 3, 3], np.int32)  # 0 and 4: the clamps
+    count = rng.integers(0, 3, n).astype(np.int32)
+    count[labels == 2] = 0  # class 2: present but not drawn this epoch
+    acc = np.array([0.9, 0.9, 0.5, 0.2, 0.5, 0.75, 0.0])  # class 4 at exactly accept (0.5): not above, down
+    right = np.zeros(n, np.float32)
+    for c in range(k):  # per sample: count views, of which a share acc[c] right (exact per class)
+        mine = np.flatnonzero(labels == c)
+        right[mine] = count[mine] * acc[c]
+    exp_level, exp_m = ref_lol(right, count, labels, level, levels, 0.5)
+    assert exp_level.tolist() == [1, 4, 2, 1, 0, 4, 3]
+    m = np.full(n, -1, np.float32)
+    (cpu.lol_update if jit else cpu.lol_update.py_func)(right, count, labels, level, m, levels, 0.5)
+    assert level.tolist() == exp_level.tolist()
+    np.testing.assert_allclose(m, exp_m, atol=1e-7)
+
+
+def test_lol_bank_levels_rise_with_accuracy_and_resume():
+    """The bank with aug.m_source = "lol": correctness recorded per step, one level step per epoch,
+    M = level / levels from the next epoch, the levels in its state (resume)."""
+    labels = np.repeat(np.arange(3), 10)
+    bank = MomentumBank(labels, lol=(4, 0.6))
+    idx = torch.arange(30)
+    right = torch.tensor(np.repeat([1.0, 0.5, 0.0], 10), dtype=torch.float32)  # class 0 learned, 1 half, 2 not
+    for epoch in range(3):
+        bank.record(idx, right)
+        bank.end_epoch()
+    assert bank.level.tolist() == [3, 0, 0]
+    np.testing.assert_allclose(bank.magnitudes(), np.repeat([0.75, 0.0, 0.0], 10))
+    again = MomentumBank(labels, lol=(4, 0.6))
+    again.load_state_dict(bank.state_dict())
+    for b in (bank, again):
+        b.record(idx, 1 - right)  # now class 2 is learned and class 0 is not
+        b.end_epoch()
+    assert again.level.tolist() == bank.level.tolist() == [2, 0, 1]
+    np.testing.assert_allclose(again.magnitudes(), bank.magnitudes())
+
+
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_nonfinite_loss_names_the_sample(bad):
     bank = MomentumBank(np.zeros(5, np.int64))
@@ -280,6 +337,23 @@ def test_cuda_bank_options_match_cpu_bank(options):
 
 
 @needs_gpu
+def test_cuda_lol_bank_matches_cpu_bank():
+    rng = np.random.default_rng(4)
+    labels = rng.integers(0, 300, 5000)
+    batches = [(idx, (rng.random(512) < 0.3 + 0.6 * (labels[idx] % 2)).astype(np.float32))
+               for idx, _ in random_batches(rng, 5000, 20, 512, coverage=0.6)]
+    banks = [MomentumBank(labels, device=d, lol=(10, 0.6)) for d in ("cpu", "cuda")]
+    for _ in range(3):
+        for bank in banks:
+            for idx, right in batches:
+                bank.record(torch.from_numpy(idx).to(bank.device), torch.from_numpy(right).to(bank.device))
+            bank.end_epoch()
+    assert banks[0].level.max() > 0 and banks[0].level.min() == 0
+    torch.testing.assert_close(banks[1].level.cpu(), banks[0].level)
+    torch.testing.assert_close(banks[1].m.cpu(), banks[0].m, rtol=0, atol=1e-6)
+
+
+@needs_gpu
 def test_cuda_nonfinite():
     bank = MomentumBank(np.zeros(10, np.int64), device="cuda")
     bank.record(torch.tensor([2, 7], device="cuda"), torch.tensor([1.0, float("nan")], device="cuda"))
@@ -329,6 +403,21 @@ for seen_now in (seen, np.zeros_like(seen)):
     kc._write_class[2, 256](labels, m_sim, per_class)
     np.testing.assert_allclose(m_sim, m_cpu, atol=1e-6)
 assert (m_cpu == 0.25).all()  # nothing seen: left alone
+
+# aug.m_source = "lol": class 3 has no trials (level kept), class 5 no samples
+right = (rng.random(n) < 0.3 + 0.5 * (labels % 2)).astype(np.float32) * 2
+count = np.where(labels == 3, 0, 2).astype(np.int32)
+right[labels == 3] = 0
+for level_now in (np.array([0, 1, 2, 3, 4, 2], np.int32),):
+    lv_cpu, lv_sim = level_now.copy(), level_now.copy()
+    m_cpu, m_sim = np.zeros(n, np.float32), np.zeros(n, np.float32)
+    cpu.lol_update(right, count, labels, lv_cpu, m_cpu, 4, 0.6)
+    acc = np.zeros((k, 2))
+    kc._class_totals[2, 256](right, count, labels, acc)
+    kc._lol_levels[1, 32](acc, lv_sim, 4, 0.6)
+    kc._write_level[2, 256](labels, m_sim, lv_sim, 4)
+    assert lv_sim.tolist() == lv_cpu.tolist() and lv_cpu[3] == 3 and lv_cpu[5] == 2, (lv_cpu, lv_sim)
+    np.testing.assert_allclose(m_sim, m_cpu, atol=1e-7)
 print("ok")
 """
 

@@ -88,6 +88,27 @@ def test_ce_memory_records_each_samples_prompt_ce():
     torch.testing.assert_close(plain.bank.loss_sum, runs["ce"].bank.loss_sum)
 
 
+def test_lol_memory_records_the_share_of_right_views():
+    """aug.m_source = "lol": the bank's input is the share of each sample's two views whose top
+    class is its label; its scope and direction must be said; its settings are checked."""
+    from ecvl_fast.model import adapted_features
+
+    x, y = batch()
+    views = [x, x.flip(-1)]
+    run = stage_run(2, aug=AugCfg(m_source="lol", m_scope="class", m_direction="easy"), dcvl_weight=0.0)
+    with torch.no_grad():
+        right = [((adapted_features(run.net(v)[0], run.model) @ run.text.T).argmax(1) == y).float() for v in views]
+    assert set(train_step(run, views, y, torch.arange(64))) == {"loss", "ce"}
+    torch.testing.assert_close(run.bank.loss_sum, (right[0] + right[1]) / 2)
+    assert run.bank.lol == (10, 0.6)
+    with pytest.raises(EcvlError, match='set aug.m_scope = "class" and aug.m_direction = "easy"'):
+        stage_run(2, aug=AugCfg(m_source="lol", m_scope="class"))
+    with pytest.raises(EcvlError, match=r"aug.lol_accept is an accuracy in \[0, 1\)"):
+        load_config(None, ["aug.lol_accept=1.5"])
+    with pytest.raises(EcvlError, match="aug.lol_levels must be at least 1"):
+        load_config(None, ["aug.lol_levels=0"])
+
+
 def test_accumulation_steps_must_be_positive():
     with pytest.raises(EcvlError, match="stage1.accum_steps must be at least 1"):
         load_config(None, ["stage1.accum_steps=0"])
