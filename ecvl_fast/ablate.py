@@ -262,16 +262,17 @@ def plot_rows(result: dict, path: Path) -> None:
     groups = ("many", "medium", "few", "all", "macro_f1")
     rows = result["rows"]
     width = 0.8 / max(1, len(rows))
-    fig, ax = plt.subplots(figsize=(8, 4))
+    colours = plt.get_cmap("tab20" if len(rows) > 10 else "tab10").colors  # no colour twice
+    fig, ax = plt.subplots(figsize=(8 + 3 * (len(rows) > 6), 4))
     for i, row in enumerate(rows):
         x = np.arange(len(groups)) + (i - (len(rows) - 1) / 2) * width
         mean = [100 * row[g]["mean"] if row[g] else 0 for g in groups]
         std = [100 * row[g]["std"] if row[g] else 0 for g in groups]
-        ax.bar(x, mean, width, yerr=std, capsize=2, label=row["label"])
+        ax.bar(x, mean, width, yerr=std, capsize=2, label=row["label"], color=colours[i % len(colours)])
     ax.set_xticks(np.arange(len(groups)), groups)
     ax.set_ylabel("test accuracy / macro-F1 (%)")
     ax.set_title(f"{result['model']} on {Path(result['data']).name}, seeds {result['seeds']}")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))  # beside the bars, not over them
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -1,1 +1,435 @@
-../cli.py
+"""The `ecvl-fast` command (a typer app). Installed as `ecvl_fast.cli`.
+
+Every subcommand turns an `EcvlError` into one line on stderr and exit status 2.
+"""
+from __future__ import annotations
+
+import functools
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from ecvl_fast import EcvlError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Long-tailed CLIP classifiers (ECVL), fed by FFCV + DALI.")
+
+
+@app.callback()
+def _root() -> None:
+    """Long-tailed CLIP classifiers (ECVL), fed by FFCV + DALI."""
+
+
+def one_line_errors(fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except EcvlError as e:  # a preempted run exits with its own status (lifecycle.EXIT_PREEMPTED)
+            code = getattr(e, "exit_code", 2)
+            typer.echo(f"{'stopped' if code != 2 else 'error'}: {e}", err=True)
+            raise typer.Exit(code)
+        except FileNotFoundError as e:
+            typer.echo(f"error: {e.filename}: no such file", err=True)
+            raise typer.Exit(2)
+    return wrapper
+
+
+def print_convert_summary(meta: dict, out: Path) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    counts, g = meta["train_counts"], meta["groups"]
+    t = Table(title=f"{meta['dataset']} -> {out}", show_header=False)
+    t.add_column(style="bold")
+    t.add_column(justify="right")
+    rows = [("classes", len(counts))]
+    rows += [(f"{name} images", n) for name, n in meta["images"].items()]
+    rows += [("max / min per class", f"{max(counts)} / {min(counts)}"),
+             ("many / medium / few classes", f"{len(g['many'])} / {len(g['medium'])} / {len(g['few'])}"),
+             ("skipped (corrupt)", sum(meta["skipped"].values())),
+             ("format", f"{meta['format']}, longest side {meta['max_side']} px")]
+    for k, v in rows:
+        t.add_row(k, str(v))
+    Console().print(t)
+
+
+@app.command()
+@one_line_errors
+def convert(
+    dataset: str = typer.Argument(..., help="mnist-lt | cifar10-lt | cifar100-lt | tiny-imagenet-lt | imagenet-lt | places-lt | list | folder"),
+    out: Path = typer.Option(..., "--out", help="output folder (train/val/test .beton + meta.json)"),
+    source: Optional[Path] = typer.Option(None, help="CIFAR pickle folder / image tree, or ImageFolder root"),
+    root: Optional[Path] = typer.Option(None, help="image root for split-file datasets"),
+    train_split: Optional[Path] = typer.Option(None, help="OLTR split file: 'relative/path label' lines"),
+    val_split: Optional[Path] = typer.Option(None),
+    test_split: Optional[Path] = typer.Option(None),
+    classes: Optional[Path] = typer.Option(None, help="class names, one per line"),
+    wnids: Optional[Path] = typer.Option(None, help="tiny-imagenet-lt: only these wnids (one per line, in this order)"),
+    imbalance: float = typer.Option(100.0, help="imbalance factor IF = n_max / n_min"),
+    seed: int = typer.Option(0),
+    val_per_class: int = typer.Option(0, help="tiny-imagenet-lt: a val split of this many spare train images per class"),
+    format: str = typer.Option("raw", help="raw | jpg"),
+    max_res: Optional[int] = typer.Option(None, help="longest side kept, in pixels"),
+    jpeg_quality: int = typer.Option(90),
+    workers: int = typer.Option(2),
+    overwrite: bool = typer.Option(False),
+    skip_bad: bool = typer.Option(False, help="skip corrupt images (counted in meta.json)"),
+    many_threshold: int = typer.Option(100, help="many-shot: more than this many train images"),
+    few_threshold: int = typer.Option(20, help="few-shot: fewer than this many train images"),
+):
+    """Write a long-tailed dataset as FFCV .beton files plus meta.json."""
+    from ecvl_fast.loaders.convert import ConvertOptions, convert as run_convert
+
+    opts = ConvertOptions(**{k: v for k, v in locals().items() if k in ConvertOptions.__dataclass_fields__})
+    meta = run_convert(opts)
+    print_convert_summary(meta, out)
+
+
+def _config(config: Optional[Path], overrides: Optional[list[str]], pretrained: Optional[str] = None):
+    """--config, then --set overrides, then the --pretrained shortcut."""
+    from ecvl_fast.config import load_config
+
+    return load_config(config, (overrides or []) + ([f"model.pretrained={pretrained}"] if pretrained else []))
+
+
+@app.command()
+@one_line_errors
+def train(
+    config: Optional[Path] = typer.Option(None, "--config", help="TOML file"),
+    overrides: Optional[list[str]] = typer.Option(None, "--set", help="section.key=value (repeatable)"),
+    pretrained: Optional[str] = typer.Option(None, help="shortcut for --set model.pretrained=TAG|PATH|none"),
+    stage: int = typer.Option(1, help="1: fine-tune both encoders; 2: adapter + L_DCVL + memory-driven RandAugment"),
+    restart: bool = typer.Option(False, help="start over; the run already in the folder is moved to previous-<time>/"),
+):
+    """Train (one process, or one per GPU under torchrun). Re-running the same command continues
+    the run in its folder from the last checkpoint (mid-epoch after a preemption); exit status 75
+    means stopped on SIGTERM/SIGUSR1 with a checkpoint written."""
+    from ecvl_fast import train as training
+
+    cfg = _config(config, overrides, pretrained)
+    if stage not in (1, 2):
+        raise EcvlError(f"--stage {stage}: there are stages 1 and 2")
+    training.main(cfg, stage=stage, restart=restart)
+
+
+@app.command("eval")
+@one_line_errors
+def evaluate(
+    data: Optional[Path] = typer.Option(None, help="converted dataset folder (default: data.path)"),
+    ckpt: Optional[Path] = typer.Option(None, help="checkpoint to evaluate (its config is used)"),
+    zero_shot: bool = typer.Option(False, "--zero-shot", help="evaluate model.pretrained as is"),
+    split: str = typer.Option("test", help="test | val | train: any split the converted folder has"),
+    out: Optional[Path] = typer.Option(None, help="where metrics.json and per_class.png go"),
+    pretrained: Optional[str] = typer.Option(None, help="shortcut for --set model.pretrained=TAG|PATH|none"),
+    config: Optional[Path] = typer.Option(None, "--config"),
+    overrides: Optional[list[str]] = typer.Option(None, "--set"),
+):
+    """Many/medium/few/all accuracy, macro-F1 and head-tail gap of a checkpoint or a zero-shot model."""
+    from ecvl_fast.eval_cli import run_eval
+
+    if (ckpt is None) == (not zero_shot):
+        raise EcvlError("pass exactly one of --ckpt FILE or --zero-shot")
+    run_eval(_config(config, overrides, pretrained), data, ckpt, split, out)
+
+
+@app.command()
+@one_line_errors
+def predict(
+    images: Optional[list[Path]] = typer.Argument(None, help="image files"),
+    ckpt: Path = typer.Option(..., "--ckpt", help="a stage 1/2 checkpoint (last.pt / best.pt), or an exported .pt / .onnx"),
+    folder: Optional[Path] = typer.Option(None, help="classify every image under this folder too"),
+    top_k: int = typer.Option(5, help="classes per image"),
+    out: Optional[Path] = typer.Option(None, help="write the predictions as CSV"),
+    strict: bool = typer.Option(False, help="refuse an unreadable image instead of skipping it"),
+    device: str = typer.Option("auto", help="auto | cpu | cuda"),
+):
+    """Top-k class names and probabilities for image files (the stage-2 adapter applied)."""
+    from ecvl_fast.predict import run_predict, write_csv
+
+    if top_k < 1:
+        raise EcvlError(f"--top-k {top_k}: must be at least 1")
+    preds = run_predict(ckpt, images or [], folder, top_k, strict, device=device)
+    if out is not None:
+        write_csv(preds, out)
+    _report(f"{ckpt}: {len(preds)} images", ("image", "top-1", "p", f"top-{top_k}"),
+            [(Path(p.path).name, p.classes[0], f"{p.probs[0]:.3f}", ", ".join(p.classes[1:])) for p in preds[:20]],
+            {}, None)
+
+
+@app.command()
+@one_line_errors
+def export(
+    ckpt: Path = typer.Option(..., "--ckpt", help="a stage 1 or stage 2 checkpoint"),
+    out: Path = typer.Option(..., "--out", help="the file to write (model.pt or model.onnx)"),
+    format: str = typer.Option("pt", "--format", help="pt (weights, weights_only loadable) | onnx (needs ecvl-fast[onnx])"),
+):
+    """A slim classifier to deploy: image encoder, adapter, class text features and names, preprocessing
+    (no optimizer, no momentum bank, no text tower). `predict --ckpt` reads it."""
+    from ecvl_fast.export import export as run_export
+
+    r = run_export(ckpt, out, format)
+    typer.echo(f"wrote {out} ({r['bytes'] / 1e6:.1f} MB; the checkpoint: {r['checkpoint_bytes'] / 1e6:.1f} MB), "
+               f"{len(r['classes'])} classes, {r['res']} px")
+
+
+@app.command()
+@one_line_errors
+def ablate(
+    config: Optional[Path] = typer.Option(None, "--config", help="TOML file (e.g. a preset in ecvl_fast/configs)"),
+    seeds: str = typer.Option("0,1,2", help="comma-separated seeds; one stage 1 and the --rows each"),
+    overrides: Optional[list[str]] = typer.Option(None, "--set", help="section.key=value (repeatable)"),
+    pretrained: Optional[str] = typer.Option(None, help="shortcut for --set model.pretrained=TAG|PATH|none"),
+    rows: str = typer.Option("ballad,momentum,ecvl", help="stage-2 rows, comma-separated: the paper's, ecvl+, the "
+                             "ECVL+ variants and their no-memory controls (README, \"ECVL+\"); an unknown name "
+                             "lists them all"),
+):
+    """Zero-shot, stage 1, then the stage-2 rows (BALLAD, + momentum, ECVL by default) over seeds on
+    the same stage-1 encoders: a table of mean ± std, paired differences, ablation.json/png."""
+    from ecvl_fast.ablate import parse_rows, parse_seeds, run_ablation
+
+    run_ablation(_config(config, overrides, pretrained), parse_seeds(seeds), rows=parse_rows(rows))
+
+
+@app.command()
+@one_line_errors
+def pretrain(
+    out: Path = typer.Option(..., "--out", help="weights file to write (then: --set model.pretrained=FILE)"),
+    config: Optional[Path] = typer.Option(None, "--config", help="TOML file; data.path is the pretraining set"),
+    overrides: Optional[list[str]] = typer.Option(None, "--set", help="section.key=value (repeatable)"),
+    restart: bool = typer.Option(False, help="start over; the run already in run.out is moved to previous-<time>/"),
+):
+    """A stand-in for CLIP pretraining: stage 1 on a (balanced) dataset, its CLIP weights saved to --out.
+    Like train, the same command continues an interrupted run."""
+    from ecvl_fast import train as training
+    from ecvl_fast.ablate import export_weights
+
+    cfg = _config(config, overrides)
+    training.main(cfg, stage=1, restart=restart)
+    export_weights(Path(cfg.run.out) / "last.pt", out)
+    typer.echo(f"wrote {out} (use: --set model.pretrained={out})")
+
+
+@app.command()
+@one_line_errors
+def demo(
+    data: Path = typer.Option(Path("data/mnist-lt")),
+    run: Path = typer.Option(Path("runs/demo")),
+    config: Optional[Path] = typer.Option(None, help="default: the packaged configs/mnist-demo.toml"),
+    seeds: str = typer.Option("0", help="comma-separated seeds"),
+):
+    """The embedded default: the ablation on mnist-lt (real digits, long-tailed) with a small CLIP.
+    Finished rows are reused, so a second run prints the saved table. Kernels and threads are
+    pinned (AVX2, 2 threads) so that the table is the same on every 2-core x86_64 machine."""
+    from ecvl_fast.demo import pin_numerics, run_demo
+
+    pin_numerics()
+    run_demo(data, run, config, seeds)
+
+
+bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks: tables, and JSON on request.")
+app.add_typer(bench_app, name="bench")
+
+
+@bench_app.command("loader")
+@one_line_errors
+def bench_loader(
+    data: Path = typer.Option(Path("data/mnist-lt"), help="a converted dataset (built from mnist-lt if missing)"),
+    res: int = typer.Option(32, help="output resolution, e.g. 32 or 224"),
+    batch: int = typer.Option(256),
+    workers: int = typer.Option(2, help="ffcv threads for both; DataLoader worker processes for the peer"),
+    dali_threads: int = typer.Option(4, help="DALI's thread pool (per-operator overhead, not pixels, bounds it at 32 px)"),
+    min_images: int = typer.Option(4096, help="images timed per contender, after a warm-up pass"),
+    kernels_n: int = typer.Option(1_280_000, help="samples for the momentum-kernel benchmark"),
+    repeats: int = typer.Option(3, help="alternating timings per contender; the median paired ratio is reported"),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="also write the results here"),
+):
+    """FFCV -> DALI memory-driven RandAugment (2 views) vs the torchvision peer; numba vs numpy kernels."""
+    from ecvl_fast.bench import LoaderBench, run_loader_bench
+
+    _ensure_demo_data(data)
+    r = run_loader_bench(LoaderBench(data, res, batch, workers, dali_threads, min_images=min_images), kernels_n, repeats)
+    k = r["kernels"]
+    _report(f"loader bench: {res} px, batch {batch}, {workers} workers, {dali_threads} DALI threads, 2 views, k=2 "
+            f"({r['machine']})", ("contender", "images/s", "ratio"), [
+                ("FFCV -> DALI", f"{r['ffcv_dali_img_s']:.0f}", f"{r['ratio']:.2f}x ({r['ratio_min']:.2f}-{r['ratio_max']:.2f})"),
+                ("torchvision/PIL peer", f"{r['torchvision_img_s']:.0f}", "1.00x"),
+                (f"kernels numba, N={k['n']:,}", f"{k['numba_s'] * 1e3:.1f} ms/epoch", f"{k['speedup']:.1f}x"),
+                (f"kernels numpy, N={k['n']:,}", f"{k['numpy_s'] * 1e3:.1f} ms/epoch", "1.00x")], r, json_out)
+
+
+def _report(title: str, columns: tuple, rows: list[tuple], result: dict, json_out: Optional[Path]) -> None:
+    """A benchmark's table on the console, and its raw results as JSON when asked."""
+    import json
+
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=title)
+    for col in columns:
+        t.add_column(col, justify="right")
+    for row in rows:
+        t.add_row(*row)
+    Console().print(t)
+    if json_out:
+        json_out.write_text(json.dumps(result, indent=1))
+
+
+@bench_app.command("kernels")
+@one_line_errors
+def bench_kernels_cmd(
+    n: int = typer.Option(1_280_000, help="samples (ImageNet-1k train size by default)"),
+    json_out: Optional[Path] = typer.Option(None, "--json"),
+):
+    """One epoch of momentum bookkeeping: numba njit vs numpy on CPU, and numba.cuda when a GPU is present."""
+    from ecvl_fast.bench import _machine, bench_kernels, bench_kernels_cuda
+
+    r = {"machine": _machine(), "cpu": bench_kernels(n), "cuda": bench_kernels_cuda(n)}
+    rows = [("numpy (vectorised)", f"{r['cpu']['numpy_s'] * 1e3:.1f}", "1.0x"),
+            ("numba njit", f"{r['cpu']['numba_s'] * 1e3:.1f}", f"{r['cpu']['speedup']:.1f}x")]
+    if r["cuda"]:
+        rows.append(("numba.cuda", f"{r['cuda']['cuda_s'] * 1e3:.2f}", f"{r['cpu']['numpy_s'] / r['cuda']['cuda_s']:.1f}x"))
+    _report(f"momentum kernels, N={n:,} ({r['machine']})", ("implementation", "ms / epoch", "vs numpy"), rows, r, json_out)
+
+
+@bench_app.command("convert")
+@one_line_errors
+def bench_convert_cmd(
+    per_class: int = typer.Option(5000, help="synthetic CIFAR-10 train images per class"),
+    workers: int = typer.Option(2),
+    json_out: Optional[Path] = typer.Option(None, "--json"),
+):
+    """Convert throughput (images/s) for raw and jpg, on a synthetic CIFAR-10 in the standard pickle format."""
+    from ecvl_fast.bench import _machine, bench_convert
+
+    r = {"machine": _machine(), **bench_convert(per_class, workers)}
+    rows = [(fmt, str(r[fmt]["images"]), f"{r[fmt]['seconds']:.2f}", f"{r[fmt]['img_s']:.0f}",
+             f"{r[fmt]['bytes'] / 1e6:.1f}") for fmt in ("raw", "jpg")]
+    _report(f"convert cifar10-lt, {workers} workers ({r['machine']})", ("format", "images", "seconds", "images/s", "MB"),
+            rows, r, json_out)
+
+
+def _bench_out(result: dict, json_out: Optional[Path], compare_to: Optional[Path]) -> None:
+    """--json and --compare for the device benchmarks (rank 0 only under torchrun)."""
+    import json
+    import os
+
+    if os.environ.get("RANK", "0") != "0":
+        return
+    if json_out:
+        json_out.write_text(json.dumps(result, indent=1))
+    if compare_to:
+        from ecvl_fast.bench_device import compare
+
+        if not compare_to.is_file():
+            raise EcvlError(f"{compare_to}: no such benchmark JSON")
+        rows = compare(result, json.loads(compare_to.read_text()))
+        _report(f"against {compare_to}", ("metric", "new", "old", "new/old"),
+                [(k, f"{a:.1f}", f"{b:.1f}", f"{r:.2f}x") for k, a, b, r in rows], {}, None)
+
+
+_DEVICE = typer.Option("auto", help="auto | cpu | cuda (the local rank's GPU under torchrun)")
+_JSON = typer.Option(None, "--json", help="write the results here")
+_COMPARE = typer.Option(None, "--compare", help="an earlier run's JSON: print new/old ratios")
+_PRECISION = typer.Option("auto", help="auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp16 | fp32")
+
+
+@bench_app.command("step")
+@one_line_errors
+def bench_step_cmd(model: str = typer.Option("RN50"), res: int = typer.Option(224), batch: int = typer.Option(256, help="per device"),
+                   device: str = _DEVICE, compile: bool = typer.Option(False), steps: int = typer.Option(10),
+                   repeats: int = typer.Option(3), precision: str = _PRECISION, json_out: Optional[Path] = _JSON,
+                   compare_to: Optional[Path] = _COMPARE):
+    """Stage 1 and stage 2 train steps on synthetic batches already on the device (no ffcv or DALI)."""
+    from ecvl_fast.bench_device import bench_step
+
+    r = bench_step(model, res, batch, device, compile, steps, repeats, precision=precision)
+    _report(f"train step: {model}, {res} px, batch {batch}/device ({r['machine']['gpu'] or 'CPU'})",
+            ("stage", "img/s per device", "img/s total", "first step s", "peak GB"),
+            [(s, f"{r[s]['img_s']:.0f}", f"{r[s]['img_s_total']:.0f}", f"{r[s]['first_step_s']:.2f}",
+              "-" if r[s]["peak_device_mem_gb"] is None else f"{r[s]['peak_device_mem_gb']:.1f}") for s in ("stage1", "stage2")],
+            r, None)
+    _bench_out(r, json_out, compare_to)
+
+
+@bench_app.command("augment")
+@one_line_errors
+def bench_augment_cmd(data: Optional[Path] = typer.Option(None, help="a converted dataset (else synthetic images)"),
+                      res: int = typer.Option(224), batch: int = typer.Option(256), device: str = _DEVICE,
+                      images: int = typer.Option(4096), workers: int = typer.Option(0, help="peer workers; 0 = every core"),
+                      dali_threads: int = typer.Option(0, help="0 = every core"), repeats: int = typer.Option(3),
+                      json_out: Optional[Path] = _JSON, compare_to: Optional[Path] = _COMPARE):
+    """Memory-driven RandAugment alone (k=2, two views, M ~ U(0,1)): DALI vs the all-core PIL peer."""
+    import os
+
+    from ecvl_fast.bench_device import bench_augment
+
+    cores = os.cpu_count() or 1
+    r = bench_augment(data, res, batch, device, images, workers or cores, dali_threads or cores, repeats)
+    _report(f"augment: {res} px, 2 views, k=2 ({r['config']['device']}; {r['source']})", ("contender", "img/s", "ratio"),
+            [("DALI", f"{r['dali_img_s']:.0f}", f"{r['ratio']:.2f}x"),
+             (f"PIL peer, {r['config']['peer_workers']} workers", f"{r['peer_img_s']:.0f}", "1.00x")], r, None)
+    _bench_out(r, json_out, compare_to)
+
+
+@bench_app.command("train")
+@one_line_errors
+def bench_train_cmd(data: Optional[Path] = typer.Option(None, help="a converted dataset (else synthetic images)"),
+                    model: str = typer.Option("RN50"), res: int = typer.Option(224), batch: int = typer.Option(256),
+                    device: str = _DEVICE, images: int = typer.Option(8192), workers: int = typer.Option(0, help="0 = every core"),
+                    dali_threads: int = typer.Option(0, help="0 = every core"), epochs: int = typer.Option(2),
+                    precision: str = _PRECISION, json_out: Optional[Path] = _JSON, compare_to: Optional[Path] = _COMPARE):
+    """Stage 2 epochs end to end with each feeder: img/s and the data-stall fraction."""
+    import os
+
+    from ecvl_fast.bench_device import bench_train
+
+    cores = os.cpu_count() or 1
+    r = bench_train(data, model, res, batch, device, images, workers or cores, dali_threads or cores, epochs, precision)
+    _report(f"stage-2 training: {model}, {res} px, batch {batch} ({r['config']['device']}; {r['source']})",
+            ("feeder", "img/s", "data stall", "ratio"),
+            [(name, f"{r[name]['img_s']:.0f}", f"{100 * r[name]['data_stall']:.1f}%",
+              f"{r[name]['img_s'] / r['peer']['img_s']:.2f}x") for name in ("dali", "peer")], r, None)
+    _bench_out(r, json_out, compare_to)
+
+
+@bench_app.command("infer")
+@one_line_errors
+def bench_infer_cmd(ckpt: Optional[Path] = typer.Option(None, help="a stage 1/2 checkpoint (else a random model)"),
+                    data: Optional[Path] = typer.Option(None, help="a converted dataset: its test split"),
+                    model: str = typer.Option("RN50"), res: int = typer.Option(224), batch: int = typer.Option(512),
+                    device: str = _DEVICE, images: int = typer.Option(4096), repeats: int = typer.Option(3),
+                    precision: str = _PRECISION, json_out: Optional[Path] = _JSON, compare_to: Optional[Path] = _COMPARE):
+    """The predict path (prepare, encode, adapter, eq. 6) on test images in memory: img/s."""
+    from ecvl_fast.bench_device import bench_infer
+
+    r = bench_infer(ckpt, data, model, res, batch, device, images, repeats, precision)
+    _report(f"inference: {r['config']['model']}, {r['config']['res']} px ({r['config']['device']}; {r['source']})",
+            ("images", "img/s"), [(str(r["config"]["images"]), f"{r['img_s']:.0f}")], r, None)
+    _bench_out(r, json_out, compare_to)
+
+
+def _ensure_demo_data(data: Path) -> None:
+    from ecvl_fast.demo import ensure_data
+
+    ensure_data(data)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Importable entry point: returns the exit status instead of exiting."""
+    import click
+
+    try:
+        rv = app(args=argv, standalone_mode=False)
+    except click.ClickException as e:
+        e.show()
+        return e.exit_code
+    except SystemExit as e:
+        return int(e.code or 0)
+    return rv if isinstance(rv, int) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
