@@ -121,7 +121,7 @@ def evaluate(
     data: Optional[Path] = typer.Option(None, help="converted dataset folder (default: data.path)"),
     ckpt: Optional[Path] = typer.Option(None, help="checkpoint to evaluate (its config is used)"),
     zero_shot: bool = typer.Option(False, "--zero-shot", help="evaluate model.pretrained as is"),
-    split: str = typer.Option("test", help="test | val"),
+    split: str = typer.Option("test", help="test | val | train: any split the converted folder has"),
     out: Optional[Path] = typer.Option(None, help="where metrics.json and per_class.png go"),
     pretrained: Optional[str] = typer.Option(None, help="shortcut for --set model.pretrained=TAG|PATH|none"),
     config: Optional[Path] = typer.Option(None, "--config"),
