@@ -51,19 +51,21 @@ STAGE2_ROWS = {
 }
 
 
+def _no_dcvl(sections: dict) -> dict:
+    """A row's settings with BALLAD's loss (no L_DCVL term; the README's study found that term
+    costs the tail): BALLAD + RandAugment driven by the same M."""
+    return {"stage2": {**sections["stage2"], "dcvl_weight": 0.0}, "aug": sections["aug"]}
+
+
 def _without_dcvl(row: str) -> tuple:
-    """`row` with BALLAD's loss (no L_DCVL term; the README's study found that term costs the
-    tail): BALLAD + RandAugment driven by the same M."""
     sections, label, control = STAGE2_ROWS[row]
-    return ({"stage2": {**sections["stage2"], "dcvl_weight": 0.0}, "aug": sections["aug"]},
-            "BALLAD + RA, " + label.removeprefix("ECVL, "), control and "ballad+" + control)
+    return _no_dcvl(sections), "BALLAD + RA, " + label.removeprefix("ECVL, "), control and "ballad+" + control
 
 
 for _row in ("ecvl-ce-class", "ecvl-ce-class-easy", "freq-rare", "freq-common"):
     STAGE2_ROWS["ballad+" + _row.removeprefix("ecvl-")] = _without_dcvl(_row)
 # Ahn et al.'s level-of-learning rule (README, "ECVL+"): per class, rising while the class is learned
-STAGE2_ROWS["ballad+lol"] = ({"stage2": {"randaug": True, "dcvl_weight": 0.0},
-                              "aug": _memory(m_source="lol", m_scope="class", m_direction="easy")["aug"]},
+STAGE2_ROWS["ballad+lol"] = (_no_dcvl(_memory(m_source="lol", m_scope="class", m_direction="easy")),
                              "BALLAD + RA, M per class by level of learning", "ballad+freq-common")
 # The best variant measured (README, "ECVL+"; chosen on the val split by the rule fixed before the
 # runs: the highest mean few-shot accuracy, over all three rounds), under its own name. It does not

@@ -51,13 +51,12 @@ def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, labels:
 def prompt_ce_loss(image_features: torch.Tensor, class_text_features: torch.Tensor, labels: torch.Tensor,
                    scale: float = 100.0) -> dict[str, torch.Tensor]:
     """BALLAD's phase A: cross-entropy of image features against all K class prompts.
-    `per_sample`: each row's term (what ECVL+'s `aug.m_source = "ce"` memory tracks); `correct`:
-    1 where the row's top class is its label (`aug.m_source = "lol"`)."""
+    `per_sample`: each row's term (what ECVL+'s `aug.m_source = "ce"` memory tracks); `logits`:
+    for the caller that needs the top class (`aug.m_source = "lol"`)."""
     logits = scale * image_features @ class_text_features.T
     per_sample = F.cross_entropy(logits, labels, reduction="none")
     ce = per_sample.mean()
-    correct = (logits.detach().argmax(1) == labels).float()
-    return {"loss": ce, "ce": ce, "per_sample": per_sample, "correct": correct}
+    return {"loss": ce, "ce": ce, "per_sample": per_sample, "logits": logits}
 
 
 @fp32

@@ -148,7 +148,8 @@ def stage2_loss(run: Run, views: list[torch.Tensor], labels: torch.Tensor, idx: 
     with torch.no_grad():  # frozen encoders: both views in one pass, or in chunks
         feats = torch.cat([run.net(x)[0] for x in torch.cat(views).chunk(cfg.accum_steps)])
     adapted = adapted_features(feats, run.model)
-    ce_terms = losses.prompt_ce_loss(adapted, run.text, labels.repeat(len(views)), cfg.ce_scale)
+    all_labels = labels.repeat(len(views))
+    ce_terms = losses.prompt_ce_loss(adapted, run.text, all_labels, cfg.ce_scale)
     ce = ce_terms["loss"]
     if cfg.dcvl_weight == 0 and not cfg.randaug:  # BALLAD's row: no L_DCVL, and no reader of the bank
         return {"loss": ce, "ce": ce}
@@ -156,7 +157,8 @@ def stage2_loss(run: Run, views: list[torch.Tensor], labels: torch.Tensor, idx: 
     if source == "ce":  # ECVL+: how well each sample is classified, mean of its views
         run.bank.record(idx, ce_terms["per_sample"].detach().view(len(views), b).mean(0))
     elif source == "lol":  # the share of its views classified right
-        run.bank.record(idx, ce_terms["correct"].view(len(views), b).mean(0))
+        right = (ce_terms["logits"].detach().argmax(1) == all_labels).float()
+        run.bank.record(idx, right.view(len(views), b).mean(0))
     if cfg.dcvl_weight == 0 and source != "dcvl":  # nothing reads L_DCVL
         return {"loss": ce, "ce": ce}
     rows = slice(r * b, (r + 1) * b) if run.d.enabled else None
