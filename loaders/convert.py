@@ -6,6 +6,7 @@ Everything is written into a temporary folder beside `--out` and renamed when co
 """
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import multiprocessing as mp
@@ -182,6 +183,11 @@ def convert(o: ConvertOptions) -> dict:
     """Build the dataset, write every split into a temp folder, then rename it to `o.out`."""
     _validate_options(o)
     src = build_source(o)
+    # Before the forks below (the image check's pool, ffcv's writer workers): a DALI pipeline that
+    # earlier work in this process (a test session, a notebook) left in a reference cycle would
+    # otherwise be collected inside a forked worker, where its shutdown segfaults and the parent
+    # waits on the dead worker forever (seen once in a full test run).
+    gc.collect()
     o.out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{o.out.name}.tmp-", dir=o.out.parent.resolve()))
     try:
