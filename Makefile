@@ -5,7 +5,11 @@ SUDO    := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 DEMO_DATA := data/mnist-lt
 DEMO_RUN  := runs/demo
 
-.PHONY: demo test setup sysdeps clean
+.PHONY: demo test setup sysdeps diskcheck clean
+
+# A fresh install (torch's CUDA build with its nvidia-* libraries, DALI) fills about 7.1 GB of
+# .venv: say so before the venv is made rather than let pip run out of room halfway through.
+NEED_GB := 8
 
 setup: $(STAMP)
 
@@ -16,7 +20,14 @@ sysdeps:
 	  $(SUDO) apt-get update -qq && \
 	  $(SUDO) apt-get install -y -qq --no-install-recommends libopencv-dev libturbojpeg0-dev pkg-config; }
 
+diskcheck:
+	@avail=$$(df -Pk . | awk 'NR==2 {print int($$4 / 1048576)}'); \
+	[ "$$avail" -ge $(NEED_GB) ] || { \
+	  echo "make setup: the install needs about $(NEED_GB) GB free on the disk that holds $(CURDIR), and $$avail GB are free" >&2; \
+	  exit 1; }
+
 $(PY):
+	@$(MAKE) --no-print-directory diskcheck
 	python3 -m venv .venv
 	$(PY) -m pip install -q --upgrade pip
 

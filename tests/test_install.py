@@ -34,3 +34,13 @@ def test_wheel_installs_and_runs_outside_the_tree(tmp_path):
     for args in (["--help"], ["demo", "--help"], ["bench", "--help"]):
         done = run(str(venv / "bin" / "ecvl-fast"), *args)
         assert done.returncode == 0 and "Usage" in done.stdout, done.stderr[-2000:]
+
+
+def test_make_setup_says_when_the_disk_is_too_small():
+    # a fresh install fills about 7 GB; with less free, pip would fail halfway with a bare OSError
+    make = lambda gb: subprocess.run(["make", "--no-print-directory", "diskcheck", f"NEED_GB={gb}"], cwd=ROOT,  # noqa: E731
+                                     capture_output=True, text=True, timeout=60)
+    short = make(10**9)
+    assert short.returncode != 0
+    assert short.stderr.startswith("make setup: the install needs about 1000000000 GB free") and "GB are free" in short.stderr
+    assert make(0).returncode == 0
