@@ -190,8 +190,8 @@ def test_the_stop_watchdog_leaves_only_when_the_run_cannot():
     """After a signal the watchdog exits the process (status 75) once stop_grace_s passes, unless
     the run has left its block by then (then it stands down)."""
     code = ("import os, signal, time; from ecvl_fast.lifecycle import StopSignal\n"
-            "with StopSignal(grace_s=0.3):\n    os.kill(os.getpid(), signal.SIGTERM); time.sleep(0.05)\n"
-            "time.sleep(0.6); print('survived')\n"
-            "with StopSignal(grace_s=0.3):\n    os.kill(os.getpid(), signal.SIGTERM); time.sleep(5)\n")
+            "with StopSignal(grace_s=1.0):\n    os.kill(os.getpid(), signal.SIGTERM); time.sleep(0.05)\n"
+            "time.sleep(1.5); print('survived')\n"
+            "with StopSignal(grace_s=1.0):\n    os.kill(os.getpid(), signal.SIGTERM); time.sleep(10)\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.stdout.strip() == "survived" and done.returncode == EXIT_PREEMPTED, done.stderr[-2000:]
