@@ -138,13 +138,19 @@ def _ablation(cfg: Config, seeds: list[int], log, main: bool, rows: tuple[str, .
                 log(f"seed {seed}: stage 2, {row}")
                 done = training.main(row_cfg, stage=2, out=seed_dir / row)
             per_seed.setdefault(row, {})[seed] = {**done, "val": last_val(seed_dir / row)}
-    result = summarise(per_seed, cfg, seeds)
-    if main:  # under torchrun every rank has the metrics; rank 0 writes
-        tmp = out / ".ablation.json.tmp"
-        tmp.write_text(json.dumps(result, indent=1))
-        tmp.replace(out / "ablation.json")
-        plot_rows(result, out / "ablation.png")
-        print_ablation(result)
+    try:
+        result = summarise(per_seed, cfg, seeds)
+        if main:  # under torchrun every rank has the metrics; rank 0 writes
+            tmp = out / ".ablation.json.tmp"
+            tmp.write_text(json.dumps(result, indent=1))
+            tmp.replace(out / "ablation.json")
+            plot_rows(result, out / "ablation.png")
+            print_ablation(result)
+    except Exception as e:  # every row is trained and saved: never lose them to the summary
+        folders = sorted({str(out / f"seed{s}" / r) for r in rows for s in per_seed.get(r, {})})
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise EcvlError(f"writing the ablation summary failed ({type(e).__name__}: {first}); the trained rows are "
+                        f"kept in {', '.join(folders)}: run the same command again to summarise them") from None
     return result
 
 
@@ -213,9 +219,14 @@ def paired(per_seed: dict[str, dict[int, dict]], seeds: list[int]) -> list[dict]
             if other is None or other == row or other not in per_seed:
                 continue
             both = [s for s in seeds if s in per_seed[row] and s in per_seed[other]]
-            entry = {"row": row, "against": other, "seeds": both}
+            entry = {"row": row, "against": other, "seeds": both, "skipped": []}
             for k in PAIRED:
-                d = [per_seed[row][s][k] - per_seed[other][s][k] for s in both]
+                pairs = [(per_seed[row][s].get(k), per_seed[other][s].get(k)) for s in both]
+                if any(a is None or b is None for a, b in pairs):  # an empty shot group: no difference
+                    entry[k] = None
+                    entry["skipped"].append(k)
+                    continue
+                d = [a - b for a, b in pairs]
                 entry[k] = {"per_seed": d, "mean": float(np.mean(d)),
                             "std": float(np.std(d, ddof=1)) if len(d) > 1 else 0.0}
             out.append(entry)
@@ -226,13 +237,15 @@ def print_ablation(result: dict) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    from ecvl_fast.evaluate import EMPTY
+
     t = Table(title=f"{result['model']} on {Path(result['data']).name}: mean ± std over seeds "
                     f"{', '.join(map(str, result['seeds']))} (%)")
     t.add_column("row")
     for k in METRICS:
         t.add_column(k, justify="right")
     for row in result["rows"]:
-        cells = ["-" if row[k] is None else f"{100 * row[k]['mean']:.2f} ± {100 * row[k]['std']:.2f}" for k in METRICS]
+        cells = [EMPTY if row[k] is None else f"{100 * row[k]['mean']:.2f} ± {100 * row[k]['std']:.2f}" for k in METRICS]
         t.add_row(row["label"], *cells)
     console = Console(width=max(120, Console().width))
     console.print(t)
@@ -246,9 +259,14 @@ def print_ablation(result: dict) -> None:
             t.add_column(col, justify="left" if col in ("row", "minus") else "right")
         for e in result["paired"]:
             t.add_row(LABELS[e["row"]], LABELS[e["against"]], *(
+                EMPTY if e[k] is None else
                 " ".join(f"{100 * v:+.2f}" for v in e[k]["per_seed"]) + f"  ({100 * e[k]['mean']:+.2f} ± {100 * e[k]['std']:.2f})"
                 for k in PAIRED))
         console.print(t)
+        skipped = sorted({k for e in result["paired"] for k in e.get("skipped", ())})
+        if skipped:
+            print(f"paired differences skipped for {', '.join(skipped)}: the shot group is empty in this dataset "
+                  f"({EMPTY} in the tables, null in ablation.json)")
     print("BALLAD: adapter on class-balanced batches, prompt CE only; + momentum: adds L_DCVL (eq. 11), the bank "
           "updated, M unused; ECVL: adds the memory-driven RandAugment (eq. 10). Same stage-1 encoders, sampler, "
           "views and steps in every row; the others change only where M comes from (README, \"ECVL+\").")
@@ -261,15 +279,15 @@ def plot_rows(result: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    groups = ("many", "medium", "few", "all", "macro_f1")
     rows = result["rows"]
+    groups = [g for g in ("many", "medium", "few", "all", "macro_f1") if any(row[g] for row in rows)]  # empty groups left out
     width = 0.8 / max(1, len(rows))
     colours = plt.get_cmap("tab20" if len(rows) > 10 else "tab10").colors  # no colour twice
     fig, ax = plt.subplots(figsize=(8 + 3 * (len(rows) > 6), 4))
     for i, row in enumerate(rows):
         x = np.arange(len(groups)) + (i - (len(rows) - 1) / 2) * width
-        mean = [100 * row[g]["mean"] if row[g] else 0 for g in groups]
-        std = [100 * row[g]["std"] if row[g] else 0 for g in groups]
+        mean = [100 * row[g]["mean"] if row[g] else np.nan for g in groups]
+        std = [100 * row[g]["std"] if row[g] else np.nan for g in groups]
         ax.bar(x, mean, width, yerr=std, capsize=2, label=row["label"], color=colours[i % len(colours)])
     ax.set_xticks(np.arange(len(groups)), groups)
     ax.set_ylabel("test accuracy / macro-F1 (%)")

@@ -170,6 +170,8 @@ def _img_s(loader, device: torch.device, passes: int) -> float:
     """Images/s over whole passes of `loader` after one warm-up pass; outputs land on `device`."""
     for _ in loader:
         pass
+    if device.type == "cuda":
+        torch.cuda.synchronize()  # sync point: the warm-up's last copies land before the clock starts
     n, t0 = 0, time.perf_counter()
     for _ in range(passes):
         for views, y, _ in loader:

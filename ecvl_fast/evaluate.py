@@ -10,6 +10,8 @@ import torch
 from ecvl_fast import dist as D
 from ecvl_fast.model import adapted_features, zero_shot_logits
 
+EMPTY = "–"  # how the tables show a metric of an empty shot group (null in the JSON files)
+
 
 def shot_metrics(preds: np.ndarray, labels: np.ndarray, meta: dict) -> dict:
     from sklearn.metrics import confusion_matrix, f1_score
@@ -79,6 +81,8 @@ def _plot(metrics: dict, meta: dict, path: Path, title: str) -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
     for group, color in (("many", "tab:blue"), ("medium", "tab:orange"), ("few", "tab:red")):
         ix = meta["groups"][group]
+        if not ix:  # an empty shot group: nothing to draw, no legend entry
+            continue
         ax.scatter(counts[ix], acc[ix], s=14, c=color, label=f"{group} ({len(ix)})")
     ax.set_xscale("log")
     ax.set_xlabel("train images in class (log)")
@@ -104,7 +108,7 @@ def print_table(metrics: dict, title: str, rows: dict[str, dict] | None = None) 
     for c in cols:
         t.add_column(c, justify="right")
     for label, m in rows.items():
-        cells = ["-" if m[c] is None else f"{100 * m[c]:.2f}" for c in cols]
+        cells = [EMPTY if m[c] is None else f"{100 * m[c]:.2f}" for c in cols]
         t.add_row(*([label] if any(rows) else []), *cells)
     Console().print(t)
 

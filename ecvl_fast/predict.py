@@ -59,6 +59,17 @@ def decode(path: Path, load_res: int) -> np.ndarray:
     return cv2.resize(square, (load_res, load_res), interpolation=cv2.INTER_AREA)
 
 
+_ON_DEVICE: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _normaliser(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """MEAN and STD on `device`, copied there once: a copy per batch from pageable memory would
+    sync with the host on every batch."""
+    if device not in _ON_DEVICE:
+        _ON_DEVICE[device] = (MEAN.to(device), STD.to(device))
+    return _ON_DEVICE[device]
+
+
 def to_input(batch, res: int, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
     """uint8 NHWC (numpy, or a tensor) -> normalised NCHW at `res` (antialiased linear resize, as
     the eval pipeline), channels_last; `dtype` (default bf16) on GPU. The uint8 batch moves to the
@@ -71,7 +82,8 @@ def to_input(batch, res: int, device: torch.device, dtype: torch.dtype | None = 
     if x.shape[-1] != res:
         x = torch.nn.functional.interpolate(x, size=(res, res), mode="bilinear", antialias=True, align_corners=False)
         x = x.round().clamp(0, 255)
-    x = ((x / 255 - MEAN.to(device)) / STD.to(device)).contiguous(memory_format=torch.channels_last)
+    mean, std = _normaliser(x.device)
+    x = ((x / 255 - mean) / std).contiguous(memory_format=torch.channels_last)
     return x.to(dtype or torch.bfloat16) if device.type == "cuda" else x
 
 

@@ -75,6 +75,7 @@ def build_run(cfg: Config, d: D.Dist, meta: dict, steps_per_epoch: int, stage: i
     net = ClipNet(clip).to(d.device)
     if d.device.type == "cuda":
         net = net.to(memory_format=torch.channels_last)
+        torch.backends.cudnn.benchmark = True  # training shapes are fixed (drop_last): tune once
     classes = meta["classes"]
     run = Run(cfg, d, meta, net, net, None, None, stage=stage, out=Path(out or Path(cfg.run.out) / ("stage2" if stage == 2 else "")),
               tokens=prompt_tokens(tokenizer, classes, "single")[0].to(d.device),

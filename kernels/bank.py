@@ -37,7 +37,7 @@ class MomentumBank:
             if value not in known:
                 raise EcvlError(f"unknown {what} {value!r}; choose one of {', '.join(known)}")
         self.beta, self.norm, self.scope, self.direction = float(beta), norm, scope, direction
-        self.device = torch.device(device)
+        self.device = canonical_device(device)
         z = dict(device=self.device)
         self.labels = torch.tensor(np.asarray(labels), dtype=torch.int64, device=self.device)
         self.num_classes = int(self.labels.max()) + 1 if len(self.labels) else 1
@@ -62,7 +62,7 @@ class MomentumBank:
         """Add per-sample losses (one per index; repeat an index for several views). No host sync:
         the indices must already be on the bank's device (the loader hands them over there), since
         copying them here from pageable host memory would block every step."""
-        if indices.device != self.device:
+        if canonical_device(indices.device) != self.device:
             raise EcvlError(f"sample indices on {indices.device}, the momentum bank on {self.device}: "
                             "move them with the batch (a copy here would sync every step)")
         idx = indices.detach().to(torch.int64).contiguous()
@@ -153,6 +153,15 @@ class MomentumBank:
         if id(t) not in self._views:
             self._views[id(t)] = self._k.view(t) if self.device.type == "cuda" else t.numpy()
         return self._views[id(t)]
+
+
+def canonical_device(device: str | torch.device) -> torch.device:
+    """A device with its index: torch.device("cuda") != torch.device("cuda", 0), while every tensor
+    reports the indexed form, so a bank built on "cuda" would refuse its own indices."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
 
 
 def frequency_magnitudes(labels, direction: str = "hard") -> np.ndarray:

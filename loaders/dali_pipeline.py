@@ -236,7 +236,8 @@ class AugmentedLoader:
         gpu = self.device.type == "cuda"
         if gpu and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
-        self.stream = torch.cuda.Stream(self.device) if gpu else None
+        # High priority: the next batch's augmentation is scheduled ahead of the step's queued kernels
+        self.stream = torch.cuda.Stream(self.device, priority=-1) if gpu else None
         self.dtype = dtype or (torch.bfloat16 if gpu else torch.float32)  # the step's compute dtype (on GPU)
         self.pipe = build_pipeline(spec, loader.batch_size, device_id=self.device.index if gpu else None,
                                    threads=threads, seed=seed)
@@ -302,12 +303,12 @@ class AugmentedLoader:
             x = images.to(self.device, non_blocking=True)
             y = _pinned(labels).to(self.device, non_blocking=True)
             i = _pinned(idx).to(self.device, non_blocking=True)
-            copied = torch.cuda.Event()
+            copied = torch.cuda.Event(blocking=True)  # its wait sleeps instead of spinning a core
             copied.record(self.stream)
             feed(self.pipe, self.spec, x, mi, draws)  # DALI copies `x` on this (current) stream
             views = list(_to_torch(self.pipe.run()[0], self.device, self.stream, self.dtype).chunk(self.spec.views))
             y, i = y.to(torch.int64), i.to(torch.int64)
-            ready = torch.cuda.Event()
+            ready = torch.cuda.Event(blocking=True)
             ready.record(self.stream)
         copied.synchronize()
         return views, y, i, ready

@@ -79,6 +79,17 @@ def _quiet_numba_finalizer() -> None:
     sys.unraisablehook, _QUIETED = hook, True
 
 
+def _no_ffcv_streams() -> None:
+    """ffcv's epoch thread enters `torch.cuda.stream(...)` without setting a device; leaving it
+    restores that thread's stream on cuda:0, which opens a CUDA context on GPU 0 in every rank
+    (~0.5 GB each). Its streams order nothing here: the pipeline has no device operation, and the
+    feeder finishes its copies out of a pinned slot before it takes the next batch
+    (`AugmentedLoader._gpu_batch`). ffcv pins its slots whatever this switch says."""
+    from ffcv.loader import epoch_iterator
+
+    epoch_iterator.IS_CUDA = False
+
+
 def make_loader(path: Path, order: str, batch_size: int, load_res: int, *, workers: int = 2,
                 seed: int = 0, num_classes: int | None = None, rank: int = 0, world: int = 1):
     """An ffcv Loader yielding (images uint8 [B,H,W,3], labels int64 [B], indices int64 [B])."""
@@ -92,6 +103,7 @@ def make_loader(path: Path, order: str, batch_size: int, load_res: int, *, worke
     if not path.is_file():
         raise EcvlError(f"{path}: no such .beton file")
     _quiet_numba_finalizer()
+    _no_ffcv_streams()
     labels = read_labels(path)
     k = num_classes or int(labels.max()) + 1
 

@@ -147,3 +147,78 @@ def test_every_preset_loads():
         cfg = load_config(p)
         if p.stem != "mnist-demo":
             assert (cfg.model.name, cfg.model.pretrained, cfg.stage2.epochs) == ("RN50", "openai", 300)
+
+
+def test_paired_differences_skip_an_empty_shot_group():
+    """CIFAR-10-LT at IF 100 has no class under 20 images: `few` is None in every run."""
+    per_seed = {row: {s: {"few": None, "macro_f1": 0.1 * s + off, "all": 0.2 * s + off} for s in (0, 1)}
+                for row, off in (("ballad", 0.0), ("ecvl", 0.05), ("freq-rare", 0.02))}
+    per_seed["freq-rare"][1]["macro_f1"] = None  # one seed's metric missing: no difference either
+    pairs = {(e["row"], e["against"]): e for e in paired(per_seed, [0, 1])}
+    e = pairs["ecvl", "ballad"]
+    assert e["few"] is None and e["skipped"] == ["few"]
+    assert e["macro_f1"]["per_seed"] == pytest.approx([0.05, 0.05]) and e["all"]["mean"] == pytest.approx(0.05)
+    assert pairs["ecvl", "freq-rare"]["skipped"] == ["few", "macro_f1"]
+    assert pairs["ecvl", "freq-rare"]["all"]["per_seed"] == pytest.approx([0.03, 0.03])
+
+
+def test_ablate_summary_without_few_or_many_classes(tmp_path, capsys):
+    """End to end at the smallest size, on MNIST-LT converted with thresholds that empty the many
+    and the few group (counts 500 ... 4): ablation.json, the table and the plot, with the paired
+    differences for the metrics that exist."""
+    from ecvl_fast.loaders.convert import ConvertOptions, convert
+
+    data = tmp_path / "mnist-medium-only"
+    convert(ConvertOptions("mnist-lt", data, workers=1, many_threshold=500, few_threshold=4))
+    groups = json.loads((data / "meta.json").read_text())["groups"]
+    assert groups["many"] == [] and groups["few"] == [] and len(groups["medium"]) == 10
+    cfg = tmp_path / "tiny.toml"
+    cfg.write_text(TINY.replace("epochs = 2", "epochs = 1"))
+    out = tmp_path / "abl"
+    assert main(["ablate", "--config", str(cfg), "--seeds", "0", "--rows", "ballad,momentum",
+                 "--set", f"data.path={data}", "--set", f"run.out={out}"]) == 0
+    printed = capsys.readouterr().out
+    result = json.loads((out / "ablation.json").read_text())
+    for row in result["rows"]:
+        assert row["many"] is None and row["few"] is None and row["head_tail_gap"] is None
+        assert row["medium"]["mean"] == pytest.approx(row["per_seed"][0]["medium"])
+    (e,) = result["paired"]
+    assert (e["row"], e["against"], e["few"], e["skipped"]) == ("momentum", "ballad", None, ["few"])
+    rows = {r["name"]: r["per_seed"][0] for r in result["rows"]}
+    assert e["all"]["per_seed"] == pytest.approx([rows["momentum"]["all"] - rows["ballad"]["all"]])
+    stage2 = json.loads((out / "seed0" / "momentum" / "metrics.json").read_text())
+    assert stage2["many"] is None and stage2["few"] is None
+    assert (out / "ablation.png").stat().st_size > 1000
+    momentum_line = next(line for line in printed.splitlines() if line.startswith("│ + momentum"))
+    assert momentum_line.count("–") == 3  # many, few, head-tail gap
+    assert "paired differences skipped for few" in printed
+
+
+def test_a_failed_summary_names_the_trained_rows(tmp_path, monkeypatch):
+    """The summary fails after every row trained: one line naming the rows' folders, and the next
+    run of the same command writes the summary from them without training again."""
+    from ecvl_fast import ablate
+    from ecvl_fast.config import save_config
+
+    def fake_training(cfg, stage=1, out=None, **k):  # a finished run: its config and metrics saved
+        folder = Path(out or cfg.run.out)
+        folder.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, folder / "config.toml")
+        metrics = {k: 0.5 for k in ablate.METRICS} | {"few": None, "head_tail_gap": None}
+        (folder / "metrics.json").write_text(json.dumps(metrics))
+        return metrics
+
+    toml = tmp_path / "tiny.toml"
+    toml.write_text(TINY)
+    cfg = load_config(toml, [f"run.out={tmp_path / 'abl'}"])
+    monkeypatch.setattr(training, "main", fake_training)
+    monkeypatch.setattr(ablate, "plot_rows", lambda *a: (_ for _ in ()).throw(OSError(28, "No space left on device")))
+    with pytest.raises(EcvlError) as e:
+        ablate.run_ablation(cfg, [0], rows=("ballad", "ecvl"))
+    assert "No space left on device" in str(e.value) and len(str(e.value).splitlines()) == 1
+    assert str(tmp_path / "abl" / "seed0" / "ballad") in str(e.value) and "run the same command" in str(e.value)
+    monkeypatch.undo()
+    monkeypatch.setattr(training, "main", lambda *a, **k: (_ for _ in ()).throw(AssertionError("retrained")))
+    result = ablate.run_ablation(cfg, [0], rows=("ballad", "ecvl"))
+    assert [r["name"] for r in result["rows"]] == ["stage1", "ballad", "ecvl"]
+    assert (tmp_path / "abl" / "ablation.json").is_file() and (tmp_path / "abl" / "ablation.png").is_file()

@@ -5,6 +5,7 @@ test_pipeline.py, which runs everywhere; the GPU ones carry the `gpu` marker and
 """
 import json
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -197,3 +198,70 @@ def test_stage2_epochs_fed_by_dali(device_name, tmp_path):
     assert abs(float(ms[1].mean()) - 0.5) < 0.05  # eq. 9 centres it
     records = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert any("m_by_group" in r for r in records) and all("time" in r for r in records)
+
+
+def memory_dataset(folder, monkeypatch, train: int = 160, test: int = 40):
+    """A dataset train.main opens like a converted one (meta.json), whose splits are read from
+    memory: `make_loader` hands out MemoryLoaders, with ffcv's pinned ring of slots, in place of
+    ffcv Loaders (the GPU check machine has no ffcv)."""
+    from ecvl_fast.loaders import ffcv_loader
+
+    splits = {"train": (fake_images(train, 5, 32), np.arange(train) % 10),
+              "test": (fake_images(test, 6, 32), np.arange(test) % 10)}
+    counts = np.bincount(splits["train"][1], minlength=10)
+    folder.mkdir(parents=True)
+    (folder / "meta.json").write_text(json.dumps({
+        "classes": CLASSES, "train_counts": counts.tolist(), "sha256": {},
+        "groups": {"many": [0, 1, 2], "medium": [3, 4, 5, 6], "few": [7, 8, 9]},
+        "images": {name: len(y) for name, (_, y) in splits.items()}}))
+    for name in splits:
+        (folder / f"{name}.beton").touch()  # eval_loader checks that the split is there
+    split = lambda path: splits[Path(path).stem]  # noqa: E731
+    monkeypatch.setattr(ffcv_loader, "read_labels", lambda path: split(path)[1])
+    monkeypatch.setattr(ffcv_loader, "make_loader", lambda path, order, batch_size, load_res, *, workers=2, seed=0,
+                        num_classes=None, rank=0, world=1: MemoryLoader(*split(path), order, batch_size, seed=seed,
+                                                                        rank=rank, world=world))
+    return folder
+
+
+@pytest.mark.parametrize("device_name", DEVICES_DALI)
+def test_train_main_stage2_evaluates_checkpoints_and_resumes(device_name, tmp_path, monkeypatch):
+    """The real `train.main`, stage 2 fed by DALI: stopped by SIGTERM after epoch 1 (a checkpoint,
+    exit status 75), then the same call resumes at epoch 2, evaluates through DALI and reports."""
+    import os
+    import signal
+
+    from ecvl_fast import lifecycle
+    from ecvl_fast import train as training
+    from ecvl_fast.config import DataCfg
+
+    data = memory_dataset(tmp_path / "data", monkeypatch)
+    cfg = Config(data=DataCfg(path=str(data), res=32, batch_size=32, workers=1),
+                 model=ModelCfg(name="ecvl-tiny-vit"), stage2=Stage2Cfg(init="none", lr=1e-2, epochs=2),
+                 run=RunCfg(device=device_name, out=str(tmp_path / "run"), log_every=2))
+    real = RunLog.epoch_end
+
+    def preempted_after_first_epoch(self, epoch, *a):
+        real(self, epoch, *a)
+        if epoch == 0:
+            os.kill(os.getpid(), signal.SIGTERM)  # as SLURM or torchrun would; caught at the epoch's end
+
+    monkeypatch.setattr(RunLog, "epoch_end", preempted_after_first_epoch)
+    with pytest.raises(lifecycle.Preempted) as stopped:
+        training.main(cfg, stage=2)
+    assert stopped.value.exit_code == lifecycle.EXIT_PREEMPTED
+    folder = tmp_path / "run" / "stage2"
+    first = torch.load(folder / "last.pt", weights_only=True)
+    assert first["epoch"] == 1 and first["momentum"]["seen"].sum() > 0
+    monkeypatch.setattr(RunLog, "epoch_end", real)
+    metrics = training.main(cfg, stage=2)
+    last = torch.load(folder / "last.pt", weights_only=True)
+    assert last["epoch"] == 2 and 0 <= metrics["all"] <= 1 and metrics["num_images"] == 40
+    assert json.loads((folder / "metrics.json").read_text())["all"] == metrics["all"]
+    for state in (first, last):
+        assert all(torch.isfinite(v).all() for v in state["adapter"].values())
+    assert any(not torch.equal(first["adapter"][k], v) for k, v in last["adapter"].items())  # it trained on
+    assert not torch.equal(first["momentum"]["m"], last["momentum"]["m"])  # M moved in the resumed epoch
+    records = [json.loads(line) for line in (folder / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records if r.get("event") == "resumed"] == [2]
+    assert all(np.isfinite(r["train_loss"]) for r in records if "train_loss" in r)

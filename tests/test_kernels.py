@@ -282,6 +282,18 @@ def test_nonfinite_loss_names_the_sample(bad):
     assert bank.seen.sum() == 0  # nothing half-updated
 
 
+def test_bank_device_is_indexed_so_its_own_indices_match(monkeypatch):
+    """A bank built on "cuda" must accept indices on cuda:0, which is how every tensor reports its
+    device (torch.device("cuda") != torch.device("cuda", 0)). Plain devices, no GPU needed."""
+    from ecvl_fast.kernels.bank import canonical_device
+
+    assert torch.device("cuda") != torch.device("cuda", 0)  # the rule that broke it
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    assert canonical_device("cuda") == torch.device("cuda", 1)
+    assert canonical_device(torch.device("cuda", 0)) == torch.device("cuda", 0)
+    assert canonical_device("cpu") == torch.device("cpu") == canonical_device(torch.device("cpu"))
+
+
 @pytest.mark.parametrize("jit", [True, False], ids=["jit", "nojit"])
 def test_balanced_pick_matches_numpy(jit):
     rng = np.random.default_rng(0)

@@ -136,6 +136,16 @@ def test_loader_end_to_end(mnist, order):
             assert counts.min() > 40  # the rarest class has 4 images but is drawn ~1/10 of the time
 
 
+def test_loader_turns_off_ffcv_streams(mnist, monkeypatch):
+    """ffcv's epoch thread would open a CUDA context on GPU 0 in every rank through its streams;
+    the loader switches that path off (its slots stay pinned)."""
+    from ffcv.loader import epoch_iterator
+
+    monkeypatch.setattr(epoch_iterator, "IS_CUDA", True)  # as on a GPU machine
+    make_loader(mnist / "test.beton", "sequential", 64, 32)
+    assert epoch_iterator.IS_CUDA is False
+
+
 def test_m_written_after_an_epoch_is_used_next_epoch(mnist):
     path = mnist / "train.beton"
     bank = Magnitudes(torch.zeros(len(read_labels(path))))
