@@ -7,8 +7,11 @@
 #    machine's set in .whl/ (made by .ci/gpu-prepare.sh), the differences listed;
 # 3. the install exactly as .ci/gpu-check.sh does it: DALI re-joined from its parts (DALI's wheel
 #    is py3-none, the very file the GPU machine gets), the wheels --no-deps --target, ecvl-fast -e;
-# 4. every step a CPU can run: .ci/smoke.py (imports, the memory-driven RandAugment pipeline with
-#    conditionals, predict, bench step) and tests/test_gpu.py, whose CPU twins run here.
+# 4. every step of the check, at a tiny size on the CPU: .ci/smoke.py (imports, the memory-driven
+#    RandAugment pipeline with conditionals, predict, bench step), the `gpu` tests (they skip here),
+#    every benchmark; then tests/test_gpu.py, whose CPU twins run here. It fails when a step fails,
+#    or when $OUT ends with more than the 8 files the GPU machine returns or one deeper than 2 folders;
+#    it prints each phase's seconds.
 # Exits non-zero when any step fails.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -39,9 +42,21 @@ rm -rf "$R/check" && mkdir -p "$R/check" && OUT=$R/check
 # gpu-check.sh with this venv's Python, the local wheels in place of .whl, on the CPU
 tmp=$(mktemp -d) && git ls-files -z -co --exclude-standard | xargs -0 -I{} cp --parents {} "$tmp/" \
   && mkdir -p "$tmp/.dali" && cp -r .dali/small "$tmp/.dali/" && cp -r "$R/whl-used" "$tmp/.whl"
-(cd "$tmp" && OUT=$OUT SITE=$R/site PY=$PY DEVICE=cpu BENCH=0 BUDGET=900 bash .ci/gpu-check.sh "$R/parts")
+(cd "$tmp" && OUT=$OUT SITE=$R/site PY=$PY DEVICE=cpu SIZE=tiny BUDGET=1200 bash .ci/gpu-check.sh "$R/parts")
 rc=0
-grep -q "smoke: exit 0" "$OUT/steps.log" || rc=1
+echo "== what comes back from \$OUT (at most 8 files, at most 2 folders down)"
+python3 .ci/results.py - --files "$OUT" || rc=1
+echo "== each phase: exit status and seconds (choose the check's order and limits from these)"
+python3 - "$OUT/results.json" <<'PY' || rc=1
+import json, sys
+steps = json.load(open(sys.argv[1]))["steps"]
+for s in steps:
+    print(f"  {s['name']:14s} {str(s['rc']):5s} {s['seconds']:4d} s")
+names = {s["name"] for s in steps}
+need = {"install", "smoke", "gpu-tests", "bench-train", "bench-step", "bench-infer", "bench-augment", "bench-kernels"}
+bad = [s["name"] for s in steps if s["rc"] != 0] + sorted(need - names)
+sys.exit(f"  failed or missing: {', '.join(bad)}" if bad else 0)
+PY
 # the CPU twins of the GPU tests, with the same install (gpu-check.sh selected only `-m gpu`)
 (cd "$tmp" && PYTHONPATH=$R/site timeout 600 $PY -m pytest -q -p no:cacheprovider -rs tests/test_gpu.py) || rc=1
 rm -rf "$tmp"

@@ -274,10 +274,11 @@ def print_ablation(result: dict) -> None:
 
 def plot_rows(result: dict, path: Path) -> None:
     """Bars per shot group (and all, macro-F1), one per row, with the std over seeds."""
-    import matplotlib
+    from ecvl_fast.evaluate import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
+    if plt is None:
+        return
 
     rows = result["rows"]
     groups = [g for g in ("many", "medium", "few", "all", "macro_f1") if any(row[g] for row in rows)]  # empty groups left out

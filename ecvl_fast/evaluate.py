@@ -13,11 +13,22 @@ from ecvl_fast.model import adapted_features, zero_shot_logits
 EMPTY = "–"  # how the tables show a metric of an empty shot group (null in the JSON files)
 
 
-def shot_metrics(preds: np.ndarray, labels: np.ndarray, meta: dict) -> dict:
-    from sklearn.metrics import confusion_matrix, f1_score
+def confusion(labels: np.ndarray, preds: np.ndarray, k: int) -> np.ndarray:
+    """[k, k] counts, rows the true class, columns the predicted one."""
+    return np.bincount(np.asarray(labels, np.int64) * k + np.asarray(preds, np.int64), minlength=k * k).reshape(k, k)
 
+
+def macro_f1(cm: np.ndarray) -> float:
+    """The mean over all k classes of F1 = 2TP / (2TP + FP + FN), 0 for a class never true nor
+    predicted (scikit-learn's f1_score(average="macro", zero_division=0))."""
+    tp = np.diag(cm).astype(np.float64)
+    denom = 2 * tp + (cm.sum(0) - tp) + (cm.sum(1) - tp)
+    return float(np.mean(np.where(denom > 0, 2 * tp / np.maximum(denom, 1), 0.0)))
+
+
+def shot_metrics(preds: np.ndarray, labels: np.ndarray, meta: dict) -> dict:
     k = len(meta["classes"])
-    cm = confusion_matrix(labels, preds, labels=np.arange(k))
+    cm = confusion(labels, preds, k)
     support = cm.sum(1)
     per_class = np.where(support > 0, np.diag(cm) / np.maximum(support, 1), np.nan)
     out = {"all": float((preds == labels).mean()) if len(labels) else float("nan")}
@@ -25,7 +36,7 @@ def shot_metrics(preds: np.ndarray, labels: np.ndarray, meta: dict) -> dict:
         accs = per_class[classes] if classes else np.array([])
         accs = accs[~np.isnan(accs)]
         out[group] = float(accs.mean()) if len(accs) else None
-    out["macro_f1"] = float(f1_score(labels, preds, labels=np.arange(k), average="macro", zero_division=0))
+    out["macro_f1"] = macro_f1(cm)
     out["head_tail_gap"] = out["many"] - out["few"] if out["many"] is not None and out["few"] is not None else None
     out["per_class"] = [None if np.isnan(a) else float(a) for a in per_class]
     out["num_images"] = int(len(labels))
@@ -62,6 +73,20 @@ def predict(net, loader, text_features: torch.Tensor, d: D.Dist, adapter=None, d
     return p[first], y[first]
 
 
+def pyplot():
+    """matplotlib's pyplot on the Agg backend; None, said in one line, where matplotlib is not
+    installed (a stripped environment): the metrics of a finished run never fail on a plot."""
+    try:
+        import matplotlib
+    except ImportError:
+        print("plots skipped: matplotlib is not installed (pip install matplotlib)")
+        return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 def write_report(metrics: dict, meta: dict, out_dir: Path, title: str) -> None:
     """metrics.json, per_class.png (accuracy against train count, log x) and a console table."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -71,10 +96,9 @@ def write_report(metrics: dict, meta: dict, out_dir: Path, title: str) -> None:
 
 
 def _plot(metrics: dict, meta: dict, path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
+    if plt is None:
+        return
 
     counts = np.asarray(meta["train_counts"])
     acc = np.asarray([np.nan if a is None else a for a in metrics["per_class"]])
@@ -131,10 +155,9 @@ def m_quantiles(bank, labels: np.ndarray, groups: dict[str, list[int]]) -> dict:
 
 def plot_m_by_group(log_path: Path, path: Path) -> None:
     """How M is distributed per shot group at the end of each stage-2 epoch (median, 25-75% band)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
+    if plt is None:
+        return
 
     rows = [json.loads(line) for line in Path(log_path).read_text().splitlines()]
     rows = [r for r in rows if "m_by_group" in r]

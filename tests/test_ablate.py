@@ -222,3 +222,20 @@ def test_a_failed_summary_names_the_trained_rows(tmp_path, monkeypatch):
     result = ablate.run_ablation(cfg, [0], rows=("ballad", "ecvl"))
     assert [r["name"] for r in result["rows"]] == ["stage1", "ballad", "ecvl"]
     assert (tmp_path / "abl" / "ablation.json").is_file() and (tmp_path / "abl" / "ablation.png").is_file()
+
+
+def test_reports_without_matplotlib_keep_the_metrics(tmp_path, monkeypatch, capsys):
+    """Where matplotlib is missing (the GPU check machine), a finished run's report still writes
+    metrics.json and says in one line that the plot was skipped."""
+    import sys
+
+    from ecvl_fast.evaluate import write_report
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    metrics = {"many": 0.5, "medium": None, "few": 0.25, "all": 0.4, "macro_f1": 0.3, "head_tail_gap": 0.25,
+               "per_class": [0.5, 0.25]}
+    write_report(metrics, {"train_counts": [200, 5], "groups": {"many": [0], "medium": [], "few": [1]}},
+                 tmp_path, "title")
+    assert json.loads((tmp_path / "metrics.json").read_text()) == metrics
+    assert not (tmp_path / "per_class.png").exists()
+    assert "plots skipped: matplotlib is not installed" in capsys.readouterr().out

@@ -82,6 +82,22 @@ def test_step_runs_on_gpu_in_bf16(loss):
         raw = run.net.clip.encode_image(images)  # the encoder's matmuls run in bf16
         img, _ = run.net(images)
     assert raw.dtype == torch.bfloat16 and img.dtype == torch.float32  # normalize autocasts to fp32
+    assert torch.backends.cudnn.benchmark  # fixed training shapes: cuDNN tunes once
+
+
+@pytest.mark.parametrize("device_name", DEVICES)
+def test_predict_normalises_with_one_copy_per_device(device_name):
+    """predict's preprocessing: CLIP's mean and std reach the device once, not once per batch (a
+    copy from pageable memory syncs with the host), and the batch is normalised as eval does."""
+    from ecvl_fast.predict import _normaliser, to_input
+
+    device = torch.device(device_name, 0) if device_name == "cuda" else torch.device("cpu")
+    assert all(a is b for a, b in zip(_normaliser(device), _normaliser(device)))
+    batch = fake_images(4, 2, 32)
+    x = to_input(batch, 32, device).float().cpu()
+    mean, std = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1), torch.tensor(CLIP_STD).view(1, 3, 1, 1)
+    expected = (torch.from_numpy(batch).permute(0, 3, 1, 2).float() - mean) / std
+    torch.testing.assert_close(x, expected, rtol=0.02, atol=0.02)
 
 
 def stage2_run(device_name: str, n: int = 64):

@@ -147,3 +147,19 @@ def test_losses_stay_fp32_under_bf16_autocast():
         torch.testing.assert_close(cast, plain, rtol=1e-6, atol=1e-6, msg=name)
         torch.testing.assert_close(grad_cast, grad_plain, rtol=1e-5, atol=1e-7, msg=name)
     assert (bf16_logits - 100.0 * img.detach() @ txt.T).abs().max() > 0.05  # the guard is needed
+
+
+def test_confusion_and_macro_f1_match_scikit_learn():
+    """Evaluation counts with numpy (the GPU check machine has no scikit-learn); parity with it,
+    including classes that are never true, never predicted, or neither."""
+    import numpy as np
+    from sklearn.metrics import confusion_matrix, f1_score
+
+    from ecvl_fast.evaluate import confusion, macro_f1
+
+    rng = np.random.default_rng(0)
+    labels, preds = rng.integers(0, 6, 200), rng.integers(0, 5, 200)  # class 5 never predicted
+    labels[labels == 4] = 3  # class 4 never true; 7 and 8 neither
+    cm = confusion(labels, preds, 9)
+    np.testing.assert_array_equal(cm, confusion_matrix(labels, preds, labels=np.arange(9)))
+    assert macro_f1(cm) == pytest.approx(f1_score(labels, preds, labels=np.arange(9), average="macro", zero_division=0))
