@@ -82,7 +82,7 @@ fi
 b() { local name=$1 limit=$2; shift 2; step "bench-$name" "$limit" $PY -m ecvl_fast.cli bench "$name" "$@" --json "$WORK/bench-$name.json"; }
 b train 110 "${M[@]}" --device "$DEV" "${TRAIN[@]}"
 b step 60 "${M[@]}" --device "$DEV" "${STEP[@]}"
-b infer 45 "${M[@]}" --device "$DEV" "${INFER[@]}"
+b infer 90 "${M[@]}" --device "$DEV" "${INFER[@]}"
 b augment 60 --device "$DEV" "${AUG[@]}"
 b kernels 30 "${KN[@]}"
 log "done"
