@@ -12,6 +12,7 @@ from typing import Optional
 import typer
 
 from ecvl_fast import EcvlError
+from ecvl_fast.loaders.convert import DEFAULT_MAX_RES
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Long-tailed CLIP classifiers (ECVL), fed by FFCV + DALI.")
@@ -33,6 +34,12 @@ def one_line_errors(fn):
             raise typer.Exit(code)
         except FileNotFoundError as e:
             typer.echo(f"error: {e.filename}: no such file", err=True)
+            raise typer.Exit(2)
+        except OSError as e:  # a full disk, a read-only folder, a permission
+            from ecvl_fast.files import disk_reason
+
+            where = f"{e.filename}: " if e.filename else ""
+            typer.echo(f"error: {where}{disk_reason(e, Path(e.filename or '.').parent)}", err=True)
             raise typer.Exit(2)
     return wrapper
 
@@ -72,7 +79,7 @@ def convert(
     seed: int = typer.Option(0),
     val_per_class: int = typer.Option(0, help="tiny-imagenet-lt: a val split of this many spare train images per class"),
     format: str = typer.Option("raw", help="raw | jpg"),
-    max_res: Optional[int] = typer.Option(None, help="longest side kept, in pixels"),
+    max_res: int = typer.Option(DEFAULT_MAX_RES, help="longest side kept, in pixels (larger images are shrunk; 0 keeps every size)"),
     jpeg_quality: int = typer.Option(90),
     workers: int = typer.Option(2),
     overwrite: bool = typer.Option(False),

@@ -24,8 +24,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ecvl_fast import EcvlError
+from ecvl_fast import EcvlError, first_line
 from ecvl_fast.config import Config, load_config
+from ecvl_fast.files import atomic_write
 
 PAPER_MEMORY = {"m_source": "dcvl", "m_scope": "sample", "m_direction": "hard"}
 
@@ -141,15 +142,12 @@ def _ablation(cfg: Config, seeds: list[int], log, main: bool, rows: tuple[str, .
     try:
         result = summarise(per_seed, cfg, seeds)
         if main:  # under torchrun every rank has the metrics; rank 0 writes
-            tmp = out / ".ablation.json.tmp"
-            tmp.write_text(json.dumps(result, indent=1))
-            tmp.replace(out / "ablation.json")
+            atomic_write(out / "ablation.json", lambda tmp: tmp.write_text(json.dumps(result, indent=1)))
             plot_rows(result, out / "ablation.png")
             print_ablation(result)
     except Exception as e:  # every row is trained and saved: never lose them to the summary
         folders = sorted({str(out / f"seed{s}" / r) for r in rows for s in per_seed.get(r, {})})
-        first = (str(e).strip().splitlines() or [""])[0]
-        raise EcvlError(f"writing the ablation summary failed ({type(e).__name__}: {first}); the trained rows are "
+        raise EcvlError(f"writing the ablation summary failed ({first_line(e)}); the trained rows are "
                         f"kept in {', '.join(folders)}: run the same command again to summarise them") from None
     return result
 
@@ -312,15 +310,10 @@ def parse_seeds(text: str) -> list[int]:
 def export_weights(ckpt: Path, out: Path) -> None:
     """The CLIP weights of an ecvl-fast checkpoint as a file `model.pretrained` can name (open_clip's
     {"state_dict": ...} form), written to a temp file and renamed."""
-    import os
-
     import torch
 
     from ecvl_fast import checkpoint as ckpt_io
 
     state = ckpt_io.load(ckpt)
     clip = {k.removeprefix("clip."): v for k, v in state["model"].items()}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    torch.save({"state_dict": clip, "model_name": state["model_name"]}, tmp)
-    os.replace(tmp, out)
+    atomic_write(out, lambda tmp: torch.save({"state_dict": clip, "model_name": state["model_name"]}, tmp))

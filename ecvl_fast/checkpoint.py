@@ -1,21 +1,18 @@
 """Checkpoints: written to a temp file and renamed, read back with `weights_only=True`."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
 
-from ecvl_fast import EcvlError, __version__
+from ecvl_fast import EcvlError, __version__, first_line
+from ecvl_fast.files import atomic_write
 
 REQUIRED = ("ecvl_fast_version", "model", "model_name", "num_classes", "epoch", "config")
 
 
 def save(path: Path, payload: dict) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save({**payload, "ecvl_fast_version": __version__}, tmp)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: torch.save({**payload, "ecvl_fast_version": __version__}, tmp))
 
 
 def load(path: Path, *, model_name: str | None = None, num_classes: int | None = None) -> dict:
@@ -23,14 +20,36 @@ def load(path: Path, *, model_name: str | None = None, num_classes: int | None =
     path = Path(path)
     if not path.is_file():
         raise EcvlError(f"{path}: no such checkpoint")
+    if path.stat().st_size == 0:
+        raise EcvlError(f"{path}: an empty file (0 bytes; a write cut short, e.g. by a power loss){elsewhere(path)}")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise EcvlError(f"{path}: not a readable ecvl-fast checkpoint ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+        raise EcvlError(f"{path}: not a readable ecvl-fast checkpoint, truncated or foreign "
+                        f"({first_line(e)}){elsewhere(path)}") from None
     if not isinstance(ckpt, dict) or any(k not in ckpt for k in REQUIRED):
-        raise EcvlError(f"{path}: not an ecvl-fast checkpoint (missing {[k for k in REQUIRED if k not in ckpt]})"
-                        if isinstance(ckpt, dict) else f"{path}: not an ecvl-fast checkpoint")
+        raise EcvlError((f"{path}: not an ecvl-fast checkpoint (missing {[k for k in REQUIRED if k not in ckpt]})"
+                         if isinstance(ckpt, dict) else f"{path}: not an ecvl-fast checkpoint") + elsewhere(path))
+    bad = nonfinite(ckpt)
+    if bad:
+        raise EcvlError(f"{path}: holds non-finite weights ({bad}); a run that diverged{elsewhere(path)}")
     return check(ckpt, path, model_name=model_name, num_classes=num_classes)
+
+
+def nonfinite(ckpt: dict) -> str | None:
+    """The first weight tensor (model or adapter) holding NaN or inf, by name, else None."""
+    for part in ("model", "adapter"):
+        for name, t in (ckpt.get(part) or {}).items():
+            if isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                return f"{part}.{name}"
+    return None
+
+
+def elsewhere(path: Path) -> str:
+    """What else a user can turn to: the other checkpoints beside this one, and starting over."""
+    others = [p for p in (path.with_name("best.pt"), path.with_name("last.pt")) if p != path and p.is_file()]
+    there = f"; {' and '.join(str(p) for p in others)} beside it may be intact" if others else ""
+    return f"{there}; `train --restart` starts the run over, keeping this one aside"
 
 
 def check(ckpt: dict, path: Path, *, model_name: str | None = None, num_classes: int | None = None) -> dict:

@@ -124,6 +124,13 @@ CHOICES = {
 }
 
 
+# Lower bounds per setting: below them a run would train nothing, or fail after the work began.
+AT_LEAST = {("data", "batch_size"): 1, ("data", "res"): 1, ("stage1", "epochs"): 1, ("stage2", "epochs"): 1,
+            ("stage1", "accum_steps"): 1, ("stage2", "accum_steps"): 1, ("aug", "lol_levels"): 1,
+            ("run", "log_every"): 1}
+POSITIVE = {("stage1", "lr"), ("stage2", "lr")}
+
+
 def _coerce(where: str, typ, value):
     """Check a TOML value, or parse a `--set` string, against the field's type."""
     if isinstance(value, str) and typ is not str:
@@ -155,9 +162,12 @@ def _merge(cfg: Config, section: str, key: str, value, where: str) -> Config:
     if key not in hints:
         raise EcvlError(f"{where}: unknown key {section}.{key} (known: {', '.join(hints)})")
     value = _coerce(where, hints[key], value)
-    if key in ("accum_steps", "lol_levels") and value < 1:
-        raise EcvlError(f"{where}: {section}.{key} must be at least 1, not {value}")
-    if key == "lol_accept" and not 0 <= value < 1:
+    low = AT_LEAST.get((section, key))
+    if low is not None and value < low:  # settings under which a run would train nothing
+        raise EcvlError(f"{where}: {section}.{key} must be at least {low}, not {value}")
+    if (section, key) in POSITIVE and not value > 0:  # also NaN
+        raise EcvlError(f"{where}: {section}.{key} must be greater than 0, not {value}")
+    if (section, key) == ("aug", "lol_accept") and not 0 <= value < 1:
         raise EcvlError(f"{where}: {section}.{key} is an accuracy in [0, 1), not {value}")
     allowed = CHOICES.get((section, key))
     if allowed and value not in allowed:

@@ -40,6 +40,7 @@ def shot_metrics(preds: np.ndarray, labels: np.ndarray, meta: dict) -> dict:
     out["head_tail_gap"] = out["many"] - out["few"] if out["many"] is not None and out["few"] is not None else None
     out["per_class"] = [None if np.isnan(a) else float(a) for a in per_class]
     out["num_images"] = int(len(labels))
+    out["predicted_classes"] = int(np.count_nonzero(cm.sum(0)))  # how many classes any prediction names
     return out
 
 

@@ -12,7 +12,6 @@ uses for all three kinds of file.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ecvl_fast import EcvlError
+from ecvl_fast.files import atomic_write
 from ecvl_fast.model import Adapter, adapted_features
 
 FORMAT = "ecvl-fast-classifier/1"
@@ -54,13 +54,6 @@ class Predictor:
     kind: str
 
 
-def _atomic_write(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    write(tmp)
-    os.replace(tmp, path)
-
-
 def export(ckpt: Path, out: Path, fmt: str = "pt") -> dict:
     """Write the slim classifier of a stage 1 or stage 2 checkpoint; returns what was written."""
     from ecvl_fast.data import load_res
@@ -77,7 +70,7 @@ def export(ckpt: Path, out: Path, fmt: str = "pt") -> dict:
     if fmt == "pt":
         payload = {**meta, "visual": net.clip.visual.state_dict(), "logit_scale": net.logit_scale.detach().clone(),
                    "adapter": None if adapter is None else adapter.state_dict(), "text_features": text.cpu()}
-        _atomic_write(out, lambda tmp: torch.save(payload, tmp))
+        atomic_write(out, lambda tmp: torch.save(payload, tmp))
     else:
         _export_onnx(Classifier(net.clip.visual, text, net.logit_scale.detach(), adapter).eval(), meta, out)
     return {"out": str(out), "bytes": out.stat().st_size, "checkpoint_bytes": Path(ckpt).stat().st_size, **meta}
@@ -112,7 +105,7 @@ def _export_onnx(model: Classifier, meta: dict, out: Path) -> None:
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the legacy exporter's deprecation and tracer notes
-        _atomic_write(out, write)
+        atomic_write(out, write)
 
 
 def load_predictor(path: Path, device: torch.device) -> Predictor:
@@ -124,9 +117,11 @@ def load_predictor(path: Path, device: torch.device) -> Predictor:
         return _onnx_predictor(path)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise EcvlError(f"{path}: not a checkpoint or exported classifier ({type(e).__name__}: "
-                        f"{str(e).splitlines()[0]})") from None
+    except Exception:  # empty, truncated or foreign: the checkpoint reader says which, and what else is there
+        from ecvl_fast import checkpoint as ckpt_io
+
+        ckpt_io.load(path)
+        raise
     if isinstance(state, dict) and state.get("format") == FORMAT:
         return _exported_predictor(state, device)
     return _checkpoint_predictor(path, device)

@@ -14,6 +14,7 @@
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import secrets
@@ -29,17 +30,26 @@ import torch
 from ecvl_fast import EcvlError
 from ecvl_fast import checkpoint as ckpt_io
 from ecvl_fast import dist as D
+from ecvl_fast.files import remove_stale_temps
 
+LOCK = ".lock"  # the run folder's writer (RunLock)
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped on a signal with a checkpoint; run the same command again
 
 # Settings that change how a run executes, not what it computes: a resumed run may change them.
 OPERATIONAL = {"data": {"workers", "dali_threads", "prefetch"}, "dist": {"backend"},
-               "run": {"device", "log_every", "checkpoint_every", "stop_grace_s", "tensorboard"}}
+               "run": {"out", "device", "log_every", "checkpoint_every", "stop_grace_s", "tensorboard"}}  # out: a folder may move
+
+
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, the shell's convention for Ctrl-C
 
 
 class Preempted(EcvlError):
-    """Stopped on a signal after writing a resumable checkpoint (exit status EXIT_PREEMPTED)."""
-    exit_code = EXIT_PREEMPTED
+    """Stopped on a signal after writing a resumable checkpoint (exit status EXIT_PREEMPTED, or
+    EXIT_INTERRUPTED after Ctrl-C)."""
+
+    def __init__(self, message: str, exit_code: int = EXIT_PREEMPTED):
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 @dataclass
@@ -67,7 +77,8 @@ def config_diff(old: dict, new: dict) -> list[str]:
 
 def set_aside(folder: Path) -> Path | None:
     """`--restart`: move what a previous run left in `folder` into `folder/previous-<time>/`."""
-    old = [p for p in folder.iterdir() if not p.name.startswith("previous-")] if folder.is_dir() else []
+    old = [p for p in folder.iterdir() if not p.name.startswith("previous-") and p.name != LOCK] \
+        if folder.is_dir() else []
     if not old:
         return None
     dest = folder / time.strftime("previous-%Y%m%d-%H%M%S")
@@ -84,6 +95,8 @@ def start(folder: Path, cfg, epochs: int, d: D.Dist, restart: bool, log) -> tupl
         if moved is not None:
             print(f"--restart: the previous run in {folder} was moved to {moved}")
     D.barrier()
+    if d.main:  # under the folder's lock: a temp file here is a killed writer's
+        remove_stale_temps(folder)
     last = folder / "last.pt"
     if not last.is_file():
         return Position(), None
@@ -133,10 +146,91 @@ def check_shared_folder(folder: Path, d: D.Dist) -> None:
                         f"must be on a filesystem every node shares{where}")
 
 
-class StopSignal:
-    """SIGTERM / SIGUSR1 set a flag (handlers only in the main thread, restored on exit)."""
+class RunLock:
+    """One writer per run folder: `.lock` holds the writer's pid, host and start, created
+    exclusively and touched every HEARTBEAT_S while the run lives; removed on any exit. A second
+    command into a held folder is refused at once. A lock whose holder is gone (its pid no longer
+    runs on this host, or no heartbeat for STALE_S from another node of a shared filesystem) is
+    taken over with one line. `active` is False on every rank but the main one."""
 
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+    HEARTBEAT_S, STALE_S = 30.0, 120.0
+
+    def __init__(self, folder: Path, active: bool = True):
+        self.path, self.active = Path(folder) / LOCK, active
+        self._stop = threading.Event()
+        self.me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+    def __enter__(self):
+        if not self.active:
+            return self
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        while True:
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                self._take_over_or_refuse()
+                continue
+            with os.fdopen(fd, "w") as f:
+                f.write(json.dumps(self.me))
+            break
+        threading.Thread(target=self._heartbeat, daemon=True, name="ecvl-lock-heartbeat").start()
+        return self
+
+    def __exit__(self, *exc):
+        if not self.active:
+            return
+        self._stop.set()
+        if self._holder() == self.me:
+            self.path.unlink(missing_ok=True)
+
+    def _holder(self) -> dict | None:
+        try:
+            return json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return None
+
+    def _take_over_or_refuse(self) -> None:
+        holder = self._holder()
+        try:
+            age = time.time() - self.path.stat().st_mtime
+        except FileNotFoundError:
+            return  # released meanwhile: try again
+        if holder is None:
+            why = "an unreadable lock file" if age > 5 else None  # a writer may be filling it now
+        elif holder.get("host") == self.me["host"]:
+            why = None if _alive(holder.get("pid")) else f"pid {holder.get('pid')} no longer runs"
+        else:
+            why = f"no heartbeat for {age:.0f} s" if age > self.STALE_S else None
+        if why is None:
+            who = f"pid {holder['pid']} on {holder['host']} since {holder['since']}" if holder else "another command"
+            raise EcvlError(f"{self.path.parent} is in use by {who}: one run writes to a folder at a time; "
+                            "wait for it, stop it, or choose another run.out")
+        print(f"{self.path.parent}: taking over a stale lock ({why})")
+        self.path.unlink(missing_ok=True)
+
+    def _heartbeat(self) -> None:
+        while not self._stop.wait(self.HEARTBEAT_S):
+            try:
+                os.utime(self.path)
+            except OSError:
+                pass
+
+
+def _alive(pid) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except (ProcessLookupError, TypeError, ValueError):
+        return False
+    except PermissionError:  # runs, as another user
+        return True
+    return True
+
+
+class StopSignal:
+    """SIGTERM / SIGUSR1 / SIGINT set a flag (handlers only in the main thread, restored on exit).
+    A second Ctrl-C does not wait for the checkpoint."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
     def __init__(self, grace_s: float):
         self.grace_s, self.signum, self._old = grace_s, None, {}
@@ -154,6 +248,8 @@ class StopSignal:
             signal.signal(s, handler)
 
     def _handle(self, signum, frame):
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
         if self.signum is None:
             self.signum = signum
             threading.Thread(target=self._watchdog, daemon=True, name="ecvl-stop-watchdog").start()
@@ -169,6 +265,10 @@ class StopSignal:
         flag = torch.tensor([0 if self.signum is None else 1], device=d.device)
         D.all_reduce_max(flag)
         return bool(int(flag))
+
+    @property
+    def exit_code(self) -> int:
+        return EXIT_INTERRUPTED if self.signum == signal.SIGINT else EXIT_PREEMPTED
 
     @property
     def name(self) -> str:

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ecvl_fast import EcvlError
+from ecvl_fast import EcvlError, first_line
 from ecvl_fast.config import ModelCfg
 
 CONFIG_DIR = Path(__file__).parent / "model_configs"
@@ -43,7 +43,7 @@ def build_clip(cfg: ModelCfg, load_weights: bool = True):
     try:
         model = oc.create_model(cfg.name, pretrained=pretrained)
     except Exception as e:  # hub unreachable, unknown tag, incompatible file
-        raise EcvlError(f"could not load {cfg.name} weights {pretrained!r}: {str(e).splitlines()[0]}") from None
+        raise EcvlError(f"could not load {cfg.name} weights {pretrained!r}: {first_line(e)}") from None
     return model, oc.get_tokenizer(cfg.name)
 
 

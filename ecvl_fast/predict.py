@@ -14,9 +14,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ecvl_fast import EcvlError
+from ecvl_fast import EcvlError, first_line
 from ecvl_fast import checkpoint as ckpt_io
 from ecvl_fast.config import Config, from_dict
+from ecvl_fast.files import atomic_write
 
 MEAN = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)  # open_clip OPENAI_DATASET_MEAN
 STD = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)
@@ -115,7 +116,7 @@ def run_predict(ckpt: Path, images: list[Path], folder: Path | None = None, top_
         try:
             pending.append((path, decode(path, model.load_res)))
         except Exception as e:  # an unreadable or corrupt image
-            reason = f"{type(e).__name__}: {e}".splitlines()[0]
+            reason = first_line(e)
             if strict:
                 raise EcvlError(f"{path}: unreadable image ({reason})") from None
             print(f"skipped {path}: unreadable image ({reason})", file=sys.stderr)
@@ -130,10 +131,12 @@ def run_predict(ckpt: Path, images: list[Path], folder: Path | None = None, top_
 def write_csv(preds: list[Prediction], path: Path) -> None:
     """One row per image: path, then class and probability for each rank; temp file, then rename."""
     k = max((len(p.classes) for p in preds), default=0)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["path"] + [c for r in range(1, k + 1) for c in (f"class{r}", f"prob{r}")])
-        for p in preds:
-            w.writerow([p.path] + [v for c, pr in zip(p.classes, p.probs) for v in (c, f"{pr:.6f}")])
-    tmp.replace(path)
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["path"] + [c for r in range(1, k + 1) for c in (f"class{r}", f"prob{r}")])
+            for p in preds:
+                w.writerow([p.path] + [v for c, pr in zip(p.classes, p.probs) for v in (c, f"{pr:.6f}")])
+
+    atomic_write(path, write)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import math
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +30,7 @@ from ecvl_fast import dist as D
 from ecvl_fast import lifecycle, losses, precision
 from ecvl_fast.config import Config, save_config
 from ecvl_fast.data import eval_loader, open_dataset, train_loader
+from ecvl_fast.files import atomic_write
 from ecvl_fast.evaluate import m_quantiles, plot_m_by_group, predict, shot_metrics, write_report
 from ecvl_fast.kernels.bank import MomentumBank, StaticMagnitudes, frequency_magnitudes
 from ecvl_fast.logs import RunLog
@@ -77,7 +79,7 @@ def build_run(cfg: Config, d: D.Dist, meta: dict, steps_per_epoch: int, stage: i
         net = net.to(memory_format=torch.channels_last)
         torch.backends.cudnn.benchmark = True  # training shapes are fixed (drop_last): tune once
     classes = meta["classes"]
-    run = Run(cfg, d, meta, net, net, None, None, stage=stage, out=Path(out or Path(cfg.run.out) / ("stage2" if stage == 2 else "")),
+    run = Run(cfg, d, meta, net, net, None, None, stage=stage, out=run_folder(cfg, stage, out),
               tokens=prompt_tokens(tokenizer, classes, "single")[0].to(d.device),
               eval_tokens=prompt_tokens(tokenizer, classes, cfg.model.templates).to(d.device))
     if stage == 2:
@@ -232,7 +234,8 @@ def train_epoch(run: Run, loader, epoch: int, log, stop: lifecycle.StopSignal | 
     d, every, cadence = run.d, run.cfg.run.log_every, run.cfg.run.checkpoint_every
     here = pos is not None and pos.epoch == epoch
     first, carry = (pos.step, pos.carry or {}) if here else (0, {})
-    total = torch.full((), carry.get("total", 0.0) if d.main else 0.0, device=d.device)
+    # the stopped part's loss, per rank as this world size counts it (the world may have changed)
+    total = torch.full((), carry.get("loss_sum", 0.0) * d.world_size if d.main else 0.0, device=d.device)
     first_bad = torch.full((), -1, dtype=torch.int64, device=d.device)
     fp16, streak = run.amp == torch.float16, torch.zeros((), dtype=torch.int64, device=d.device)
     t0, n, timed, steps = time.perf_counter(), carry.get("images", 0), 0, len(loader)
@@ -257,8 +260,10 @@ def train_epoch(run: Run, loader, epoch: int, log, stop: lifecycle.StopSignal | 
             if not last and stop is not None and stop.agreed(d):  # sync point: a signal reached some rank
                 _save_mid_epoch(run, epoch, step + 1, total, n)
                 raise lifecycle.Preempted(f"stopped by {stop.name} at epoch {epoch + 1}, step {step + 1}; "
-                                          f"checkpoint {run.out / 'last.pt'} written: run the same command to resume")
+                                          f"checkpoint {run.out / 'last.pt'} written: run the same command to resume",
+                                          stop.exit_code)
         if cadence and not last and (gstep + 1) % cadence == 0:
+            _check_finite(first_bad, run)  # sync point: never save what followed a non-finite loss
             _save_mid_epoch(run, epoch, step + 1, total, n)
     if run.bank is not None:
         run.bank.end_epoch(D.all_reduce_sum)  # eqs. 8-9 in place: next epoch's M; a sync point
@@ -271,7 +276,8 @@ def train_epoch(run: Run, loader, epoch: int, log, stop: lifecycle.StopSignal | 
 def _save_mid_epoch(run: Run, epoch: int, step: int, total: torch.Tensor, images: int) -> None:
     """A checkpoint that resumes at `step` of `epoch`: this epoch's running sums over every rank
     (the loss total, the bank's per-sample sums) go with it. Every rank calls it (collectives)."""
-    carry = {"total": float(D.all_reduce_sum(total.detach().clone())), "images": images}
+    # loss_sum: the sum over the steps so far of the loss averaged over ranks, whatever the world size
+    carry = {"loss_sum": float(D.all_reduce_sum(total.detach().clone())) / run.d.world_size, "images": images}
     partial = run.bank.partial_state(D.all_reduce_sum) if run.bank is not None else None
     save_checkpoint(run, lifecycle.Position(epoch, step, run.best, carry), partial=partial)
 
@@ -281,9 +287,22 @@ def _check_finite(first_bad: torch.Tensor, run: Run) -> None:
     if run.d.enabled:
         torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
     if int(bad) >= 0:
-        last = run.out / "last.pt"
-        kept = f"last good checkpoint {last} left intact" if last.exists() else "no checkpoint written yet"
-        raise EcvlError(f"non-finite loss at step {int(bad) + 1}; training stopped ({kept})")
+        raise EcvlError(f"non-finite loss at step {int(bad) + 1}; training stopped ({_last_good(run)})")
+
+
+def _last_good(run: Run) -> str:
+    last = run.out / "last.pt"
+    lr = f"stage{run.stage}.lr"
+    return (f"the last finite checkpoint {last} is left intact; " if last.exists() else "no checkpoint written yet; ") + \
+        f"lower {lr} and pass --restart to start over"
+
+
+def _finite_weights(run: Run) -> bool:
+    """Every trained weight is finite (one sync point per checkpoint). Weights are the same on
+    every rank, so every rank reaches the same answer."""
+    module = run.adapter if run.stage == 2 else run.net
+    flags = [torch.isfinite(t).all() for t in module.state_dict().values() if t.is_floating_point()]
+    return bool(torch.stack(flags).all()) if flags else True
 
 
 def evaluate_split(run: Run, loader) -> dict:
@@ -293,7 +312,10 @@ def evaluate_split(run: Run, loader) -> dict:
 
 
 def save_checkpoint(run: Run, pos: lifecycle.Position, is_best: bool = False, partial: dict | None = None) -> None:
-    """last.pt (temp file, then rename), resuming at `pos`; best.pt a copy of it at epoch ends."""
+    """last.pt (temp file, then rename), resuming at `pos`; best.pt a copy of it at epoch ends.
+    A state with non-finite weights is never saved."""
+    if not _finite_weights(run):
+        raise EcvlError(f"non-finite weights at epoch {pos.epoch + (pos.step == 0)}, not saved ({_last_good(run)})")
     if not run.d.main:
         return
     payload = {"model": run.net.state_dict(), "optimizer": run.opt.state_dict(),
@@ -306,9 +328,7 @@ def save_checkpoint(run: Run, pos: lifecycle.Position, is_best: bool = False, pa
         payload |= {"adapter": run.adapter.state_dict(), "momentum": {**run.bank.state_dict(), **(partial or {})}}
     ckpt_io.save(run.out / "last.pt", payload)
     if is_best:
-        tmp = run.out / ".best.pt.tmp"
-        shutil.copyfile(run.out / "last.pt", tmp)
-        tmp.replace(run.out / "best.pt")
+        atomic_write(run.out / "best.pt", lambda tmp: shutil.copyfile(run.out / "last.pt", tmp))
 
 
 def restore(run: Run, c: dict) -> None:
@@ -330,14 +350,21 @@ def main(cfg: Config, stage: int = 1, out: Path | None = None, restart: bool = F
     """One stage end to end; returns the final test metrics (also in the run folder's metrics.json).
     Stage 2 writes under `out`, by default run.out/stage2/. A folder with a checkpoint continues
     where it stopped (lifecycle.py); `restart` starts over, keeping the old run aside."""
-    with D.session(cfg.run.device, cfg.dist.backend) as d, lifecycle.StopSignal(cfg.run.stop_grace_s) as stop:
-        return _train(cfg, d, stage, out, restart, stop)
+    folder = run_folder(cfg, stage, out)
+    with D.session(cfg.run.device, cfg.dist.backend) as d, lifecycle.StopSignal(cfg.run.stop_grace_s) as stop, \
+            lifecycle.RunLock(folder, d.main):
+        return _train(cfg, d, stage, folder, restart, stop)
 
 
-def _train(cfg: Config, d: D.Dist, stage: int, out: Path | None, restart: bool, stop) -> dict:
+def run_folder(cfg: Config, stage: int, out: Path | None = None) -> Path:
+    """Where a stage writes: `out`, else run.out (stage 1) or run.out/stage2/."""
+    return Path(out or Path(cfg.run.out) / ("stage2" if stage == 2 else ""))
+
+
+def _train(cfg: Config, d: D.Dist, stage: int, folder: Path, restart: bool, stop) -> dict:
     meta = open_dataset(cfg.data.path)
+    check_trainable(cfg, meta)
     sc = cfg.stage1 if stage == 1 else cfg.stage2
-    folder = Path(out or Path(cfg.run.out) / ("stage2" if stage == 2 else ""))
     lifecycle.check_shared_folder(folder, d)
     log = RunLog(folder, d.main, sc.epochs, stage, cfg.run.tensorboard)
     pos, ckpt = lifecycle.start(folder, cfg, sc.epochs, d, restart, log)
@@ -367,14 +394,35 @@ def _train(cfg: Config, d: D.Dist, stage: int, out: Path | None, restart: bool, 
         run.best = max(run.best, score)
         if epoch + 1 < sc.epochs and stop.agreed(d):  # sync point, once per epoch
             raise lifecycle.Preempted(f"stopped by {stop.name} after epoch {epoch + 1}; checkpoint "
-                                      f"{run.out / 'last.pt'} written: run the same command to resume")
+                                      f"{run.out / 'last.pt'} written: run the same command to resume", stop.exit_code)
     metrics = evaluate_split(run, eval_loader(cfg, d, cfg.data.eval_split))
     if d.main:
+        warn_if_collapsed(metrics, len(meta["classes"]), cfg.data.eval_split)
         write_report(metrics, meta, run.out, f"{cfg.model.name} stage {stage}, {cfg.data.eval_split} split")
         if run.bank is not None:
             plot_m_by_group(run.out / "log.jsonl", run.out / "m_by_group.png")
     log.close()
     return metrics
+
+
+def warn_if_collapsed(metrics: dict, k: int, split: str) -> None:
+    """A model whose predictions fall on one or two classes learned nothing useful (a learning rate
+    far too high, too few epochs, random weights): say so rather than report its accuracy quietly."""
+    used = metrics["predicted_classes"]
+    if used <= 2 < k:
+        print(f"warning: every {split} prediction falls on {used} of {k} classes: the model has collapsed "
+              "(a learning rate far too high, too few epochs, or an encoder trained from random weights)",
+              file=sys.stderr)
+
+
+def check_trainable(cfg: Config, meta: dict) -> None:
+    """Refuse, before any work, data on which a run would train nothing."""
+    n, k = meta["images"]["train"], len(meta["classes"])
+    if k < 2:
+        raise EcvlError(f"{cfg.data.path}: {k} class; a classifier needs at least two")
+    if n < cfg.data.batch_size:  # every epoch drops its last, partial batch: no step at all
+        raise EcvlError(f"{cfg.data.path}: {n} train images, fewer than one batch (data.batch_size = "
+                        f"{cfg.data.batch_size}): nothing would train; lower data.batch_size")
 
 
 def _magnitudes(cfg: Config, bank: MomentumBank):

@@ -18,11 +18,17 @@ from pathlib import Path
 
 import numpy as np
 
-from ecvl_fast import EcvlError, __version__
+from ecvl_fast import EcvlError, __version__, first_line
 from ecvl_fast.loaders import sources
 
 DATASETS = ("mnist-lt", "cifar10-lt", "cifar100-lt", "tiny-imagenet-lt", "imagenet-lt", "places-lt", "list", "folder")
 MIN_PAGE = 1 << 21  # ffcv's minimum page size
+
+
+# The longest side `convert` keeps by default. Every record of a .beton is sized for its largest
+# image, so one 8000 x 8000 photo made a 200-image set 1 GB and asked 61 GB of the loader; 512
+# keeps twice a 224-px model's decode size (256).
+DEFAULT_MAX_RES = 512
 
 
 @dataclass(frozen=True)
@@ -40,7 +46,7 @@ class ConvertOptions:
     seed: int = 0
     val_per_class: int = 0
     format: str = "raw"
-    max_res: int | None = None
+    max_res: int = DEFAULT_MAX_RES  # 0: keep every image at its own size
     jpeg_quality: int = 90
     workers: int = 2
     overwrite: bool = False
@@ -88,16 +94,19 @@ def _probe(path: str) -> tuple[str, int, int] | tuple[str, str]:
             im.load()
             return ("ok", im.width, im.height)
     except Exception as e:
-        return ("bad", f"{type(e).__name__}: {e}".splitlines()[0])
+        return ("bad", first_line(e))
 
 
-def check_images(split: sources.Split, workers: int, skip_bad: bool, name: str):
-    """Decode every file once, so a corrupt image is named before ffcv's workers see it.
+def check_images(split: sources.Split, workers: int, skip_bad: bool, name: str, max_res: int = 0):
+    """Decode every file once, so a corrupt image (or one too large to decode, PIL's decompression
+    bomb limit) is named before ffcv's workers see it.
 
-    Returns the (possibly filtered) split, the largest side seen, and the skipped paths.
+    Returns the (possibly filtered) split, the largest side seen, the skipped paths, and how many
+    images are larger than `max_res` on their longest side (shrunk when written).
     """
     if split.paths is None:
-        return split, max(split.images.shape[1:3]), []
+        side = max(split.images.shape[1:3])
+        return split, side, [], len(split) if max_res and side > max_res else 0
     with mp.get_context("fork").Pool(max(1, workers)) as pool:
         results = pool.map(_probe, split.paths, chunksize=64)
     bad = [(p, r[1]) for p, r in zip(split.paths, results) if r[0] == "bad"]
@@ -105,8 +114,9 @@ def check_images(split: sources.Split, workers: int, skip_bad: bool, name: str):
         raise EcvlError(f"{bad[0][0]}: corrupt or unreadable image in {name} ({bad[0][1]}); "
                         f"pass --skip-bad to skip it")
     good = np.asarray([r[0] == "ok" for r in results])
-    largest = max((max(r[1], r[2]) for r in results if r[0] == "ok"), default=0)
-    return split.subset(np.flatnonzero(good)), largest, [p for p, _ in bad]
+    sides = [max(r[1], r[2]) for r in results if r[0] == "ok"]
+    over = sum(s > max_res for s in sides) if max_res else 0
+    return split.subset(np.flatnonzero(good)), max(sides, default=0), [p for p, _ in bad], over
 
 
 class _Rows:
@@ -205,8 +215,11 @@ def convert(o: ConvertOptions) -> dict:
 def _write_all(src: sources.Source, tmp: Path, o: ConvertOptions) -> dict:
     skipped, images, seconds, largest_side = {}, {}, {}, 0
     for name in list(src.splits):
-        split, largest, bad = check_images(src.splits[name], o.workers, o.skip_bad, name)
+        split, largest, bad, over = check_images(src.splits[name], o.workers, o.skip_bad, name, o.max_res)
         src.splits[name], skipped[name] = split, bad
+        if over:
+            print(f"{name}: {over} images larger than {o.max_res} px on their longest side are shrunk to it "
+                  f"(--max-res sets the side; 0 keeps every image's own size)")
         largest_side = max(largest_side, largest)
         if name == "train":
             counts = _check_source(src)

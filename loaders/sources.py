@@ -137,11 +137,23 @@ def read_cifar_pickles(root: Path, num_classes: int) -> tuple[list[str], Split, 
     return [c.replace("_", " ") for c in classes], train, test
 
 
+def _no_loop(folder: Path, root: Path) -> None:
+    """A class folder that is a link back into the tree would make a class of copies of the others
+    (or loop forever)."""
+    if not folder.is_symlink():
+        return
+    target, tree = folder.resolve(), root.resolve()
+    if target == tree or target.is_relative_to(tree) or tree.is_relative_to(target):
+        raise EcvlError(f"{folder}: a class folder that links back into the image tree ({target}); remove the link")
+
+
 def read_image_tree(root: Path, classes: list[str] | None = None) -> tuple[list[str], Split]:
     """`root/<class>/*` in sorted class order (torchvision ImageFolder's convention)."""
     if not root.is_dir():
         raise EcvlError(f"{root}: no such image folder")
     found = sorted(p.name for p in root.iterdir() if p.is_dir())
+    for name in found:
+        _no_loop(root / name, root)
     classes = classes if classes is not None else found
     if found != classes:
         raise EcvlError(f"{root}: class folders {found[:5]}... differ from the train split's")

@@ -169,21 +169,27 @@ def test_tensorboard_gets_loss_lr_throughput_val_groups_and_m(tmp_path, mnist):
 
 
 def test_sigusr1_and_sigterm_set_the_stop_flag_and_are_restored():
-    """SLURM's --signal sends SIGUSR1, torchrun and the time limit SIGTERM: both are a stop request."""
+    """SLURM's --signal sends SIGUSR1, torchrun and the time limit SIGTERM, a user Ctrl-C (SIGINT):
+    each is a stop request; Ctrl-C's exit status is 130."""
     import os
 
     from ecvl_fast import dist as D
     from ecvl_fast.lifecycle import StopSignal
 
     d = D.Dist(0, 0, 1, torch.device("cpu"))
-    before = signal.getsignal(signal.SIGUSR1)
-    for sig in (signal.SIGUSR1, signal.SIGTERM):
+    before = signal.getsignal(signal.SIGUSR1), signal.getsignal(signal.SIGINT)
+    for sig, code in ((signal.SIGUSR1, 75), (signal.SIGTERM, 75), (signal.SIGINT, 130)):
         with StopSignal(grace_s=60) as stop:
             assert not stop.agreed(d)
             os.kill(os.getpid(), sig)
             time.sleep(0.05)
-            assert stop.agreed(d) and stop.name == sig.name
-    assert signal.getsignal(signal.SIGUSR1) is before
+            assert stop.agreed(d) and stop.name == sig.name and stop.exit_code == code
+    with pytest.raises(KeyboardInterrupt), StopSignal(grace_s=60):  # a second Ctrl-C does not wait
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.05)
+    assert (signal.getsignal(signal.SIGUSR1), signal.getsignal(signal.SIGINT)) == before
 
 
 def test_the_stop_watchdog_leaves_only_when_the_run_cannot():

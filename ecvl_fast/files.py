@@ -1,0 +1,72 @@
+"""Writing files so that nothing is lost: a temp file of this writer's own, flushed to disk, then
+renamed over the target, then the folder flushed (a power loss leaves the old file or the new one,
+never a torn or empty one). Errors from the disk become one line."""
+from __future__ import annotations
+
+import errno
+import os
+from pathlib import Path
+from typing import Callable
+
+from ecvl_fast import EcvlError, first_line
+
+TMP_SUFFIX = ".tmp"
+
+DISK_ERRORS = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
+               errno.EROFS: "read-only file system", errno.EACCES: "permission denied",
+               errno.EPERM: "permission denied"}
+
+
+def temp_path(path: Path) -> Path:
+    """A temp name no other writer uses (the pid), hidden beside the target."""
+    return path.with_name(f".{path.name}.{os.getpid()}{TMP_SUFFIX}")
+
+
+def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
+    """`write(tmp)` writes the content; then fsync, rename over `path`, fsync the folder."""
+    path = Path(path)
+    tmp = temp_path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write(tmp)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
+    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
+        tmp.unlink(missing_ok=True)
+        raise EcvlError(f"{path}: could not write it ({disk_reason(e, path.parent)}); "
+                        f"{'the previous file is intact' if path.exists() else 'nothing was written'}") from None
+
+
+def disk_reason(e: BaseException, folder: Path) -> str:
+    code = getattr(e, "errno", None)
+    if code in DISK_ERRORS:
+        return DISK_ERRORS[code]
+    try:
+        import shutil
+
+        if shutil.disk_usage(folder).free < 1 << 20:
+            return DISK_ERRORS[errno.ENOSPC]
+    except OSError:
+        pass
+    return first_line(e)
+
+
+def fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def remove_stale_temps(folder: Path) -> list[Path]:
+    """Temp files a killed writer left (call while holding the folder's lock)."""
+    stale = [p for p in Path(folder).glob(f".*{TMP_SUFFIX}") if p.is_file()] if Path(folder).is_dir() else []
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale

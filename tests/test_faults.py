@@ -1,0 +1,219 @@
+"""Faults a user meets, black-box through the CLI: a run that diverges never saves a non-finite
+state, one writer per run folder, broken checkpoints in one line, huge images, runs that would
+train nothing, a full disk, Ctrl-C, a moved run folder, a model that collapsed."""
+import errno
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import TINY, write_tree
+from ecvl_fast import EcvlError
+from ecvl_fast.cli import main
+from ecvl_fast.files import atomic_write
+from ecvl_fast.lifecycle import EXIT_INTERRUPTED, RunLock
+
+
+def tiny(tmp_path, mnist, name, *sets, epochs=1):
+    path = tmp_path / f"{name}.toml"
+    path.write_text(TINY.format(epochs=epochs, loss="prompt-ce"))
+    return ["train", "--config", str(path), "--set", f"data.path={mnist}",
+            "--set", f"run.out={tmp_path / name}"] + sum((["--set", s] for s in sets), [])
+
+
+def one_line_error(args, capsys, code=2):
+    assert main(args) == code
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:"), err
+    return err[0]
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory, mnist):
+    """One finished stage-1 run (1 epoch): its folder and the command that made it."""
+    tmp = tmp_path_factory.mktemp("finished")
+    args = tiny(tmp, mnist, "run")
+    assert main(args) == 0
+    return tmp / "run", args
+
+
+def test_settings_and_data_that_would_train_nothing_are_refused_before_any_work(tmp_path, mnist, capsys):
+    for setting, says in (("stage1.epochs=0", "stage1.epochs must be at least 1"),
+                          ("stage1.epochs=-3", "stage1.epochs must be at least 1"),
+                          ("stage1.lr=-1e-3", "stage1.lr must be greater than 0"),
+                          ("stage2.lr=nan", "stage2.lr must be greater than 0"),
+                          ("data.batch_size=0", "data.batch_size must be at least 1"),
+                          ("data.batch_size=5000", "988 train images, fewer than one batch")):
+        assert says in one_line_error(tiny(tmp_path, mnist, "none", setting), capsys), setting
+    assert not (tmp_path / "none" / "last.pt").exists()
+    # one class: nothing to tell apart
+    root = tmp_path / "one"
+    write_tree(root / "train", [6]), write_tree(root / "test", [2], seed=3)
+    assert main(["convert", "folder", "--source", str(root), "--out", str(tmp_path / "one-data")]) == 0
+    capsys.readouterr()
+    assert "1 class; a classifier needs at least two" in one_line_error(
+        tiny(tmp_path, tmp_path / "one-data", "one-run"), capsys)
+
+
+def test_a_class_folder_linking_back_into_the_tree_is_refused(tmp_path, capsys):
+    root = tmp_path / "imgs"
+    write_tree(root / "train", [4, 3]), write_tree(root / "test", [2, 2], seed=3)
+    (root / "train" / "zz").symlink_to(root / "train")
+    err = one_line_error(["convert", "folder", "--source", str(root), "--out", str(tmp_path / "d")], capsys)
+    assert "zz: a class folder that links back into the image tree" in err
+    assert not (tmp_path / "d").exists()
+
+
+def test_a_diverging_run_never_saves_a_nonfinite_state(tmp_path, mnist, capsys):
+    """lr = 1e30 with a checkpoint every step: the run stops in one line, and every file it left
+    holds finite weights (the finite check ran every `log_every` steps while saves ran every step)."""
+    err = one_line_error(tiny(tmp_path, mnist, "nan", "stage1.lr=1e30", "run.checkpoint_every=1"), capsys)
+    assert "non-finite" in err and "--restart" in err
+    saved = list((tmp_path / "nan").glob("*.pt"))
+    for path in saved:
+        state = torch.load(path, weights_only=True)["model"]
+        assert all(torch.isfinite(t).all() for t in state.values() if t.is_floating_point()), path
+    assert not list((tmp_path / "nan").glob(".*.tmp"))
+
+
+def test_predict_and_export_refuse_nonfinite_weights(tmp_path, finished, capsys):
+    folder, _ = finished
+    state = torch.load(folder / "last.pt", weights_only=True)
+    name = next(k for k, v in state["model"].items() if v.is_floating_point())
+    state["model"][name][0] = float("nan")
+    bad = tmp_path / "diverged.pt"
+    torch.save(state, bad)
+    image = tmp_path / "x.png"
+    Image.fromarray(np.zeros((28, 28, 3), np.uint8)).save(image)
+    for args in (["predict", "--ckpt", str(bad), str(image)], ["export", "--ckpt", str(bad), "--out", str(tmp_path / "e.pt")]):
+        err = one_line_error(args, capsys)
+        assert f"non-finite weights (model.{name})" in err, err
+    assert not (tmp_path / "e.pt").exists()
+
+
+@pytest.mark.parametrize("damage", ["empty", "truncated"])
+def test_broken_checkpoints_are_one_line_naming_what_else_is_there(tmp_path, finished, capsys, damage):
+    src, args = finished
+    folder = tmp_path / "run"
+    shutil.copytree(src, folder)
+    last = folder / "last.pt"
+    data = last.read_bytes()
+    last.write_bytes(b"" if damage == "empty" else data[: len(data) // 2])
+    (folder / "metrics.json").unlink()  # an unfinished run: train must read last.pt to resume
+    moved = [f"run.out={folder}" if a == f"run.out={src}" else a for a in args]
+    for cmd in (moved, ["predict", "--ckpt", str(last), str(tmp_path)]):
+        err = one_line_error(cmd, capsys)
+        assert ("an empty file" if damage == "empty" else "truncated or foreign") in err
+        assert str(folder / "best.pt") in err and "--restart" in err
+
+
+def test_a_moved_run_folder_is_still_the_same_run(tmp_path, finished, capsys):
+    src, args = finished
+    shutil.copytree(src, tmp_path / "moved")
+    assert main([f"run.out={tmp_path / 'moved'}" if a == f"run.out={src}" else a for a in args]) == 0
+    assert "finished already" in capsys.readouterr().out
+
+
+def test_one_writer_per_run_folder(tmp_path, mnist, capsys):
+    """A second command into a folder a live run holds is refused at once, naming the holder; a
+    lock left by a dead process, or by another node that stopped beating, is taken over."""
+    args = tiny(tmp_path, mnist, "run", epochs=50)
+    first = subprocess.Popen([sys.executable, "-m", "ecvl_fast.cli", *args], stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True)
+    lock = tmp_path / "run" / ".lock"
+    try:
+        deadline = time.time() + 120
+        while not lock.exists() and first.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        assert lock.exists(), first.stderr.read() if first.poll() is not None else "no lock"
+        err = one_line_error(args, capsys)
+        assert f"in use by pid {first.pid} on {socket.gethostname()}" in err
+    finally:
+        first.kill()
+        first.wait()
+    # the holder was killed: its lock is stale, taken over in one line
+    with RunLock(tmp_path / "run"):
+        assert json.loads(lock.read_text())["pid"] == os.getpid()
+        with pytest.raises(EcvlError, match=f"in use by pid {os.getpid()}"):
+            RunLock(tmp_path / "run").__enter__()
+    assert not lock.exists()  # released on exit
+    assert "taking over a stale lock (pid" in capsys.readouterr().out
+    # another node: fresh heartbeat -> refused; none for longer than STALE_S -> taken over
+    lock.write_text(json.dumps({"pid": 1, "host": "elsewhere", "since": "then"}))
+    with pytest.raises(EcvlError, match="in use by pid 1 on elsewhere"):
+        RunLock(tmp_path / "run").__enter__()
+    old = time.time() - RunLock.STALE_S - 10
+    os.utime(lock, (old, old))
+    with RunLock(tmp_path / "run"):
+        pass
+    assert "no heartbeat for" in capsys.readouterr().out
+
+
+def test_sigint_checkpoints_and_exits_130(tmp_path, mnist):
+    from test_lifecycle import signal_mid_epoch
+
+    args = tiny(tmp_path, mnist, "run", epochs=2)[1:]
+    code, _, err = signal_mid_epoch(args, tmp_path / "run", 1, signal.SIGINT)
+    assert code == EXIT_INTERRUPTED, err[-2000:]
+    assert "stopped by SIGINT" in err and "run the same command to resume" in err
+    assert torch.load(tmp_path / "run" / "last.pt", weights_only=True)["position"]["step"] > 0
+    assert not (tmp_path / "run" / ".lock").exists()
+
+
+def test_a_huge_image_is_shrunk_when_converted(tmp_path, capsys):
+    root = tmp_path / "imgs"
+    write_tree(root / "train", [3, 3]), write_tree(root / "test", [1, 1], seed=3)
+    Image.new("RGB", (8000, 8000), (200, 30, 30)).save(root / "train" / "c00" / "huge.png")
+    assert main(["convert", "folder", "--source", str(root), "--out", str(tmp_path / "d")]) == 0
+    meta = json.loads((tmp_path / "d" / "meta.json").read_text())
+    assert meta["max_side"] == 512 and (tmp_path / "d" / "train.beton").stat().st_size < 20 * 2 ** 20
+    assert "1 images larger than 512 px on their longest side are shrunk" in capsys.readouterr().out
+
+
+def test_a_full_disk_is_one_line_and_loses_nothing(tmp_path):
+    target = tmp_path / "last.pt"
+    target.write_bytes(b"the previous checkpoint")
+
+    def full(tmp):
+        tmp.write_bytes(b"half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(EcvlError, match=r"no space left on the device\); the previous file is intact"):
+        atomic_write(target, full)
+    assert target.read_bytes() == b"the previous checkpoint" and not list(tmp_path.glob(".*.tmp"))
+
+
+def test_a_full_disk_for_real(tmp_path, mnist, capsys):
+    """On a 1 MB tmpfs (where the test may mount one): training stops in one line, saying so."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        path = tmp_path / "t.toml"
+        path.write_text(TINY.format(epochs=1, loss="prompt-ce"))
+        err = one_line_error(["train", "--config", str(path), "--set", f"data.path={mnist}",
+                              "--set", f"run.out={mnt / 'run'}"], capsys)
+        assert "no space left" in err
+        assert not list((mnt / "run").glob(".*.tmp"))
+    finally:
+        subprocess.run(["umount", str(mnt)])
+
+
+def test_collapsed_predictions_are_warned_about(capsys):
+    from ecvl_fast.train import warn_if_collapsed
+
+    warn_if_collapsed({"predicted_classes": 1}, 10, "test")
+    assert "falls on 1 of 10 classes: the model has collapsed" in capsys.readouterr().err
+    warn_if_collapsed({"predicted_classes": 7}, 10, "test")
+    warn_if_collapsed({"predicted_classes": 2}, 2, "test")
+    assert capsys.readouterr().err == ""
