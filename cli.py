@@ -190,7 +190,7 @@ def ablate(
     overrides: Optional[list[str]] = typer.Option(None, "--set", help="section.key=value (repeatable)"),
     pretrained: Optional[str] = typer.Option(None, help="shortcut for --set model.pretrained=TAG|PATH|none"),
     rows: str = typer.Option("ballad,momentum,ecvl", help="stage-2 rows, comma-separated: the paper's, ecvl+, the "
-                             "ECVL+ variants and their no-memory controls (README, \"ECVL+\"); an unknown name "
+                             "ECVL+ variants and their no-memory controls (docs/study-ecvl-plus.md); an unknown name "
                              "lists them all"),
 ):
     """Zero-shot, stage 1, then the stage-2 rows (BALLAD, + momentum, ECVL by default) over seeds on

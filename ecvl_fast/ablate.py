@@ -10,7 +10,7 @@ default rows are the paper's:
 
 `--rows` picks others by name: the ECVL+ variants (`ecvl-class`, `ecvl-ce`, ...), each named by
 what it changes in the memory, and the no-memory controls (`freq-rare`, `freq-common`), where M
-comes from class size alone (README, "ECVL+").
+comes from class size alone (docs/study-ecvl-plus.md).
 
 Zero-shot (eq. 6) comes first when `model.pretrained` gives weights; it has no randomness, so it
 is evaluated once. A row whose metrics.json exists beside the same config.toml is reused, so an
@@ -53,7 +53,7 @@ STAGE2_ROWS = {
 
 
 def _no_dcvl(sections: dict) -> dict:
-    """A row's settings with BALLAD's loss (no L_DCVL term; the README's study found that term
+    """A row's settings with BALLAD's loss (no L_DCVL term; the study in docs/study-tiny-imagenet.md found that term
     costs the tail): BALLAD + RandAugment driven by the same M."""
     return {"stage2": {**sections["stage2"], "dcvl_weight": 0.0}, "aug": sections["aug"]}
 
@@ -65,10 +65,10 @@ def _without_dcvl(row: str) -> tuple:
 
 for _row in ("ecvl-ce-class", "ecvl-ce-class-easy", "freq-rare", "freq-common"):
     STAGE2_ROWS["ballad+" + _row.removeprefix("ecvl-")] = _without_dcvl(_row)
-# Ahn et al.'s level-of-learning rule (README, "ECVL+"): per class, rising while the class is learned
+# Ahn et al.'s level-of-learning rule (docs/study-ecvl-plus.md): per class, rising while the class is learned
 STAGE2_ROWS["ballad+lol"] = (_no_dcvl(_memory(m_source="lol", m_scope="class", m_direction="easy")),
                              "BALLAD + RA, M per class by level of learning", "ballad+freq-common")
-# The best variant measured (README, "ECVL+"; chosen on the val split by the rule fixed before the
+# The best variant measured (docs/study-ecvl-plus.md; chosen on the val split by the rule fixed before the
 # runs: the highest mean few-shot accuracy, over all three rounds), under its own name. It does not
 # beat its control there.
 STAGE2_ROWS["ecvl+"] = (STAGE2_ROWS["ballad+lol"][0],
@@ -267,7 +267,7 @@ def print_ablation(result: dict) -> None:
                   f"({EMPTY} in the tables, null in ablation.json)")
     print("BALLAD: adapter on class-balanced batches, prompt CE only; + momentum: adds L_DCVL (eq. 11), the bank "
           "updated, M unused; ECVL: adds the memory-driven RandAugment (eq. 10). Same stage-1 encoders, sampler, "
-          "views and steps in every row; the others change only where M comes from (README, \"ECVL+\").")
+          "views and steps in every row; the others change only where M comes from (docs/study-ecvl-plus.md).")
 
 
 def plot_rows(result: dict, path: Path) -> None:

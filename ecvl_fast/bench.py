@@ -18,7 +18,7 @@ class LoaderBench:
     res: int = 32
     batch: int = 256
     workers: int = 2
-    dali_threads: int = 4  # DALI's pool; 2 per core hides its per-operator waits (README: what limits)
+    dali_threads: int = 4  # DALI's pool; 2 per core hides its per-operator waits (docs/benchmarks.md: what limits)
     views: int = 2
     k: int = 2
     min_images: int = 4096

@@ -39,7 +39,7 @@ class AugCfg:
     k: int = 2  # RandAugment ops per sample (eq. 10)
     beta: float = 0.97  # momentum of the per-sample loss EMA (eq. 8; BCL)
     m_norm: str = "bcl"  # eq. 9: "bcl" (z / max|z| / 2 + 1/2) or "rank" (the EMA's percentile rank)
-    # ECVL+ (README, "ECVL+"); the defaults are the paper's memory
+    # ECVL+ (docs/study-ecvl-plus.md); the defaults are the paper's memory
     m_source: str = "dcvl"  # the per-sample loss the EMA tracks: "dcvl" (eq. 8), "ce" (prompt CE),
     #                         "frequency": no memory, M from the class's size alone (the control), or
     #                         "lol": Ahn et al.'s level of learning per class (needs m_scope "class",

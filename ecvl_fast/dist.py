@@ -38,7 +38,7 @@ SRUN_FORM = ("srun --ntasks-per-node=1 torchrun --nnodes=$SLURM_NNODES --nproc-p
 
 def check_launcher(env=os.environ) -> None:
     """Several SLURM tasks without torchrun's variables would each train as rank 0 of a world of 1,
-    all writing the same folder: refuse, showing the form that works (README, "On a cluster")."""
+    all writing the same folder: refuse, showing the form that works (docs/cluster.md)."""
     tasks = int(env.get("SLURM_NTASKS", "1") or 1)
     if tasks > 1 and not {"WORLD_SIZE", "RANK", "LOCAL_RANK"} & set(env):
         raise EcvlError(f"SLURM_NTASKS={tasks} but no torchrun variables: each task would train alone as rank 0. "

@@ -97,7 +97,7 @@ class MomentumBank:
     def _rank(self) -> None:
         """M = the percentile rank of the sample's EMA among the seen samples, so M spreads evenly
         over [0, 1]. BCL's z / max|z| lets a few outliers squeeze most samples into a narrow band
-        around 0.5 (README, "Evidence"). Never-seen samples: their class's mean M, as in eq. 9's
+        around 0.5 (docs/study-tiny-imagenet.md). Never-seen samples: their class's mean M, as in eq. 9's
         kernels. Once per epoch; boolean indexing syncs with the host on GPU."""
         seen = self.seen.bool()
         n = int(seen.sum())

@@ -142,7 +142,7 @@ def build_pipeline(spec: AugSpec, batch_size: int, *, device_id: int | None = No
     """One graph; the views of a batch travel through it side by side as one batch of views * B.
 
     Folding views into the batch halves the number of operator launches per image, which is what
-    bounds DALI at small resolutions (see README, "What limits the loader").
+    bounds DALI at small resolutions (see docs/benchmarks.md, "What limits the loader ratio").
     """
     try:
         from nvidia.dali import fn, pipeline_def, types
