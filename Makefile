@@ -39,7 +39,7 @@ $(STAMP): pyproject.toml constraints.txt | $(PY)
 
 demo: setup
 	@[ -f $(DEMO_DATA)/meta.json ] || .venv/bin/ecvl-fast convert mnist-lt --out $(DEMO_DATA)
-	.venv/bin/ecvl-fast demo --data $(DEMO_DATA) --run $(DEMO_RUN)
+	.venv/bin/ecvl-fast demo --data $(DEMO_DATA) --out $(DEMO_RUN)
 
 # Two workers, a test module each at a time (module fixtures are built once): on two cores the
 # suite takes 7 min instead of 10, as much of it waits on subprocesses, imports and the loader.

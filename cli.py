@@ -18,9 +18,40 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Long-tailed CLIP classifiers (ECVL), fed by FFCV + DALI.")
 
 
+def _version(value: bool) -> None:
+    if value:
+        from ecvl_fast import __version__
+
+        typer.echo(f"ecvl-fast {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
-def _root() -> None:
+def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="print the version and exit")) -> None:
     """Long-tailed CLIP classifiers (ECVL), fed by FFCV + DALI."""
+
+
+# Short flags for the settings people change most; each stands for its --set key(s).
+_CONFIG = typer.Option(None, "--config", help="a TOML file, or a packaged preset by name (starter, mnist-demo, "
+                                              "cifar100-lt, imagenet-lt, places-lt)")
+_SET = typer.Option(None, "--set", help="section.key=value (repeatable); wins over the short flags")
+_MODEL = typer.Option(None, "--model", help="= --set model.name (an open_clip model, e.g. ViT-B-16, RN50)")
+_EPOCHS = typer.Option(None, "--epochs", help="= --set stageN.epochs, for each stage the command runs")
+_LR = typer.Option(None, "--lr", help="= --set stageN.lr, for each stage the command runs")
+_BATCH = typer.Option(None, "--batch-size", help="= --set data.batch_size (global, over all GPUs)")
+_PRECISION_SET = typer.Option(None, "--precision", help="= --set run.precision (auto, bf16, fp16, fp32)")
+_OUT = typer.Option(None, "--out", help="= --set run.out: the run folder (default: runs/<dataset>-<model>)")
+_DRY = typer.Option(False, "--dry-run", help="print the resolved config, the data, the runs it would start, "
+                                            "resume or reuse, and the images it would process; train nothing")
+
+
+def _aliases(stages, model=None, epochs=None, lr=None, batch_size=None, precision=None, out=None) -> list[str]:
+    sets = [f"model.name={model}"] * (model is not None) + [f"data.batch_size={batch_size}"] * (batch_size is not None)
+    sets += [f"run.precision={precision}"] * (precision is not None) + [f"run.out={out}"] * (out is not None)
+    for s in stages:
+        sets += [f"stage{s}.epochs={epochs}"] * (epochs is not None) + [f"stage{s}.lr={lr}"] * (lr is not None)
+    return sets
 
 
 def one_line_errors(fn):
@@ -95,31 +126,45 @@ def convert(
     print_convert_summary(meta, out)
 
 
-def _config(config: Optional[Path], overrides: Optional[list[str]], pretrained: Optional[str] = None):
-    """--config, then --set overrides, then the --pretrained shortcut."""
+def _config(config: Optional[str], overrides: Optional[list[str]], pretrained: Optional[str] = None,
+            aliases: list[str] = ()):
+    """--config (a file or a preset's name), then the short flags, then --set, then --pretrained."""
     from ecvl_fast.config import load_config
+    from ecvl_fast.presets import resolve
 
-    return load_config(config, (overrides or []) + ([f"model.pretrained={pretrained}"] if pretrained else []))
+    return load_config(resolve(config), list(aliases) + (overrides or []) +
+                       ([f"model.pretrained={pretrained}"] if pretrained else []))
 
 
 @app.command()
 @one_line_errors
 def train(
-    config: Optional[Path] = typer.Option(None, "--config", help="TOML file"),
-    overrides: Optional[list[str]] = typer.Option(None, "--set", help="section.key=value (repeatable)"),
+    config: Optional[str] = _CONFIG,
+    overrides: Optional[list[str]] = _SET,
     pretrained: Optional[str] = typer.Option(None, help="shortcut for --set model.pretrained=TAG|PATH|none"),
-    stage: int = typer.Option(1, help="1: fine-tune both encoders; 2: adapter + L_DCVL + memory-driven RandAugment"),
+    stage: Optional[int] = typer.Option(None, help="1: fine-tune both encoders; 2: adapter + L_DCVL + memory-driven "
+                                                   "RandAugment; default: stage 1, then stage 2 from its best.pt"),
     restart: bool = typer.Option(False, help="start over; the run already in the folder is moved to previous-<time>/"),
+    model: Optional[str] = _MODEL, epochs: Optional[int] = _EPOCHS, lr: Optional[float] = _LR,
+    batch_size: Optional[int] = _BATCH, precision: Optional[str] = _PRECISION_SET, out: Optional[str] = _OUT,
+    dry_run: bool = _DRY,
 ):
-    """Train (one process, or one per GPU under torchrun). Re-running the same command continues
-    the run in its folder from the last checkpoint (mid-epoch after a preemption); exit status 75
-    means stopped on SIGTERM/SIGUSR1 with a checkpoint written."""
+    """Train (one process, or one per GPU under torchrun): stage 1 into the run folder, stage 2 into
+    its stage2/. Re-running the same command continues from the last checkpoint (mid-epoch after a
+    preemption); exit status 75 means stopped on SIGTERM/SIGUSR1, 130 on Ctrl-C, with a checkpoint."""
     from ecvl_fast import train as training
 
-    cfg = _config(config, overrides, pretrained)
-    if stage not in (1, 2):
+    if stage not in (None, 1, 2):
         raise EcvlError(f"--stage {stage}: there are stages 1 and 2")
-    training.main(cfg, stage=stage, restart=restart)
+    stages = (stage,) if stage else (1, 2)
+    cfg = _config(config, overrides, pretrained, _aliases(stages, model, epochs, lr, batch_size, precision, out))
+    if dry_run:
+        from ecvl_fast.presets import dry_run as plan
+
+        plan(cfg, [(f"stage {s}", s, cfg, training.run_folder(cfg, s)) for s in stages])
+        return
+    for s in stages:
+        training.main(cfg, stage=s, restart=restart)
 
 
 @app.command("eval")
@@ -131,8 +176,9 @@ def evaluate(
     split: str = typer.Option("test", help="test | val | train: any split the converted folder has"),
     out: Optional[Path] = typer.Option(None, help="where metrics.json and per_class.png go"),
     pretrained: Optional[str] = typer.Option(None, help="shortcut for --set model.pretrained=TAG|PATH|none"),
-    config: Optional[Path] = typer.Option(None, "--config"),
-    overrides: Optional[list[str]] = typer.Option(None, "--set"),
+    config: Optional[str] = typer.Option(None, "--config", help="a TOML file or a preset (--zero-shot: the model "
+                                                                "and data settings; --ckpt uses its own config)"),
+    overrides: Optional[list[str]] = typer.Option(None, "--set", help="section.key=value (repeatable)"),
 ):
     """Many/medium/few/all accuracy, macro-F1 and head-tail gap of a checkpoint or a zero-shot model."""
     from ecvl_fast.eval_cli import run_eval
@@ -161,9 +207,10 @@ def predict(
     preds = run_predict(ckpt, images or [], folder, top_k, strict, device=device)
     if out is not None:
         write_csv(preds, out)
-    _report(f"{ckpt}: {len(preds)} images", ("image", "top-1", "p", f"top-{top_k}"),
-            [(Path(p.path).name, p.classes[0], f"{p.probs[0]:.3f}", ", ".join(p.classes[1:])) for p in preds[:20]],
-            {}, None)
+    k = max((len(p.classes) for p in preds), default=top_k)
+    _report(f"{ckpt}: {len(preds)} images", ("image", "top-1", "p", f"top-{k}"),
+            [(Path(p.path).name, p.classes[0], f"{p.probs[0]:.3f}",
+              ", ".join(f"{c} {q:.2f}" for c, q in zip(p.classes, p.probs))) for p in preds[:20]], {}, None)
 
 
 @app.command()
@@ -171,7 +218,7 @@ def predict(
 def export(
     ckpt: Path = typer.Option(..., "--ckpt", help="a stage 1 or stage 2 checkpoint"),
     out: Path = typer.Option(..., "--out", help="the file to write (model.pt or model.onnx)"),
-    format: str = typer.Option("pt", "--format", help="pt (weights, weights_only loadable) | onnx (needs ecvl-fast[onnx])"),
+    format: str = typer.Option("pt", "--format", help="pt (weights, weights_only loadable) | onnx (needs ecvl-fast\\[onnx])"),
 ):
     """A slim classifier to deploy: image encoder, adapter, class text features and names, preprocessing
     (no optimizer, no momentum bank, no text tower). `predict --ckpt` reads it."""
@@ -185,46 +232,57 @@ def export(
 @app.command()
 @one_line_errors
 def ablate(
-    config: Optional[Path] = typer.Option(None, "--config", help="TOML file (e.g. a preset in ecvl_fast/configs)"),
+    config: Optional[str] = _CONFIG,
     seeds: str = typer.Option("0,1,2", help="comma-separated seeds; one stage 1 and the --rows each"),
-    overrides: Optional[list[str]] = typer.Option(None, "--set", help="section.key=value (repeatable)"),
+    overrides: Optional[list[str]] = _SET,
     pretrained: Optional[str] = typer.Option(None, help="shortcut for --set model.pretrained=TAG|PATH|none"),
+    model: Optional[str] = _MODEL, epochs: Optional[int] = _EPOCHS, lr: Optional[float] = _LR,
+    batch_size: Optional[int] = _BATCH, precision: Optional[str] = _PRECISION_SET, out: Optional[str] = _OUT,
+    dry_run: bool = _DRY,
     rows: str = typer.Option("ballad,momentum,ecvl", help="stage-2 rows, comma-separated: the paper's, ecvl+, the "
                              "ECVL+ variants and their no-memory controls (docs/study-ecvl-plus.md); an unknown name "
                              "lists them all"),
 ):
     """Zero-shot, stage 1, then the stage-2 rows (BALLAD, + momentum, ECVL by default) over seeds on
     the same stage-1 encoders: a table of mean ± std, paired differences, ablation.json/png."""
-    from ecvl_fast.ablate import parse_rows, parse_seeds, run_ablation
+    from ecvl_fast.ablate import parse_rows, parse_seeds, planned_runs, run_ablation
 
-    run_ablation(_config(config, overrides, pretrained), parse_seeds(seeds), rows=parse_rows(rows))
+    cfg = _config(config, overrides, pretrained, _aliases((1, 2), model, epochs, lr, batch_size, precision, out))
+    seeds, rows = parse_seeds(seeds), parse_rows(rows)
+    if dry_run:
+        from ecvl_fast.presets import dry_run as plan
+
+        plan(cfg, planned_runs(cfg, seeds, rows))
+        return
+    run_ablation(cfg, seeds, rows=rows)
 
 
 @app.command()
 @one_line_errors
 def pretrain(
-    out: Path = typer.Option(..., "--out", help="weights file to write (then: --set model.pretrained=FILE)"),
-    config: Optional[Path] = typer.Option(None, "--config", help="TOML file; data.path is the pretraining set"),
-    overrides: Optional[list[str]] = typer.Option(None, "--set", help="section.key=value (repeatable)"),
+    weights: Path = typer.Option(..., "--weights", help="the weights file to write (then: --set model.pretrained=FILE)"),
+    config: Optional[str] = typer.Option(None, "--config", help="a TOML file or a preset; data.path is the pretraining set"),
+    overrides: Optional[list[str]] = _SET,
     restart: bool = typer.Option(False, help="start over; the run already in run.out is moved to previous-<time>/"),
+    out: Optional[str] = _OUT,
 ):
-    """A stand-in for CLIP pretraining: stage 1 on a (balanced) dataset, its CLIP weights saved to --out.
-    Like train, the same command continues an interrupted run."""
+    """A stand-in for CLIP pretraining: stage 1 on a (balanced) dataset in the run folder (--out), its
+    CLIP weights saved to --weights. Like train, the same command continues an interrupted run."""
     from ecvl_fast import train as training
     from ecvl_fast.ablate import export_weights
 
-    cfg = _config(config, overrides)
+    cfg = _config(config, overrides, aliases=_aliases((1,), out=out))
     training.main(cfg, stage=1, restart=restart)
-    export_weights(Path(cfg.run.out) / "last.pt", out)
-    typer.echo(f"wrote {out} (use: --set model.pretrained={out})")
+    export_weights(Path(cfg.run.out) / "last.pt", weights)
+    typer.echo(f"wrote {weights} (use: --set model.pretrained={weights})")
 
 
 @app.command()
 @one_line_errors
 def demo(
-    data: Path = typer.Option(Path("data/mnist-lt")),
-    run: Path = typer.Option(Path("runs/demo")),
-    config: Optional[Path] = typer.Option(None, help="default: the packaged configs/mnist-demo.toml"),
+    data: Path = typer.Option(Path("data/mnist-lt"), help="the embedded dataset, converted there on first use"),
+    out: Path = typer.Option(Path("runs/demo"), "--out", help="the run folder"),
+    config: Optional[str] = typer.Option(None, "--config", help="a TOML file or a preset (default: mnist-demo)"),
     seeds: str = typer.Option("0", help="comma-separated seeds"),
 ):
     """The embedded default: the ablation on mnist-lt (real digits, long-tailed) with a small CLIP.
@@ -232,8 +290,10 @@ def demo(
     pinned (AVX2, 2 threads) so that the table is the same on every 2-core x86_64 machine."""
     from ecvl_fast.demo import pin_numerics, run_demo
 
+    from ecvl_fast.presets import resolve
+
     pin_numerics()
-    run_demo(data, run, config, seeds)
+    run_demo(data, out, resolve(config), seeds)
 
 
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks: tables, and JSON on request.")

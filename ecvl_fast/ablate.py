@@ -117,10 +117,22 @@ def run_ablation(cfg: Config, seeds: list[int], log=print, rows: tuple[str, ...]
         return _ablation(cfg, seeds, log, d.main, rows)
 
 
+def planned_runs(cfg: Config, seeds: list[int], rows: tuple[str, ...] = DEFAULT_ROWS) -> list[tuple]:
+    """(name, stage, config, folder) of every run the ablation holds, in order (for --dry-run)."""
+    runs = []
+    for seed in seeds:
+        base = _with(cfg, "run", seed=seed, out=str(Path(cfg.run.out) / f"seed{seed}"))
+        runs.append((f"seed {seed} stage 1", 1, base, Path(base.run.out)))
+        runs += [(f"seed {seed} {row}", 2, _stage2_cfg(base, row), Path(base.run.out) / row) for row in rows]
+    return runs
+
+
 def _ablation(cfg: Config, seeds: list[int], log, main: bool, rows: tuple[str, ...] = DEFAULT_ROWS) -> dict:
     from ecvl_fast import train as training
 
     out = Path(cfg.run.out)
+    if main:
+        print(f"ablation: {out}")
     per_seed: dict[str, dict[int, dict]] = {}
     if cfg.model.pretrained not in ("", "none"):
         per_seed["zero-shot"] = {seeds[0]: _zero_shot(cfg, out / "zero-shot", main)}
@@ -145,6 +157,7 @@ def _ablation(cfg: Config, seeds: list[int], log, main: bool, rows: tuple[str, .
             atomic_write(out / "ablation.json", lambda tmp: tmp.write_text(json.dumps(result, indent=1)))
             plot_rows(result, out / "ablation.png")
             print_ablation(result)
+            print(f"ablation done: {out / 'ablation.json'}, {out / 'ablation.png'}")
     except Exception as e:  # every row is trained and saved: never lose them to the summary
         folders = sorted({str(out / f"seed{s}" / r) for r in rows for s in per_seed.get(r, {})})
         raise EcvlError(f"writing the ablation summary failed ({first_line(e)}); the trained rows are "

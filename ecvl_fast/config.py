@@ -86,7 +86,7 @@ class DistCfg:
 
 @dataclass(frozen=True)
 class RunCfg:
-    out: str = "runs/default"
+    out: str = ""  # the run folder; "" = runs/<dataset>-<model> (two datasets never share one by default)
     seed: int = 0
     device: str = "auto"  # "auto", "cpu" or "cuda"
     log_every: int = 20  # steps between host syncs for logging (and for agreeing on a stop signal)
@@ -106,8 +106,17 @@ class Config:
     dist: DistCfg = field(default_factory=DistCfg)
     run: RunCfg = field(default_factory=RunCfg)
 
+    def __post_init__(self):
+        if not self.run.out:  # frozen: set once, here, so every way of building a Config agrees
+            object.__setattr__(self, "run", dataclasses.replace(self.run, out=default_out(self)))
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def default_out(cfg: Config) -> str:
+    """The run folder of a config that names none: from the data and the model."""
+    return f"runs/{Path(cfg.data.path).name or 'data'}-{cfg.model.name}"
 
 
 CHOICES = {
@@ -172,7 +181,11 @@ def _merge(cfg: Config, section: str, key: str, value, where: str) -> Config:
     allowed = CHOICES.get((section, key))
     if allowed and value not in allowed:
         raise EcvlError(f"{where}: {section}.{key} must be one of {', '.join(allowed)}, not {value!r}")
-    return dataclasses.replace(cfg, **{section: dataclasses.replace(sub, **{key: value})})
+    derived = cfg.run.out == default_out(cfg)
+    cfg = dataclasses.replace(cfg, **{section: dataclasses.replace(sub, **{key: value})})
+    if derived and section in ("data", "model"):  # a derived folder follows the data and the model
+        cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, out=""))
+    return cfg
 
 
 def from_dict(d: dict, where: str = "config", base: Config | None = None) -> Config:
@@ -206,6 +219,10 @@ def load_config(path: Path | None = None, overrides: list[str] = ()) -> Config:
 
 def save_config(cfg: Config, path: Path) -> None:
     """The resolved config as TOML, loadable again with --config."""
+    path.write_text(config_toml(cfg))
+
+
+def config_toml(cfg: Config) -> str:
     lines = []
     for section, values in cfg.to_dict().items():
         lines.append(f"[{section}]")
@@ -213,4 +230,4 @@ def save_config(cfg: Config, path: Path) -> None:
             text = str(value).lower() if isinstance(value, bool) else repr(value) if isinstance(value, (int, float)) else f'"{value}"'
             lines.append(f"{key} = {text}")
         lines.append("")
-    path.write_text("\n".join(lines))
+    return "\n".join(lines)

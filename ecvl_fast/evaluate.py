@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from ecvl_fast import dist as D
+from ecvl_fast.logs import QUANTILE_NAMES, QUANTILES
 from ecvl_fast.model import adapted_features, zero_shot_logits
 
 EMPTY = "–"  # how the tables show a metric of an empty shot group (null in the JSON files)
@@ -138,9 +139,6 @@ def print_table(metrics: dict, title: str, rows: dict[str, dict] | None = None) 
     Console().print(t)
 
 
-QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9)
-
-
 def m_quantiles(bank, labels: np.ndarray, groups: dict[str, list[int]]) -> dict:
     """Per shot group: M's quantiles over its samples, and the share of them seen so far
     (`labels`: the train labels on the host)."""
@@ -149,12 +147,41 @@ def m_quantiles(bank, labels: np.ndarray, groups: dict[str, list[int]]) -> dict:
     for group, classes in groups.items():
         sel = np.isin(labels, classes)
         if sel.any():
-            out[group] = {"q": np.quantile(m[sel], QUANTILES).round(4).tolist(),
-                          "seen": round(float(seen[sel].mean()), 4)}
+            q = np.quantile(m[sel], QUANTILES).round(4).tolist()
+            out[group] = {**dict(zip(QUANTILE_NAMES, q)), "seen": round(float(seen[sel].mean()), 4)}
     return out
 
 
-def plot_m_by_group(log_path: Path, path: Path) -> None:
+def plot_curves(log_path: Path, path: Path, title: str) -> None:
+    """The run's training loss (each logged step, and each epoch's mean) and validation accuracy."""
+    records = [json.loads(line) for line in Path(log_path).read_text().splitlines()]
+    steps = [(r["step"], r["loss"]) for r in records if r.get("kind") == "step"]
+    epochs = [r for r in records if r.get("kind") == "epoch"]
+    plt = pyplot() if steps else None
+    if plt is None:
+        return
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(*zip(*steps), color="tab:blue", alpha=0.4, lw=1, label="loss (logged steps)")
+    per_epoch = max(s for s, _ in steps) / max(r["epoch"] for r in epochs) if epochs else 0  # steps per epoch
+    if epochs:
+        ax.plot([r["epoch"] * per_epoch for r in epochs], [r["train_loss"] for r in epochs], "o-", color="tab:blue",
+                label="loss (epoch mean)")
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss")
+    val = [(r["epoch"] * per_epoch, 100 * r["val_all"]) for r in epochs if r.get("val_all") is not None]
+    if val:
+        right = ax.twinx()
+        right.plot(*zip(*val), "s-", color="tab:orange", label="val accuracy")
+        right.set_ylabel("validation accuracy (%)")
+        right.legend(loc="upper right")
+    ax.legend(loc="upper left")
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_m_by_group(log_path: Path, path: Path, title: str = "") -> None:
     """How M is distributed per shot group at the end of each stage-2 epoch (median, 25-75% band)."""
     plt = pyplot()
     if plt is None:
@@ -166,7 +193,7 @@ def plot_m_by_group(log_path: Path, path: Path) -> None:
         return
     fig, ax = plt.subplots(figsize=(6, 4))
     for group, color in (("many", "tab:blue"), ("medium", "tab:orange"), ("few", "tab:red")):
-        pts = [(r["epoch"], r["m_by_group"][group]["q"]) for r in rows if group in r["m_by_group"]]
+        pts = [(r["epoch"], [r["m_by_group"][group][n] for n in QUANTILE_NAMES]) for r in rows if group in r["m_by_group"]]
         if not pts:
             continue
         x, q = np.array([p[0] for p in pts]), np.array([p[1] for p in pts])
@@ -175,6 +202,8 @@ def plot_m_by_group(log_path: Path, path: Path) -> None:
     ax.set_xlabel("stage-2 epoch (M at its end, used in the next)")
     ax.set_ylabel("M (eq. 9); band: 25-75%")
     ax.set_ylim(-0.02, 1.02)
+    ax.xaxis.get_major_locator().set_params(integer=True)  # epochs are whole
+    ax.set_title(f"M by shot group: {title}" if title else "M by shot group")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)

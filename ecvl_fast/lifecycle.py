@@ -114,7 +114,7 @@ def start(folder: Path, cfg, epochs: int, d: D.Dist, restart: bool, log) -> tupl
 
         pos.finished = json.loads(metrics.read_text())
         return pos, None
-    log({"event": "resumed", "epoch": pos.epoch + 1, "step": pos.step, "host": socket.gethostname()})
+    log("event", {"event": "resumed", "epoch": pos.epoch + 1, "step": pos.step, "host": socket.gethostname()})
     if d.main:
         print(f"resuming {folder} at epoch {pos.epoch + 1}" + (f", step {pos.step}" if pos.step else ""))
     return pos, ckpt

@@ -11,6 +11,13 @@ from pathlib import Path
 from ecvl_fast import EcvlError
 
 
+# What a log.jsonl record holds: a logged step, an epoch's summary, M's quantiles per shot group
+# at an epoch's end, or an event in the run's life (resumed).
+KINDS = ("step", "epoch", "memory", "event")
+QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9)  # of M per shot group, labelled p10 ... p90
+QUANTILE_NAMES = tuple(f"p{round(100 * q)}" for q in QUANTILES)
+
+
 def _clock(seconds: float) -> str:
     seconds = int(max(0, seconds))
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
@@ -24,11 +31,12 @@ class RunLog:
         self.t0, self.done = time.time(), 0  # this process's start, and epochs it finished
         self.tb = _tensorboard(folder / "tb") if tensorboard and main else None
 
-    def __call__(self, record: dict) -> None:
-        """One JSON line, with the wall-clock time; scalars also to TensorBoard."""
+    def __call__(self, kind: str, record: dict) -> None:
+        """One JSON line of a `kind` (KINDS), with the wall-clock time; scalars also to TensorBoard."""
         if not self.main:
             return
-        record = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **record}
+        assert kind in KINDS, kind
+        record = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "kind": kind, **record}
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
         if self.tb is not None:
@@ -54,8 +62,8 @@ class RunLog:
         self.done += 1
         val = None if scores is None else scores["all"]
         groups = None if scores is None else {g: scores[g] for g in ("many", "medium", "few") if scores.get(g) is not None}
-        self({"epoch": epoch + 1, **stats, "lr": lr, "val_all": val, "val_groups": groups,
-              "val_macro_f1": None if scores is None else scores.get("macro_f1")})
+        self("epoch", {"epoch": epoch + 1, **stats, "lr": lr, "val_all": val, "val_groups": groups,
+                       "val_macro_f1": None if scores is None else scores.get("macro_f1")})
         if self.main and not self.interactive:
             acc = "-" if val is None else f"{100 * val:.2f}%"
             print(f"{time.strftime('%Y-%m-%d %H:%M:%S')} stage {self.stage} epoch {epoch + 1}/{self.epochs} "
@@ -75,8 +83,8 @@ class RunLog:
             if isinstance(group_metrics, (int, float)):
                 self.tb.add_scalar(f"stage{self.stage}/val_{key}", group_metrics, r["epoch"])
         for group, q in (r.get("m_by_group") or {}).items():
-            for name, value in zip(("p10", "p25", "median", "p75", "p90"), q["q"]):
-                self.tb.add_scalar(f"stage{self.stage}/M_{group}/{name}", value, r["epoch"])
+            for name in QUANTILE_NAMES:
+                self.tb.add_scalar(f"stage{self.stage}/M_{group}/{name}", q[name], r["epoch"])
 
 
 def _tensorboard(folder: Path):

@@ -1,6 +1,8 @@
 """The CLIP dual encoder (open_clip), class prompts, and zero-shot classification (eq. 6)."""
 from __future__ import annotations
 
+import contextlib
+import logging
 from pathlib import Path
 
 import torch
@@ -41,10 +43,37 @@ def build_clip(cfg: ModelCfg, load_weights: bool = True):
     if looks_like_path and not Path(pretrained).is_file():
         raise EcvlError(f"{pretrained}: no such pretrained checkpoint")
     try:
-        model = oc.create_model(cfg.name, pretrained=pretrained)
+        # open_clip warns "initialized randomly" whenever it loads no weights, also where they come
+        # from a checkpoint next; `train` says it once, where it matters (`random_weights_warning`)
+        with _quiet_logging(pretrained is None):
+            model = oc.create_model(cfg.name, pretrained=pretrained)
     except Exception as e:  # hub unreachable, unknown tag, incompatible file
         raise EcvlError(f"could not load {cfg.name} weights {pretrained!r}: {first_line(e)}") from None
     return model, oc.get_tokenizer(cfg.name)
+
+
+@contextlib.contextmanager
+def _quiet_logging(quiet: bool):
+    if not quiet:
+        yield
+        return
+    logging.disable(logging.WARNING)
+    try:
+        yield
+    finally:
+        logging.disable(logging.NOTSET)
+
+
+BUILT_IN = tuple(sorted(p.stem for p in CONFIG_DIR.glob("*.json")))  # the small models made to train from scratch
+
+
+def random_weights_warning(cfg: ModelCfg) -> str | None:
+    """A warning for training a model larger than the built-in small ones from random weights."""
+    if cfg.pretrained not in ("", "none") or cfg.name in BUILT_IN:
+        return None
+    return (f"warning: {cfg.name} trains from random weights (model.pretrained = \"none\"): CLIP's accuracy comes "
+            f"from its pretraining, so expect a weak model; set model.pretrained to an open_clip weights file, or "
+            f"use a built-in small model ({', '.join(BUILT_IN)})")
 
 
 def prompt_tokens(tokenizer, classnames: list[str], kind: str = "single") -> torch.Tensor:

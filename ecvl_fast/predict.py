@@ -39,16 +39,23 @@ def image_files(images: list[Path], folder: Path | None) -> list[Path]:
         images = list(images) + sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTS)
     if not images:
         raise EcvlError("no images: pass image files or --folder DIR")
+    missing = [p for p in images if not Path(p).is_file()]
+    if missing:
+        raise EcvlError(f"{missing[0]}: no such image file" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
     return list(images)
 
 
-def decode(path: Path, load_res: int) -> np.ndarray:
-    """uint8 [load_res, load_res, 3]: the centre square, resized as ffcv's CenterCropRGBImageDecoder
-    does (OpenCV's area filter; an image already at that size is used as it is)."""
+def decode(image, load_res: int) -> np.ndarray:
+    """uint8 [load_res, load_res, 3] from an image file or a PIL image: the centre square, resized
+    as ffcv's CenterCropRGBImageDecoder does (OpenCV's area filter; an image already at that size
+    is used as it is)."""
     from PIL import Image
 
-    with Image.open(path) as im:
-        img = np.asarray(im.convert("RGB"))
+    if isinstance(image, Image.Image):
+        img = np.asarray(image.convert("RGB"))
+    else:
+        with Image.open(image) as im:
+            img = np.asarray(im.convert("RGB"))
     h, w = img.shape[:2]
     side = min(h, w)
     y0, x0 = (h - side) // 2, (w - side) // 2
@@ -95,26 +102,61 @@ def load_checkpoint(ckpt: Path) -> tuple[dict, Config]:
     return state, from_dict(state["config"], f"{ckpt} config")
 
 
-def run_predict(ckpt: Path, images: list[Path], folder: Path | None = None, top_k: int = 5, strict: bool = False,
-                batch_size: int = 256, device: str = "auto") -> list[Prediction]:
-    """`ckpt`: a stage 1/2 training checkpoint, an exported `.pt`, or an exported `.onnx`."""
+class Model:
+    """A trained or exported classifier for Python code:
+
+        from ecvl_fast.predict import load
+        model = load("model.pt")                   # `export`'s .pt or .onnx, or a training checkpoint
+        for p in model.classify(["cat.jpg", pil_image], top_k=3):
+            print(p.path, p.classes, p.probs)      # the top classes, most likely first
+
+    Images are prepared as `eval` prepares them, so the probabilities match `predict`'s."""
+
+    def __init__(self, predictor):
+        self.predictor = predictor
+
+    @property
+    def classes(self) -> list[str]:
+        return self.predictor.classes
+
+    def classify(self, images, top_k: int = 5) -> list[Prediction]:
+        """Image files or PIL images -> one Prediction each (top_k classes, or all there are)."""
+        from PIL import Image
+
+        arrays = [decode(im, self.predictor.load_res) for im in images]
+        names = [getattr(im, "filename", "") or f"image {i}" if isinstance(im, Image.Image) else str(im)
+                 for i, im in enumerate(images)]
+        return self._top(np.stack(arrays), names, top_k)
+
+    def _top(self, arrays: np.ndarray, names: list[str], top_k: int) -> list[Prediction]:
+        p = self.predictor
+        probs = p.probs(to_input(arrays, p.res, p.device))
+        values, ix = probs.topk(min(top_k, len(p.classes)), dim=1)
+        return [Prediction(name, [p.classes[i] for i in ii], pi) for name, pi, ii in zip(names, values.tolist(), ix.tolist())]
+
+
+def load(path: str | Path, device: str = "auto") -> Model:
+    """An exported `.pt` or `.onnx`, or a stage 1/2 training checkpoint, ready to classify."""
     from ecvl_fast.dist import resolve_device
     from ecvl_fast.export import load_predictor
 
-    model = load_predictor(ckpt, resolve_device(device))
-    files, k = image_files(images, folder), min(top_k, len(model.classes))
+    return Model(load_predictor(Path(path), resolve_device(device)))
+
+
+def run_predict(ckpt: Path, images: list[Path], folder: Path | None = None, top_k: int = 5, strict: bool = False,
+                batch_size: int = 256, device: str = "auto") -> list[Prediction]:
+    """`ckpt`: a stage 1/2 training checkpoint, an exported `.pt`, or an exported `.onnx`."""
+    model = load(ckpt, device)
+    files = image_files(images, folder)
     out, pending = [], []
 
     def flush():
-        probs = model.probs(to_input(np.stack([a for _, a in pending]), model.res, model.device))
-        p, ix = probs.topk(k, dim=1)
-        for (path, _), pi, ii in zip(pending, p.tolist(), ix.tolist()):
-            out.append(Prediction(str(path), [model.classes[i] for i in ii], pi))
+        out.extend(model._top(np.stack([a for _, a in pending]), [str(p) for p, _ in pending], top_k))
         pending.clear()
 
     for path in files:
         try:
-            pending.append((path, decode(path, model.load_res)))
+            pending.append((path, decode(path, model.predictor.load_res)))
         except Exception as e:  # an unreadable or corrupt image
             reason = first_line(e)
             if strict:

@@ -31,10 +31,11 @@ from ecvl_fast import lifecycle, losses, precision
 from ecvl_fast.config import Config, save_config
 from ecvl_fast.data import eval_loader, open_dataset, train_loader
 from ecvl_fast.files import atomic_write
-from ecvl_fast.evaluate import m_quantiles, plot_m_by_group, predict, shot_metrics, write_report
+from ecvl_fast.evaluate import m_quantiles, plot_curves, plot_m_by_group, predict, shot_metrics, write_report
 from ecvl_fast.kernels.bank import MomentumBank, StaticMagnitudes, frequency_magnitudes
 from ecvl_fast.logs import RunLog
-from ecvl_fast.model import Adapter, ClipNet, adapted_features, build_clip, class_text_features, prompt_tokens
+from ecvl_fast.model import (Adapter, ClipNet, adapted_features, build_clip, class_text_features, prompt_tokens,
+                             random_weights_warning)
 
 
 @dataclass
@@ -255,7 +256,7 @@ def train_epoch(run: Run, loader, epoch: int, log, stop: lifecycle.StopSignal | 
         last = step + 1 == steps
         if (step + 1) % every == 0 or last:
             _check_finite(first_bad, run)  # sync point: once per log_every steps
-            log({"epoch": epoch + 1, "step": gstep + 1, "loss": float(terms["loss"]),
+            log("step", {"epoch": epoch + 1, "step": gstep + 1, "loss": float(terms["loss"]),
                  "lr": run.sched.get_last_lr()[0], "img_s": timed / (time.perf_counter() - t0)})
             if not last and stop is not None and stop.agreed(d):  # sync point: a signal reached some rank
                 _save_mid_epoch(run, epoch, step + 1, total, n)
@@ -268,7 +269,7 @@ def train_epoch(run: Run, loader, epoch: int, log, stop: lifecycle.StopSignal | 
     if run.bank is not None:
         run.bank.end_epoch(D.all_reduce_sum)  # eqs. 8-9 in place: next epoch's M; a sync point
         if d.main:
-            log({"epoch": epoch + 1, "m_by_group": m_quantiles(run.bank, run.meta["train_labels"], run.meta["groups"])})
+            log("memory", {"epoch": epoch + 1, "m_by_group": m_quantiles(run.bank, run.meta["train_labels"], run.meta["groups"])})
     return {"train_loss": float(D.all_reduce_sum(total) / (steps * d.world_size)),
             "img_s": timed / (time.perf_counter() - t0)}
 
@@ -367,6 +368,11 @@ def _train(cfg: Config, d: D.Dist, stage: int, folder: Path, restart: bool, stop
     sc = cfg.stage1 if stage == 1 else cfg.stage2
     lifecycle.check_shared_folder(folder, d)
     log = RunLog(folder, d.main, sc.epochs, stage, cfg.run.tensorboard)
+    if d.main:
+        print(f"stage {stage}: run folder {folder}", flush=True)
+        warning = random_weights_warning(cfg.model) if stage == 1 or cfg.stage2.init == "none" else None
+        if warning:
+            print(warning, file=sys.stderr, flush=True)
     pos, ckpt = lifecycle.start(folder, cfg, sc.epochs, d, restart, log)
     if pos.finished is not None:
         if d.main:
@@ -398,9 +404,12 @@ def _train(cfg: Config, d: D.Dist, stage: int, folder: Path, restart: bool, stop
     metrics = evaluate_split(run, eval_loader(cfg, d, cfg.data.eval_split))
     if d.main:
         warn_if_collapsed(metrics, len(meta["classes"]), cfg.data.eval_split)
-        write_report(metrics, meta, run.out, f"{cfg.model.name} stage {stage}, {cfg.data.eval_split} split")
+        title = f"{run.out.name}: {cfg.model.name} stage {stage}"  # a stage-2 row's folder is the row's name
+        write_report(metrics, meta, run.out, f"{title}, {cfg.data.eval_split} split")
+        plot_curves(run.out / "log.jsonl", run.out / "curves.png", title)
         if run.bank is not None:
-            plot_m_by_group(run.out / "log.jsonl", run.out / "m_by_group.png")
+            plot_m_by_group(run.out / "log.jsonl", run.out / "m_by_group.png", title)
+        print(f"stage {stage} done: {run.out} (metrics.json, best.pt, last.pt)", flush=True)
     log.close()
     return metrics
 

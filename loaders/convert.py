@@ -6,6 +6,8 @@ Everything is written into a temporary folder beside `--out` and renamed when co
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import gc
 import hashlib
 import json
@@ -152,8 +154,31 @@ def write_beton(path: Path, split: sources.Split, largest: int, o: ConvertOption
         "label": IntField(),
         "index": IntField(),
     }
-    DatasetWriter(str(path), fields, page_size=page, num_workers=o.workers).from_indexed_dataset(
-        _Rows(split), chunksize=256)
+    with _progress(f"writing {path.name}: {len(split)} images, longest side {side} px"):
+        DatasetWriter(str(path), fields, page_size=page, num_workers=o.workers).from_indexed_dataset(
+            _Rows(split), chunksize=256)
+
+
+@contextlib.contextmanager
+def _progress(phase: str):
+    """ffcv's progress bars on a terminal; in a redirected log one line per phase instead of a
+    flood of carriage returns."""
+    import sys
+
+    import ffcv.writer
+
+    if sys.stderr.isatty():
+        yield
+        return
+    print(phase, flush=True)
+    bars = {name: getattr(ffcv.writer, name) for name in ("tqdm", "thread_map")}
+    for name, fn in bars.items():
+        setattr(ffcv.writer, name, functools.partial(fn, disable=True))
+    try:
+        yield
+    finally:
+        for name, fn in bars.items():
+            setattr(ffcv.writer, name, fn)
 
 
 def _sha256(path: Path) -> str:

@@ -27,7 +27,7 @@ def test_pretrain_writes_weights_open_clip_loads(tmp_path, mnist):
     cfg = tmp_path / "tiny.toml"
     cfg.write_text(TINY)
     weights = tmp_path / "w" / "tiny.pt"
-    assert main(["pretrain", "--config", str(cfg), "--out", str(weights), "--set", f"data.path={mnist}",
+    assert main(["pretrain", "--config", str(cfg), "--weights", str(weights), "--set", f"data.path={mnist}",
                  "--set", f"run.out={tmp_path / 'pre'}"]) == 0
     model = open_clip.create_model("ecvl-tiny-vit", pretrained=str(weights))
     trained = torch.load(tmp_path / "pre" / "last.pt", weights_only=True)["model"]
@@ -39,13 +39,13 @@ def test_ablate_rows_seeds_json_and_resume(tmp_path, mnist, monkeypatch, capsys)
     cfg = tmp_path / "tiny.toml"
     cfg.write_text(TINY)
     weights = tmp_path / "tiny.pt"
-    assert main(["pretrain", "--config", str(cfg), "--out", str(weights), "--set", f"data.path={mnist}",
+    assert main(["pretrain", "--config", str(cfg), "--weights", str(weights), "--set", f"data.path={mnist}",
                  "--set", f"run.out={tmp_path / 'pre'}"]) == 0
     out = tmp_path / "abl"
     # `ecvl-fast demo` is the ablation with a config file: run it first, then `ablate` on the same rows
     demo_cfg = tmp_path / "demo.toml"
     demo_cfg.write_text(TINY.replace('name = "ecvl-tiny-vit"', f'name = "ecvl-tiny-vit"\npretrained = "{weights}"'))
-    assert main(["demo", "--config", str(demo_cfg), "--data", str(mnist), "--run", str(out), "--seeds", "0,1"]) == 0
+    assert main(["demo", "--config", str(demo_cfg), "--data", str(mnist), "--out", str(out), "--seeds", "0,1"]) == 0
     args = ["ablate", "--config", str(cfg), "--seeds", "0,1", "--set", f"data.path={mnist}", "--set", f"run.out={out}",
             "--pretrained", str(weights)]
     result = json.loads((out / "ablation.json").read_text())

@@ -1,0 +1,83 @@
+"""Packaged presets by name (`--config cifar100-lt` from any directory after a pip install), and
+the dry run: what a `train` or `ablate` command would do, printed before any work."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ecvl_fast import EcvlError
+from ecvl_fast.config import Config, config_toml
+
+PRESETS = Path(__file__).parent / "configs"
+
+
+def names() -> list[str]:
+    return sorted(p.stem for p in PRESETS.glob("*.toml"))
+
+
+def resolve(config: str | Path | None) -> Path | None:
+    """A TOML file's path, or a packaged preset's by its name."""
+    if config is None:
+        return None
+    path = Path(config)
+    if path.is_file():
+        return path
+    if path.name == str(config) and (PRESETS / f"{path.name}.toml").is_file():
+        return PRESETS / f"{path.name}.toml"
+    raise EcvlError(f"--config {config}: no such file or preset (presets: {', '.join(names())})")
+
+
+def _status(folder: Path, cfg: Config, epochs: int) -> str:
+    """What the run in `folder` would do: start, resume (where), reuse, or be refused."""
+    from ecvl_fast import checkpoint as ckpt_io
+    from ecvl_fast.lifecycle import config_diff
+
+    last = folder / "last.pt"
+    if not last.is_file():
+        return "start"
+    try:
+        ckpt = ckpt_io.load(last)
+    except EcvlError as e:
+        return f"refused: {e}"
+    diff = config_diff(ckpt["config"], cfg.to_dict())
+    if diff:
+        return f"refused: another config there ({'; '.join(diff)}); --restart moves it aside"
+    at = ckpt.get("position") or {"epoch": ckpt["epoch"], "step": 0}
+    if at["epoch"] >= epochs and at["step"] == 0 and (folder / "metrics.json").is_file():
+        return "reuse (finished)"
+    return f"resume at epoch {at['epoch'] + 1}" + (f", step {at['step']}" if at["step"] else "")
+
+
+def data_summary(cfg: Config) -> dict:
+    from ecvl_fast.loaders.convert import load_meta
+
+    meta = load_meta(Path(cfg.data.path))
+    counts = meta["train_counts"]
+    return {"classes": len(meta["classes"]), "images": meta["images"], "max_per_class": max(counts),
+            "min_per_class": min(counts), "groups": {g: len(c) for g, c in meta["groups"].items()},
+            "steps_per_epoch": meta["images"]["train"] // cfg.data.batch_size}
+
+
+def dry_run(cfg: Config, runs: list[tuple[str, int, Config, Path]]) -> dict:
+    """Print the resolved config, the data, and each run (name, stage, config, folder): what it
+    would do and the images it would process; nothing is written."""
+    data = data_summary(cfg)
+    print("# resolved config (the last command's settings; each run's own differ only as listed below)")
+    print(config_toml(cfg))
+    print(f"data {cfg.data.path}: {data['classes']} classes; images {json.dumps(data['images'])}; "
+          f"{data['max_per_class']} ... {data['min_per_class']} train images per class; shot groups "
+          f"many {data['groups']['many']} / medium {data['groups']['medium']} / few {data['groups']['few']} classes; "
+          f"{data['steps_per_epoch']} steps per epoch at batch {cfg.data.batch_size}")
+    total, plan = 0, []
+    for name, stage, run_cfg, folder in runs:
+        epochs = run_cfg.stage1.epochs if stage == 1 else run_cfg.stage2.epochs
+        status = _status(folder, run_cfg, epochs)
+        views = 1 if stage == 1 else 2  # stage 2: two views of every sample
+        images = 0 if status.startswith(("reuse", "refused")) else \
+            data["steps_per_epoch"] * run_cfg.data.batch_size * epochs * views
+        total += images
+        plan.append({"run": name, "stage": stage, "folder": str(folder), "epochs": epochs, "status": status,
+                     "images": images})
+        print(f"{name}: stage {stage}, {epochs} epochs, {folder}: {status}; {images:,} images")
+    print(f"in all: {total:,} images through the encoders (views counted); dry run, nothing written")
+    return {"data": data, "runs": plan, "images": total}
