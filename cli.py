@@ -163,8 +163,11 @@ def train(
 
         plan(cfg, [(f"stage {s}", s, cfg, training.run_folder(cfg, s)) for s in stages])
         return
-    for s in stages:
-        training.main(cfg, stage=s, restart=restart)
+    from ecvl_fast import dist as D
+
+    with D.session(cfg.run.device, cfg.dist.backend):  # one process group for both stages (torchrun)
+        for s in stages:
+            training.main(cfg, stage=s, restart=restart)
 
 
 @app.command("eval")

@@ -26,6 +26,7 @@ import numpy as np
 
 from ecvl_fast import EcvlError, first_line
 from ecvl_fast.config import Config, load_config
+from ecvl_fast.evaluate import EMPTY, METRICS, read_metrics
 from ecvl_fast.files import atomic_write
 
 PAPER_MEMORY = {"m_source": "dcvl", "m_scope": "sample", "m_direction": "hard"}
@@ -75,7 +76,6 @@ STAGE2_ROWS["ecvl+"] = (STAGE2_ROWS["ballad+lol"][0],
                         "ECVL+ (best measured: BALLAD + RA, M per class by level of learning)", "ballad+freq-common")
 DEFAULT_ROWS = ("ballad", "momentum", "ecvl")
 LABELS = {"zero-shot": "zero-shot", "stage1": "stage 1", **{k: v[1] for k, v in STAGE2_ROWS.items()}}
-METRICS = ("many", "medium", "few", "all", "macro_f1", "head_tail_gap")
 
 
 def parse_rows(text: str) -> tuple[str, ...]:
@@ -101,7 +101,7 @@ def _finished(folder: Path, cfg: Config, ignore: tuple[str, ...] = ()) -> dict |
         return None
     if any(old[k] != new[k] for k in new if k not in ignore):
         return None
-    return json.loads(metrics.read_text())
+    return read_metrics(metrics)
 
 
 def _stage2_cfg(cfg: Config, row: str) -> Config:
@@ -184,7 +184,7 @@ def _zero_shot(cfg: Config, folder: Path, main: bool) -> dict:
     saved = folder / "metrics.json"
     if saved.is_file() and (folder / "pretrained.txt").is_file() and \
             (folder / "pretrained.txt").read_text() == f"{cfg.model.name} {cfg.model.pretrained} {cfg.data.path}":
-        return json.loads(saved.read_text())
+        return read_metrics(saved)
     metrics = run_eval(cfg, None, None, cfg.data.eval_split, folder)
     if main:
         (folder / "pretrained.txt").write_text(f"{cfg.model.name} {cfg.model.pretrained} {cfg.data.path}")
@@ -247,8 +247,6 @@ def paired(per_seed: dict[str, dict[int, dict]], seeds: list[int]) -> list[dict]
 def print_ablation(result: dict) -> None:
     from rich.console import Console
     from rich.table import Table
-
-    from ecvl_fast.evaluate import EMPTY
 
     t = Table(title=f"{result['model']} on {Path(result['data']).name}: mean ± std over seeds "
                     f"{', '.join(map(str, result['seeds']))} (%)")

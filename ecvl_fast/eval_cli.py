@@ -49,5 +49,8 @@ def run_eval(cfg: Config, data: Path | None, ckpt: Path | None, split: str, out:
         metrics = shot_metrics(preds, labels, meta)
         if d.main:
             where = out or (ckpt.parent / f"eval-{split}" if ckpt else Path(cfg.run.out) / f"zero-shot-{split}")
-            write_report(metrics, meta, where, f"{cfg.model.name} {'zero-shot' if ckpt is None else ckpt.name}, {split}")
+            metrics = write_report(metrics, meta, where,
+                                   f"{cfg.model.name} {'zero-shot' if ckpt is None else ckpt.name}, {split}",
+                                   {"split": split, "stage": state["stage"] if state else 0, "run": where.name,
+                                    "checkpoint": str(ckpt) if ckpt else f"{cfg.model.name} {cfg.model.pretrained}"})
         return metrics

@@ -11,6 +11,7 @@ from ecvl_fast import dist as D
 from ecvl_fast.logs import QUANTILE_NAMES, QUANTILES
 from ecvl_fast.model import adapted_features, zero_shot_logits
 
+METRICS = ("many", "medium", "few", "all", "macro_f1", "head_tail_gap")  # the reported columns, in order
 EMPTY = "–"  # how the tables show a metric of an empty shot group (null in the JSON files)
 
 
@@ -89,12 +90,36 @@ def pyplot():
     return plt
 
 
-def write_report(metrics: dict, meta: dict, out_dir: Path, title: str) -> None:
-    """metrics.json, per_class.png (accuracy against train count, log x) and a console table."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
-    _plot(metrics, meta, out_dir / "per_class.png", title)
+def write_report(metrics: dict, meta: dict, out_dir: Path, title: str, context: dict | None = None) -> dict:
+    """metrics.json, per_class.png (accuracy against train count, log x) and a console table.
+    Returns the metrics as read back from metrics.json (`read_metrics`), so a finished run
+    reports exactly what a fresh one did."""
+    from ecvl_fast.files import atomic_write
+
+    path = Path(out_dir) / "metrics.json"
+    readable = metrics_file(metrics, meta["classes"], context or {})
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(readable, indent=1)))
+    _plot(metrics, meta, Path(out_dir) / "per_class.png", title)
     print_table(metrics, title)
+    return read_metrics(path)
+
+
+def metrics_file(metrics: dict, classes: list[str], context: dict) -> dict:
+    """metrics.json as a person reads it: what was evaluated (`context`: split, stage or row,
+    checkpoint), then every accuracy in percent, as the tables print them; per class by name."""
+    pct = lambda v: None if v is None else 100 * v  # noqa: E731
+    return {**context, "units": "percent", **{k: pct(metrics[k]) for k in METRICS},
+            "per_class": {name: pct(a) for name, a in zip(classes, metrics["per_class"])},
+            "num_images": metrics["num_images"], "predicted_classes": metrics["predicted_classes"]}
+
+
+def read_metrics(path: Path) -> dict:
+    """metrics.json's measurements as the code uses them: fractions, per-class accuracies in class
+    order (what was evaluated, the file's context, is left out: two runs compare by their numbers)."""
+    saved = json.loads(Path(path).read_text())
+    frac = lambda v: None if v is None else v / 100  # noqa: E731
+    return {**{k: frac(saved[k]) for k in METRICS}, "per_class": [frac(v) for v in saved["per_class"].values()],
+            "num_images": saved["num_images"], "predicted_classes": saved["predicted_classes"]}
 
 
 def _plot(metrics: dict, meta: dict, path: Path, title: str) -> None:
@@ -128,7 +153,7 @@ def print_table(metrics: dict, title: str, rows: dict[str, dict] | None = None) 
 
     rows = rows or {"": metrics}
     t = Table(title=title)
-    cols = ("many", "medium", "few", "all", "macro_f1", "head_tail_gap")
+    cols = METRICS
     if any(rows):
         t.add_column("run")
     for c in cols:

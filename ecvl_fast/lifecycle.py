@@ -110,9 +110,9 @@ def start(folder: Path, cfg, epochs: int, d: D.Dist, restart: bool, log) -> tupl
     pos = Position(at["epoch"], at["step"], ckpt["best"], at.get("carry"))
     metrics = folder / "metrics.json"
     if pos.epoch >= epochs and pos.step == 0 and metrics.is_file():
-        import json
+        from ecvl_fast.evaluate import read_metrics
 
-        pos.finished = json.loads(metrics.read_text())
+        pos.finished = read_metrics(metrics)
         return pos, None
     log("event", {"event": "resumed", "epoch": pos.epoch + 1, "step": pos.step, "host": socket.gethostname()})
     if d.main:

@@ -405,7 +405,9 @@ def _train(cfg: Config, d: D.Dist, stage: int, folder: Path, restart: bool, stop
     if d.main:
         warn_if_collapsed(metrics, len(meta["classes"]), cfg.data.eval_split)
         title = f"{run.out.name}: {cfg.model.name} stage {stage}"  # a stage-2 row's folder is the row's name
-        write_report(metrics, meta, run.out, f"{title}, {cfg.data.eval_split} split")
+        metrics = write_report(metrics, meta, run.out, f"{title}, {cfg.data.eval_split} split",
+                               {"split": cfg.data.eval_split, "stage": stage, "run": run.out.name,
+                                "checkpoint": str(run.out / "last.pt")})
         plot_curves(run.out / "log.jsonl", run.out / "curves.png", title)
         if run.bank is not None:
             plot_m_by_group(run.out / "log.jsonl", run.out / "m_by_group.png", title)

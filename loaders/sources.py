@@ -232,8 +232,10 @@ def load_split_list(kind: str, root: Path, split_files: dict[str, Path | None],
 
 def load_cifar_lt(num_classes: int, source: Path, imbalance: float, seed: int) -> Source:
     """CIFAR-10/100 from the python pickles or a `train/<class>`, `test/<class>` tree, made long-tailed."""
-    if source is None or not source.exists():
-        raise EcvlError(f"{source}: no such CIFAR source (pass --source)")
+    if source is None:
+        raise EcvlError(f"cifar{num_classes}-lt needs --source: the CIFAR python pickles folder or a train/, test/ image tree")
+    if not source.exists():
+        raise EcvlError(f"{source}: no such CIFAR source")
     if (source / "train").is_dir():
         classes, train = read_image_tree(source / "train")
         _, test = read_image_tree(source / "test", classes)

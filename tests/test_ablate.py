@@ -11,6 +11,7 @@ from ecvl_fast import train as training
 from ecvl_fast.ablate import last_val, paired, parse_rows, parse_seeds
 from ecvl_fast.cli import main
 from ecvl_fast.config import load_config
+from ecvl_fast.evaluate import metrics_file, read_metrics
 
 from conftest import TINY as TINY_STAGE1
 
@@ -74,7 +75,7 @@ def test_ablate_rows_seeds_json_and_resume(tmp_path, mnist, monkeypatch, capsys)
     # A changed stage-2 setting retrains the stage-2 rows only, not stage 1.
     calls = []
     monkeypatch.setattr(training, "main", lambda cfg, stage=1, out=None, **k: calls.append(stage) or
-                        json.loads((Path(out) / "metrics.json").read_text()))
+                        read_metrics(Path(out) / "metrics.json"))
     assert main(args + ["--set", "stage2.temperature=0.1"]) == 0
     assert calls == [2, 2, 2, 2, 2, 2]
     # --rows: only the rows named, on the same stage-1 encoders; finished rows (BALLAD) are reused
@@ -142,10 +143,10 @@ def test_every_preset_loads():
     import ecvl_fast
 
     presets = sorted((Path(ecvl_fast.__file__).parent / "configs").glob("*.toml"))
-    assert {p.stem for p in presets} >= {"cifar100-lt", "imagenet-lt", "places-lt", "mnist-demo"}
+    assert {p.stem for p in presets} >= {"cifar100-lt", "imagenet-lt", "places-lt", "mnist-demo", "starter"}
     for p in presets:
         cfg = load_config(p)
-        if p.stem != "mnist-demo":
+        if p.stem not in ("mnist-demo", "starter"):
             assert (cfg.model.name, cfg.model.pretrained, cfg.stage2.epochs) == ("RN50", "openai", 300)
 
 
@@ -204,8 +205,9 @@ def test_a_failed_summary_names_the_trained_rows(tmp_path, monkeypatch):
         folder = Path(out or cfg.run.out)
         folder.mkdir(parents=True, exist_ok=True)
         save_config(cfg, folder / "config.toml")
-        metrics = {k: 0.5 for k in ablate.METRICS} | {"few": None, "head_tail_gap": None}
-        (folder / "metrics.json").write_text(json.dumps(metrics))
+        metrics = {k: 0.5 for k in ablate.METRICS} | {"few": None, "head_tail_gap": None, "per_class": [0.5],
+                                                       "num_images": 1, "predicted_classes": 1}
+        (folder / "metrics.json").write_text(json.dumps(metrics_file(metrics, ["a"], {})))
         return metrics
 
     toml = tmp_path / "tiny.toml"
@@ -233,9 +235,11 @@ def test_reports_without_matplotlib_keep_the_metrics(tmp_path, monkeypatch, caps
 
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
     metrics = {"many": 0.5, "medium": None, "few": 0.25, "all": 0.4, "macro_f1": 0.3, "head_tail_gap": 0.25,
-               "per_class": [0.5, 0.25]}
-    write_report(metrics, {"train_counts": [200, 5], "groups": {"many": [0], "medium": [], "few": [1]}},
-                 tmp_path, "title")
-    assert json.loads((tmp_path / "metrics.json").read_text()) == metrics
+               "per_class": [0.5, 0.25], "num_images": 8, "predicted_classes": 2}
+    write_report(metrics, {"classes": ["a", "b"], "train_counts": [200, 5],
+                           "groups": {"many": [0], "medium": [], "few": [1]}}, tmp_path, "title")
+    saved = read_metrics(tmp_path / "metrics.json")
+    assert (saved["many"], saved["medium"], saved["few"]) == (pytest.approx(0.5), None, pytest.approx(0.25))
+    assert saved["per_class"] == pytest.approx([0.5, 0.25]) and saved["num_images"] == 8
     assert not (tmp_path / "per_class.png").exists()
     assert "plots skipped: matplotlib is not installed" in capsys.readouterr().out

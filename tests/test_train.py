@@ -11,6 +11,7 @@ from ecvl_fast import checkpoint as ckpt_io
 from ecvl_fast import losses
 from ecvl_fast import train as training
 from ecvl_fast.config import load_config
+from ecvl_fast.evaluate import read_metrics
 from ecvl_fast.loaders.convert import ConvertOptions, convert
 
 from conftest import TINY, two_nodes
@@ -71,7 +72,7 @@ def test_ddp_two_nodes_match_single_process(stage1_pair):
     tmp, _, single, results = stage1_pair
     for code, _, err in results:
         assert code == 0, err[-2000:]
-    ddp = json.loads((tmp / "ddp" / "metrics.json").read_text())
+    ddp = read_metrics(tmp / "ddp" / "metrics.json")
     a, b = (torch.load(tmp / r / "last.pt", weights_only=True)["model"] for r in ("single", "ddp"))
     # The same weights after an epoch: same samples, same global batch, gradients averaged. Not the
     # attention's in_proj_bias: its key third gets zero gradient (softmax ignores a shift), and
@@ -131,7 +132,7 @@ def test_elastic_restart_on_two_nodes_resumes_and_matches_one_process(stage1_pai
     assert torch.equal(one["seen"], two["seen"]) and one["seen"].sum() > 300  # one balanced epoch: ~40%
     torch.testing.assert_close(two["ema"], one["ema"], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(two["m"], one["m"], rtol=0, atol=1e-4)
-    metrics = json.loads((run / "stage2" / "metrics.json").read_text())
+    metrics = read_metrics(run / "stage2" / "metrics.json")
     assert metrics["all"] == pytest.approx(single["all"], abs=0.003)  # 3 of 1,000 test images
 
 
@@ -233,7 +234,7 @@ def test_stage2_trains_adapter_with_memory_driven_randaugment(tmp_path, mnist, t
     assert groups[-1]["few"]["seen"] == 1.0 and groups[-1]["many"]["seen"] < 1.0  # balanced sampling
     assert stage2 != stage1 and stage2["num_images"] == 1000
     assert cli_main(["eval", "--ckpt", str(run / "last.pt"), "--data", str(mnist), "--out", str(tmp_path / "ev")]) == 0
-    again = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    again = read_metrics(tmp_path / "ev" / "metrics.json")
     assert again["all"] == stage2["all"] and again["few"] == stage2["few"]  # eval applies the adapter too
 
 
