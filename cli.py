@@ -12,7 +12,10 @@ from typing import Optional
 import typer
 
 from ecvl_fast import EcvlError
-from ecvl_fast.loaders.convert import DEFAULT_MAX_RES
+from ecvl_fast.bench import tables
+from ecvl_fast.loaders.convert import DATASETS, DEFAULT_MAX_RES
+from ecvl_fast.experiments.demo import DEMO_DATA
+from ecvl_fast.method.rows import DEFAULT_ROWS
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Long-tailed CLIP classifiers (ECVL), fed by FFCV + DALI.")
@@ -67,7 +70,7 @@ def one_line_errors(fn):
             typer.echo(f"error: {e.filename}: no such file", err=True)
             raise typer.Exit(2)
         except OSError as e:  # a full disk, a read-only folder, a permission
-            from ecvl_fast.files import disk_reason
+            from ecvl_fast.run.files import disk_reason
 
             where = f"{e.filename}: " if e.filename else ""
             typer.echo(f"error: {where}{disk_reason(e, Path(e.filename or '.').parent)}", err=True)
@@ -97,7 +100,7 @@ def print_convert_summary(meta: dict, out: Path) -> None:
 @app.command()
 @one_line_errors
 def convert(
-    dataset: str = typer.Argument(..., help="mnist-lt | cifar10-lt | cifar100-lt | tiny-imagenet-lt | imagenet-lt | places-lt | list | folder"),
+    dataset: str = typer.Argument(..., help=" | ".join(DATASETS)),
     out: Path = typer.Option(..., "--out", help="output folder (train/val/test .beton + meta.json)"),
     source: Optional[Path] = typer.Option(None, help="CIFAR pickle folder / image tree, or ImageFolder root"),
     root: Optional[Path] = typer.Option(None, help="image root for split-file datasets"),
@@ -130,7 +133,7 @@ def _config(config: Optional[str], overrides: Optional[list[str]], pretrained: O
             aliases: list[str] = ()):
     """--config (a file or a preset's name), then the short flags, then --set, then --pretrained."""
     from ecvl_fast.config import load_config
-    from ecvl_fast.presets import resolve
+    from ecvl_fast.experiments.presets import resolve
 
     return load_config(resolve(config), list(aliases) + (overrides or []) +
                        ([f"model.pretrained={pretrained}"] if pretrained else []))
@@ -152,18 +155,18 @@ def train(
     """Train (one process, or one per GPU under torchrun): stage 1 into the run folder, stage 2 into
     its stage2/. Re-running the same command continues from the last checkpoint (mid-epoch after a
     preemption); exit status 75 means stopped on SIGTERM/SIGUSR1, 130 on Ctrl-C, with a checkpoint."""
-    from ecvl_fast import train as training
+    from ecvl_fast.training import loop as training
 
     if stage not in (None, 1, 2):
         raise EcvlError(f"--stage {stage}: there are stages 1 and 2")
     stages = (stage,) if stage else (1, 2)
     cfg = _config(config, overrides, pretrained, _aliases(stages, model, epochs, lr, batch_size, precision, out))
     if dry_run:
-        from ecvl_fast.presets import dry_run as plan
+        from ecvl_fast.experiments.presets import dry_run as plan
 
         plan(cfg, [(f"stage {s}", s, cfg, training.run_folder(cfg, s)) for s in stages])
         return
-    from ecvl_fast import dist as D
+    from ecvl_fast.run import dist as D
 
     with D.session(cfg.run.device, cfg.dist.backend):  # one process group for both stages (torchrun)
         for s in stages:
@@ -184,7 +187,7 @@ def evaluate(
     overrides: Optional[list[str]] = typer.Option(None, "--set", help="section.key=value (repeatable)"),
 ):
     """Many/medium/few/all accuracy, macro-F1 and head-tail gap of a checkpoint or a zero-shot model."""
-    from ecvl_fast.eval_cli import run_eval
+    from ecvl_fast.experiments.evaluate import run_eval
 
     if (ckpt is None) == (not zero_shot):
         raise EcvlError("pass exactly one of --ckpt FILE or --zero-shot")
@@ -203,7 +206,7 @@ def predict(
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
 ):
     """Top-k class names and probabilities for image files (the stage-2 adapter applied)."""
-    from ecvl_fast.predict import run_predict, write_csv
+    from ecvl_fast.serving.predict import run_predict, write_csv
 
     if top_k < 1:
         raise EcvlError(f"--top-k {top_k}: must be at least 1")
@@ -211,9 +214,9 @@ def predict(
     if out is not None:
         write_csv(preds, out)
     k = max((len(p.classes) for p in preds), default=top_k)
-    _report(f"{ckpt}: {len(preds)} images", ("image", "top-1", "p", f"top-{k}"),
+    tables.report(f"{ckpt}: {len(preds)} images", ("image", "top-1", "p", f"top-{k}"),
             [(Path(p.path).name, p.classes[0], f"{p.probs[0]:.3f}",
-              ", ".join(f"{c} {q:.2f}" for c, q in zip(p.classes, p.probs))) for p in preds[:20]], {}, None)
+              ", ".join(f"{c} {q:.2f}" for c, q in zip(p.classes, p.probs))) for p in preds[:20]], {})
 
 
 @app.command()
@@ -225,7 +228,7 @@ def export(
 ):
     """A slim classifier to deploy: image encoder, adapter, class text features and names, preprocessing
     (no optimizer, no momentum bank, no text tower). `predict --ckpt` reads it."""
-    from ecvl_fast.export import export as run_export
+    from ecvl_fast.serving.export import export as run_export
 
     r = run_export(ckpt, out, format)
     typer.echo(f"wrote {out} ({r['bytes'] / 1e6:.1f} MB; the checkpoint: {r['checkpoint_bytes'] / 1e6:.1f} MB), "
@@ -242,18 +245,19 @@ def ablate(
     model: Optional[str] = _MODEL, epochs: Optional[int] = _EPOCHS, lr: Optional[float] = _LR,
     batch_size: Optional[int] = _BATCH, precision: Optional[str] = _PRECISION_SET, out: Optional[str] = _OUT,
     dry_run: bool = _DRY,
-    rows: str = typer.Option("ballad,momentum,ecvl", help="stage-2 rows, comma-separated: the paper's, ecvl+, the "
+    rows: str = typer.Option(",".join(DEFAULT_ROWS), help="stage-2 rows, comma-separated: the paper's, ecvl+, the "
                              "ECVL+ variants and their no-memory controls (docs/study-ecvl-plus.md); an unknown name "
                              "lists them all"),
 ):
     """Zero-shot, stage 1, then the stage-2 rows (BALLAD, + momentum, ECVL by default) over seeds on
     the same stage-1 encoders: a table of mean ± std, paired differences, ablation.json/png."""
-    from ecvl_fast.ablate import parse_rows, parse_seeds, planned_runs, run_ablation
+    from ecvl_fast.method.rows import parse_rows
+    from ecvl_fast.experiments.ablate import parse_seeds, planned_runs, run_ablation
 
     cfg = _config(config, overrides, pretrained, _aliases((1, 2), model, epochs, lr, batch_size, precision, out))
     seeds, rows = parse_seeds(seeds), parse_rows(rows)
     if dry_run:
-        from ecvl_fast.presets import dry_run as plan
+        from ecvl_fast.experiments.presets import dry_run as plan
 
         plan(cfg, planned_runs(cfg, seeds, rows))
         return
@@ -271,8 +275,8 @@ def pretrain(
 ):
     """A stand-in for CLIP pretraining: stage 1 on a (balanced) dataset in the run folder (--out), its
     CLIP weights saved to --weights. Like train, the same command continues an interrupted run."""
-    from ecvl_fast import train as training
-    from ecvl_fast.ablate import export_weights
+    from ecvl_fast.training import loop as training
+    from ecvl_fast.experiments.pretrain import export_weights
 
     cfg = _config(config, overrides, aliases=_aliases((1,), out=out))
     training.main(cfg, stage=1, restart=restart)
@@ -283,7 +287,7 @@ def pretrain(
 @app.command()
 @one_line_errors
 def demo(
-    data: Path = typer.Option(Path("data/mnist-lt"), help="the embedded dataset, converted there on first use"),
+    data: Path = typer.Option(DEMO_DATA, help="the embedded dataset, converted there on first use"),
     out: Path = typer.Option(Path("runs/demo"), "--out", help="the run folder"),
     config: Optional[str] = typer.Option(None, "--config", help="a TOML file or a preset (default: mnist-demo)"),
     seeds: str = typer.Option("0", help="comma-separated seeds"),
@@ -291,9 +295,9 @@ def demo(
     """The embedded default: the ablation on mnist-lt (real digits, long-tailed) with a small CLIP.
     Finished rows are reused, so a second run prints the saved table. Kernels and threads are
     pinned (AVX2, 2 threads) so that the table is the same on every 2-core x86_64 machine."""
-    from ecvl_fast.demo import pin_numerics, run_demo
+    from ecvl_fast.experiments.demo import pin_numerics, run_demo
 
-    from ecvl_fast.presets import resolve
+    from ecvl_fast.experiments.presets import resolve
 
     pin_numerics()
     run_demo(data, out, resolve(config), seeds)
@@ -306,7 +310,7 @@ app.add_typer(bench_app, name="bench")
 @bench_app.command("loader")
 @one_line_errors
 def bench_loader(
-    data: Path = typer.Option(Path("data/mnist-lt"), help="a converted dataset (built from mnist-lt if missing)"),
+    data: Path = typer.Option(DEMO_DATA, help="a converted dataset (built from mnist-lt if missing)"),
     res: int = typer.Option(32, help="output resolution, e.g. 32 or 224"),
     batch: int = typer.Option(256),
     workers: int = typer.Option(2, help="ffcv threads for both; DataLoader worker processes for the peer"),
@@ -317,34 +321,11 @@ def bench_loader(
     json_out: Optional[Path] = typer.Option(None, "--json", help="also write the results here"),
 ):
     """FFCV -> DALI memory-driven RandAugment (2 views) vs the torchvision peer; numba vs numpy kernels."""
-    from ecvl_fast.bench import LoaderBench, run_loader_bench
+    from ecvl_fast.bench.host import LoaderBench, run_loader_bench
 
     _ensure_demo_data(data)
     r = run_loader_bench(LoaderBench(data, res, batch, workers, dali_threads, min_images=min_images), kernels_n, repeats)
-    k = r["kernels"]
-    _report(f"loader bench: {res} px, batch {batch}, {workers} workers, {dali_threads} DALI threads, 2 views, k=2 "
-            f"({r['machine']})", ("contender", "images/s", "ratio"), [
-                ("FFCV -> DALI", f"{r['ffcv_dali_img_s']:.0f}", f"{r['ratio']:.2f}x ({r['ratio_min']:.2f}-{r['ratio_max']:.2f})"),
-                ("torchvision/PIL peer", f"{r['torchvision_img_s']:.0f}", "1.00x"),
-                (f"kernels numba, N={k['n']:,}", f"{k['numba_s'] * 1e3:.1f} ms/epoch", f"{k['speedup']:.1f}x"),
-                (f"kernels numpy, N={k['n']:,}", f"{k['numpy_s'] * 1e3:.1f} ms/epoch", "1.00x")], r, json_out)
-
-
-def _report(title: str, columns: tuple, rows: list[tuple], result: dict, json_out: Optional[Path]) -> None:
-    """A benchmark's table on the console, and its raw results as JSON when asked."""
-    import json
-
-    from rich.console import Console
-    from rich.table import Table
-
-    t = Table(title=title)
-    for col in columns:
-        t.add_column(col, justify="right")
-    for row in rows:
-        t.add_row(*row)
-    Console().print(t)
-    if json_out:
-        json_out.write_text(json.dumps(result, indent=1))
+    tables.loader(r, json_out)
 
 
 @bench_app.command("kernels")
@@ -354,14 +335,10 @@ def bench_kernels_cmd(
     json_out: Optional[Path] = typer.Option(None, "--json"),
 ):
     """One epoch of momentum bookkeeping: numba njit vs numpy on CPU, and numba.cuda when a GPU is present."""
-    from ecvl_fast.bench import _machine, bench_kernels, bench_kernels_cuda
+    from ecvl_fast.bench.machine import describe
+    from ecvl_fast.bench.host import bench_kernels, bench_kernels_cuda
 
-    r = {"machine": _machine(), "cpu": bench_kernels(n), "cuda": bench_kernels_cuda(n)}
-    rows = [("numpy (vectorised)", f"{r['cpu']['numpy_s'] * 1e3:.1f}", "1.0x"),
-            ("numba njit", f"{r['cpu']['numba_s'] * 1e3:.1f}", f"{r['cpu']['speedup']:.1f}x")]
-    if r["cuda"]:
-        rows.append(("numba.cuda", f"{r['cuda']['cuda_s'] * 1e3:.2f}", f"{r['cpu']['numpy_s'] / r['cuda']['cuda_s']:.1f}x"))
-    _report(f"momentum kernels, N={n:,} ({r['machine']})", ("implementation", "ms / epoch", "vs numpy"), rows, r, json_out)
+    tables.kernels({"machine": describe(), "cpu": bench_kernels(n), "cuda": bench_kernels_cuda(n)}, json_out)
 
 
 @bench_app.command("convert")
@@ -372,32 +349,10 @@ def bench_convert_cmd(
     json_out: Optional[Path] = typer.Option(None, "--json"),
 ):
     """Convert throughput (images/s) for raw and jpg, on a synthetic CIFAR-10 in the standard pickle format."""
-    from ecvl_fast.bench import _machine, bench_convert
+    from ecvl_fast.bench.machine import describe
+    from ecvl_fast.bench.host import bench_convert
 
-    r = {"machine": _machine(), **bench_convert(per_class, workers)}
-    rows = [(fmt, str(r[fmt]["images"]), f"{r[fmt]['seconds']:.2f}", f"{r[fmt]['img_s']:.0f}",
-             f"{r[fmt]['bytes'] / 1e6:.1f}") for fmt in ("raw", "jpg")]
-    _report(f"convert cifar10-lt, {workers} workers ({r['machine']})", ("format", "images", "seconds", "images/s", "MB"),
-            rows, r, json_out)
-
-
-def _bench_out(result: dict, json_out: Optional[Path], compare_to: Optional[Path]) -> None:
-    """--json and --compare for the device benchmarks (rank 0 only under torchrun)."""
-    import json
-    import os
-
-    if os.environ.get("RANK", "0") != "0":
-        return
-    if json_out:
-        json_out.write_text(json.dumps(result, indent=1))
-    if compare_to:
-        from ecvl_fast.bench_device import compare
-
-        if not compare_to.is_file():
-            raise EcvlError(f"{compare_to}: no such benchmark JSON")
-        rows = compare(result, json.loads(compare_to.read_text()))
-        _report(f"against {compare_to}", ("metric", "new", "old", "new/old"),
-                [(k, f"{a:.1f}", f"{b:.1f}", f"{r:.2f}x") for k, a, b, r in rows], {}, None)
+    tables.convert({"machine": describe(), **bench_convert(per_class, workers)}, workers, json_out)
 
 
 _DEVICE = typer.Option("auto", help="auto | cpu | cuda (the local rank's GPU under torchrun)")
@@ -413,15 +368,9 @@ def bench_step_cmd(model: str = typer.Option("RN50"), res: int = typer.Option(22
                    repeats: int = typer.Option(3), precision: str = _PRECISION, json_out: Optional[Path] = _JSON,
                    compare_to: Optional[Path] = _COMPARE):
     """Stage 1 and stage 2 train steps on synthetic batches already on the device (no ffcv or DALI)."""
-    from ecvl_fast.bench_device import bench_step
+    from ecvl_fast.bench.device import bench_step
 
-    r = bench_step(model, res, batch, device, compile, steps, repeats, precision=precision)
-    _report(f"train step: {model}, {res} px, batch {batch}/device ({r['machine']['gpu'] or 'CPU'})",
-            ("stage", "img/s per device", "img/s total", "first step s", "peak GB"),
-            [(s, f"{r[s]['img_s']:.0f}", f"{r[s]['img_s_total']:.0f}", f"{r[s]['first_step_s']:.2f}",
-              "-" if r[s]["peak_device_mem_gb"] is None else f"{r[s]['peak_device_mem_gb']:.1f}") for s in ("stage1", "stage2")],
-            r, None)
-    _bench_out(r, json_out, compare_to)
+    tables.step(bench_step(model, res, batch, device, compile, steps, repeats, precision=precision), json_out, compare_to)
 
 
 @bench_app.command("augment")
@@ -434,14 +383,11 @@ def bench_augment_cmd(data: Optional[Path] = typer.Option(None, help="a converte
     """Memory-driven RandAugment alone (k=2, two views, M ~ U(0,1)): DALI vs the all-core PIL peer."""
     import os
 
-    from ecvl_fast.bench_device import bench_augment
+    from ecvl_fast.bench.device import bench_augment
 
     cores = os.cpu_count() or 1
-    r = bench_augment(data, res, batch, device, images, workers or cores, dali_threads or cores, repeats)
-    _report(f"augment: {res} px, 2 views, k=2 ({r['config']['device']}; {r['source']})", ("contender", "img/s", "ratio"),
-            [("DALI", f"{r['dali_img_s']:.0f}", f"{r['ratio']:.2f}x"),
-             (f"PIL peer, {r['config']['peer_workers']} workers", f"{r['peer_img_s']:.0f}", "1.00x")], r, None)
-    _bench_out(r, json_out, compare_to)
+    tables.augment(bench_augment(data, res, batch, device, images, workers or cores, dali_threads or cores, repeats),
+                   json_out, compare_to)
 
 
 @bench_app.command("train")
@@ -454,15 +400,11 @@ def bench_train_cmd(data: Optional[Path] = typer.Option(None, help="a converted 
     """Stage 2 epochs end to end with each feeder: img/s and the data-stall fraction."""
     import os
 
-    from ecvl_fast.bench_device import bench_train
+    from ecvl_fast.bench.device import bench_train
 
     cores = os.cpu_count() or 1
-    r = bench_train(data, model, res, batch, device, images, workers or cores, dali_threads or cores, epochs, precision)
-    _report(f"stage-2 training: {model}, {res} px, batch {batch} ({r['config']['device']}; {r['source']})",
-            ("feeder", "img/s", "data stall", "ratio"),
-            [(name, f"{r[name]['img_s']:.0f}", f"{100 * r[name]['data_stall']:.1f}%",
-              f"{r[name]['img_s'] / r['peer']['img_s']:.2f}x") for name in ("dali", "peer")], r, None)
-    _bench_out(r, json_out, compare_to)
+    tables.train(bench_train(data, model, res, batch, device, images, workers or cores, dali_threads or cores, epochs,
+                             precision), json_out, compare_to)
 
 
 @bench_app.command("infer")
@@ -473,16 +415,13 @@ def bench_infer_cmd(ckpt: Optional[Path] = typer.Option(None, help="a stage 1/2 
                     device: str = _DEVICE, images: int = typer.Option(4096), repeats: int = typer.Option(3),
                     precision: str = _PRECISION, json_out: Optional[Path] = _JSON, compare_to: Optional[Path] = _COMPARE):
     """The predict path (prepare, encode, adapter, eq. 6) on test images in memory: img/s."""
-    from ecvl_fast.bench_device import bench_infer
+    from ecvl_fast.bench.device import bench_infer
 
-    r = bench_infer(ckpt, data, model, res, batch, device, images, repeats, precision)
-    _report(f"inference: {r['config']['model']}, {r['config']['res']} px ({r['config']['device']}; {r['source']})",
-            ("images", "img/s"), [(str(r["config"]["images"]), f"{r['img_s']:.0f}")], r, None)
-    _bench_out(r, json_out, compare_to)
+    tables.infer(bench_infer(ckpt, data, model, res, batch, device, images, repeats, precision), json_out, compare_to)
 
 
 def _ensure_demo_data(data: Path) -> None:
-    from ecvl_fast.demo import ensure_data
+    from ecvl_fast.experiments.demo import ensure_data
 
     ensure_data(data)
 

@@ -12,11 +12,18 @@ import time
 import traceback
 from pathlib import Path
 
-MODULES = [
-    "ecvl_fast", "ecvl_fast.ablate", "ecvl_fast.bench", "ecvl_fast.bench_device", "ecvl_fast.checkpoint",
-    "ecvl_fast.cli", "ecvl_fast.config", "ecvl_fast.data", "ecvl_fast.demo", "ecvl_fast.dist", "ecvl_fast.eval_cli",
-    "ecvl_fast.evaluate", "ecvl_fast.losses", "ecvl_fast.model", "ecvl_fast.predict", "ecvl_fast.synthetic",
-    "ecvl_fast.train", "ecvl_fast.loaders.dali_pipeline", "ecvl_fast.loaders.memory", "ecvl_fast.loaders.randaug_ops",
+MODULES = [  # every module of the package (tests/test_layout.py checks the list is whole)
+    "ecvl_fast", "ecvl_fast.cli", "ecvl_fast.config",
+    "ecvl_fast.method.model", "ecvl_fast.method.losses", "ecvl_fast.method.rows",
+    "ecvl_fast.training.loop", "ecvl_fast.training.data", "ecvl_fast.run.precision",
+    "ecvl_fast.run.lifecycle", "ecvl_fast.run.checkpoint", "ecvl_fast.run.files", "ecvl_fast.run.dist", "ecvl_fast.run.logs",
+    "ecvl_fast.evaluation.metrics", "ecvl_fast.evaluation.reports",
+    "ecvl_fast.serving.classifier", "ecvl_fast.serving.export", "ecvl_fast.serving.predict",
+    "ecvl_fast.experiments.ablate", "ecvl_fast.experiments.demo", "ecvl_fast.experiments.evaluate",
+    "ecvl_fast.experiments.presets", "ecvl_fast.experiments.pretrain",
+    "ecvl_fast.bench.host", "ecvl_fast.bench.device", "ecvl_fast.bench.machine", "ecvl_fast.bench.synthetic",
+    "ecvl_fast.bench.tables",
+    "ecvl_fast.loaders.dali_pipeline", "ecvl_fast.loaders.memory", "ecvl_fast.loaders.randaug_ops",
     "ecvl_fast.loaders.torch_reference", "ecvl_fast.kernels.bank", "ecvl_fast.kernels.cpu",
     "nvidia.dali", "nvidia.dali.plugin.pytorch", "open_clip", "torchvision", "typer", "rich", "tqdm", "PIL", "pytest",
 ]
@@ -36,7 +43,7 @@ def pipeline(device):
     from ecvl_fast.kernels.bank import StaticMagnitudes
     from ecvl_fast.loaders.dali_pipeline import AugmentedLoader, AugSpec
     from ecvl_fast.loaders.memory import MemoryLoader
-    from ecvl_fast.synthetic import fake_images
+    from ecvl_fast.bench.synthetic import fake_images
 
     imgs, labels = fake_images(128, 0, 40), np.arange(128) % 10
     out = {}
@@ -55,12 +62,12 @@ def predict(device):
     import numpy as np
     from PIL import Image
 
-    from ecvl_fast import dist as D
+    from ecvl_fast.run import dist as D
     from ecvl_fast.config import Config, DataCfg, ModelCfg, RunCfg, Stage2Cfg
-    from ecvl_fast.lifecycle import Position
-    from ecvl_fast.predict import run_predict
-    from ecvl_fast.synthetic import fake_images
-    from ecvl_fast.train import build_run, save_checkpoint
+    from ecvl_fast.run.lifecycle import Position
+    from ecvl_fast.serving.predict import run_predict
+    from ecvl_fast.bench.synthetic import fake_images
+    from ecvl_fast.training.loop import build_run, save_checkpoint
 
     with tempfile.TemporaryDirectory() as tmp:
         cfg = Config(data=DataCfg(res=32), model=ModelCfg(name="ecvl-tiny-vit"), run=RunCfg(device=device.type, out=tmp),

@@ -12,11 +12,11 @@ import numpy as np
 import torch
 
 from ecvl_fast import EcvlError
+from ecvl_fast.config import CHOICES
 
 
-NORMS = ("bcl", "rank")
-SCOPES = ("sample", "class")
-DIRECTIONS = ("hard", "easy")
+# The allowed values have one home, the config's CHOICES; the bank checks against them.
+NORMS, SCOPES, DIRECTIONS = (CHOICES["aug", key] for key in ("m_norm", "m_scope", "m_direction"))
 
 
 class MomentumBank:

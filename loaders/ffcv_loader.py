@@ -62,7 +62,7 @@ _QUIETED = False
 
 def _quiet_numba_finalizer() -> None:
     """ffcv's compiled pipelines make numba print a harmless KeyError from a weakref finalizer at
-    exit (STACK.md); drop exactly that report and pass everything else on. Installed once."""
+    exit (seen with ffcv 1.0.2 and numba 0.68); drop exactly that report and pass everything else on. Installed once."""
     global _QUIETED
     import sys
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from ecvl_fast.synthetic import fake_images, write_cifar10  # noqa: F401  (re-exported for tests)
+from ecvl_fast.bench.synthetic import fake_images, write_cifar10  # noqa: F401  (re-exported for tests)
 
 
 # A tiny CLIP on MNIST-LT for end-to-end tests (format with epochs and loss).

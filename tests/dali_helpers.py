@@ -5,7 +5,7 @@ import torch
 
 from ecvl_fast.loaders.dali_pipeline import build_pipeline, feed
 from ecvl_fast.loaders.randaug_ops import LEAVES, OP_INDEX, slot_inputs
-from ecvl_fast.synthetic import fake_images
+from ecvl_fast.bench.synthetic import fake_images
 
 
 def images(n=32, size=40, seed=0):

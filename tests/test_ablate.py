@@ -7,11 +7,12 @@ import pytest
 import torch
 
 from ecvl_fast import EcvlError
-from ecvl_fast import train as training
-from ecvl_fast.ablate import last_val, paired, parse_rows, parse_seeds
+from ecvl_fast.training import loop as training
+from ecvl_fast.experiments.ablate import last_val, paired, parse_seeds
+from ecvl_fast.method.rows import parse_rows
 from ecvl_fast.cli import main
 from ecvl_fast.config import load_config
-from ecvl_fast.evaluate import metrics_file, read_metrics
+from ecvl_fast.evaluation.reports import metrics_file, read_metrics
 
 from conftest import TINY as TINY_STAGE1
 
@@ -97,7 +98,7 @@ def test_ablate_rows_seeds_json_and_resume(tmp_path, mnist, monkeypatch, capsys)
     assert (e["row"], e["against"]) == ("ecvl-ce-class", "ballad")
     assert e["few"]["per_seed"] == [per_seed["ecvl-ce-class"]["few"] - per_seed["ballad"]["few"]]
     # what the row put in M: one M per class, from the CE memory, ranked over the classes
-    from ecvl_fast.data import open_dataset
+    from ecvl_fast.training.data import open_dataset
 
     labels = np.asarray(open_dataset(mnist)["train_labels"])
     m = torch.load(out / "seed0" / "ecvl-ce-class" / "last.pt", weights_only=True)["momentum"]["m"].numpy()
@@ -198,7 +199,7 @@ def test_ablate_summary_without_few_or_many_classes(tmp_path, capsys):
 def test_a_failed_summary_names_the_trained_rows(tmp_path, monkeypatch):
     """The summary fails after every row trained: one line naming the rows' folders, and the next
     run of the same command writes the summary from them without training again."""
-    from ecvl_fast import ablate
+    from ecvl_fast.experiments import ablate
     from ecvl_fast.config import save_config
 
     def fake_training(cfg, stage=1, out=None, **k):  # a finished run: its config and metrics saved
@@ -231,7 +232,7 @@ def test_reports_without_matplotlib_keep_the_metrics(tmp_path, monkeypatch, caps
     metrics.json and says in one line that the plot was skipped."""
     import sys
 
-    from ecvl_fast.evaluate import write_report
+    from ecvl_fast.evaluation.reports import write_report
 
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
     metrics = {"many": 0.5, "medium": None, "few": 0.25, "all": 0.4, "macro_f1": 0.3, "head_tail_gap": 0.25,

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from ecvl_fast.bench_device import compare
+from ecvl_fast.bench.device import compare
 from ecvl_fast.cli import main
 
 MACHINE = {"date", "cpus", "torch", "cuda", "gpu", "dali", "ffcv", "numba"}

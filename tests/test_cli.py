@@ -52,7 +52,7 @@ def test_demo_pins_kernels_and_threads():
     import sys
 
     code = ("import os; [os.environ.pop(k, None) for k in ('ATEN_CPU_CAPABILITY', 'OMP_NUM_THREADS')]; "
-            "from ecvl_fast.demo import pin_numerics; first = pin_numerics(); import torch; "
+            "from ecvl_fast.experiments.demo import pin_numerics; first = pin_numerics(); import torch; "
             "print(first, torch.backends.cpu.get_cpu_capability(), torch.get_num_threads(), pin_numerics())")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.stdout.split() == ["True", "AVX2", "2", "False"], out.stderr[-2000:]

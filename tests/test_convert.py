@@ -142,8 +142,8 @@ def test_corrupt_image_fails_or_is_skipped(tmp_path, split_dataset, capsys):
 def test_import_does_not_load_ffcv_or_dali():
     import subprocess
 
-    code = ("import ecvl_fast, ecvl_fast.cli, ecvl_fast.loaders.convert, ecvl_fast.train, ecvl_fast.eval_cli, sys, "
-            "ecvl_fast.predict, ecvl_fast.bench_device, ecvl_fast.ablate, ecvl_fast.demo, ecvl_fast.loaders.memory; "
+    code = ("import ecvl_fast, ecvl_fast.cli, ecvl_fast.loaders.convert, ecvl_fast.training.loop, ecvl_fast.experiments.evaluate, sys, "
+            "ecvl_fast.serving.predict, ecvl_fast.bench.device, ecvl_fast.experiments.ablate, ecvl_fast.experiments.demo, ecvl_fast.loaders.memory; "
             "bad = [m for m in sys.modules if m.split('.')[0] in ('ffcv', 'nvidia')]; assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)
 
@@ -152,7 +152,7 @@ def write_tiny_imagenet(root, per_class=40, val_per_class=3, wnids=("n001", "n00
     """Tiny-ImageNet's layout from generated JPEGs: train/<wnid>/images, val/images + annotations."""
     from PIL import Image
 
-    from ecvl_fast.synthetic import fake_images
+    from ecvl_fast.bench.synthetic import fake_images
 
     for c, w in enumerate(tuple(wnids) + tuple(extra)):
         folder = root / "train" / w / "images"

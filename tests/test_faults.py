@@ -19,8 +19,8 @@ from PIL import Image
 from conftest import TINY, write_tree
 from ecvl_fast import EcvlError
 from ecvl_fast.cli import main
-from ecvl_fast.files import atomic_write
-from ecvl_fast.lifecycle import EXIT_INTERRUPTED, RunLock
+from ecvl_fast.run.files import atomic_write
+from ecvl_fast.run.lifecycle import EXIT_INTERRUPTED, RunLock
 
 
 def tiny(tmp_path, mnist, name, *sets, epochs=1):
@@ -210,7 +210,7 @@ def test_a_full_disk_for_real(tmp_path, mnist, capsys):
 
 
 def test_collapsed_predictions_are_warned_about(capsys):
-    from ecvl_fast.train import warn_if_collapsed
+    from ecvl_fast.training.loop import warn_if_collapsed
 
     warn_if_collapsed({"predicted_classes": 1}, 10, "test")
     assert "falls on 1 of 10 classes: the model has collapsed" in capsys.readouterr().err

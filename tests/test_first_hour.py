@@ -84,7 +84,7 @@ def test_from_an_image_folder_to_a_model_and_a_prediction(tmp_path, monkeypatch,
     table = capsys.readouterr().out
     assert "top-3" in table and table.count("c0") >= 4  # all three classes listed: k = min(5, classes)
     assert not [r for r in caplog.records if "initialized randomly" in r.getMessage()]  # weights are loaded
-    from ecvl_fast.predict import load
+    from ecvl_fast.serving.classifier import load
 
     model = load("model.pt")
     preds = model.classify([image, Image.open(image)], top_k=2)
@@ -96,7 +96,7 @@ def test_from_an_image_folder_to_a_model_and_a_prediction(tmp_path, monkeypatch,
 
 def test_warnings_that_mean_something():
     from ecvl_fast.config import ModelCfg
-    from ecvl_fast.model import random_weights_warning
+    from ecvl_fast.method.model import random_weights_warning
 
     assert "RN50 trains from random weights" in random_weights_warning(ModelCfg(name="RN50"))
     assert random_weights_warning(ModelCfg(name="RN50", pretrained="/w/rn50.pt")) is None
@@ -121,6 +121,6 @@ def test_a_config_that_names_no_folder_gets_one_from_its_data_and_model():
     assert load_config(None, ["data.path=data/b", "model.name=ViT-B-16"]).run.out == "runs/b-ViT-B-16"
     assert load_config(None, ["run.out=mine", "data.path=data/b"]).run.out == "mine"
     with pytest.raises(EcvlError, match="no such file or preset"):
-        from ecvl_fast.presets import resolve
+        from ecvl_fast.experiments.presets import resolve
 
         resolve("data/nothing.toml")

@@ -12,14 +12,14 @@ import pytest
 import torch
 
 from dali_helpers import images, run_leaf
-from ecvl_fast import dist as D
+from ecvl_fast.run import dist as D
 from ecvl_fast.config import Config, ModelCfg, RunCfg, Stage1Cfg, Stage2Cfg
 from ecvl_fast.loaders.dali_pipeline import CLIP_MEAN, CLIP_STD, AugmentedLoader, AugSpec
 from ecvl_fast.loaders.memory import MemoryLoader
 from ecvl_fast.loaders.randaug_ops import OPS
-from ecvl_fast.logs import RunLog
-from ecvl_fast.synthetic import fake_images
-from ecvl_fast.train import build_run, train_epoch, train_step
+from ecvl_fast.run.logs import RunLog
+from ecvl_fast.bench.synthetic import fake_images
+from ecvl_fast.training.loop import build_run, train_epoch, train_step
 
 CLASSES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 CUDA = torch.cuda.is_available()
@@ -89,7 +89,7 @@ def test_step_runs_on_gpu_in_bf16(loss):
 def test_predict_normalises_with_one_copy_per_device(device_name):
     """predict's preprocessing: CLIP's mean and std reach the device once, not once per batch (a
     copy from pageable memory syncs with the host), and the batch is normalised as eval does."""
-    from ecvl_fast.predict import _normaliser, to_input
+    from ecvl_fast.serving.classifier import _normaliser, to_input
 
     device = torch.device(device_name, 0) if device_name == "cuda" else torch.device("cpu")
     assert all(a is b for a, b in zip(_normaliser(device), _normaliser(device)))
@@ -247,8 +247,8 @@ def test_train_main_stage2_evaluates_checkpoints_and_resumes(device_name, tmp_pa
     import os
     import signal
 
-    from ecvl_fast import lifecycle
-    from ecvl_fast import train as training
+    from ecvl_fast.run import lifecycle
+    from ecvl_fast.training import loop as training
     from ecvl_fast.config import DataCfg
 
     data = memory_dataset(tmp_path / "data", monkeypatch)

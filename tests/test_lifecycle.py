@@ -13,13 +13,13 @@ import torch
 
 from conftest import TINY
 from ecvl_fast import EcvlError
-from ecvl_fast import checkpoint as ckpt_io
-from ecvl_fast import train as training
+from ecvl_fast.run import checkpoint as ckpt_io
+from ecvl_fast.training import loop as training
 from ecvl_fast.cli import main as cli_main
-from ecvl_fast.evaluate import read_metrics
+from ecvl_fast.evaluation.reports import read_metrics
 from ecvl_fast.config import load_config
-from ecvl_fast.dist import check_launcher
-from ecvl_fast.lifecycle import EXIT_PREEMPTED
+from ecvl_fast.run.dist import check_launcher
+from ecvl_fast.run.lifecycle import EXIT_PREEMPTED
 
 STEPS = 988 // 64  # MNIST-LT train images // batch: steps per epoch
 
@@ -174,8 +174,8 @@ def test_sigusr1_and_sigterm_set_the_stop_flag_and_are_restored():
     each is a stop request; Ctrl-C's exit status is 130."""
     import os
 
-    from ecvl_fast import dist as D
-    from ecvl_fast.lifecycle import StopSignal
+    from ecvl_fast.run import dist as D
+    from ecvl_fast.run.lifecycle import StopSignal
 
     d = D.Dist(0, 0, 1, torch.device("cpu"))
     before = signal.getsignal(signal.SIGUSR1), signal.getsignal(signal.SIGINT)
@@ -196,7 +196,7 @@ def test_sigusr1_and_sigterm_set_the_stop_flag_and_are_restored():
 def test_the_stop_watchdog_leaves_only_when_the_run_cannot():
     """After a signal the watchdog exits the process (status 75) once stop_grace_s passes, unless
     the run has left its block by then (then it stands down)."""
-    code = ("import os, signal, time; from ecvl_fast.lifecycle import StopSignal\n"
+    code = ("import os, signal, time; from ecvl_fast.run.lifecycle import StopSignal\n"
             "with StopSignal(grace_s=1.0):\n    os.kill(os.getpid(), signal.SIGTERM); time.sleep(0.05)\n"
             "time.sleep(1.5); print('survived')\n"
             "with StopSignal(grace_s=1.0):\n    os.kill(os.getpid(), signal.SIGTERM); time.sleep(10)\n")

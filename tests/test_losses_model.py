@@ -5,9 +5,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ecvl_fast import losses
+from ecvl_fast.method import losses
 from ecvl_fast.config import ModelCfg
-from ecvl_fast.model import ClipNet, build_clip, class_text_features, prompt_tokens, zero_shot_logits
+from ecvl_fast.method.model import ClipNet, build_clip, class_text_features, prompt_tokens, zero_shot_logits
 
 
 def naive_clip_loss(img, txt, labels, scale):
@@ -80,7 +80,7 @@ def test_zero_shot_equals_open_clip_classifier(kind):
     net = ClipNet(clip)
     classes = ["zero", "one", "two", "three"]
     ours = class_text_features(net, prompt_tokens(tok, classes, kind))
-    from ecvl_fast.model import templates
+    from ecvl_fast.method.model import templates
 
     theirs = open_clip.build_zero_shot_classifier(clip, tok, classes, list(templates(kind)), device="cpu")
     torch.testing.assert_close(ours, theirs.T, rtol=1e-5, atol=1e-5)
@@ -115,7 +115,7 @@ def test_dcvl_matches_naive():
 
 
 def test_adapter_is_eq7():
-    from ecvl_fast.model import Adapter
+    from ecvl_fast.method.model import Adapter
 
     f = torch.randn(4, 8)
     a = Adapter(8, ratio=0.2)
@@ -155,7 +155,7 @@ def test_confusion_and_macro_f1_match_scikit_learn():
     import numpy as np
     from sklearn.metrics import confusion_matrix, f1_score
 
-    from ecvl_fast.evaluate import confusion, macro_f1
+    from ecvl_fast.evaluation.metrics import confusion, macro_f1
 
     rng = np.random.default_rng(0)
     labels, preds = rng.integers(0, 6, 200), rng.integers(0, 5, 200)  # class 5 never predicted

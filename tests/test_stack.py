@@ -6,12 +6,12 @@ import torch
 from PIL import Image
 
 from ecvl_fast import EcvlError
-from ecvl_fast import dist as D
-from ecvl_fast import precision
-from ecvl_fast import train as training
+from ecvl_fast.run import dist as D
+from ecvl_fast.run import precision
+from ecvl_fast.training import loop as training
 from ecvl_fast.cli import main as cli_main
 from ecvl_fast.config import AugCfg, Config, ModelCfg, RunCfg, Stage1Cfg, Stage2Cfg, load_config
-from ecvl_fast.train import build_run, train_step
+from ecvl_fast.training.loop import build_run, train_step
 
 from conftest import TINY
 
@@ -65,7 +65,7 @@ def test_ce_memory_records_each_samples_prompt_ce():
     two views' terms, not its L_DCVL; the loss that trains the adapter is unchanged."""
     import torch.nn.functional as F
 
-    from ecvl_fast.model import adapted_features
+    from ecvl_fast.method.model import adapted_features
 
     x, y = batch()
     views = [x, x.flip(-1)]
@@ -91,7 +91,7 @@ def test_ce_memory_records_each_samples_prompt_ce():
 def test_lol_memory_records_the_share_of_right_views():
     """aug.m_source = "lol": the bank's input is the share of each sample's two views whose top
     class is its label; its scope and direction must be said; its settings are checked."""
-    from ecvl_fast.model import adapted_features
+    from ecvl_fast.method.model import adapted_features
 
     x, y = batch()
     views = [x, x.flip(-1)]
@@ -137,8 +137,8 @@ def test_every_precision_trains_on_cpu(prec):
 def test_fp16_a_scaler_skipped_step_does_not_stop_the_run(tmp_path):
     """An epoch with one overflowing batch: under fp16 the scaler skips that step (and lowers its
     scale) and the epoch goes on; under fp32 the same batch stops the run with one line."""
-    from ecvl_fast.logs import RunLog
-    from ecvl_fast.train import train_epoch
+    from ecvl_fast.run.logs import RunLog
+    from ecvl_fast.training.loop import train_epoch
 
     x, y = batch()
     batches = [([x], y, torch.arange(64))] * 5
@@ -171,7 +171,7 @@ def test_export_pt_and_onnx_predict_like_the_checkpoint(tmp_path, mnist):
         Image.fromarray(im).save(folder / f"{i:02d}.png")
     assert cli_main(["export", "--ckpt", str(ckpt), "--out", str(tmp_path / "model.pt")]) == 0
     assert cli_main(["export", "--ckpt", str(ckpt), "--out", str(tmp_path / "model.onnx"), "--format", "onnx"]) == 0
-    from ecvl_fast.predict import run_predict
+    from ecvl_fast.serving.predict import run_predict
 
     preds = {name: run_predict(tmp_path / name if name != "ckpt" else ckpt, [], folder, top_k=10, device="cpu")
              for name in ("ckpt", "model.pt", "model.onnx")}

@@ -7,11 +7,11 @@ import torch
 
 from ecvl_fast.cli import main as cli_main
 from ecvl_fast import EcvlError
-from ecvl_fast import checkpoint as ckpt_io
-from ecvl_fast import losses
-from ecvl_fast import train as training
+from ecvl_fast.run import checkpoint as ckpt_io
+from ecvl_fast.method import losses
+from ecvl_fast.training import loop as training
 from ecvl_fast.config import load_config
-from ecvl_fast.evaluate import read_metrics
+from ecvl_fast.evaluation.reports import read_metrics
 from ecvl_fast.loaders.convert import ConvertOptions, convert
 
 from conftest import TINY, two_nodes
@@ -269,10 +269,10 @@ def test_training_reads_the_banks_m_each_epoch(tmp_path, mnist, monkeypatch, tin
 def test_predict_matches_eval_and_handles_bad_input(tmp_path, mnist, capsys, tiny_stage1):
     from PIL import Image
 
-    from ecvl_fast import dist as D
-    from ecvl_fast.data import eval_loader
-    from ecvl_fast.eval_cli import load_classifier
-    from ecvl_fast.evaluate import predict
+    from ecvl_fast.run import dist as D
+    from ecvl_fast.training.data import eval_loader
+    from ecvl_fast.serving.classifier import load_classifier
+    from ecvl_fast.evaluation.metrics import predict
     from ecvl_fast.loaders.sources import load_mnist_lt
 
     cfg = stage2_config(tmp_path, mnist, tiny_stage1[0], "p", ["stage2.epochs=1"])

@@ -8,7 +8,7 @@ from pathlib import Path
 from ecvl_fast import EcvlError
 from ecvl_fast.config import Config, config_toml
 
-PRESETS = Path(__file__).parent / "configs"
+PRESETS = Path(__file__).parent.parent / "configs"
 
 
 def names() -> list[str]:
@@ -29,8 +29,8 @@ def resolve(config: str | Path | None) -> Path | None:
 
 def _status(folder: Path, cfg: Config, epochs: int) -> str:
     """What the run in `folder` would do: start, resume (where), reuse, or be refused."""
-    from ecvl_fast import checkpoint as ckpt_io
-    from ecvl_fast.lifecycle import config_diff
+    from ecvl_fast.run import checkpoint as ckpt_io
+    from ecvl_fast.run.lifecycle import config_diff
 
     last = folder / "last.pt"
     if not last.is_file():

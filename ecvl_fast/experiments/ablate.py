@@ -8,9 +8,8 @@ default rows are the paper's:
 - momentum: + L_DCVL (eq. 11), the bank updated (eqs. 8-9) but M unused;
 - ecvl:     + the memory-driven RandAugment driven by M (eq. 10).
 
-`--rows` picks others by name: the ECVL+ variants (`ecvl-class`, `ecvl-ce`, ...), each named by
-what it changes in the memory, and the no-memory controls (`freq-rare`, `freq-common`), where M
-comes from class size alone (docs/study-ecvl-plus.md).
+`--rows` picks others by name (`ecvl_fast.method.rows`): the ECVL+ variants, each named by what
+it changes in the memory, and the no-memory controls, where M comes from class size alone.
 
 Zero-shot (eq. 6) comes first when `model.pretrained` gives weights; it has no randomness, so it
 is evaluated once. A row whose metrics.json exists beside the same config.toml is reused, so an
@@ -26,65 +25,10 @@ import numpy as np
 
 from ecvl_fast import EcvlError, first_line
 from ecvl_fast.config import Config, load_config
-from ecvl_fast.evaluate import EMPTY, METRICS, read_metrics
-from ecvl_fast.files import atomic_write
-
-PAPER_MEMORY = {"m_source": "dcvl", "m_scope": "sample", "m_direction": "hard"}
-
-
-def _memory(**changes) -> dict:
-    return {"stage2": {"randaug": True}, "aug": {**PAPER_MEMORY, **changes}}
-
-
-# row -> (settings per config section, label, its no-memory control)
-STAGE2_ROWS = {
-    "ballad": ({"stage2": {"dcvl_weight": 0.0, "randaug": False}, "aug": PAPER_MEMORY}, "BALLAD", None),
-    "momentum": ({"stage2": {"randaug": False}, "aug": PAPER_MEMORY}, "+ momentum", None),
-    "ecvl": (_memory(), "ECVL", "freq-rare"),
-    "ecvl-class": (_memory(m_scope="class"), "ECVL, M per class", "freq-rare"),
-    "ecvl-ce": (_memory(m_source="ce"), "ECVL, M from CE", "freq-rare"),
-    "ecvl-ce-class": (_memory(m_source="ce", m_scope="class"), "ECVL, M per class from CE", "freq-rare"),
-    "ecvl-class-easy": (_memory(m_scope="class", m_direction="easy"), "ECVL, M per class, reversed",
-                        "freq-common"),
-    "ecvl-ce-class-easy": (_memory(m_source="ce", m_scope="class", m_direction="easy"),
-                           "ECVL, M per class from CE, reversed", "freq-common"),
-    "freq-rare": (_memory(m_source="frequency"), "control: M by rarity", None),
-    "freq-common": (_memory(m_source="frequency", m_direction="easy"), "control: M by class size", None),
-}
-
-
-def _no_dcvl(sections: dict) -> dict:
-    """A row's settings with BALLAD's loss (no L_DCVL term; the study in docs/study-tiny-imagenet.md found that term
-    costs the tail): BALLAD + RandAugment driven by the same M."""
-    return {"stage2": {**sections["stage2"], "dcvl_weight": 0.0}, "aug": sections["aug"]}
-
-
-def _without_dcvl(row: str) -> tuple:
-    sections, label, control = STAGE2_ROWS[row]
-    return _no_dcvl(sections), "BALLAD + RA, " + label.removeprefix("ECVL, "), control and "ballad+" + control
-
-
-for _row in ("ecvl-ce-class", "ecvl-ce-class-easy", "freq-rare", "freq-common"):
-    STAGE2_ROWS["ballad+" + _row.removeprefix("ecvl-")] = _without_dcvl(_row)
-# Ahn et al.'s level-of-learning rule (docs/study-ecvl-plus.md): per class, rising while the class is learned
-STAGE2_ROWS["ballad+lol"] = (_no_dcvl(_memory(m_source="lol", m_scope="class", m_direction="easy")),
-                             "BALLAD + RA, M per class by level of learning", "ballad+freq-common")
-# The best variant measured (docs/study-ecvl-plus.md; chosen on the val split by the rule fixed before the
-# runs: the highest mean few-shot accuracy, over all three rounds), under its own name. It does not
-# beat its control there.
-STAGE2_ROWS["ecvl+"] = (STAGE2_ROWS["ballad+lol"][0],
-                        "ECVL+ (best measured: BALLAD + RA, M per class by level of learning)", "ballad+freq-common")
-DEFAULT_ROWS = ("ballad", "momentum", "ecvl")
-LABELS = {"zero-shot": "zero-shot", "stage1": "stage 1", **{k: v[1] for k, v in STAGE2_ROWS.items()}}
-
-
-def parse_rows(text: str) -> tuple[str, ...]:
-    rows = tuple(r.strip() for r in text.split(",") if r.strip())
-    unknown = [r for r in rows if r not in STAGE2_ROWS]
-    if unknown or not rows or len(set(rows)) != len(rows):
-        raise EcvlError(f"--rows {text!r}: expected distinct names from {', '.join(STAGE2_ROWS)}")
-    return rows
-
+from ecvl_fast.evaluation.metrics import METRICS
+from ecvl_fast.evaluation.reports import PAIRED, plot_rows, print_ablation, read_metrics
+from ecvl_fast.method.rows import DEFAULT_ROWS, LABELS, ROWS, other_control
+from ecvl_fast.run.files import atomic_write
 
 def _with(cfg: Config, section: str, **values) -> Config:
     return dataclasses.replace(cfg, **{section: dataclasses.replace(getattr(cfg, section), **values)})
@@ -105,13 +49,12 @@ def _finished(folder: Path, cfg: Config, ignore: tuple[str, ...] = ()) -> dict |
 
 
 def _stage2_cfg(cfg: Config, row: str) -> Config:
-    sections = STAGE2_ROWS[row][0]
-    cfg = _with(cfg, "stage2", **{**sections["stage2"], "init": ""})
-    return _with(cfg, "aug", **sections["aug"])
+    cfg = _with(cfg, "stage2", **{**ROWS[row].stage2, "init": ""})
+    return _with(cfg, "aug", **ROWS[row].aug)
 
 
 def run_ablation(cfg: Config, seeds: list[int], log=print, rows: tuple[str, ...] = DEFAULT_ROWS) -> dict:
-    from ecvl_fast import dist as D
+    from ecvl_fast.run import dist as D
 
     with D.session(cfg.run.device, cfg.dist.backend) as d:  # one process group for every row
         return _ablation(cfg, seeds, log, d.main, rows)
@@ -128,7 +71,7 @@ def planned_runs(cfg: Config, seeds: list[int], rows: tuple[str, ...] = DEFAULT_
 
 
 def _ablation(cfg: Config, seeds: list[int], log, main: bool, rows: tuple[str, ...] = DEFAULT_ROWS) -> dict:
-    from ecvl_fast import train as training
+    from ecvl_fast.training import loop as training
 
     out = Path(cfg.run.out)
     if main:
@@ -179,7 +122,7 @@ def last_val(folder: Path) -> dict | None:
 
 
 def _zero_shot(cfg: Config, folder: Path, main: bool) -> dict:
-    from ecvl_fast.eval_cli import run_eval
+    from ecvl_fast.experiments.evaluate import run_eval
 
     saved = folder / "metrics.json"
     if saved.is_file() and (folder / "pretrained.txt").is_file() and \
@@ -209,11 +152,6 @@ def summarise(per_seed: dict[str, dict[int, dict]], cfg: Config, seeds: list[int
             "seeds": seeds, "config": cfg.to_dict(), "rows": rows, "paired": paired(per_seed, seeds)}
 
 
-PAIRED = ("few", "macro_f1", "all")
-
-
-OTHER_CONTROL = {"freq-rare": "freq-common", "freq-common": "freq-rare",
-                 "ballad+freq-rare": "ballad+freq-common", "ballad+freq-common": "ballad+freq-rare"}
 
 
 def paired(per_seed: dict[str, dict[int, dict]], seeds: list[int]) -> list[dict]:
@@ -223,10 +161,10 @@ def paired(per_seed: dict[str, dict[int, dict]], seeds: list[int]) -> list[dict]
     what the memory finds, so either class-size rule may be the one it has to beat."""
     out = []
     for row in per_seed:
-        if row not in STAGE2_ROWS:
+        if row not in ROWS:
             continue
-        own = STAGE2_ROWS[row][2]
-        for other in ("ballad", own, OTHER_CONTROL.get(own)):
+        own = ROWS[row].control
+        for other in ("ballad", own, other_control(own)):
             if other is None or other == row or other not in per_seed:
                 continue
             both = [s for s in seeds if s in per_seed[row] and s in per_seed[other]]
@@ -244,70 +182,6 @@ def paired(per_seed: dict[str, dict[int, dict]], seeds: list[int]) -> list[dict]
     return out
 
 
-def print_ablation(result: dict) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    t = Table(title=f"{result['model']} on {Path(result['data']).name}: mean ± std over seeds "
-                    f"{', '.join(map(str, result['seeds']))} (%)")
-    t.add_column("row")
-    for k in METRICS:
-        t.add_column(k, justify="right")
-    for row in result["rows"]:
-        cells = [EMPTY if row[k] is None else f"{100 * row[k]['mean']:.2f} ± {100 * row[k]['std']:.2f}" for k in METRICS]
-        t.add_row(row["label"], *cells)
-    console = Console(width=max(120, Console().width))
-    console.print(t)
-    val = [(row["label"], row["val"]) for row in result["rows"] if row.get("val")]
-    if val:
-        print("val split (last epoch, mean over seeds; choose on these): " + "; ".join(
-            f"{label} " + " ".join(f"{k} {100 * v:.2f}" for k, v in scores.items()) for label, scores in val))
-    if result.get("paired"):
-        t = Table(title="paired by seed: row minus BALLAD, and minus its no-memory control (points; per seed, mean ± std)")
-        for col in ("row", "minus", *PAIRED):
-            t.add_column(col, justify="left" if col in ("row", "minus") else "right")
-        for e in result["paired"]:
-            t.add_row(LABELS[e["row"]], LABELS[e["against"]], *(
-                EMPTY if e[k] is None else
-                " ".join(f"{100 * v:+.2f}" for v in e[k]["per_seed"]) + f"  ({100 * e[k]['mean']:+.2f} ± {100 * e[k]['std']:.2f})"
-                for k in PAIRED))
-        console.print(t)
-        skipped = sorted({k for e in result["paired"] for k in e.get("skipped", ())})
-        if skipped:
-            print(f"paired differences skipped for {', '.join(skipped)}: the shot group is empty in this dataset "
-                  f"({EMPTY} in the tables, null in ablation.json)")
-    print("BALLAD: adapter on class-balanced batches, prompt CE only; + momentum: adds L_DCVL (eq. 11), the bank "
-          "updated, M unused; ECVL: adds the memory-driven RandAugment (eq. 10). Same stage-1 encoders, sampler, "
-          "views and steps in every row; the others change only where M comes from (docs/study-ecvl-plus.md).")
-
-
-def plot_rows(result: dict, path: Path) -> None:
-    """Bars per shot group (and all, macro-F1), one per row, with the std over seeds."""
-    from ecvl_fast.evaluate import pyplot
-
-    plt = pyplot()
-    if plt is None:
-        return
-
-    rows = result["rows"]
-    groups = [g for g in ("many", "medium", "few", "all", "macro_f1") if any(row[g] for row in rows)]  # empty groups left out
-    width = 0.8 / max(1, len(rows))
-    colours = plt.get_cmap("tab20" if len(rows) > 10 else "tab10").colors  # no colour twice
-    fig, ax = plt.subplots(figsize=(8 + 3 * (len(rows) > 6), 4))
-    for i, row in enumerate(rows):
-        x = np.arange(len(groups)) + (i - (len(rows) - 1) / 2) * width
-        mean = [100 * row[g]["mean"] if row[g] else np.nan for g in groups]
-        std = [100 * row[g]["std"] if row[g] else np.nan for g in groups]
-        ax.bar(x, mean, width, yerr=std, capsize=2, label=row["label"], color=colours[i % len(colours)])
-    ax.set_xticks(np.arange(len(groups)), groups)
-    ax.set_ylabel("test accuracy / macro-F1 (%)")
-    ax.set_title(f"{result['model']} on {Path(result['data']).name}, seeds {result['seeds']}")
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))  # beside the bars, not over them
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
 def parse_seeds(text: str) -> list[int]:
     try:
         seeds = [int(s) for s in text.split(",") if s.strip()]
@@ -318,13 +192,3 @@ def parse_seeds(text: str) -> list[int]:
     return seeds
 
 
-def export_weights(ckpt: Path, out: Path) -> None:
-    """The CLIP weights of an ecvl-fast checkpoint as a file `model.pretrained` can name (open_clip's
-    {"state_dict": ...} form), written to a temp file and renamed."""
-    import torch
-
-    from ecvl_fast import checkpoint as ckpt_io
-
-    state = ckpt_io.load(ckpt)
-    clip = {k.removeprefix("clip."): v for k, v in state["model"].items()}
-    atomic_write(out, lambda tmp: torch.save({"state_dict": clip, "model_name": state["model_name"]}, tmp))

@@ -12,7 +12,7 @@ from torch import nn
 from ecvl_fast import EcvlError, first_line
 from ecvl_fast.config import ModelCfg
 
-CONFIG_DIR = Path(__file__).parent / "model_configs"
+CONFIG_DIR = Path(__file__).parent.parent / "model_configs"  # the built-in small models' open_clip configs
 SINGLE_TEMPLATE = ("a photo of a {}.",)
 
 

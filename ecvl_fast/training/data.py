@@ -3,9 +3,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ecvl_fast import EcvlError, precision
+from ecvl_fast import EcvlError
+from ecvl_fast.run import precision
 from ecvl_fast.config import Config
-from ecvl_fast.dist import Dist
+from ecvl_fast.run.dist import Dist
 
 
 def open_dataset(path: str | Path) -> dict:

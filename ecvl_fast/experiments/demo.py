@@ -3,9 +3,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import ecvl_fast
+from ecvl_fast.config import DataCfg
+from ecvl_fast.experiments.presets import PRESETS
 
-DEMO_CONFIG = Path(ecvl_fast.__file__).parent / "configs" / "mnist-demo.toml"
+DEMO_CONFIG = PRESETS / "mnist-demo.toml"
+DEMO_DATA = Path(DataCfg().path)  # the embedded dataset's one home: the config's default data.path
 
 # The demo's table should be the same on every machine of the 2-core x86_64 kind. Float sums
 # round differently when torch, MKL or oneDNN pick other kernels (AVX-512 where the CPU has it,
@@ -26,14 +28,14 @@ def pin_numerics() -> bool:
 
 def ensure_data(data: Path) -> None:
     """Build the embedded dataset on first use (only at its default place)."""
-    if not (data / "meta.json").exists() and data == Path("data/mnist-lt"):
+    if not (data / "meta.json").exists() and data == DEMO_DATA:
         from ecvl_fast.loaders.convert import ConvertOptions, convert
 
         convert(ConvertOptions("mnist-lt", data))
 
 
 def run_demo(data: Path, run: Path, config: Path | None = None, seeds: str = "0") -> dict:
-    from ecvl_fast.ablate import parse_seeds, run_ablation
+    from ecvl_fast.experiments.ablate import parse_seeds, run_ablation
     from ecvl_fast.config import load_config
 
     ensure_data(data)

@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ecvl_fast.data import default_load_res
+from ecvl_fast.bench.machine import describe
+from ecvl_fast.training.data import default_load_res
 
 
 @dataclass(frozen=True)
@@ -149,7 +150,7 @@ def run_loader_bench(b: LoaderBench, kernels_n: int = 1_280_000, repeats: int = 
     pairs = [(dali(), ref()) for _ in range(repeats)]
     ratios = sorted(d / r for d, r in pairs)
     return {"config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(b).items()},
-            "machine": _machine(), "date": time.strftime("%Y-%m-%d"), "pairs": pairs,
+            "machine": describe(), "date": time.strftime("%Y-%m-%d"), "pairs": pairs,
             "ffcv_dali_img_s": float(np.median([d for d, _ in pairs])),
             "torchvision_img_s": float(np.median([r for _, r in pairs])),
             "ratio": ratios[len(ratios) // 2], "ratio_min": ratios[0], "ratio_max": ratios[-1],
@@ -165,7 +166,7 @@ def bench_convert(per_class: int = 5000, workers: int = 2) -> dict:
     import tempfile
 
     from ecvl_fast.loaders.convert import ConvertOptions, convert
-    from ecvl_fast.synthetic import write_cifar10
+    from ecvl_fast.bench.synthetic import write_cifar10
 
     out = {"per_class": per_class, "workers": workers}
     with tempfile.TemporaryDirectory() as tmp:
@@ -179,9 +180,3 @@ def bench_convert(per_class: int = 5000, workers: int = 2) -> dict:
     return out
 
 
-def _machine() -> str:
-    import os
-    import platform
-
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return f"{platform.machine()}, {os.cpu_count()} CPUs, {gpu}"

@@ -4,32 +4,14 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-import torch
-
-from ecvl_fast import checkpoint as ckpt_io
-from ecvl_fast import dist as D
-from ecvl_fast import precision
+from ecvl_fast.run import checkpoint as ckpt_io
+from ecvl_fast.run import dist as D
+from ecvl_fast.run import precision
 from ecvl_fast.config import Config, from_dict
-from ecvl_fast.data import eval_loader, open_dataset
-from ecvl_fast.evaluate import predict, shot_metrics, write_report
-from ecvl_fast.model import Adapter, ClipNet, build_clip, class_text_features, prompt_tokens
-
-
-def load_classifier(cfg: Config, state: dict | None, classes: list[str], device: torch.device):
-    """(net, class text features, adapter or None): a stage 1 or 2 checkpoint's classifier, or the
-    zero-shot model `cfg.model.pretrained` when `state` is None. Eval and predict both use it."""
-    clip, tokenizer = build_clip(cfg.model, load_weights=state is None)  # a checkpoint brings its own
-    net = ClipNet(clip).to(device)
-    if state is not None:
-        net.load_state_dict(state["model"])
-    net.eval()
-    text = class_text_features(net, prompt_tokens(tokenizer, classes, cfg.model.templates).to(device))
-    adapter = None
-    if state is not None and state.get("stage") == 2:
-        adapter = Adapter(text.shape[1], cfg.stage2.ratio).to(device)
-        adapter.load_state_dict(state["adapter"])
-        adapter.eval()
-    return net, text, adapter
+from ecvl_fast.training.data import eval_loader, open_dataset
+from ecvl_fast.evaluation.metrics import predict, shot_metrics
+from ecvl_fast.evaluation.reports import write_report
+from ecvl_fast.serving.classifier import load_classifier
 
 
 def run_eval(cfg: Config, data: Path | None, ckpt: Path | None, split: str, out: Path | None) -> dict:

@@ -12,7 +12,6 @@ reports its own img/s and rank 0 adds the total. `--compare OLD.json` prints new
 """
 from __future__ import annotations
 
-import os
 import statistics
 import time
 from pathlib import Path
@@ -20,22 +19,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ecvl_fast import dist as D
+from ecvl_fast.run import dist as D
+from ecvl_fast.bench.machine import machine_info
 from ecvl_fast.config import Config, DataCfg, ModelCfg, RunCfg, Stage1Cfg, Stage2Cfg
-
-
-def machine_info() -> dict:
-    from importlib import metadata
-
-    def version(pkg):
-        try:
-            return metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            return None
-
-    return {"date": time.strftime("%Y-%m-%d"), "cpus": os.cpu_count(), "torch": torch.__version__,
-            "cuda": torch.version.cuda, "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-            "dali": version("nvidia-dali-cuda130"), "ffcv": version("ffcv"), "numba": version("numba")}
 
 
 class Timer:
@@ -69,7 +55,7 @@ def _cfg(model: str, res: int, batch: int, device: str, compile: bool, world: in
 
 
 def synthetic_batch(n: int, res: int, classes: int, device: torch.device, dt: torch.dtype = torch.float32, seed: int = 0):
-    from ecvl_fast import precision
+    from ecvl_fast.run import precision
 
     g = torch.Generator().manual_seed(seed)
     x = precision.inputs(torch.randn(n, 3, res, res, generator=g).to(device), dt)
@@ -93,7 +79,7 @@ def _with_totals(d: D.Dist, r: dict, keys: tuple[str, ...]) -> dict:
 def bench_step(model: str, res: int, batch: int, device: str, compile: bool = False, steps: int = 10,
                repeats: int = 3, classes: int = 100, precision: str = "auto") -> dict:
     """Both stages' train steps (stage 2: two views, frozen encoders + adapter), model only."""
-    from ecvl_fast.train import build_run, train_step
+    from ecvl_fast.training.loop import build_run, train_step
 
     d = D.setup(device)
     out = {"machine": machine_info(), "config": dict(model=model, res=res, batch_per_device=batch, compile=compile,
@@ -124,7 +110,7 @@ def bench_step(model: str, res: int, batch: int, device: str, compile: bool = Fa
 
 def held_images(data: Path | None, res: int, n: int, split: str = "train") -> tuple[np.ndarray, np.ndarray, str]:
     """uint8 NHWC images and labels: a converted split read once (ffcv), else synthetic ones."""
-    from ecvl_fast.data import default_load_res
+    from ecvl_fast.training.data import default_load_res
 
     side = default_load_res(res)
     if data is not None and (Path(data) / f"{split}.beton").is_file():
@@ -139,7 +125,7 @@ def held_images(data: Path | None, res: int, n: int, split: str = "train") -> tu
             return np.tile(imgs, (reps, 1, 1, 1))[:n], np.tile(labels, reps)[:n], f"{data}/{split}.beton, in memory"
         except ImportError:
             pass
-    from ecvl_fast.synthetic import fake_images
+    from ecvl_fast.bench.synthetic import fake_images
 
     return fake_images(n, 0, side), np.arange(n) % 100, "synthetic images in memory (no .beton / no ffcv here)"
 
@@ -203,14 +189,14 @@ def bench_augment(data: Path | None, res: int, batch: int, device: str, n: int, 
 
 
 def _stage2_run(model: str, res: int, batch: int, device: str, labels: np.ndarray, d: D.Dist, precision: str = "auto"):
-    from ecvl_fast.train import build_run
+    from ecvl_fast.training.loop import build_run
 
     cfg = _cfg(model, res, batch, device, False, d.world_size, precision)
     return build_run(cfg, d, _meta(labels), steps_per_epoch=10 ** 6, stage=2)
 
 
 def _train_pass(run, loader, d: D.Dist) -> tuple[float, int]:
-    from ecvl_fast.train import train_step
+    from ecvl_fast.training.loop import train_step
 
     n = 0
     with Timer(d.device) as t:
@@ -227,7 +213,7 @@ def bench_train(data: Path | None, model: str, res: int, batch: int, device: str
                 threads: int, epochs: int = 2, precision: str = "auto") -> dict:
     """Stage 2 epochs (adapter + L_DCVL + memory-driven RA) fed by DALI, then by the PIL peer."""
     from ecvl_fast.loaders.dali_pipeline import AugSpec
-    from ecvl_fast.train import train_step
+    from ecvl_fast.training.loop import train_step
 
     d = D.setup(device)
     images, labels, source = held_images(data, res, n)
@@ -270,12 +256,12 @@ def bench_train(data: Path | None, model: str, res: int, batch: int, device: str
 def bench_infer(ckpt: Path | None, data: Path | None, model: str, res: int, batch: int, device: str, n: int,
                 repeats: int = 3, precision: str = "auto") -> dict:
     """The predict path on test images held in memory: prepare (resize, normalise), encode, classify."""
-    from ecvl_fast.evaluate import predict_logits
-    from ecvl_fast.predict import load_checkpoint, to_input
+    from ecvl_fast.evaluation.metrics import predict_logits
+    from ecvl_fast.serving.classifier import load_checkpoint, to_input
 
     dev = D.resolve_device(device)
     if ckpt is not None:
-        from ecvl_fast.eval_cli import load_classifier
+        from ecvl_fast.serving.classifier import load_classifier
 
         state, cfg = load_checkpoint(ckpt)
         net, text, adapter = load_classifier(cfg, state, state["classes"], dev)
@@ -285,7 +271,7 @@ def bench_infer(ckpt: Path | None, data: Path | None, model: str, res: int, batc
         net, text, adapter = run.net, run.text, run.adapter
     if dev.type == "cuda":
         net = net.to(memory_format=torch.channels_last)
-    from ecvl_fast import precision as prec
+    from ecvl_fast.run import precision as prec
 
     dt = prec.dtype(precision, dev)
     images, _, source = held_images(data, res, n, split="test")

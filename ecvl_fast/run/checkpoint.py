@@ -6,7 +6,7 @@ from pathlib import Path
 import torch
 
 from ecvl_fast import EcvlError, __version__, first_line
-from ecvl_fast.files import atomic_write
+from ecvl_fast.run.files import atomic_write
 
 REQUIRED = ("ecvl_fast_version", "model", "model_name", "num_classes", "epoch", "config")
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from ecvl_fast import EcvlError
+from ecvl_fast.config import CHOICES
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -15,7 +16,7 @@ def dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     if name not in DTYPES:
-        raise EcvlError(f"run.precision={name!r}: choose auto, bf16, fp16 or fp32")
+        raise EcvlError(f"run.precision={name!r}: choose one of {', '.join(CHOICES['run', 'precision'])}")
     return DTYPES[name]
 
 

@@ -1,7 +1,7 @@
 """Losses: pure tensor functions that return named terms (the total is "loss").
 
 Inputs are L2-normalised features. Distributed callers gather features with
-`ecvl_fast.dist.gather_with_grad` first; nothing here communicates.
+`ecvl_fast.run.dist.gather_with_grad` first; nothing here communicates.
 """
 from __future__ import annotations
 

@@ -1,79 +1,18 @@
-"""Evaluation: per-class accuracy, many/medium/few/all, macro-F1 and the head-tail gap."""
+"""What a person reads: metrics.json, the console tables and the plots of a run (per class,
+curves, M by shot group) and of an ablation (its table, paired differences and bars)."""
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from ecvl_fast import dist as D
-from ecvl_fast.logs import QUANTILE_NAMES, QUANTILES
-from ecvl_fast.model import adapted_features, zero_shot_logits
+from ecvl_fast.evaluation.metrics import METRICS
+from ecvl_fast.method.rows import LABELS
+from ecvl_fast.run.logs import QUANTILE_NAMES
 
-METRICS = ("many", "medium", "few", "all", "macro_f1", "head_tail_gap")  # the reported columns, in order
 EMPTY = "–"  # how the tables show a metric of an empty shot group (null in the JSON files)
-
-
-def confusion(labels: np.ndarray, preds: np.ndarray, k: int) -> np.ndarray:
-    """[k, k] counts, rows the true class, columns the predicted one."""
-    return np.bincount(np.asarray(labels, np.int64) * k + np.asarray(preds, np.int64), minlength=k * k).reshape(k, k)
-
-
-def macro_f1(cm: np.ndarray) -> float:
-    """The mean over all k classes of F1 = 2TP / (2TP + FP + FN), 0 for a class never true nor
-    predicted (scikit-learn's f1_score(average="macro", zero_division=0))."""
-    tp = np.diag(cm).astype(np.float64)
-    denom = 2 * tp + (cm.sum(0) - tp) + (cm.sum(1) - tp)
-    return float(np.mean(np.where(denom > 0, 2 * tp / np.maximum(denom, 1), 0.0)))
-
-
-def shot_metrics(preds: np.ndarray, labels: np.ndarray, meta: dict) -> dict:
-    k = len(meta["classes"])
-    cm = confusion(labels, preds, k)
-    support = cm.sum(1)
-    per_class = np.where(support > 0, np.diag(cm) / np.maximum(support, 1), np.nan)
-    out = {"all": float((preds == labels).mean()) if len(labels) else float("nan")}
-    for group, classes in meta["groups"].items():
-        accs = per_class[classes] if classes else np.array([])
-        accs = accs[~np.isnan(accs)]
-        out[group] = float(accs.mean()) if len(accs) else None
-    out["macro_f1"] = macro_f1(cm)
-    out["head_tail_gap"] = out["many"] - out["few"] if out["many"] is not None and out["few"] is not None else None
-    out["per_class"] = [None if np.isnan(a) else float(a) for a in per_class]
-    out["num_images"] = int(len(labels))
-    out["predicted_classes"] = int(np.count_nonzero(cm.sum(0)))  # how many classes any prediction names
-    return out
-
-
-@torch.no_grad()
-def predict_logits(net, images: torch.Tensor, text_features: torch.Tensor, adapter=None,
-                   dt: torch.dtype | None = None) -> torch.Tensor:
-    """eq. 6 on a batch of prepared images, through the stage-2 adapter when there is one (eq. 7).
-    `dt`: the compute dtype (run.precision; default bf16 on CUDA, fp32 on CPU)."""
-    from ecvl_fast import precision
-
-    dt = dt or precision.dtype("auto", images.device)
-    with precision.autocast(images.device, dt):
-        img, _ = net(images)
-        img = adapted_features(img, adapter)
-    return zero_shot_logits(img, text_features, net.logit_scale)
-
-
-@torch.no_grad()
-def predict(net, loader, text_features: torch.Tensor, d: D.Dist, adapter=None, dt: torch.dtype | None = None):
-    """Predictions over the whole eval split, gathered from every rank, each sample once.
-    With a stage-2 adapter, image features pass through it (eq. 7) before eq. 6."""
-    net.eval()
-    preds, labels, index = [], [], []
-    for views, y, idx in loader:
-        logits = predict_logits(net, views[0].to(d.device, non_blocking=True), text_features, adapter, dt)
-        preds.append(logits.argmax(1).cpu())  # sync point: eval reads its predictions back per batch
-        labels.append(y.cpu()), index.append(idx.cpu())
-    arrays = [torch.cat(a).numpy() if a else np.zeros(0, np.int64) for a in (preds, labels, index)]
-    p, y, i = D.gather_arrays(*arrays)
-    _, first = np.unique(i, return_index=True)
-    return p[first], y[first]
+PAIRED = ("few", "macro_f1", "all")  # the metrics an ablation sets against BALLAD and the controls, seed by seed
 
 
 def pyplot():
@@ -94,7 +33,7 @@ def write_report(metrics: dict, meta: dict, out_dir: Path, title: str, context: 
     """metrics.json, per_class.png (accuracy against train count, log x) and a console table.
     Returns the metrics as read back from metrics.json (`read_metrics`), so a finished run
     reports exactly what a fresh one did."""
-    from ecvl_fast.files import atomic_write
+    from ecvl_fast.run.files import atomic_write
 
     path = Path(out_dir) / "metrics.json"
     readable = metrics_file(metrics, meta["classes"], context or {})
@@ -164,19 +103,6 @@ def print_table(metrics: dict, title: str, rows: dict[str, dict] | None = None) 
     Console().print(t)
 
 
-def m_quantiles(bank, labels: np.ndarray, groups: dict[str, list[int]]) -> dict:
-    """Per shot group: M's quantiles over its samples, and the share of them seen so far
-    (`labels`: the train labels on the host)."""
-    m, seen = bank.magnitudes(), bank.seen.cpu().numpy()
-    out = {}
-    for group, classes in groups.items():
-        sel = np.isin(labels, classes)
-        if sel.any():
-            q = np.quantile(m[sel], QUANTILES).round(4).tolist()
-            out[group] = {**dict(zip(QUANTILE_NAMES, q)), "seen": round(float(seen[sel].mean()), 4)}
-    return out
-
-
 def plot_curves(log_path: Path, path: Path, title: str) -> None:
     """The run's training loss (each logged step, and each epoch's mean) and validation accuracy."""
     records = [json.loads(line) for line in Path(log_path).read_text().splitlines()]
@@ -230,6 +156,73 @@ def plot_m_by_group(log_path: Path, path: Path, title: str = "") -> None:
     ax.xaxis.get_major_locator().set_params(integer=True)  # epochs are whole
     ax.set_title(f"M by shot group: {title}" if title else "M by shot group")
     ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+
+
+
+def print_ablation(result: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=f"{result['model']} on {Path(result['data']).name}: mean ± std over seeds "
+                    f"{', '.join(map(str, result['seeds']))} (%)")
+    t.add_column("row")
+    for k in METRICS:
+        t.add_column(k, justify="right")
+    for row in result["rows"]:
+        cells = [EMPTY if row[k] is None else f"{100 * row[k]['mean']:.2f} ± {100 * row[k]['std']:.2f}" for k in METRICS]
+        t.add_row(row["label"], *cells)
+    console = Console(width=max(120, Console().width))
+    console.print(t)
+    val = [(row["label"], row["val"]) for row in result["rows"] if row.get("val")]
+    if val:
+        print("val split (last epoch, mean over seeds; choose on these): " + "; ".join(
+            f"{label} " + " ".join(f"{k} {100 * v:.2f}" for k, v in scores.items()) for label, scores in val))
+    if result.get("paired"):
+        t = Table(title="paired by seed: row minus BALLAD, and minus its no-memory control (points; per seed, mean ± std)")
+        for col in ("row", "minus", *PAIRED):
+            t.add_column(col, justify="left" if col in ("row", "minus") else "right")
+        for e in result["paired"]:
+            t.add_row(LABELS[e["row"]], LABELS[e["against"]], *(
+                EMPTY if e[k] is None else
+                " ".join(f"{100 * v:+.2f}" for v in e[k]["per_seed"]) + f"  ({100 * e[k]['mean']:+.2f} ± {100 * e[k]['std']:.2f})"
+                for k in PAIRED))
+        console.print(t)
+        skipped = sorted({k for e in result["paired"] for k in e.get("skipped", ())})
+        if skipped:
+            print(f"paired differences skipped for {', '.join(skipped)}: the shot group is empty in this dataset "
+                  f"({EMPTY} in the tables, null in ablation.json)")
+    print("BALLAD: adapter on class-balanced batches, prompt CE only; + momentum: adds L_DCVL (eq. 11), the bank "
+          "updated, M unused; ECVL: adds the memory-driven RandAugment (eq. 10). Same stage-1 encoders, sampler, "
+          "views and steps in every row; the others change only where M comes from (docs/study-ecvl-plus.md).")
+
+
+def plot_rows(result: dict, path: Path) -> None:
+    """Bars per shot group (and all, macro-F1), one per row, with the std over seeds."""
+    from ecvl_fast.evaluation.reports import pyplot
+
+    plt = pyplot()
+    if plt is None:
+        return
+
+    rows = result["rows"]
+    groups = [g for g in ("many", "medium", "few", "all", "macro_f1") if any(row[g] for row in rows)]  # empty groups left out
+    width = 0.8 / max(1, len(rows))
+    colours = plt.get_cmap("tab20" if len(rows) > 10 else "tab10").colors  # no colour twice
+    fig, ax = plt.subplots(figsize=(8 + 3 * (len(rows) > 6), 4))
+    for i, row in enumerate(rows):
+        x = np.arange(len(groups)) + (i - (len(rows) - 1) / 2) * width
+        mean = [100 * row[g]["mean"] if row[g] else np.nan for g in groups]
+        std = [100 * row[g]["std"] if row[g] else np.nan for g in groups]
+        ax.bar(x, mean, width, yerr=std, capsize=2, label=row["label"], color=colours[i % len(colours)])
+    ax.set_xticks(np.arange(len(groups)), groups)
+    ax.set_ylabel("test accuracy / macro-F1 (%)")
+    ax.set_title(f"{result['model']} on {Path(result['data']).name}, seeds {result['seeds']}")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))  # beside the bars, not over them
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -28,9 +28,9 @@ from pathlib import Path
 import torch
 
 from ecvl_fast import EcvlError
-from ecvl_fast import checkpoint as ckpt_io
-from ecvl_fast import dist as D
-from ecvl_fast.files import remove_stale_temps
+from ecvl_fast.run import checkpoint as ckpt_io
+from ecvl_fast.run import dist as D
+from ecvl_fast.run.files import remove_stale_temps
 
 LOCK = ".lock"  # the run folder's writer (RunLock)
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped on a signal with a checkpoint; run the same command again
@@ -60,7 +60,7 @@ class Position:
     step: int = 0
     best: float = -math.inf
     carry: dict | None = None
-    finished: dict | None = None  # a finished run's metrics: nothing to train
+    finished: Path | None = None  # a finished run's metrics.json: nothing to train
 
 
 def config_diff(old: dict, new: dict) -> list[str]:
@@ -110,9 +110,7 @@ def start(folder: Path, cfg, epochs: int, d: D.Dist, restart: bool, log) -> tupl
     pos = Position(at["epoch"], at["step"], ckpt["best"], at.get("carry"))
     metrics = folder / "metrics.json"
     if pos.epoch >= epochs and pos.step == 0 and metrics.is_file():
-        from ecvl_fast.evaluate import read_metrics
-
-        pos.finished = read_metrics(metrics)
+        pos.finished = metrics
         return pos, None
     log("event", {"event": "resumed", "epoch": pos.epoch + 1, "step": pos.step, "host": socket.gethostname()})
     if d.main:

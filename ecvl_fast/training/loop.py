@@ -5,8 +5,8 @@ them and trains the adapter (eq. 7) on class-balanced batches (eq. 12) of two vi
 prompt cross-entropy plus L_DCVL (eq. 11); each sample's L_DCVL feeds the momentum bank (eq. 8),
 whose normalised M (eq. 9) drives the next epoch's RandAugment (eq. 10).
 
-Top to bottom: set-up -> resume (lifecycle.py) -> per epoch (train, validate, checkpoint) -> final
-test report. Logging lives in logs.py; resuming, signals and the checkpoint cadence in lifecycle.py.
+Top to bottom: set-up -> resume (run/lifecycle.py) -> per epoch (train, validate, checkpoint) -> final
+test report. Logging lives in run/logs.py; resuming, signals and the checkpoint cadence in run/lifecycle.py.
 The step does autocast -> loss -> backward -> step with no host sync; the loss is read back
 only every `run.log_every` steps (the sync points are marked).
 """
@@ -25,16 +25,19 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from ecvl_fast import EcvlError
-from ecvl_fast import checkpoint as ckpt_io
-from ecvl_fast import dist as D
-from ecvl_fast import lifecycle, losses, precision
+from ecvl_fast.run import checkpoint as ckpt_io
+from ecvl_fast.run import dist as D
+from ecvl_fast.run import lifecycle
+from ecvl_fast.method import losses
+from ecvl_fast.run import precision
 from ecvl_fast.config import Config, save_config
-from ecvl_fast.data import eval_loader, open_dataset, train_loader
-from ecvl_fast.files import atomic_write
-from ecvl_fast.evaluate import m_quantiles, plot_curves, plot_m_by_group, predict, shot_metrics, write_report
+from ecvl_fast.training.data import eval_loader, open_dataset, train_loader
+from ecvl_fast.run.files import atomic_write
+from ecvl_fast.evaluation.metrics import m_quantiles, predict, shot_metrics
+from ecvl_fast.evaluation.reports import plot_curves, plot_m_by_group, read_metrics, write_report
 from ecvl_fast.kernels.bank import MomentumBank, StaticMagnitudes, frequency_magnitudes
-from ecvl_fast.logs import RunLog
-from ecvl_fast.model import (Adapter, ClipNet, adapted_features, build_clip, class_text_features, prompt_tokens,
+from ecvl_fast.run.logs import RunLog
+from ecvl_fast.method.model import (Adapter, ClipNet, adapted_features, build_clip, class_text_features, prompt_tokens,
                              random_weights_warning)
 
 
@@ -350,7 +353,7 @@ def restore(run: Run, c: dict) -> None:
 def main(cfg: Config, stage: int = 1, out: Path | None = None, restart: bool = False) -> dict:
     """One stage end to end; returns the final test metrics (also in the run folder's metrics.json).
     Stage 2 writes under `out`, by default run.out/stage2/. A folder with a checkpoint continues
-    where it stopped (lifecycle.py); `restart` starts over, keeping the old run aside."""
+    where it stopped (run/lifecycle.py); `restart` starts over, keeping the old run aside."""
     folder = run_folder(cfg, stage, out)
     with D.session(cfg.run.device, cfg.dist.backend) as d, lifecycle.StopSignal(cfg.run.stop_grace_s) as stop, \
             lifecycle.RunLock(folder, d.main):
@@ -377,7 +380,7 @@ def _train(cfg: Config, d: D.Dist, stage: int, folder: Path, restart: bool, stop
     if pos.finished is not None:
         if d.main:
             print(f"{folder}: finished already ({sc.epochs} epochs); its metrics.json stands (--restart to train again)")
-        return pos.finished
+        return read_metrics(pos.finished)
     run = build_run(cfg, d, meta, len(meta["train_labels"]) // cfg.data.batch_size, stage, folder)
     if stage == 1:
         loader = train_loader(cfg, d, meta, "random")

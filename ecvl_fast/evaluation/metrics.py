@@ -1,0 +1,88 @@
+"""Evaluation: per-class accuracy, many/medium/few/all, macro-F1 and the head-tail gap; the eval
+loop over a split; M's quantiles per shot group."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ecvl_fast.run import dist as D
+from ecvl_fast.run.logs import QUANTILE_NAMES, QUANTILES
+from ecvl_fast.method.model import adapted_features, zero_shot_logits
+
+METRICS = ("many", "medium", "few", "all", "macro_f1", "head_tail_gap")  # the reported columns, in order
+
+
+def confusion(labels: np.ndarray, preds: np.ndarray, k: int) -> np.ndarray:
+    """[k, k] counts, rows the true class, columns the predicted one."""
+    return np.bincount(np.asarray(labels, np.int64) * k + np.asarray(preds, np.int64), minlength=k * k).reshape(k, k)
+
+
+def macro_f1(cm: np.ndarray) -> float:
+    """The mean over all k classes of F1 = 2TP / (2TP + FP + FN), 0 for a class never true nor
+    predicted (scikit-learn's f1_score(average="macro", zero_division=0))."""
+    tp = np.diag(cm).astype(np.float64)
+    denom = 2 * tp + (cm.sum(0) - tp) + (cm.sum(1) - tp)
+    return float(np.mean(np.where(denom > 0, 2 * tp / np.maximum(denom, 1), 0.0)))
+
+
+def shot_metrics(preds: np.ndarray, labels: np.ndarray, meta: dict) -> dict:
+    k = len(meta["classes"])
+    cm = confusion(labels, preds, k)
+    support = cm.sum(1)
+    per_class = np.where(support > 0, np.diag(cm) / np.maximum(support, 1), np.nan)
+    out = {"all": float((preds == labels).mean()) if len(labels) else float("nan")}
+    for group, classes in meta["groups"].items():
+        accs = per_class[classes] if classes else np.array([])
+        accs = accs[~np.isnan(accs)]
+        out[group] = float(accs.mean()) if len(accs) else None
+    out["macro_f1"] = macro_f1(cm)
+    out["head_tail_gap"] = out["many"] - out["few"] if out["many"] is not None and out["few"] is not None else None
+    out["per_class"] = [None if np.isnan(a) else float(a) for a in per_class]
+    out["num_images"] = int(len(labels))
+    out["predicted_classes"] = int(np.count_nonzero(cm.sum(0)))  # how many classes any prediction names
+    return out
+
+
+@torch.no_grad()
+def predict_logits(net, images: torch.Tensor, text_features: torch.Tensor, adapter=None,
+                   dt: torch.dtype | None = None) -> torch.Tensor:
+    """eq. 6 on a batch of prepared images, through the stage-2 adapter when there is one (eq. 7).
+    `dt`: the compute dtype (run.precision; default bf16 on CUDA, fp32 on CPU)."""
+    from ecvl_fast.run import precision
+
+    dt = dt or precision.dtype("auto", images.device)
+    with precision.autocast(images.device, dt):
+        img, _ = net(images)
+        img = adapted_features(img, adapter)
+    return zero_shot_logits(img, text_features, net.logit_scale)
+
+
+@torch.no_grad()
+def predict(net, loader, text_features: torch.Tensor, d: D.Dist, adapter=None, dt: torch.dtype | None = None):
+    """Predictions over the whole eval split, gathered from every rank, each sample once.
+    With a stage-2 adapter, image features pass through it (eq. 7) before eq. 6."""
+    net.eval()
+    preds, labels, index = [], [], []
+    for views, y, idx in loader:
+        logits = predict_logits(net, views[0].to(d.device, non_blocking=True), text_features, adapter, dt)
+        preds.append(logits.argmax(1).cpu())  # sync point: eval reads its predictions back per batch
+        labels.append(y.cpu()), index.append(idx.cpu())
+    arrays = [torch.cat(a).numpy() if a else np.zeros(0, np.int64) for a in (preds, labels, index)]
+    p, y, i = D.gather_arrays(*arrays)
+    _, first = np.unique(i, return_index=True)
+    return p[first], y[first]
+
+
+def m_quantiles(bank, labels: np.ndarray, groups: dict[str, list[int]]) -> dict:
+    """Per shot group: M's quantiles over its samples, and the share of them seen so far
+    (`labels`: the train labels on the host)."""
+    m, seen = bank.magnitudes(), bank.seen.cpu().numpy()
+    out = {}
+    for group, classes in groups.items():
+        sel = np.isin(labels, classes)
+        if sel.any():
+            q = np.quantile(m[sel], QUANTILES).round(4).tolist()
+            out[group] = {**dict(zip(QUANTILE_NAMES, q)), "seen": round(float(seen[sel].mean()), 4)}
+    return out
+
+

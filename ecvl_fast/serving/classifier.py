@@ -1,0 +1,241 @@
+"""One classifier for serving: load a training checkpoint or an exported `.pt` / `.onnx`, prepare
+images as `eval` does, and classify them; `predict`, `export`, `eval` and `bench infer` all use it.
+
+No ffcv or DALI: images are decoded with PIL and prepared as the eval path prepares them (centre
+square, resized to the decode size with area interpolation as ffcv's decoder does, then to the
+model's resolution with antialiasing, CLIP normalisation), so predictions match `eval`'s.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+from torch import nn
+
+from ecvl_fast import EcvlError
+from ecvl_fast.config import Config, from_dict
+from ecvl_fast.method.model import Adapter, ClipNet, adapted_features, build_clip, class_text_features, prompt_tokens
+from ecvl_fast.run import checkpoint as ckpt_io
+from ecvl_fast.run import precision
+
+MEAN = torch.tensor(OPENAI_DATASET_MEAN).view(1, 3, 1, 1)  # CLIP's normalisation, as open_clip gives it
+STD = torch.tensor(OPENAI_DATASET_STD).view(1, 3, 1, 1)
+
+
+@dataclass(frozen=True)
+class Prediction:
+    path: str
+    classes: list[str]
+    probs: list[float]
+
+
+_ON_DEVICE: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _normaliser(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """MEAN and STD on `device`, copied there once: a copy per batch from pageable memory would
+    sync with the host on every batch."""
+    if device not in _ON_DEVICE:
+        _ON_DEVICE[device] = (MEAN.to(device), STD.to(device))
+    return _ON_DEVICE[device]
+
+
+def decode(image, load_res: int) -> np.ndarray:
+    """uint8 [load_res, load_res, 3] from an image file or a PIL image: the centre square, resized
+    as ffcv's CenterCropRGBImageDecoder does (OpenCV's area filter; an image already at that size
+    is used as it is)."""
+    from PIL import Image
+
+    if isinstance(image, Image.Image):
+        img = np.asarray(image.convert("RGB"))
+    else:
+        with Image.open(image) as im:
+            img = np.asarray(im.convert("RGB"))
+    h, w = img.shape[:2]
+    side = min(h, w)
+    y0, x0 = (h - side) // 2, (w - side) // 2
+    square = img[y0:y0 + side, x0:x0 + side]
+    if side == load_res:
+        return np.ascontiguousarray(square)
+    import cv2
+
+    return cv2.resize(square, (load_res, load_res), interpolation=cv2.INTER_AREA)
+
+
+def to_input(batch, res: int, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """uint8 NHWC (numpy, or a tensor) -> normalised NCHW at `res` (antialiased linear resize, as
+    the eval pipeline), channels_last; `dtype` (default bf16) on GPU. The uint8 batch moves to the
+    device first and is prepared there: a quarter of the bytes of float over the bus, and the
+    resize on the GPU."""
+    x = torch.from_numpy(batch) if isinstance(batch, np.ndarray) else batch
+    if device.type == "cuda" and not x.is_cuda:
+        x = (x if x.is_pinned() else x.pin_memory()).to(device, non_blocking=True)
+    x = x.to(device).permute(0, 3, 1, 2).float()
+    if x.shape[-1] != res:
+        x = torch.nn.functional.interpolate(x, size=(res, res), mode="bilinear", antialias=True, align_corners=False)
+        x = x.round().clamp(0, 255)
+    mean, std = _normaliser(x.device)
+    x = ((x / 255 - mean) / std).contiguous(memory_format=torch.channels_last)
+    return x.to(dtype or torch.bfloat16) if device.type == "cuda" else x
+
+
+def load_checkpoint(ckpt: Path) -> tuple[dict, Config]:
+    state = ckpt_io.load(ckpt)
+    if state.get("stage") not in (1, 2) or "classes" not in state:
+        raise EcvlError(f"{ckpt}: not a stage 1 or stage 2 training checkpoint (no stage/classes)")
+    return state, from_dict(state["config"], f"{ckpt} config")
+
+
+class Model:
+    """A trained or exported classifier for Python code:
+
+        model = load("model.pt")                   # `export`'s .pt or .onnx, or a training checkpoint
+        for p in model.classify(["cat.jpg", pil_image], top_k=3):
+            print(p.path, p.classes, p.probs)      # the top classes, most likely first
+
+    Images are prepared as `eval` prepares them, so the probabilities match `predict`'s."""
+
+    def __init__(self, predictor):
+        self.predictor = predictor
+
+    @property
+    def classes(self) -> list[str]:
+        return self.predictor.classes
+
+    def classify(self, images, top_k: int = 5) -> list[Prediction]:
+        """Image files or PIL images -> one Prediction each (top_k classes, or all there are)."""
+        from PIL import Image
+
+        arrays = [decode(im, self.predictor.load_res) for im in images]
+        names = [getattr(im, "filename", "") or f"image {i}" if isinstance(im, Image.Image) else str(im)
+                 for i, im in enumerate(images)]
+        return self._top(np.stack(arrays), names, top_k)
+
+    def _top(self, arrays: np.ndarray, names: list[str], top_k: int) -> list[Prediction]:
+        p = self.predictor
+        probs = p.probs(to_input(arrays, p.res, p.device))
+        values, ix = probs.topk(min(top_k, len(p.classes)), dim=1)
+        return [Prediction(name, [p.classes[i] for i in ii], pi) for name, pi, ii in zip(names, values.tolist(), ix.tolist())]
+
+
+def load(path: str | Path, device: str = "auto") -> Model:
+    """An exported `.pt` or `.onnx`, or a stage 1/2 training checkpoint, ready to classify."""
+    from ecvl_fast.run.dist import resolve_device
+
+    return Model(load_predictor(Path(path), resolve_device(device)))
+
+
+FORMAT = "ecvl-fast-classifier/1"
+
+
+class Classifier(nn.Module):
+    """Preprocessed images -> class probabilities: eq. 6 on the image features, through the
+    stage-2 adapter (eq. 7) when there is one."""
+
+    def __init__(self, visual: nn.Module, text: torch.Tensor, scale: torch.Tensor, adapter: nn.Module | None):
+        super().__init__()
+        self.visual, self.adapter = visual, adapter
+        self.register_buffer("text", text.float())
+        self.register_buffer("scale", scale.float())
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        features = adapted_features(F.normalize(self.visual(images), dim=-1), self.adapter)
+        return (self.scale * features.float() @ self.text.T).softmax(-1)
+
+
+@dataclass
+class Predictor:
+    """What `predict` needs of any model file: class names, preprocessing, and probabilities for
+    a prepared batch (`ecvl_fast.serving.predict.to_input`)."""
+    classes: list[str]
+    res: int
+    load_res: int
+    probs: object  # callable: prepared batch (torch, on `device`) -> probabilities [N, K] (torch, CPU)
+    device: torch.device
+    kind: str
+
+
+def load_predictor(path: Path, device: torch.device) -> Predictor:
+    """A training checkpoint, an exported `.pt`, or an `.onnx`, ready to classify prepared batches."""
+    path = Path(path)
+    if not path.is_file():
+        raise EcvlError(f"{path}: no such model file")
+    if path.suffix == ".onnx":
+        return _onnx_predictor(path)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # empty, truncated or foreign: the checkpoint reader says which, and what else is there
+        ckpt_io.load(path)
+        raise
+    if isinstance(state, dict) and state.get("format") == FORMAT:
+        return _exported_predictor(state, device)
+    return _checkpoint_predictor(path, device)
+
+
+def _checkpoint_predictor(path: Path, device: torch.device) -> Predictor:
+    from ecvl_fast.training.data import load_res
+    from ecvl_fast.evaluation.metrics import predict_logits
+
+    state, cfg = load_checkpoint(path)
+    net, text, adapter = load_classifier(cfg, state, state["classes"], device)
+    return Predictor(state["classes"], cfg.data.res, load_res(cfg),
+                     lambda x: predict_logits(net, x, text, adapter).softmax(1).cpu(), device, "checkpoint")
+
+
+def _exported_predictor(d: dict, device: torch.device) -> Predictor:
+    from ecvl_fast.config import ModelCfg
+
+    clip, _ = build_clip(ModelCfg(name=d["model_name"]), load_weights=False)
+    visual = clip.visual
+    visual.load_state_dict(d["visual"])
+    adapter = None
+    if d["adapter"] is not None:
+        adapter = Adapter(d["text_features"].shape[1], d["ratio"])
+        adapter.load_state_dict(d["adapter"])
+    model = Classifier(visual, d["text_features"], d["logit_scale"], adapter).to(device).eval()
+
+    @torch.no_grad()
+    def probs(x):
+        with precision.autocast(device, precision.dtype("auto", device)):
+            return model(x).float().cpu()
+
+    return Predictor(d["classes"], d["res"], d["load_res"], probs, device, "exported")
+
+
+def _onnx_predictor(path: Path) -> Predictor:
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise EcvlError(f"{path}: running ONNX needs onnxruntime: pip install 'ecvl-fast[onnx]'") from None
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    props = session.get_modelmeta().custom_metadata_map
+    if "ecvl_fast" not in props:
+        raise EcvlError(f"{path}: not an ONNX file written by ecvl-fast export (no class names in it)")
+    meta = json.loads(props["ecvl_fast"])
+
+    def probs(x):
+        return torch.from_numpy(session.run(None, {"image": np.ascontiguousarray(x.float().cpu().numpy())})[0])
+
+    return Predictor(meta["classes"], meta["res"], meta["load_res"], probs, torch.device("cpu"), "onnx")
+
+
+def load_classifier(cfg: Config, state: dict | None, classes: list[str], device: torch.device):
+    """(net, class text features, adapter or None): a stage 1 or 2 checkpoint's classifier, or the
+    zero-shot model `cfg.model.pretrained` when `state` is None. Eval and predict both use it."""
+    clip, tokenizer = build_clip(cfg.model, load_weights=state is None)  # a checkpoint brings its own
+    net = ClipNet(clip).to(device)
+    if state is not None:
+        net.load_state_dict(state["model"])
+    net.eval()
+    text = class_text_features(net, prompt_tokens(tokenizer, classes, cfg.model.templates).to(device))
+    adapter = None
+    if state is not None and state.get("stage") == 2:
+        adapter = Adapter(text.shape[1], cfg.stage2.ratio).to(device)
+        adapter.load_state_dict(state["adapter"])
+        adapter.eval()
+    return net, text, adapter

@@ -1,0 +1,77 @@
+"""`ecvl-fast export`: a training checkpoint -> a classifier to deploy, and the loaders `predict`
+uses for all three kinds of file.
+
+- `.pt` (`--format pt`): the image encoder's weights, the adapter, the class text features and
+  names, and the preprocessing (resolution, decode size, mean, std). No optimizer state, no
+  momentum bank, no text tower. Read back with `weights_only=True`; the encoder is rebuilt from
+  its open_clip config.
+- `.onnx` (`--format onnx`): the same image path, preprocessed image (N, 3, res, res, float) ->
+  class probabilities, with the class names and preprocessing in the model's metadata. Needs
+  `pip install 'ecvl-fast[onnx]'` (onnx to write, onnxruntime to run).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from ecvl_fast import EcvlError
+from ecvl_fast.run.files import atomic_write
+from ecvl_fast.serving.classifier import FORMAT, Classifier
+
+
+def export(ckpt: Path, out: Path, fmt: str = "pt") -> dict:
+    """Write the slim classifier of a stage 1 or stage 2 checkpoint; returns what was written."""
+    from ecvl_fast.training.data import load_res
+    from ecvl_fast.serving.classifier import load_classifier
+    from ecvl_fast.serving.classifier import MEAN, STD, load_checkpoint
+
+    if fmt not in ("pt", "onnx"):
+        raise EcvlError(f"--format {fmt}: choose pt or onnx")
+    state, cfg = load_checkpoint(ckpt)
+    net, text, adapter = load_classifier(cfg, state, state["classes"], torch.device("cpu"))
+    meta = {"format": FORMAT, "model_name": cfg.model.name, "classes": state["classes"], "res": cfg.data.res,
+            "load_res": load_res(cfg), "mean": MEAN.flatten().tolist(), "std": STD.flatten().tolist(),
+            "stage": state["stage"], "ratio": cfg.stage2.ratio, "source": str(ckpt)}
+    if fmt == "pt":
+        payload = {**meta, "visual": net.clip.visual.state_dict(), "logit_scale": net.logit_scale.detach().clone(),
+                   "adapter": None if adapter is None else adapter.state_dict(), "text_features": text.cpu()}
+        atomic_write(out, lambda tmp: torch.save(payload, tmp))
+    else:
+        _export_onnx(Classifier(net.clip.visual, text, net.logit_scale.detach(), adapter).eval(), meta, out)
+    return {"out": str(out), "bytes": out.stat().st_size, "checkpoint_bytes": Path(ckpt).stat().st_size, **meta}
+
+
+def _export_onnx(model: Classifier, meta: dict, out: Path) -> None:
+    try:
+        import onnx
+    except ImportError:
+        raise EcvlError("--format onnx needs the onnx package: pip install 'ecvl-fast[onnx]'") from None
+    example = torch.zeros(2, 3, meta["res"], meta["res"])
+
+    def write(tmp: Path) -> None:
+        fast = torch.backends.mha.get_fastpath_enabled()
+        torch.backends.mha.set_fastpath_enabled(False)  # nn.MultiheadAttention's fused eval kernel has no ONNX form
+        try:
+            _export(tmp)
+        finally:
+            torch.backends.mha.set_fastpath_enabled(fast)
+        proto = onnx.load(str(tmp))
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = "ecvl_fast", json.dumps(meta)
+        onnx.save(proto, str(tmp))
+
+    def _export(tmp: Path) -> None:
+        with torch.no_grad():  # the TorchScript exporter: no onnxscript needed, and it handles open_clip's towers
+            torch.onnx.export(model, (example,), str(tmp), input_names=["image"], output_names=["probs"],
+                              dynamic_axes={"image": {0: "batch"}, "probs": {0: "batch"}}, opset_version=17,
+                              dynamo=False)
+
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the legacy exporter's deprecation and tracer notes
+        atomic_write(out, write)
+
+
