@@ -23,7 +23,7 @@ MODULES = [  # every module of the package (tests/test_layout.py checks the list
     "ecvl_fast.experiments.presets", "ecvl_fast.experiments.pretrain",
     "ecvl_fast.bench.host", "ecvl_fast.bench.device", "ecvl_fast.bench.machine", "ecvl_fast.bench.synthetic",
     "ecvl_fast.bench.tables",
-    "ecvl_fast.loaders.dali_pipeline", "ecvl_fast.loaders.memory", "ecvl_fast.loaders.randaug_ops",
+    "ecvl_fast.loaders.dali_loader", "ecvl_fast.loaders.dali_graph", "ecvl_fast.loaders.draws", "ecvl_fast.loaders.memory", "ecvl_fast.loaders.randaug_ops",
     "ecvl_fast.loaders.torch_reference", "ecvl_fast.kernels.bank", "ecvl_fast.kernels.cpu",
     "nvidia.dali", "nvidia.dali.plugin.pytorch", "open_clip", "torchvision", "typer", "rich", "tqdm", "PIL", "pytest",
 ]
@@ -41,7 +41,8 @@ def pipeline(device):
     import torch
 
     from ecvl_fast.kernels.bank import StaticMagnitudes
-    from ecvl_fast.loaders.dali_pipeline import AugmentedLoader, AugSpec
+    from ecvl_fast.loaders.dali_loader import AugmentedLoader
+    from ecvl_fast.loaders.draws import AugSpec
     from ecvl_fast.loaders.memory import MemoryLoader
     from ecvl_fast.bench.synthetic import fake_images
 

@@ -10,7 +10,8 @@ import time
 import numpy as np
 
 from ecvl_fast.loaders import randaug_ops as ro
-from ecvl_fast.loaders.dali_pipeline import AugSpec, batch_draws, build_pipeline, feed
+from ecvl_fast.loaders.dali_graph import build_pipeline, feed
+from ecvl_fast.loaders.draws import AugSpec, batch_draws
 
 
 def main(res: int, batch: int = 128, seconds: float = 2.0) -> None:

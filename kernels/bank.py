@@ -136,8 +136,7 @@ class MomentumBank:
         if sd["ema"].numel() != len(self):
             raise EcvlError(f"momentum state holds {sd['ema'].numel()} samples, this dataset {len(self)}")
         for name in ("ema", "seen", "m", "level"):
-            if name in sd:  # checkpoints from before aug.m_source = "lol" have no level
-                getattr(self, name).copy_(sd[name])
+            getattr(self, name).copy_(sd[name])
         self.beta = float(sd["beta"])
         self.loss_sum.zero_(), self.loss_count.zero_()
         if partial and "loss_sum" in sd:

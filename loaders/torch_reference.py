@@ -9,7 +9,8 @@ import torch
 from PIL import Image
 from torchvision.transforms import functional as TF
 
-from ecvl_fast.loaders.dali_pipeline import CLIP_MEAN, CLIP_STD, AugSpec, batch_draws, eq10
+from ecvl_fast.loaders.dali_graph import CLIP_MEAN, CLIP_STD
+from ecvl_fast.loaders.draws import AugSpec, batch_draws, eq10
 from ecvl_fast.loaders.randaug_ops import OPS
 
 MEAN = [c / 255 for c in CLIP_MEAN]

@@ -3,7 +3,7 @@ and one op through its DALI leaf, on the CPU (`device_id=None`) or a GPU."""
 import numpy as np
 import torch
 
-from ecvl_fast.loaders.dali_pipeline import build_pipeline, feed
+from ecvl_fast.loaders.dali_graph import build_pipeline, feed
 from ecvl_fast.loaders.randaug_ops import LEAVES, OP_INDEX, slot_inputs
 from ecvl_fast.bench.synthetic import fake_images
 

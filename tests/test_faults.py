@@ -19,6 +19,7 @@ from PIL import Image
 from conftest import TINY, write_tree
 from ecvl_fast import EcvlError
 from ecvl_fast.cli import main
+from ecvl_fast.config import load_config
 from ecvl_fast.run.files import atomic_write
 from ecvl_fast.run.lifecycle import EXIT_INTERRUPTED, RunLock
 
@@ -83,6 +84,16 @@ def test_a_diverging_run_never_saves_a_nonfinite_state(tmp_path, mnist, capsys):
         state = torch.load(path, weights_only=True)["model"]
         assert all(torch.isfinite(t).all() for t in state.values() if t.is_floating_point()), path
     assert not list((tmp_path / "nan").glob(".*.tmp"))
+    if not saved:
+        return
+    # the way out other than --restart: the same command with a lower learning rate resumes the last
+    # finite checkpoint (a config change is refused otherwise)
+    code = main(tiny(tmp_path, mnist, "nan", "stage1.lr=2e-3", "run.checkpoint_every=1"))
+    out = capsys.readouterr()
+    assert "diverged: resuming its last finite checkpoint with stage1.lr (1e+30 -> 0.002)" in out.out, out
+    assert load_config(tmp_path / "nan" / "config.toml").stage1.lr == 2e-3
+    assert code == 0 or "non-finite" in out.err
+    print("resumed run:", code, out.err[-300:])
 
 
 def test_predict_and_export_refuse_nonfinite_weights(tmp_path, finished, capsys):

@@ -14,7 +14,9 @@ import torch
 from dali_helpers import images, run_leaf
 from ecvl_fast.run import dist as D
 from ecvl_fast.config import Config, ModelCfg, RunCfg, Stage1Cfg, Stage2Cfg
-from ecvl_fast.loaders.dali_pipeline import CLIP_MEAN, CLIP_STD, AugmentedLoader, AugSpec
+from ecvl_fast.loaders.dali_graph import CLIP_MEAN, CLIP_STD
+from ecvl_fast.loaders.dali_loader import AugmentedLoader
+from ecvl_fast.loaders.draws import AugSpec
 from ecvl_fast.loaders.memory import MemoryLoader
 from ecvl_fast.loaders.randaug_ops import OPS
 from ecvl_fast.run.logs import RunLog

@@ -25,7 +25,7 @@ def test_wheel_installs_and_runs_outside_the_tree(tmp_path):
     subprocess.run([sys.executable, "-m", "pip", "--python", str(py), "install", "-q", "--no-index", "--no-deps",
                     str(wheel)], check=True, capture_output=True, timeout=300)
     run = lambda *args: subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, timeout=300)  # noqa: E731
-    probe = run(str(py), "-c", "import sys, ecvl_fast, ecvl_fast.cli, ecvl_fast.loaders.dali_pipeline, "
+    probe = run(str(py), "-c", "import sys, ecvl_fast, ecvl_fast.cli, ecvl_fast.loaders.dali_loader, "
                 "ecvl_fast.kernels.bank, ecvl_fast.experiments.demo as d; print(ecvl_fast.__file__); print(d.DEMO_CONFIG.is_file()); "
                 "print(sorted(m for m in ('ffcv', 'nvidia.dali') if m in sys.modules))")
     assert probe.returncode == 0, probe.stderr[-2000:]

@@ -6,7 +6,8 @@ from PIL import Image
 from scipy import stats
 
 from dali_helpers import images, run, run_leaf
-from ecvl_fast.loaders.dali_pipeline import AugmentedLoader, AugSpec, batch_draws, plan_slots
+from ecvl_fast.loaders.dali_loader import AugmentedLoader
+from ecvl_fast.loaders.draws import AugSpec, batch_draws, plan_slots
 from ecvl_fast.loaders.ffcv_loader import ORDERS, make_loader, read_labels
 from ecvl_fast.loaders.randaug_ops import LEAF_OF_OP, OP_INDEX, OPS
 from ecvl_fast.loaders.torch_reference import reference_batch
@@ -180,7 +181,7 @@ def test_prefetching_loader_yields_the_synchronous_batches(mnist, order):
 
 
 def test_prefetching_stops_early_and_surfaces_errors():
-    from ecvl_fast.loaders.dali_pipeline import prefetched
+    from ecvl_fast.loaders.dali_loader import prefetched
 
     def batches():
         yield from range(3)

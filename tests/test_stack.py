@@ -74,7 +74,7 @@ def test_ce_memory_records_each_samples_prompt_ce():
     runs["ce"].adapter.load_state_dict(start)
     with torch.no_grad():
         run = runs["ce"]
-        ce = [F.cross_entropy(100.0 * adapted_features(run.net(v)[0], run.model) @ run.text.T, y, reduction="none")
+        ce = [F.cross_entropy(100.0 * adapted_features(run.net(v)[0], run.trainable) @ run.text.T, y, reduction="none")
               for v in views]
     terms = {src: train_step(r, views, y, torch.arange(64)) for src, r in runs.items()}
     torch.testing.assert_close(runs["ce"].bank.loss_sum, (ce[0] + ce[1]) / 2, rtol=1e-5, atol=1e-6)
@@ -97,7 +97,7 @@ def test_lol_memory_records_the_share_of_right_views():
     views = [x, x.flip(-1)]
     run = stage_run(2, aug=AugCfg(m_source="lol", m_scope="class", m_direction="easy"), dcvl_weight=0.0)
     with torch.no_grad():
-        right = [((adapted_features(run.net(v)[0], run.model) @ run.text.T).argmax(1) == y).float() for v in views]
+        right = [((adapted_features(run.net(v)[0], run.trainable) @ run.text.T).argmax(1) == y).float() for v in views]
     assert set(train_step(run, views, y, torch.arange(64))) == {"loss", "ce"}
     torch.testing.assert_close(run.bank.loss_sum, (right[0] + right[1]) / 2)
     assert run.bank.lol == (10, 0.6)

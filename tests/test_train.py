@@ -136,6 +136,37 @@ def test_elastic_restart_on_two_nodes_resumes_and_matches_one_process(stage1_pai
     assert metrics["all"] == pytest.approx(single["all"], abs=0.003)  # 3 of 1,000 test images
 
 
+def test_resume_with_another_process_count_logs_the_epochs_loss(stage1_pair):
+    """Two torchrun processes write a mid-epoch checkpoint (step 5 of the epoch's 15) and are
+    killed; one process resumes it. The epoch's logged train_loss is the uninterrupted one's: the
+    carried loss is per step, not a sum over the old number of ranks (which logged 12.16 for 7.24)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    tmp, path, _, _ = stage1_pair
+    run = tmp / "regrouped"
+    sets = [f"data.path={load_config(tmp / 'single' / 'config.toml').data.path}", f"run.out={run}", "run.checkpoint_every=5"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
+    with open(tmp / "regrouped.txt", "w+") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                                 "29583", "-m", "ecvl_fast.cli", "train", "--stage", "1", "--config", str(path)]
+                                + sum((["--set", s] for s in sets), []), env=env, stdout=log, stderr=log,
+                                start_new_session=True)
+        deadline = time.monotonic() + 300
+        while not (run / "last.pt").exists():
+            assert proc.poll() is None and time.monotonic() < deadline, (tmp / "regrouped.txt").read_text()[-3000:]
+            time.sleep(0.02)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    stopped = ckpt_io.load(run / "last.pt")["position"]
+    assert stopped["epoch"] == 0 and stopped["step"] in (5, 10)
+    training.main(load_config(path, sets))  # one process now
+    assert epoch_losses(run)[-1] == pytest.approx(epoch_losses(tmp / "single")[0], rel=1e-2)
+
+
 def cli_error(args, capsys):
     capsys.readouterr()
     code = cli_main(args)
@@ -241,10 +272,10 @@ def test_stage2_trains_adapter_with_memory_driven_randaugment(tmp_path, mnist, t
 def test_training_reads_the_banks_m_each_epoch(tmp_path, mnist, monkeypatch, tiny_stage1):
     """The loader is handed the bank: what it feeds DALI in epoch t+1 is the bank's M after epoch t."""
     from ecvl_fast.kernels.bank import MomentumBank
-    from ecvl_fast.loaders import dali_pipeline
+    from ecvl_fast.loaders import dali_loader
 
     after_epoch, fed = [], []
-    real_end, real_feed = MomentumBank.end_epoch, dali_pipeline.feed
+    real_end, real_feed = MomentumBank.end_epoch, dali_loader.feed
 
     def end_epoch(bank, *a, **kw):
         real_end(bank, *a, **kw)
@@ -256,7 +287,7 @@ def test_training_reads_the_banks_m_each_epoch(tmp_path, mnist, monkeypatch, tin
         return real_feed(p, spec, images, m, draws)
 
     monkeypatch.setattr(MomentumBank, "end_epoch", end_epoch)
-    monkeypatch.setattr(dali_pipeline, "feed", feed)
+    monkeypatch.setattr(dali_loader, "feed", feed)
     cfg = stage2_config(tmp_path, mnist, tiny_stage1[0], "reads", ["stage2.epochs=2", "data.prefetch=0"])
     training.main(cfg, stage=2)
     steps = len(fed) // 2
@@ -272,7 +303,7 @@ def test_predict_matches_eval_and_handles_bad_input(tmp_path, mnist, capsys, tin
     from ecvl_fast.run import dist as D
     from ecvl_fast.training.data import eval_loader
     from ecvl_fast.serving.classifier import load_classifier
-    from ecvl_fast.evaluation.metrics import predict
+    from ecvl_fast.evaluation.metrics import predict_split
     from ecvl_fast.loaders.sources import load_mnist_lt
 
     cfg = stage2_config(tmp_path, mnist, tiny_stage1[0], "p", ["stage2.epochs=1"])
@@ -292,7 +323,7 @@ def test_predict_matches_eval_and_handles_bad_input(tmp_path, mnist, capsys, tin
     state = ckpt_io.load(ckpt)
     net, text, adapter = load_classifier(cfg, state, state["classes"], torch.device("cpu"))
     d = D.Dist(0, 0, 1, torch.device("cpu"))
-    ref, _ = predict(net, eval_loader(cfg, d, "test"), text, d, adapter)
+    ref, _ = predict_split(net, eval_loader(cfg, d, "test"), text, d, adapter)
     top1 = [r.split(",")[1] for r in rows[1:]]
     agree = np.mean([t == state["classes"][p] for t, p in zip(top1, ref[:n])])
     assert agree >= 0.97, agree  # the same preprocessing up to resampling round-off
@@ -312,10 +343,10 @@ def test_predict_matches_eval_and_handles_bad_input(tmp_path, mnist, capsys, tin
 
 
 def test_fixed_magnitude_replaces_the_memory(tmp_path, mnist, monkeypatch, tiny_stage1):
-    from ecvl_fast.loaders import dali_pipeline
+    from ecvl_fast.loaders import dali_loader
 
-    fed, real_feed = [], dali_pipeline.feed
-    monkeypatch.setattr(dali_pipeline, "feed", lambda p, spec, images, m, draws: (
+    fed, real_feed = [], dali_loader.feed
+    monkeypatch.setattr(dali_loader, "feed", lambda p, spec, images, m, draws: (
         fed.append(np.asarray(m).copy()) if spec.randaug else None, real_feed(p, spec, images, m, draws))[1])
     with pytest.raises(EcvlError, match="a fixed M lies in"):
         training.main(stage2_config(tmp_path, mnist, tiny_stage1[0], "fixed", ["stage2.randaug_m=1.5"]), stage=2)

@@ -140,7 +140,7 @@ def _peer_loader(images, labels, m, spec, batch: int, workers: int, seed: int = 
 
 def _dali_loader(images, labels, bank, spec, batch: int, device: torch.device, threads: int, prefetch: int = 2,
                  dtype: torch.dtype | None = None):
-    from ecvl_fast.loaders.dali_pipeline import AugmentedLoader
+    from ecvl_fast.loaders.dali_loader import AugmentedLoader
     from ecvl_fast.loaders.memory import MemoryLoader
 
     return AugmentedLoader(MemoryLoader(images, labels, "random", batch), spec, bank, device=device,
@@ -172,7 +172,7 @@ def _img_s(loader, device: torch.device, passes: int) -> float:
 def bench_augment(data: Path | None, res: int, batch: int, device: str, n: int, workers: int, threads: int,
                   repeats: int = 3) -> dict:
     from ecvl_fast.kernels.bank import StaticMagnitudes
-    from ecvl_fast.loaders.dali_pipeline import AugSpec
+    from ecvl_fast.loaders.draws import AugSpec
 
     d = D.setup(device)
     images, labels, source = held_images(data, res, n)
@@ -212,7 +212,7 @@ def _train_pass(run, loader, d: D.Dist) -> tuple[float, int]:
 def bench_train(data: Path | None, model: str, res: int, batch: int, device: str, n: int, workers: int,
                 threads: int, epochs: int = 2, precision: str = "auto") -> dict:
     """Stage 2 epochs (adapter + L_DCVL + memory-driven RA) fed by DALI, then by the PIL peer."""
-    from ecvl_fast.loaders.dali_pipeline import AugSpec
+    from ecvl_fast.loaders.draws import AugSpec
     from ecvl_fast.training.loop import train_step
 
     d = D.setup(device)

@@ -39,7 +39,8 @@ def _timed(batches, min_images: int) -> float:
 def bench_dali(b: LoaderBench):
     """A function that times the FFCV -> DALI loader (built once, reused)."""
     from ecvl_fast.kernels.bank import StaticMagnitudes
-    from ecvl_fast.loaders.dali_pipeline import AugmentedLoader, AugSpec
+    from ecvl_fast.loaders.dali_loader import AugmentedLoader
+    from ecvl_fast.loaders.draws import AugSpec
     from ecvl_fast.loaders.ffcv_loader import make_loader, read_labels
 
     path = b.data / "train.beton"
@@ -52,7 +53,7 @@ def bench_dali(b: LoaderBench):
 
 def bench_reference(b: LoaderBench):
     """A function that times the torchvision/PIL peer in DataLoader worker processes."""
-    from ecvl_fast.loaders.dali_pipeline import AugSpec
+    from ecvl_fast.loaders.draws import AugSpec
     from ecvl_fast.loaders.ffcv_loader import make_loader
     from ecvl_fast.loaders.torch_reference import ReferenceDataset
 

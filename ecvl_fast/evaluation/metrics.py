@@ -58,7 +58,7 @@ def predict_logits(net, images: torch.Tensor, text_features: torch.Tensor, adapt
 
 
 @torch.no_grad()
-def predict(net, loader, text_features: torch.Tensor, d: D.Dist, adapter=None, dt: torch.dtype | None = None):
+def predict_split(net, loader, text_features: torch.Tensor, d: D.Dist, adapter=None, dt: torch.dtype | None = None):
     """Predictions over the whole eval split, gathered from every rank, each sample once.
     With a stage-2 adapter, image features pass through it (eq. 7) before eq. 6."""
     net.eval()

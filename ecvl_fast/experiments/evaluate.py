@@ -9,7 +9,7 @@ from ecvl_fast.run import dist as D
 from ecvl_fast.run import precision
 from ecvl_fast.config import Config, from_dict
 from ecvl_fast.training.data import eval_loader, open_dataset
-from ecvl_fast.evaluation.metrics import predict, shot_metrics
+from ecvl_fast.evaluation.metrics import predict_split, shot_metrics
 from ecvl_fast.evaluation.reports import write_report
 from ecvl_fast.serving.classifier import load_classifier
 
@@ -27,7 +27,7 @@ def run_eval(cfg: Config, data: Path | None, ckpt: Path | None, split: str, out:
             ckpt_io.check(state, ckpt, model_name=cfg.model.name, num_classes=len(meta["classes"]))
         net, text, adapter = load_classifier(cfg, state, meta["classes"], d.device)
         dt = precision.dtype(cfg.run.precision, d.device)
-        preds, labels = predict(net, eval_loader(cfg, d, split), text, d, adapter, dt)
+        preds, labels = predict_split(net, eval_loader(cfg, d, split), text, d, adapter, dt)
         metrics = shot_metrics(preds, labels, meta)
         if d.main:
             where = out or (ckpt.parent / f"eval-{split}" if ckpt else Path(cfg.run.out) / f"zero-shot-{split}")

@@ -42,7 +42,7 @@ def _status(folder: Path, cfg: Config, epochs: int) -> str:
     diff = config_diff(ckpt["config"], cfg.to_dict())
     if diff:
         return f"refused: another config there ({'; '.join(diff)}); --restart moves it aside"
-    at = ckpt.get("position") or {"epoch": ckpt["epoch"], "step": 0}
+    at = ckpt["position"]
     if at["epoch"] >= epochs and at["step"] == 0 and (folder / "metrics.json").is_file():
         return "reuse (finished)"
     return f"resume at epoch {at['epoch'] + 1}" + (f", step {at['step']}" if at["step"] else "")

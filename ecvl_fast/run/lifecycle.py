@@ -33,6 +33,9 @@ from ecvl_fast.run import dist as D
 from ecvl_fast.run.files import remove_stale_temps
 
 LOCK = ".lock"  # the run folder's writer (RunLock)
+DIVERGED = "diverged"  # left by a run stopped on a non-finite loss: its optimizer settings may change on resume
+# What a diverged run may change when it resumes its last finite checkpoint
+RETUNABLE = {f"stage{s}.{key}" for s in (1, 2) for key in ("lr", "warmup_epochs", "weight_decay")}
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped on a signal with a checkpoint; run the same command again
 
 # Settings that change how a run executes, not what it computes: a resumed run may change them.
@@ -102,11 +105,19 @@ def start(folder: Path, cfg, epochs: int, d: D.Dist, restart: bool, log) -> tupl
         return Position(), None
     ckpt = ckpt_io.load(last)  # a different model shows up as a config difference below
     diff = config_diff(ckpt["config"], cfg.to_dict())
+    retuned = (folder / DIVERGED).is_file() and diff and all(key.split(" ")[0] in RETUNABLE for key in diff)
+    if retuned:
+        if d.main:
+            print(f"{folder} diverged: resuming its last finite checkpoint with {'; '.join(diff)}")
+        D.barrier()
+        if d.main:
+            (folder / DIVERGED).unlink(missing_ok=True)
+        diff = []
     if diff:
         raise EcvlError(f"{folder} holds a run with another config: {'; '.join(diff)}. Re-run with its config "
                         f"({folder / 'config.toml'}), pass --restart to start over (the old run is kept in "
                         f"{folder}/previous-*), or choose another run.out")
-    at = ckpt.get("position") or {"epoch": ckpt["epoch"], "step": 0}
+    at = ckpt["position"]
     pos = Position(at["epoch"], at["step"], ckpt["best"], at.get("carry"))
     metrics = folder / "metrics.json"
     if pos.epoch >= epochs and pos.step == 0 and metrics.is_file():
@@ -116,6 +127,10 @@ def start(folder: Path, cfg, epochs: int, d: D.Dist, restart: bool, log) -> tupl
     if d.main:
         print(f"resuming {folder} at epoch {pos.epoch + 1}" + (f", step {pos.step}" if pos.step else ""))
     return pos, ckpt
+
+
+def mark_diverged(folder: Path) -> None:
+    (folder / DIVERGED).write_text(time.strftime("%Y-%m-%dT%H:%M:%S%z"))
 
 
 def check_shared_folder(folder: Path, d: D.Dist) -> None:

@@ -44,24 +44,26 @@ def per_rank_batch(cfg: Config, d: Dist) -> int:
     return cfg.data.batch_size // d.world_size
 
 
-def train_loader(cfg: Config, d: Dist, meta: dict, order: str, views: int = 1, magnitudes=None):
+def train_loader(cfg: Config, d: Dist, meta: dict, order: str, views: int = 1, memory=None):
     """Stage 1: `random` order, one view, crop + flip. Stage 2: `balanced`, two views, and with
-    `magnitudes` (the momentum bank) the memory-driven RandAugment reading its M (eq. 10)."""
-    from ecvl_fast.loaders.dali_pipeline import AugmentedLoader, AugSpec
+    `memory` (the momentum bank, or a fixed M) the memory-driven RandAugment reading its M (eq. 10)."""
+    from ecvl_fast.loaders.dali_loader import AugmentedLoader
+    from ecvl_fast.loaders.draws import AugSpec
     from ecvl_fast.loaders.ffcv_loader import make_loader
 
     loader = make_loader(Path(cfg.data.path) / "train.beton", order, per_rank_batch(cfg, d), load_res(cfg),
                          workers=cfg.data.workers, seed=cfg.run.seed, num_classes=len(meta["classes"]),
                          rank=d.rank, world=d.world_size)
-    spec = AugSpec(res=cfg.data.res, train=True, views=views, k=cfg.aug.k, randaug=magnitudes is not None,
+    spec = AugSpec(res=cfg.data.res, train=True, views=views, k=cfg.aug.k, randaug=memory is not None,
                    crop_scale=(cfg.aug.crop_min_scale, 1.0))
-    return AugmentedLoader(loader, spec, magnitudes, device=d.device, seed=cfg.run.seed, rank=d.rank,
+    return AugmentedLoader(loader, spec, memory, device=d.device, seed=cfg.run.seed, rank=d.rank,
                            world=d.world_size, threads=dali_threads(cfg), prefetch=cfg.data.prefetch,
                            dtype=precision.dtype(cfg.run.precision, d.device))
 
 
 def eval_loader(cfg: Config, d: Dist, split: str):
-    from ecvl_fast.loaders.dali_pipeline import AugmentedLoader, AugSpec
+    from ecvl_fast.loaders.dali_loader import AugmentedLoader
+    from ecvl_fast.loaders.draws import AugSpec
     from ecvl_fast.loaders.ffcv_loader import make_loader
 
     path = Path(cfg.data.path) / f"{split}.beton"

@@ -33,7 +33,7 @@ from ecvl_fast.run import precision
 from ecvl_fast.config import Config, save_config
 from ecvl_fast.training.data import eval_loader, open_dataset, train_loader
 from ecvl_fast.run.files import atomic_write
-from ecvl_fast.evaluation.metrics import m_quantiles, predict, shot_metrics
+from ecvl_fast.evaluation.metrics import m_quantiles, predict_split, shot_metrics
 from ecvl_fast.evaluation.reports import plot_curves, plot_m_by_group, read_metrics, write_report
 from ecvl_fast.kernels.bank import MomentumBank, StaticMagnitudes, frequency_magnitudes
 from ecvl_fast.run.logs import RunLog
@@ -47,7 +47,7 @@ class Run:
     d: D.Dist
     meta: dict
     net: ClipNet  # the raw module (checkpoints, eval)
-    model: torch.nn.Module  # what the step calls: compiled and/or DDP-wrapped
+    trainable: torch.nn.Module  # what the step trains and calls (CLIP, or stage 2's adapter), compiled and/or DDP-wrapped
     opt: torch.optim.Optimizer
     sched: torch.optim.lr_scheduler.LambdaLR
     tokens: torch.Tensor  # [K, L] training prompts
@@ -98,7 +98,7 @@ def build_run(cfg: Config, d: D.Dist, meta: dict, steps_per_epoch: int, stage: i
     model = torch.compile(trainable) if cfg.model.compile else trainable  # compile before wrapping in DDP
     if d.enabled:
         model = DDP(model, device_ids=[d.local_rank] if d.device.type == "cuda" else None)
-    run.model = model
+    run.trainable = model
     return run
 
 
@@ -128,7 +128,7 @@ def stage1_loss(run: Run, images: torch.Tensor, labels: torch.Tensor, cached=Non
     whole batch's negatives while the gradient flows through micro-batch `j` only."""
     cfg = run.cfg.stage1
     if cfg.loss == "prompt-ce":
-        img, txt = run.model(images, run.tokens)
+        img, txt = run.trainable(images, run.tokens)
         terms = losses.prompt_ce_loss(img, txt, labels, cfg.ce_scale)
         return {"loss": terms["loss"], "ce": terms["ce"]}
     img, txt, _ = _features(run, images, labels)
@@ -154,7 +154,7 @@ def stage2_loss(run: Run, views: list[torch.Tensor], labels: torch.Tensor, idx: 
     cfg, b, r = run.cfg.stage2, labels.shape[0], run.d.rank
     with torch.no_grad():  # frozen encoders: both views in one pass, or in chunks
         feats = torch.cat([run.net(x)[0] for x in torch.cat(views).chunk(cfg.accum_steps)])
-    adapted = adapted_features(feats, run.model)
+    adapted = adapted_features(feats, run.trainable)
     all_labels = labels.repeat(len(views))
     ce_terms = losses.prompt_ce_loss(adapted, run.text, all_labels, cfg.ce_scale)
     ce = ce_terms["loss"]
@@ -211,7 +211,7 @@ def _stage1_backward(run: Run, images: torch.Tensor, labels: torch.Tensor) -> di
     total: dict[str, torch.Tensor] = {}
     for j, (x, y) in enumerate(zip(xs, ys)):
         sync = j == len(xs) - 1 or not run.d.enabled
-        with (contextlib.nullcontext() if sync else run.model.no_sync()), precision.autocast(run.d.device, run.amp):
+        with (contextlib.nullcontext() if sync else run.trainable.no_sync()), precision.autocast(run.d.device, run.amp):
             terms = stage1_loss(run, x, y, cached, j)
             weight = 1.0 if cached is not None else y.shape[0] / n  # the cached form's loss is the whole batch's
             run.scaler.scale(terms["loss"] * weight).backward()
@@ -224,7 +224,7 @@ def _features(run: Run, images: torch.Tensor, labels: torch.Tensor):
     """(image features, per-sample text features, labels) for the CLIP loss: the text of each sample
     is its class prompt; encode the fewer of (batch, classes)."""
     few_labels = labels.shape[0] < run.tokens.shape[0]
-    img, txt = run.model(images, run.tokens[labels] if few_labels else run.tokens)
+    img, txt = run.trainable(images, run.tokens[labels] if few_labels else run.tokens)
     return img, (txt if few_labels else txt[labels]), labels
 
 
@@ -233,7 +233,7 @@ def train_epoch(run: Run, loader, epoch: int, log, stop: lifecycle.StopSignal | 
     """One epoch, from `pos.step` when a stopped run resumes in it. Every `run.log_every` steps
     (a sync point) the ranks check the loss and agree on a stop signal; every
     `run.checkpoint_every` steps the main rank writes a checkpoint that resumes at that step."""
-    run.model.train()
+    run.trainable.train()
     run.net.train(run.stage == 1)  # stage 2: frozen encoders stay in eval mode (BN statistics)
     d, every, cadence = run.d, run.cfg.run.log_every, run.cfg.run.checkpoint_every
     here = pos is not None and pos.epoch == epoch
@@ -295,10 +295,15 @@ def _check_finite(first_bad: torch.Tensor, run: Run) -> None:
 
 
 def _last_good(run: Run) -> str:
-    last = run.out / "last.pt"
-    lr = f"stage{run.stage}.lr"
-    return (f"the last finite checkpoint {last} is left intact; " if last.exists() else "no checkpoint written yet; ") + \
-        f"lower {lr} and pass --restart to start over"
+    """Where a diverged run stands, and the ways out; marks the folder as diverged (main rank), so
+    that the same command with a lower learning rate resumes its last finite checkpoint."""
+    last, lr = run.out / "last.pt", f"stage{run.stage}.lr"
+    if not last.exists():
+        return f"no checkpoint written yet; lower {lr} and run again"
+    if run.d.main:
+        lifecycle.mark_diverged(run.out)
+    return (f"the last finite checkpoint {last} is left intact; run the same command with a lower {lr} to resume "
+            "from it, or pass --restart to start over")
 
 
 def _finite_weights(run: Run) -> bool:
@@ -311,7 +316,7 @@ def _finite_weights(run: Run) -> bool:
 
 def evaluate_split(run: Run, loader) -> dict:
     text = run.text if run.text is not None else class_text_features(run.net, run.eval_tokens)
-    preds, labels = predict(run.net, loader, text, run.d, run.adapter, run.amp)
+    preds, labels = predict_split(run.net, loader, text, run.d, run.adapter, run.amp)
     return shot_metrics(preds, labels, run.meta)
 
 
@@ -345,9 +350,20 @@ def restore(run: Run, c: dict) -> None:
         run.bank.load_state_dict(c["momentum"], partial=run.d.main)
     run.opt.load_state_dict(c["optimizer"])
     run.sched.load_state_dict(c["scheduler"])
-    if c.get("scaler"):
+    _settings_into_optimizer(run)
+    if c["scaler"]:  # empty unless fp16
         run.scaler.load_state_dict(c["scaler"])
     ckpt_io.set_rng_state(c["rng"])
+
+
+def _settings_into_optimizer(run: Run) -> None:
+    """The config's learning rate and weight decay over what the checkpoint's optimizer held: the
+    same values on a plain resume, the lowered ones after a divergence (`lifecycle.RETUNABLE`)."""
+    sc = run.cfg.stage1 if run.stage == 1 else run.cfg.stage2
+    run.sched.base_lrs = [sc.lr] * len(run.opt.param_groups)
+    for group, lam in zip(run.opt.param_groups, run.sched.lr_lambdas):
+        group["initial_lr"], group["weight_decay"] = sc.lr, sc.weight_decay
+        group["lr"] = sc.lr * lam(run.sched.last_epoch)
 
 
 def main(cfg: Config, stage: int = 1, out: Path | None = None, restart: bool = False) -> dict:
@@ -385,7 +401,7 @@ def _train(cfg: Config, d: D.Dist, stage: int, folder: Path, restart: bool, stop
     if stage == 1:
         loader = train_loader(cfg, d, meta, "random")
     else:  # the loader is handed the bank and reads its M each epoch (eq. 10); + momentum row: not
-        loader = train_loader(cfg, d, meta, "balanced", views=2, magnitudes=_magnitudes(cfg, run.bank))
+        loader = train_loader(cfg, d, meta, "balanced", views=2, memory=_memory(cfg, run.bank))
     if d.main:
         run.out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run.out / "config.toml")
@@ -439,7 +455,8 @@ def check_trainable(cfg: Config, meta: dict) -> None:
                         f"{cfg.data.batch_size}): nothing would train; lower data.batch_size")
 
 
-def _magnitudes(cfg: Config, bank: MomentumBank):
+def _memory(cfg: Config, bank: MomentumBank):
+    """What stage 2's RandAugment reads M from: the bank (eq. 9), a fixed M, or nothing (RA off)."""
     if not cfg.stage2.randaug:
         return None
     if cfg.stage2.randaug_m < 0:

@@ -1,0 +1,195 @@
+"""The threaded loader: FFCV (or in-memory) batches through the DALI graph, built ahead of the
+step in a feeder thread, and on GPU handed over on the feeder's own CUDA stream (DEVELOPERS.md,
+"The GPU data path")."""
+from __future__ import annotations
+
+import numpy as np
+
+from ecvl_fast.loaders.dali_graph import build_pipeline, feed
+from ecvl_fast.loaders.draws import AugSpec, batch_draws
+
+
+class AugmentedLoader:
+    """FFCV batches through the DALI pipeline: yields ([view NCHW channels_last], labels, indices),
+    all three on `device` (bf16 views on GPU), so the step never copies or syncs for its inputs.
+
+    `memory` is where M comes from: the momentum bank, or anything with `.magnitudes()` -> M per sample. It is read
+    once at the start of each epoch, so values the kernels wrote at the end of epoch t are used
+    throughout epoch t+1, and no per-batch device-to-host copy sits on the step's path.
+
+    With `prefetch` > 0 a feeder thread builds up to that many batches ahead of the step. M is
+    fixed for the epoch and every draw is a function of (seed, epoch, position), so the batches
+    are exactly those of the synchronous loader; the feeder never runs past the epoch's end.
+
+    On GPU the feeder owns a CUDA stream, so its copies and DALI's work overlap the step (see
+    `_gpu_batch`); each batch carries an event the consumer's stream waits on (`_handed_over`).
+    """
+
+    def __init__(self, loader, spec: AugSpec, memory=None, *, device="cpu", seed: int = 0, rank: int = 0,
+                 world: int = 1, threads: int = 2, prefetch: int = 2, dtype=None):
+        import torch
+
+        self.loader, self.spec, self.memory, self.seed, self.rank, self.world = loader, spec, memory, seed, rank, world
+        self.prefetch = prefetch
+        self.device = torch.device(device)
+        gpu = self.device.type == "cuda"
+        if gpu and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        # High priority: the next batch's augmentation is scheduled ahead of the step's queued kernels
+        self.stream = torch.cuda.Stream(self.device, priority=-1) if gpu else None
+        self.dtype = dtype or (torch.bfloat16 if gpu else torch.float32)  # the step's compute dtype (on GPU)
+        self.pipe = build_pipeline(spec, loader.batch_size, device_id=self.device.index if gpu else None,
+                                   threads=threads, seed=seed)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    @property
+    def epoch(self) -> int:
+        return self.loader.next_epoch
+
+    @epoch.setter
+    def epoch(self, value: int) -> None:
+        self.loader.next_epoch = value
+
+    def resume_at(self, epoch: int, step: int) -> None:
+        """Start at batch `step` of `epoch`: the batches and views are those the uninterrupted run
+        had there (every draw is a function of the position in the epoch)."""
+        self.loader.next_epoch, self.loader.resume_at = epoch, (epoch, step)
+
+    def __iter__(self):
+        m = self.memory.magnitudes() if self.memory is not None and self.spec.randaug else None
+        at = getattr(self.loader, "resume_at", None)
+        first = at[1] if at is not None and at[0] == self.loader.next_epoch else 0
+        batches = self._batches(self.loader.next_epoch, m, first)
+        return _handed_over(prefetched(batches, self.prefetch) if self.prefetch > 0 else batches)
+
+    def _batches(self, epoch: int, m, first: int = 0):
+        """(views, labels, indices, ready event or None) per batch from batch `first` of the epoch;
+        runs in the feeder thread."""
+        import torch
+
+        gpu = self.device.type == "cuda"
+        if gpu:  # a new thread starts on cuda:0; under torchrun rank r works on cuda:r
+            torch.cuda.set_device(self.device)
+        b, previous = self.loader.batch_size, None
+        for step, (images, labels, idx) in enumerate(self.loader, first):
+            local = step * b + np.arange(len(labels))
+            draws = batch_draws(self.spec, local * self.world + self.rank, self.seed, epoch)
+            mi = m[idx.numpy()] if m is not None else np.zeros(len(idx), np.float32)
+            if gpu:
+                if previous is not None:
+                    previous.synchronize()  # the last output is copied out before DALI reuses its buffer
+                batch = self._gpu_batch(images, labels, idx, mi, draws)
+                previous = batch[3]
+                yield batch
+            else:
+                feed(self.pipe, self.spec, images.numpy(), mi, draws)
+                views = list(_to_torch(self.pipe.run()[0], self.device).chunk(self.spec.views))
+                yield views, labels.to(torch.int64).clone(), idx.to(torch.int64).clone(), None
+
+    def _gpu_batch(self, images, labels, idx, mi, draws):
+        """One batch on the feeder's stream: host-to-device copies, DALI, the copy out of DALI's
+        buffer into bf16. Returns before the GPU work is done, except for the host copies:
+
+        ffcv yields pinned slots it refills as soon as we take a later batch, and a non-blocking
+        copy from pinned memory reads it whenever the stream gets there. So we wait for our copies
+        (microseconds for a batch) before returning to ffcv for the next batch.
+        """
+        import torch
+
+        with torch.cuda.stream(self.stream):
+            x = images.to(self.device, non_blocking=True)
+            y = _pinned(labels).to(self.device, non_blocking=True)
+            i = _pinned(idx).to(self.device, non_blocking=True)
+            copied = torch.cuda.Event(blocking=True)  # its wait sleeps instead of spinning a core
+            copied.record(self.stream)
+            feed(self.pipe, self.spec, x, mi, draws)  # DALI copies `x` on this (current) stream
+            views = list(_to_torch(self.pipe.run()[0], self.device, self.stream, self.dtype).chunk(self.spec.views))
+            y, i = y.to(torch.int64), i.to(torch.int64)
+            ready = torch.cuda.Event(blocking=True)
+            ready.record(self.stream)
+        copied.synchronize()
+        return views, y, i, ready
+
+
+def _pinned(t):
+    return t if t.is_pinned() else t.pin_memory()
+
+
+def _handed_over(batches):
+    """The consumer's side: on GPU, its current stream waits for the feeder's event, and every
+    tensor made on the feeder's stream is marked as used on the consumer's (`record_stream`), so
+    the caching allocator does not hand its memory back to the feeder while the step reads it."""
+    import torch
+
+    for views, labels, idx, ready in batches:
+        if ready is not None:
+            stream = torch.cuda.current_stream(views[0].device)
+            stream.wait_event(ready)
+            for t in (*views, labels, idx):
+                t.record_stream(stream)
+        yield views, labels, idx
+
+
+def prefetched(batches, depth: int):
+    """Run the generator `batches` in a feeder thread, at most `depth` items ahead of the consumer.
+    Errors surface in the consumer; leaving early stops and joins the feeder."""
+    import queue
+    import threading
+
+    q, stop, end = queue.Queue(maxsize=depth), threading.Event(), object()
+
+    def feeder():
+        try:
+            for item in batches:
+                while not stop.is_set():
+                    try:
+                        q.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    break
+            q.put((end, None))
+        except BaseException as e:  # handed to the consumer
+            q.put((end, e))
+        finally:
+            batches.close()
+
+    thread = threading.Thread(target=feeder, daemon=True, name="ecvl-feeder")
+    thread.start()
+    try:
+        while True:
+            item = q.get()
+            if isinstance(item, tuple) and len(item) == 2 and item[0] is end:
+                if item[1] is not None:
+                    raise item[1]
+                return
+            yield item
+    finally:
+        stop.set()
+        while thread.is_alive():
+            try:
+                q.get(timeout=0.1)
+            except queue.Empty:
+                pass
+        thread.join()
+
+
+def _to_torch(tl, device, stream=None, dtype=None):
+    """DALI NHWC float output -> NCHW channels_last (a free permute); `dtype` on GPU. Always a copy
+    in memory torch owns: DALI releases its one output buffer at the next run (prefetch depth 1).
+
+    On GPU the copy goes through DALI's `feed_ndarray` on `stream`, which orders it after DALI's
+    own work on its internal stream, then converts to the compute dtype on the same stream."""
+    import torch
+
+    if device.type != "cuda":
+        return torch.from_dlpack(tl.as_tensor()).clone().permute(0, 3, 1, 2)
+    from nvidia.dali.plugin.pytorch import feed_ndarray
+
+    t = tl.as_tensor()
+    out = torch.empty(t.shape(), dtype=torch.float32, device=device)
+    feed_ndarray(t, out, cuda_stream=stream)
+    return out.to(dtype or torch.bfloat16).permute(0, 3, 1, 2)
