@@ -188,13 +188,25 @@ def _merge(cfg: Config, section: str, key: str, value, where: str) -> Config:
     return cfg
 
 
-def from_dict(d: dict, where: str = "config", base: Config | None = None) -> Config:
+def from_dict(d: dict, where: str = "config", base: Config | None = None, complete: bool = True) -> Config:
+    """`complete`: nothing more will be merged, so the settings that go together are checked."""
     cfg = base or Config()
     for section, values in d.items():
         if not isinstance(values, dict):
             raise EcvlError(f"{where}: {section!r} must be a [section] table")
         for key, value in values.items():
             cfg = _merge(cfg, section, key, value, where)
+    return check_memory(cfg) if complete else cfg
+
+
+def check_memory(cfg: Config) -> Config:
+    """The memory's settings that only make sense together (each one alone is checked by _merge)."""
+    a, fixed = cfg.aug, cfg.stage2.randaug_m
+    if a.m_source == "lol" and (a.m_scope, a.m_direction) != ("class", "easy"):
+        raise EcvlError(f'aug.m_source = "lol" gives one M per class that rises as the class is learned: '
+                        f'set aug.m_scope = "class" and aug.m_direction = "easy" (not {a.m_scope!r}, {a.m_direction!r})')
+    if fixed > 1:
+        raise EcvlError(f"stage2.randaug_m={fixed}: a fixed M lies in [0, 1] (< 0: the memory)")
     return cfg
 
 
@@ -205,7 +217,7 @@ def load_config(path: Path | None = None, overrides: list[str] = ()) -> Config:
         if not path.is_file():
             raise EcvlError(f"{path}: no such config file")
         try:
-            cfg = from_dict(tomllib.loads(path.read_text()), str(path))
+            cfg = from_dict(tomllib.loads(path.read_text()), str(path), complete=False)
         except tomllib.TOMLDecodeError as e:
             raise EcvlError(f"{path}: invalid TOML ({e})") from None
     for item in overrides:
@@ -214,7 +226,7 @@ def load_config(path: Path | None = None, overrides: list[str] = ()) -> Config:
         if not sep or not dot:
             raise EcvlError(f"--set {item!r}: expected section.key=value")
         cfg = _merge(cfg, section, key, value.strip(), f"--set {name.strip()}")
-    return cfg
+    return check_memory(cfg)
 
 
 def save_config(cfg: Config, path: Path) -> None:

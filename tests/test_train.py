@@ -146,6 +146,8 @@ def test_resume_with_another_process_count_logs_the_epochs_loss(stage1_pair):
     import sys
     import time
 
+    from conftest import worker_pid
+
     tmp, path, _, _ = stage1_pair
     run = tmp / "regrouped"
     sets = [f"data.path={load_config(tmp / 'single' / 'config.toml').data.path}", f"run.out={run}", "run.checkpoint_every=5"]
@@ -159,8 +161,13 @@ def test_resume_with_another_process_count_logs_the_epochs_loss(stage1_pair):
         while not (run / "last.pt").exists():
             assert proc.poll() is None and time.monotonic() < deadline, (tmp / "regrouped.txt").read_text()[-3000:]
             time.sleep(0.02)
-        os.killpg(proc.pid, signal.SIGKILL)
+        workers = [worker_pid(proc.pid, r) for r in (0, 1)]
+        for pid in [p for p in workers if p] + [proc.pid]:  # the workers may sit in process groups of their own
+            os.kill(pid, signal.SIGKILL)
         proc.wait()
+        while any(p and os.path.exists(f"/proc/{p}") and "zombie" not in open(f"/proc/{p}/status").read()
+                  for p in workers):
+            time.sleep(0.02)
     stopped = ckpt_io.load(run / "last.pt")["position"]
     assert stopped["epoch"] == 0 and stopped["step"] in (5, 10)
     training.main(load_config(path, sets))  # one process now

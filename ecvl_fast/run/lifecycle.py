@@ -230,13 +230,18 @@ class RunLock:
 
 
 def _alive(pid) -> bool:
+    """Does `pid` run on this host? A zombie does not: a killed writer whose parent is gone stays
+    one where no init process reaps it (a container)."""
     try:
         os.kill(int(pid), 0)
     except (ProcessLookupError, TypeError, ValueError):
         return False
     except PermissionError:  # runs, as another user
         return True
-    return True
+    try:
+        return "\nState:\tZ" not in Path(f"/proc/{int(pid)}/status").read_text()
+    except OSError:
+        return True  # no /proc: trust the signal
 
 
 class StopSignal:

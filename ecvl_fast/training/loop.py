@@ -30,7 +30,7 @@ from ecvl_fast.run import dist as D
 from ecvl_fast.run import lifecycle
 from ecvl_fast.method import losses
 from ecvl_fast.run import precision
-from ecvl_fast.config import Config, save_config
+from ecvl_fast.config import Config, check_memory, save_config
 from ecvl_fast.training.data import eval_loader, open_dataset, train_loader
 from ecvl_fast.run.files import atomic_write
 from ecvl_fast.evaluation.metrics import m_quantiles, predict_split, shot_metrics
@@ -74,6 +74,7 @@ def lr_lambda(total_steps: int, warmup_steps: int):
 def build_run(cfg: Config, d: D.Dist, meta: dict, steps_per_epoch: int, stage: int = 1,
               out: Path | None = None) -> Run:
     """`steps_per_epoch` is the loader's length: train images // global batch (drop_last)."""
+    check_memory(cfg)  # a config built in code has not been through load_config
     torch.manual_seed(cfg.run.seed)
     sc = cfg.stage1 if stage == 1 else cfg.stage2
     clip, tokenizer = build_clip(cfg.model, load_weights=stage == 1 or cfg.stage2.init == "none")
@@ -114,9 +115,6 @@ def _init_stage2(run: Run, meta: dict) -> None:
     run.adapter = Adapter(run.text.shape[1], cfg.stage2.ratio).to(run.d.device)
     a = cfg.aug
     fixed = frequency_magnitudes(meta["train_labels"], a.m_direction) if a.m_source == "frequency" else None
-    if a.m_source == "lol" and (a.m_scope, a.m_direction) != ("class", "easy"):
-        raise EcvlError(f'aug.m_source = "lol" gives one M per class that rises as the class is learned: '
-                        f'set aug.m_scope = "class" and aug.m_direction = "easy" (not {a.m_scope!r}, {a.m_direction!r})')
     run.bank = MomentumBank(meta["train_labels"], beta=a.beta, device=run.d.device, norm=a.m_norm,
                             scope=a.m_scope, direction=a.m_direction, fixed=fixed,
                             lol=(a.lol_levels, a.lol_accept) if a.m_source == "lol" else None)
@@ -228,62 +226,99 @@ def _features(run: Run, images: torch.Tensor, labels: torch.Tensor):
     return img, (txt if few_labels else txt[labels]), labels
 
 
+class EpochMeter:
+    """An epoch's running figures, kept on the device so the step never syncs: the loss total,
+    the first step whose loss was not finite (under fp16: the first of `window` overflowed steps
+    in a row, as the scaler skips single ones), and the images seen. `carry` continues an epoch
+    stopped mid-way, whatever the world size was then."""
+
+    def __init__(self, run: Run, carry: dict):
+        d, dev = run.d, run.d.device
+        self.run, self.window, self.t0 = run, run.cfg.run.log_every, time.perf_counter()
+        self.total = torch.full((), carry.get("loss_sum", 0.0) * d.world_size if d.main else 0.0, device=dev)
+        self.first_bad = torch.full((), -1, dtype=torch.int64, device=dev)
+        self.streak = torch.zeros((), dtype=torch.int64, device=dev)
+        self.images, self.timed = carry.get("images", 0), 0
+
+    def add(self, loss: torch.Tensor, batch: int, gstep: int) -> None:
+        finite = torch.isfinite(loss)
+        if self.run.amp == torch.float16:
+            self.streak = torch.where(finite, torch.zeros_like(self.streak), self.streak + 1)
+            finite = self.streak < self.window
+        bad = ~finite & (self.first_bad < 0)
+        self.first_bad = torch.where(bad, torch.full_like(self.first_bad, gstep), self.first_bad)
+        self.total += torch.nan_to_num(loss, nan=0.0, posinf=0.0, neginf=0.0)
+        self.images += batch * self.run.d.world_size
+        self.timed += batch * self.run.d.world_size
+
+    def check_finite(self) -> None:
+        _check_finite(self.first_bad, self.run)  # sync point
+
+    def img_s(self) -> float:
+        return self.timed / (time.perf_counter() - self.t0)
+
+    def carry(self) -> dict:
+        """What a mid-epoch checkpoint carries: the loss summed over steps, averaged over ranks
+        (so a resume with another world size logs the right mean), and the images seen."""
+        d = self.run.d
+        return {"loss_sum": float(D.all_reduce_sum(self.total.detach().clone())) / d.world_size, "images": self.images}
+
+    def train_loss(self, steps: int) -> float:
+        return float(D.all_reduce_sum(self.total) / (steps * self.run.d.world_size))
+
+
 def train_epoch(run: Run, loader, epoch: int, log, stop: lifecycle.StopSignal | None = None,
                 pos: lifecycle.Position | None = None) -> dict:
     """One epoch, from `pos.step` when a stopped run resumes in it. Every `run.log_every` steps
-    (a sync point) the ranks check the loss and agree on a stop signal; every
+    (a sync point) the ranks check the loss, log, and agree on a stop signal; every
     `run.checkpoint_every` steps the main rank writes a checkpoint that resumes at that step."""
     run.trainable.train()
     run.net.train(run.stage == 1)  # stage 2: frozen encoders stay in eval mode (BN statistics)
-    d, every, cadence = run.d, run.cfg.run.log_every, run.cfg.run.checkpoint_every
+    d, every, cadence, steps = run.d, run.cfg.run.log_every, run.cfg.run.checkpoint_every, len(loader)
     here = pos is not None and pos.epoch == epoch
-    first, carry = (pos.step, pos.carry or {}) if here else (0, {})
-    # the stopped part's loss, per rank as this world size counts it (the world may have changed)
-    total = torch.full((), carry.get("loss_sum", 0.0) * d.world_size if d.main else 0.0, device=d.device)
-    first_bad = torch.full((), -1, dtype=torch.int64, device=d.device)
-    fp16, streak = run.amp == torch.float16, torch.zeros((), dtype=torch.int64, device=d.device)
-    t0, n, timed, steps = time.perf_counter(), carry.get("images", 0), 0, len(loader)
-    if here and first:
+    first = pos.step if here else 0
+    meter = EpochMeter(run, (pos.carry or {}) if here else {})
+    if first:
         loader.resume_at(epoch, first)
     for step, (views, labels, idx) in enumerate(log.progress(loader, epoch), first):
         gstep = epoch * steps + step
         terms = train_step(run, views, labels.to(d.device, non_blocking=True), idx)
-        finite = torch.isfinite(terms["loss"])
-        if fp16:  # the scaler skips a step whose loss or gradients overflow; only a window of them is an error
-            streak = torch.where(finite, torch.zeros_like(streak), streak + 1)
-            finite = streak < every
-        bad = ~finite & (first_bad < 0)
-        first_bad = torch.where(bad, torch.full_like(first_bad, gstep), first_bad)
-        total += torch.nan_to_num(terms["loss"], nan=0.0, posinf=0.0, neginf=0.0)
-        n, timed = n + labels.shape[0] * d.world_size, timed + labels.shape[0] * d.world_size
+        meter.add(terms["loss"], labels.shape[0], gstep)
         last = step + 1 == steps
         if (step + 1) % every == 0 or last:
-            _check_finite(first_bad, run)  # sync point: once per log_every steps
+            meter.check_finite()
             log("step", {"epoch": epoch + 1, "step": gstep + 1, "loss": float(terms["loss"]),
-                 "lr": run.sched.get_last_lr()[0], "img_s": timed / (time.perf_counter() - t0)})
-            if not last and stop is not None and stop.agreed(d):  # sync point: a signal reached some rank
-                _save_mid_epoch(run, epoch, step + 1, total, n)
-                raise lifecycle.Preempted(f"stopped by {stop.name} at epoch {epoch + 1}, step {step + 1}; "
-                                          f"checkpoint {run.out / 'last.pt'} written: run the same command to resume",
-                                          stop.exit_code)
+                         "lr": run.sched.get_last_lr()[0], "img_s": meter.img_s()})
+            if not last:
+                _stop_if_signalled(run, stop, epoch, step + 1, meter)
         if cadence and not last and (gstep + 1) % cadence == 0:
-            _check_finite(first_bad, run)  # sync point: never save what followed a non-finite loss
-            _save_mid_epoch(run, epoch, step + 1, total, n)
+            meter.check_finite()  # never save what followed a non-finite loss
+            _save_mid_epoch(run, epoch, step + 1, meter)
     if run.bank is not None:
-        run.bank.end_epoch(D.all_reduce_sum)  # eqs. 8-9 in place: next epoch's M; a sync point
-        if d.main:
-            log("memory", {"epoch": epoch + 1, "m_by_group": m_quantiles(run.bank, run.meta["train_labels"], run.meta["groups"])})
-    return {"train_loss": float(D.all_reduce_sum(total) / (steps * d.world_size)),
-            "img_s": timed / (time.perf_counter() - t0)}
+        _memory_epoch_end(run, log, epoch)
+    return {"train_loss": meter.train_loss(steps), "img_s": meter.img_s()}
 
 
-def _save_mid_epoch(run: Run, epoch: int, step: int, total: torch.Tensor, images: int) -> None:
+def _stop_if_signalled(run: Run, stop, epoch: int, step: int, meter: EpochMeter) -> None:
+    if stop is not None and stop.agreed(run.d):  # sync point: a signal reached some rank
+        _save_mid_epoch(run, epoch, step, meter)
+        raise lifecycle.Preempted(f"stopped by {stop.name} at epoch {epoch + 1}, step {step}; checkpoint "
+                                  f"{run.out / 'last.pt'} written: run the same command to resume", stop.exit_code)
+
+
+def _memory_epoch_end(run: Run, log, epoch: int) -> None:
+    """eqs. 8-9 in place, over every rank's sums: the next epoch's M (a sync point); M's quantiles
+    per shot group to the log."""
+    run.bank.end_epoch(D.all_reduce_sum)
+    if run.d.main:
+        log("memory", {"epoch": epoch + 1, "m_by_group": m_quantiles(run.bank, run.meta["train_labels"], run.meta["groups"])})
+
+
+def _save_mid_epoch(run: Run, epoch: int, step: int, meter: EpochMeter) -> None:
     """A checkpoint that resumes at `step` of `epoch`: this epoch's running sums over every rank
-    (the loss total, the bank's per-sample sums) go with it. Every rank calls it (collectives)."""
-    # loss_sum: the sum over the steps so far of the loss averaged over ranks, whatever the world size
-    carry = {"loss_sum": float(D.all_reduce_sum(total.detach().clone())) / run.d.world_size, "images": images}
+    (the loss, the bank's per-sample sums) go with it. Every rank calls it (collectives)."""
     partial = run.bank.partial_state(D.all_reduce_sum) if run.bank is not None else None
-    save_checkpoint(run, lifecycle.Position(epoch, step, run.best, carry), partial=partial)
+    save_checkpoint(run, lifecycle.Position(epoch, step, run.best, meter.carry()), partial=partial)
 
 
 def _check_finite(first_bad: torch.Tensor, run: Run) -> None:
@@ -461,6 +496,4 @@ def _memory(cfg: Config, bank: MomentumBank):
         return None
     if cfg.stage2.randaug_m < 0:
         return bank
-    if cfg.stage2.randaug_m > 1:
-        raise EcvlError(f"stage2.randaug_m={cfg.stage2.randaug_m}: a fixed M lies in [0, 1] (< 0: the memory)")
     return StaticMagnitudes(np.full(len(bank), cfg.stage2.randaug_m))  # plain RandAugment at this M
