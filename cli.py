@@ -69,6 +69,9 @@ def one_line_errors(fn):
         except FileNotFoundError as e:
             typer.echo(f"error: {e.filename}: no such file", err=True)
             raise typer.Exit(2)
+        except KeyboardInterrupt:  # a second Ctrl-C: no checkpoint waited for
+            typer.echo("interrupted: the last checkpoint stands; run the same command to resume", err=True)
+            raise typer.Exit(130)
         except OSError as e:  # a full disk, a read-only folder, a permission
             from ecvl_fast.run.files import disk_reason
 

@@ -150,7 +150,7 @@ def write_beton(path: Path, split: sources.Split, largest: int, o: ConvertOption
     while page < 2 * side * side * 3 + 65536:
         page *= 2
     fields = {
-        "image": RGBImageField(write_mode=o.format, max_resolution=o.max_res, jpeg_quality=o.jpeg_quality),
+        "image": RGBImageField(write_mode=o.format, max_resolution=o.max_res or None, jpeg_quality=o.jpeg_quality),
         "label": IntField(),
         "index": IntField(),
     }

@@ -188,6 +188,9 @@ def test_a_huge_image_is_shrunk_when_converted(tmp_path, capsys):
     meta = json.loads((tmp_path / "d" / "meta.json").read_text())
     assert meta["max_side"] == 512 and (tmp_path / "d" / "train.beton").stat().st_size < 20 * 2 ** 20
     assert "1 images larger than 512 px on their longest side are shrunk" in capsys.readouterr().out
+    (root / "train" / "c00" / "huge.png").unlink()
+    assert main(["convert", "folder", "--source", str(root), "--out", str(tmp_path / "e"), "--max-res", "0"]) == 0
+    assert json.loads((tmp_path / "e" / "meta.json").read_text())["max_side"] == 24  # 0 keeps every size
 
 
 def test_a_full_disk_is_one_line_and_loses_nothing(tmp_path):
@@ -218,6 +221,29 @@ def test_a_full_disk_for_real(tmp_path, mnist, capsys):
         assert not list((mnt / "run").glob(".*.tmp"))
     finally:
         subprocess.run(["umount", str(mnt)])
+
+
+def test_metrics_files_keep_every_class_and_refuse_an_old_format(tmp_path):
+    from ecvl_fast.evaluation.reports import metrics_file, read_metrics
+
+    metrics = {"many": 0.5, "medium": None, "few": 0.25, "all": 0.4, "macro_f1": 0.3, "head_tail_gap": 0.25,
+               "per_class": [0.5, 0.25, 1.0], "num_images": 9, "predicted_classes": 3}
+    saved = metrics_file(metrics, ["missile", "cat", "missile"], {"split": "test"})  # ImageNet names a class twice
+    assert list(saved["per_class"]) == ["missile (0)", "cat", "missile (2)"]
+    (tmp_path / "metrics.json").write_text(json.dumps(saved))
+    assert read_metrics(tmp_path / "metrics.json")["per_class"] == pytest.approx([0.5, 0.25, 1.0])
+    (tmp_path / "metrics.json").write_text(json.dumps(metrics))  # fractions, as an older version wrote
+    with pytest.raises(EcvlError, match="written by an older ecvl-fast"):
+        read_metrics(tmp_path / "metrics.json")
+
+
+def test_a_stage2_setting_never_refuses_a_stage1_folder():
+    """`train` runs stage 1 then 2: lowering stage2.lr after stage 2 diverged must not make stage 1
+    refuse its own (finished) folder."""
+    from ecvl_fast.run.lifecycle import config_diff
+
+    old, new = load_config(None, ["stage2.lr=1e-3"]).to_dict(), load_config(None, ["stage2.lr=1e-4"]).to_dict()
+    assert config_diff(old, new, stage=1) == [] and config_diff(old, new, stage=2) == ["stage2.lr (0.001 -> 0.0001)"]
 
 
 def test_collapsed_predictions_are_warned_about(capsys):

@@ -120,6 +120,10 @@ def test_a_config_that_names_no_folder_gets_one_from_its_data_and_model():
     assert load_config(None, ["data.path=data/a"]).run.out == "runs/a-RN50"
     assert load_config(None, ["data.path=data/b", "model.name=ViT-B-16"]).run.out == "runs/b-ViT-B-16"
     assert load_config(None, ["run.out=mine", "data.path=data/b"]).run.out == "mine"
+    from ecvl_fast.config import from_dict
+
+    base = load_config(None, ["model.name=RN50"])  # `eval --data DIR`: the derived folder follows the data
+    assert from_dict({"data": {"path": "data/places-lt"}}, "--data", base=base).run.out == "runs/places-lt-RN50"
     with pytest.raises(EcvlError, match="no such file or preset"):
         from ecvl_fast.experiments.presets import resolve
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ecvl_fast import EcvlError
 from ecvl_fast.evaluation.metrics import METRICS
 from ecvl_fast.method.rows import LABELS
 from ecvl_fast.run.logs import QUANTILE_NAMES
@@ -43,12 +44,21 @@ def write_report(metrics: dict, meta: dict, out_dir: Path, title: str, context: 
     return read_metrics(path)
 
 
+def unique_names(classes: list[str]) -> list[str]:
+    """Class names as keys: a name that occurs more than once (ImageNet has two "missile"s) gets
+    its class index."""
+    from collections import Counter
+
+    twice = {n for n, c in Counter(classes).items() if c > 1}
+    return [f"{n} ({i})" if n in twice else n for i, n in enumerate(classes)]
+
+
 def metrics_file(metrics: dict, classes: list[str], context: dict) -> dict:
     """metrics.json as a person reads it: what was evaluated (`context`: split, stage or row,
     checkpoint), then every accuracy in percent, as the tables print them; per class by name."""
     pct = lambda v: None if v is None else 100 * v  # noqa: E731
     return {**context, "units": "percent", **{k: pct(metrics[k]) for k in METRICS},
-            "per_class": {name: pct(a) for name, a in zip(classes, metrics["per_class"])},
+            "per_class": dict(zip(unique_names(classes), map(pct, metrics["per_class"]))),
             "num_images": metrics["num_images"], "predicted_classes": metrics["predicted_classes"]}
 
 
@@ -56,6 +66,8 @@ def read_metrics(path: Path) -> dict:
     """metrics.json's measurements as the code uses them: fractions, per-class accuracies in class
     order (what was evaluated, the file's context, is left out: two runs compare by their numbers)."""
     saved = json.loads(Path(path).read_text())
+    if saved.get("units") != "percent":
+        raise EcvlError(f"{path}: written by an older ecvl-fast (fractions, no units); pass --restart to redo the run")
     frac = lambda v: None if v is None else v / 100  # noqa: E731
     return {**{k: frac(saved[k]) for k in METRICS}, "per_class": [frac(v) for v in saved["per_class"].values()],
             "num_images": saved["num_images"], "predicted_classes": saved["predicted_classes"]}

@@ -1,7 +1,6 @@
 """`ecvl-fast eval`: a checkpoint (with its own config) or a zero-shot model on a converted split."""
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 from ecvl_fast.run import checkpoint as ckpt_io
@@ -20,7 +19,7 @@ def run_eval(cfg: Config, data: Path | None, ckpt: Path | None, split: str, out:
         state = ckpt_io.load(ckpt)
         cfg = from_dict(state["config"], f"{ckpt} config")
     if data is not None:
-        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, path=str(data)))
+        cfg = from_dict({"data": {"path": str(data)}}, "--data", base=cfg)  # a derived run.out follows the data
     with D.session(cfg.run.device, cfg.dist.backend) as d:
         meta = open_dataset(cfg.data.path)
         if state is not None:

@@ -27,25 +27,26 @@ def resolve(config: str | Path | None) -> Path | None:
     raise EcvlError(f"--config {config}: no such file or preset (presets: {', '.join(names())})")
 
 
-def _status(folder: Path, cfg: Config, epochs: int) -> str:
-    """What the run in `folder` would do: start, resume (where), reuse, or be refused."""
+def _status(folder: Path, cfg: Config, epochs: int, stage: int) -> tuple[str, int]:
+    """What the run in `folder` would do (start, resume where, reuse, or be refused), and the
+    epochs it would still train."""
     from ecvl_fast.run import checkpoint as ckpt_io
-    from ecvl_fast.run.lifecycle import config_diff
+    from ecvl_fast.run.lifecycle import DIVERGED, RETUNABLE, config_diff
 
     last = folder / "last.pt"
     if not last.is_file():
-        return "start"
+        return "start", epochs
     try:
         ckpt = ckpt_io.load(last)
     except EcvlError as e:
-        return f"refused: {e}"
-    diff = config_diff(ckpt["config"], cfg.to_dict())
-    if diff:
-        return f"refused: another config there ({'; '.join(diff)}); --restart moves it aside"
+        return f"refused: {e}", 0
+    diff = config_diff(ckpt["config"], cfg.to_dict(), stage)
+    if diff and not ((folder / DIVERGED).is_file() and all(k.split(" ")[0] in RETUNABLE for k in diff)):
+        return f"refused: another config there ({'; '.join(diff)}); --restart moves it aside", 0
     at = ckpt["position"]
     if at["epoch"] >= epochs and at["step"] == 0 and (folder / "metrics.json").is_file():
-        return "reuse (finished)"
-    return f"resume at epoch {at['epoch'] + 1}" + (f", step {at['step']}" if at["step"] else "")
+        return "reuse (finished)", 0
+    return f"resume at epoch {at['epoch'] + 1}" + (f", step {at['step']}" if at["step"] else ""), epochs - at["epoch"]
 
 
 def data_summary(cfg: Config) -> dict:
@@ -71,10 +72,9 @@ def dry_run(cfg: Config, runs: list[tuple[str, int, Config, Path]]) -> dict:
     total, plan = 0, []
     for name, stage, run_cfg, folder in runs:
         epochs = run_cfg.stage1.epochs if stage == 1 else run_cfg.stage2.epochs
-        status = _status(folder, run_cfg, epochs)
+        status, left = _status(folder, run_cfg, epochs, stage)
         views = 1 if stage == 1 else 2  # stage 2: two views of every sample
-        images = 0 if status.startswith(("reuse", "refused")) else \
-            data["steps_per_epoch"] * run_cfg.data.batch_size * epochs * views
+        images = data["steps_per_epoch"] * run_cfg.data.batch_size * left * views
         total += images
         plan.append({"run": name, "stage": stage, "folder": str(folder), "epochs": epochs, "status": status,
                      "images": images})

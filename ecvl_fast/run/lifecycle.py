@@ -66,10 +66,13 @@ class Position:
     finished: Path | None = None  # a finished run's metrics.json: nothing to train
 
 
-def config_diff(old: dict, new: dict) -> list[str]:
-    """`section.key` for every setting that differs and changes what the run computes."""
+def config_diff(old: dict, new: dict, stage: int = 2) -> list[str]:
+    """`section.key` for every setting that differs and changes what the run computes (stage 1
+    reads no [stage2] setting, so changing one never refuses a stage-1 folder)."""
     keys = []
     for section, values in new.items():
+        if stage == 1 and section == "stage2":
+            continue
         for key, value in values.items():
             if key in OPERATIONAL.get(section, ()):
                 continue
@@ -91,7 +94,7 @@ def set_aside(folder: Path) -> Path | None:
     return dest
 
 
-def start(folder: Path, cfg, epochs: int, d: D.Dist, restart: bool, log) -> tuple[Position, dict | None]:
+def start(folder: Path, cfg, epochs: int, d: D.Dist, restart: bool, log, stage: int = 2) -> tuple[Position, dict | None]:
     """Decide how this run starts; returns (position, the checkpoint to restore or None)."""
     if restart and d.main:
         moved = set_aside(folder)
@@ -104,14 +107,11 @@ def start(folder: Path, cfg, epochs: int, d: D.Dist, restart: bool, log) -> tupl
     if not last.is_file():
         return Position(), None
     ckpt = ckpt_io.load(last)  # a different model shows up as a config difference below
-    diff = config_diff(ckpt["config"], cfg.to_dict())
+    diff = config_diff(ckpt["config"], cfg.to_dict(), stage)
     retuned = (folder / DIVERGED).is_file() and diff and all(key.split(" ")[0] in RETUNABLE for key in diff)
     if retuned:
-        if d.main:
+        if d.main:  # the marker stays until a checkpoint with the new settings is written
             print(f"{folder} diverged: resuming its last finite checkpoint with {'; '.join(diff)}")
-        D.barrier()
-        if d.main:
-            (folder / DIVERGED).unlink(missing_ok=True)
         diff = []
     if diff:
         raise EcvlError(f"{folder} holds a run with another config: {'; '.join(diff)}. Re-run with its config "
@@ -164,18 +164,30 @@ class RunLock:
     exclusively and touched every HEARTBEAT_S while the run lives; removed on any exit. A second
     command into a held folder is refused at once. A lock whose holder is gone (its pid no longer
     runs on this host, or no heartbeat for STALE_S from another node of a shared filesystem) is
-    taken over with one line. `active` is False on every rank but the main one."""
+    taken over with one line. Under torchrun the main rank takes it and every rank learns whether
+    it could (`d`), so a refusal stops them all at once."""
 
     HEARTBEAT_S, STALE_S = 30.0, 120.0
 
-    def __init__(self, folder: Path, active: bool = True):
-        self.path, self.active = Path(folder) / LOCK, active
+    def __init__(self, folder: Path, d: D.Dist | None = None):
+        self.path, self.d, self.active = Path(folder) / LOCK, d, d is None or d.main
         self._stop = threading.Event()
         self.me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
 
     def __enter__(self):
-        if not self.active:
-            return self
+        refused = None
+        if self.active:
+            try:
+                self._acquire()
+            except EcvlError as e:
+                refused, self.active = str(e), False
+        if self.d is not None and self.d.enabled:
+            refused = D.broadcast_object(refused)
+        if refused:
+            raise EcvlError(refused)
+        return self
+
+    def _acquire(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         while True:
             try:
@@ -187,7 +199,6 @@ class RunLock:
                 f.write(json.dumps(self.me))
             break
         threading.Thread(target=self._heartbeat, daemon=True, name="ecvl-lock-heartbeat").start()
-        return self
 
     def __exit__(self, *exc):
         if not self.active:
@@ -276,7 +287,7 @@ class StopSignal:
         """If the ranks cannot agree and checkpoint in time (a peer died mid-collective), leave;
         the checkpoint is written to a temp file and renamed, so the last good one stands."""
         if not self._left.wait(self.grace_s):
-            os._exit(EXIT_PREEMPTED)
+            os._exit(self.exit_code)
 
     def agreed(self, d: D.Dist) -> bool:
         """Has any rank been signalled? Every rank calls this at the same steps (a sync point)."""

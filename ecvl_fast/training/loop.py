@@ -346,7 +346,8 @@ def _finite_weights(run: Run) -> bool:
     every rank, so every rank reaches the same answer."""
     module = run.adapter if run.stage == 2 else run.net
     flags = [torch.isfinite(t).all() for t in module.state_dict().values() if t.is_floating_point()]
-    return bool(torch.stack(flags).all()) if flags else True
+    bad = (~torch.stack(flags).all()).to(torch.int64).reshape(1) if flags else torch.zeros(1, dtype=torch.int64)
+    return not bool(D.all_reduce_max(bad.to(run.d.device)))  # every rank agrees, or one would wait alone
 
 
 def evaluate_split(run: Run, loader) -> dict:
@@ -359,7 +360,7 @@ def save_checkpoint(run: Run, pos: lifecycle.Position, is_best: bool = False, pa
     """last.pt (temp file, then rename), resuming at `pos`; best.pt a copy of it at epoch ends.
     A state with non-finite weights is never saved."""
     if not _finite_weights(run):
-        raise EcvlError(f"non-finite weights at epoch {pos.epoch + (pos.step == 0)}, not saved ({_last_good(run)})")
+        raise EcvlError(f"non-finite weights at epoch {pos.epoch + (pos.step != 0)}, not saved ({_last_good(run)})")
     if not run.d.main:
         return
     payload = {"model": run.net.state_dict(), "optimizer": run.opt.state_dict(),
@@ -371,6 +372,7 @@ def save_checkpoint(run: Run, pos: lifecycle.Position, is_best: bool = False, pa
     if run.stage == 2:
         payload |= {"adapter": run.adapter.state_dict(), "momentum": {**run.bank.state_dict(), **(partial or {})}}
     ckpt_io.save(run.out / "last.pt", payload)
+    (run.out / lifecycle.DIVERGED).unlink(missing_ok=True)  # a finite state with these settings now stands
     if is_best:
         atomic_write(run.out / "best.pt", lambda tmp: shutil.copyfile(run.out / "last.pt", tmp))
 
@@ -407,7 +409,7 @@ def main(cfg: Config, stage: int = 1, out: Path | None = None, restart: bool = F
     where it stopped (run/lifecycle.py); `restart` starts over, keeping the old run aside."""
     folder = run_folder(cfg, stage, out)
     with D.session(cfg.run.device, cfg.dist.backend) as d, lifecycle.StopSignal(cfg.run.stop_grace_s) as stop, \
-            lifecycle.RunLock(folder, d.main):
+            lifecycle.RunLock(folder, d):
         return _train(cfg, d, stage, folder, restart, stop)
 
 
@@ -427,7 +429,7 @@ def _train(cfg: Config, d: D.Dist, stage: int, folder: Path, restart: bool, stop
         warning = random_weights_warning(cfg.model) if stage == 1 or cfg.stage2.init == "none" else None
         if warning:
             print(warning, file=sys.stderr, flush=True)
-    pos, ckpt = lifecycle.start(folder, cfg, sc.epochs, d, restart, log)
+    pos, ckpt = lifecycle.start(folder, cfg, sc.epochs, d, restart, log, stage)
     if pos.finished is not None:
         if d.main:
             print(f"{folder}: finished already ({sc.epochs} epochs); its metrics.json stands (--restart to train again)")
@@ -467,6 +469,9 @@ def _train(cfg: Config, d: D.Dist, stage: int, folder: Path, restart: bool, stop
             plot_m_by_group(run.out / "log.jsonl", run.out / "m_by_group.png", title)
         print(f"stage {stage} done: {run.out} (metrics.json, best.pt, last.pt)", flush=True)
     log.close()
+    if stop.agreed(d):  # sync point: a signal during the final evaluation stops what would come next
+        raise lifecycle.Preempted(f"stopped by {stop.name} after stage {stage} finished ({run.out}): run the same "
+                                  "command to continue", stop.exit_code)
     return metrics
 
 
