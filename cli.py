@@ -188,13 +188,17 @@ def evaluate(
     config: Optional[str] = typer.Option(None, "--config", help="a TOML file or a preset (--zero-shot: the model "
                                                                 "and data settings; --ckpt uses its own config)"),
     overrides: Optional[list[str]] = typer.Option(None, "--set", help="section.key=value (repeatable)"),
+    tau: float = typer.Option(0.0, "--tau", help="post-hoc logit adjustment: tau * log(class prior) off the logits "
+                                                 "(choose it on --split val)"),
 ):
     """Many/medium/few/all accuracy, macro-F1 and head-tail gap of a checkpoint or a zero-shot model."""
     from ecvl_fast.experiments.evaluate import run_eval
 
     if (ckpt is None) == (not zero_shot):
         raise EcvlError("pass exactly one of --ckpt FILE or --zero-shot")
-    run_eval(_config(config, overrides, pretrained), data, ckpt, split, out)
+    if tau < 0:
+        raise EcvlError(f"--tau {tau}: must be at least 0")
+    run_eval(_config(config, overrides, pretrained), data, ckpt, split, out, tau)
 
 
 @app.command()

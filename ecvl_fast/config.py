@@ -76,6 +76,7 @@ class Stage2Cfg:
     randaug: bool = True  # memory-driven RandAugment (eq. 10)
     randaug_m: float = -1.0  # < 0: M from the memory (eq. 9); in [0, 1]: this M for every sample (ablation)
     init: str = ""  # stage-1 checkpoint; "" = run.out/best.pt; "none" = model.pretrained as is
+    logit_adjust: float = 0.0  # tau of the logit-adjusted prompt CE (Menon et al. 2021; LIFT: 1.0); 0 = plain CE
     accum_steps: int = 1  # chunks the frozen encoders run in (their activations are the memory)
 
 
@@ -136,7 +137,7 @@ CHOICES = {
 # Lower bounds per setting: below them a run would train nothing, or fail after the work began.
 AT_LEAST = {("data", "batch_size"): 1, ("data", "res"): 1, ("stage1", "epochs"): 1, ("stage2", "epochs"): 1,
             ("stage1", "accum_steps"): 1, ("stage2", "accum_steps"): 1, ("aug", "lol_levels"): 1,
-            ("run", "log_every"): 1}
+            ("run", "log_every"): 1, ("stage2", "logit_adjust"): 0.0}
 POSITIVE = {("stage1", "lr"), ("stage2", "lr")}
 
 

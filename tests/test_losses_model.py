@@ -163,3 +163,23 @@ def test_confusion_and_macro_f1_match_scikit_learn():
     cm = confusion(labels, preds, 9)
     np.testing.assert_array_equal(cm, confusion_matrix(labels, preds, labels=np.arange(9)))
     assert macro_f1(cm) == pytest.approx(f1_score(labels, preds, labels=np.arange(9), average="macro", zero_division=0))
+
+
+def test_logit_adjusted_loss_matches_a_hand_computation():
+    """Menon et al.'s logit-adjusted CE: the loss of the logits plus tau * log(prior); the logits
+    handed back stay unadjusted. tau = 0 is plain prompt CE."""
+    counts = torch.tensor([500.0, 50.0, 5.0])
+    labels = torch.tensor([0, 1, 2, 2])
+    img, txt = feats(4, 8, seed=7), feats(3, 8, seed=8)
+    adjust = losses.log_prior(counts, 1.0)
+    torch.testing.assert_close(adjust, torch.log(counts / counts.sum()))
+    ours = losses.prompt_ce_loss(img, txt, labels, 100.0, adjust)
+    logits = 100.0 * img @ txt.T
+    by_hand = torch.stack([-(logits[i] + adjust).log_softmax(0)[y] for i, y in enumerate(labels.tolist())]).mean()
+    torch.testing.assert_close(ours["loss"], by_hand)
+    torch.testing.assert_close(ours["logits"], logits)
+    for a, b in zip(torch.autograd.grad(ours["loss"], (img, txt)), torch.autograd.grad(by_hand, (img, txt))):
+        torch.testing.assert_close(a, b)
+    assert losses.log_prior(counts, 0.0) is None
+    torch.testing.assert_close(losses.prompt_ce_loss(img, txt, labels, 100.0, None)["loss"],
+                               naive_prompt_ce(img, txt, labels, 100.0))

@@ -25,11 +25,11 @@ def batch(n=64, seed=0):
     return x.contiguous(memory_format=torch.channels_last), labels
 
 
-def stage_run(stage, loss="prompt-ce", accum=1, prec="fp32", n=64, aug=AugCfg(), dcvl_weight=1.0):
+def stage_run(stage, loss="prompt-ce", accum=1, prec="fp32", n=64, aug=AugCfg(), dcvl_weight=1.0, tau=0.0, labels=None):
     cfg = Config(model=ModelCfg(name="ecvl-tiny-vit"), run=RunCfg(device="cpu", precision=prec), aug=aug,
                  stage1=Stage1Cfg(lr=2e-3, loss=loss, warmup_epochs=0.0, accum_steps=accum),
-                 stage2=Stage2Cfg(init="none", lr=1e-2, accum_steps=accum, dcvl_weight=dcvl_weight))
-    meta = {"classes": CLASSES, "train_labels": np.arange(n) % 10}
+                 stage2=Stage2Cfg(init="none", lr=1e-2, accum_steps=accum, dcvl_weight=dcvl_weight, logit_adjust=tau))
+    meta = {"classes": CLASSES, "train_labels": np.arange(n) % 10 if labels is None else labels}
     return build_run(cfg, D.Dist(0, 0, 1, torch.device("cpu")), meta, steps_per_epoch=10, stage=stage)
 
 
@@ -200,3 +200,27 @@ def test_export_refuses_bad_input(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and all(line.startswith("error:") for line in err)
     assert not (tmp_path / "m.pt").exists()
+
+
+def test_stage2_step_uses_the_logit_adjusted_loss():
+    """stage2.logit_adjust = tau: the step's prompt CE is taken on logits + tau * log(train prior),
+    the prior counted from the train labels; 0 leaves BALLAD's loss as it was."""
+    import torch.nn.functional as F
+
+    from ecvl_fast.method.model import adapted_features
+    from ecvl_fast.training.loop import stage2_loss
+
+    labels = np.repeat(np.arange(10), [19, 12, 9, 7, 5, 4, 3, 2, 2, 1])  # 64 train images, long-tailed
+    x, y = batch()
+    runs = {tau: stage_run(2, dcvl_weight=0.0, tau=tau, labels=labels) for tau in (0.0, 1.0)}
+    assert runs[0.0].adjust is None
+    prior = np.bincount(labels, minlength=10) / len(labels)
+    torch.testing.assert_close(runs[1.0].adjust, torch.log(torch.tensor(prior, dtype=torch.float32)))
+    idx = torch.arange(len(y))
+    with torch.no_grad():
+        run = runs[1.0]
+        feats = torch.cat([run.net(x)[0], run.net(x.flip(-1))[0]])  # the two views
+        logits = 100.0 * adapted_features(feats, run.trainable) @ run.text.T
+        expect = F.cross_entropy(logits + run.adjust, y.repeat(2))
+        got = stage2_loss(run, [x, x.flip(-1)], y, idx)["ce"]
+    torch.testing.assert_close(got, expect)

@@ -251,6 +251,12 @@ def test_zero_shot_eval_writes_report(tmp_path, mnist):
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["num_images"] == 1000 and len(metrics["per_class"]) == 10
     assert (out / "per_class.png").stat().st_size > 1000
+    # post-hoc logit adjustment: tau = 0 is the identity; tau = 2 moves predictions toward rare classes
+    assert cli_main(args[:5] + [str(tmp_path / "tau0"), *args[6:], "--tau", "0"]) == 0
+    assert cli_main(args[:5] + [str(tmp_path / "tau2"), *args[6:], "--tau", "2"]) == 0
+    tau0, tau2 = (json.loads((tmp_path / t / "metrics.json").read_text()) for t in ("tau0", "tau2"))
+    assert tau0["per_class"] == metrics["per_class"] and tau2["posthoc_tau"] == 2.0
+    assert tau2["per_class"] != tau0["per_class"]
 
 
 def test_stage2_trains_adapter_with_memory_driven_randaugment(tmp_path, mnist, tiny_stage1):

@@ -58,13 +58,16 @@ def predict_logits(net, images: torch.Tensor, text_features: torch.Tensor, adapt
 
 
 @torch.no_grad()
-def predict_split(net, loader, text_features: torch.Tensor, d: D.Dist, adapter=None, dt: torch.dtype | None = None):
+def predict_split(net, loader, text_features: torch.Tensor, d: D.Dist, adapter=None, dt: torch.dtype | None = None,
+                  posthoc: torch.Tensor | None = None):
     """Predictions over the whole eval split, gathered from every rank, each sample once.
-    With a stage-2 adapter, image features pass through it (eq. 7) before eq. 6."""
+    With a stage-2 adapter, image features pass through it (eq. 7) before eq. 6. `posthoc` [K]:
+    tau * log(class prior), subtracted from the logits (post-hoc logit adjustment)."""
     net.eval()
     preds, labels, index = [], [], []
     for views, y, idx in loader:
         logits = predict_logits(net, views[0].to(d.device, non_blocking=True), text_features, adapter, dt)
+        logits = logits if posthoc is None else logits - posthoc
         preds.append(logits.argmax(1).cpu())  # sync point: eval reads its predictions back per batch
         labels.append(y.cpu()), index.append(idx.cpu())
     arrays = [torch.cat(a).numpy() if a else np.zeros(0, np.int64) for a in (preds, labels, index)]

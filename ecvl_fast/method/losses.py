@@ -49,14 +49,25 @@ def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, labels:
 
 @fp32
 def prompt_ce_loss(image_features: torch.Tensor, class_text_features: torch.Tensor, labels: torch.Tensor,
-                   scale: float = 100.0) -> dict[str, torch.Tensor]:
+                   scale: float = 100.0, adjust: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """BALLAD's phase A: cross-entropy of image features against all K class prompts.
-    `per_sample`: each row's term (what ECVL+'s `aug.m_source = "ce"` memory tracks); `logits`:
-    for the caller that needs the top class (`aug.m_source = "lol"`)."""
+    `adjust` [K]: tau * log(class prior), added to the logits inside the loss only: the
+    logit-adjusted loss (Menon et al., ICLR 2021, eq. 10; LIFT uses tau = 1).
+    `per_sample`: each row's term (what ECVL+'s `aug.m_source = "ce"` memory tracks); `logits`
+    (unadjusted): for the caller that needs the top class (`aug.m_source = "lol"`)."""
     logits = scale * image_features @ class_text_features.T
-    per_sample = F.cross_entropy(logits, labels, reduction="none")
+    per_sample = F.cross_entropy(logits if adjust is None else logits + adjust, labels, reduction="none")
     ce = per_sample.mean()
     return {"loss": ce, "ce": ce, "per_sample": per_sample, "logits": logits}
+
+
+def log_prior(train_counts, tau: float, device=None) -> torch.Tensor | None:
+    """tau * log(class prior) from the train counts [K] (None for tau = 0): what the logit-adjusted
+    loss adds, and what post-hoc adjustment subtracts at test time (Menon et al., ICLR 2021)."""
+    if tau == 0:
+        return None
+    counts = torch.as_tensor(train_counts, dtype=torch.float32, device=device)
+    return tau * torch.log(counts.clamp(min=1) / counts.sum())
 
 
 @fp32

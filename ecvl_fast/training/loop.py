@@ -57,6 +57,7 @@ class Run:
     adapter: Adapter | None = None  # stage 2: the only trainable module
     text: torch.Tensor | None = None  # stage 2: frozen class text features [K, D]
     bank: MomentumBank | None = None  # stage 2: per-sample loss memory and M
+    adjust: torch.Tensor | None = None  # stage 2: tau * log(class prior), stage2.logit_adjust
     best: float = -math.inf  # the best validation score so far
     amp: torch.dtype = torch.float32  # compute dtype (run.precision)
     scaler: torch.amp.GradScaler | None = None  # fp16 only; a pass-through otherwise
@@ -113,6 +114,8 @@ def _init_stage2(run: Run, meta: dict) -> None:
     run.net.requires_grad_(False).eval()
     run.text = class_text_features(run.net, run.eval_tokens)
     run.adapter = Adapter(run.text.shape[1], cfg.stage2.ratio).to(run.d.device)
+    run.adjust = losses.log_prior(np.bincount(meta["train_labels"], minlength=len(meta["classes"])),
+                                  cfg.stage2.logit_adjust, run.d.device)
     a = cfg.aug
     fixed = frequency_magnitudes(meta["train_labels"], a.m_direction) if a.m_source == "frequency" else None
     run.bank = MomentumBank(meta["train_labels"], beta=a.beta, device=run.d.device, norm=a.m_norm,
@@ -154,7 +157,7 @@ def stage2_loss(run: Run, views: list[torch.Tensor], labels: torch.Tensor, idx: 
         feats = torch.cat([run.net(x)[0] for x in torch.cat(views).chunk(cfg.accum_steps)])
     adapted = adapted_features(feats, run.trainable)
     all_labels = labels.repeat(len(views))
-    ce_terms = losses.prompt_ce_loss(adapted, run.text, all_labels, cfg.ce_scale)
+    ce_terms = losses.prompt_ce_loss(adapted, run.text, all_labels, cfg.ce_scale, run.adjust)
     ce = ce_terms["loss"]
     if cfg.dcvl_weight == 0 and not cfg.randaug:  # BALLAD's row: no L_DCVL, and no reader of the bank
         return {"loss": ce, "ce": ce}
