@@ -31,7 +31,7 @@ def _status(folder: Path, cfg: Config, epochs: int, stage: int) -> tuple[str, in
     """What the run in `folder` would do (start, resume where, reuse, or be refused), and the
     epochs it would still train."""
     from ecvl_fast.run import checkpoint as ckpt_io
-    from ecvl_fast.run.lifecycle import DIVERGED, RETUNABLE, config_diff
+    from ecvl_fast.run.lifecycle import config_diff, retunable
 
     last = folder / "last.pt"
     if not last.is_file():
@@ -41,7 +41,7 @@ def _status(folder: Path, cfg: Config, epochs: int, stage: int) -> tuple[str, in
     except EcvlError as e:
         return f"refused: {e}", 0
     diff = config_diff(ckpt["config"], cfg.to_dict(), stage)
-    if diff and not ((folder / DIVERGED).is_file() and all(k.split(" ")[0] in RETUNABLE for k in diff)):
+    if diff and not retunable(folder, diff):
         return f"refused: another config there ({'; '.join(diff)}); --restart moves it aside", 0
     at = ckpt["position"]
     if at["epoch"] >= epochs and at["step"] == 0 and (folder / "metrics.json").is_file():

@@ -108,8 +108,7 @@ def start(folder: Path, cfg, epochs: int, d: D.Dist, restart: bool, log, stage: 
         return Position(), None
     ckpt = ckpt_io.load(last)  # a different model shows up as a config difference below
     diff = config_diff(ckpt["config"], cfg.to_dict(), stage)
-    retuned = (folder / DIVERGED).is_file() and diff and all(key.split(" ")[0] in RETUNABLE for key in diff)
-    if retuned:
+    if diff and retunable(folder, diff):
         if d.main:  # the marker stays until a checkpoint with the new settings is written
             print(f"{folder} diverged: resuming its last finite checkpoint with {'; '.join(diff)}")
         diff = []
@@ -127,6 +126,11 @@ def start(folder: Path, cfg, epochs: int, d: D.Dist, restart: bool, log, stage: 
     if d.main:
         print(f"resuming {folder} at epoch {pos.epoch + 1}" + (f", step {pos.step}" if pos.step else ""))
     return pos, ckpt
+
+
+def retunable(folder: Path, diff: list[str]) -> bool:
+    """A diverged run may resume its last finite checkpoint with other optimizer settings, and only those."""
+    return (folder / DIVERGED).is_file() and all(key.split(" ")[0] in RETUNABLE for key in diff)
 
 
 def mark_diverged(folder: Path) -> None:
