@@ -57,6 +57,28 @@ def _aliases(stages, model=None, epochs=None, lr=None, batch_size=None, precisio
     return sets
 
 
+_TTE = typer.Option(None, "--tte", help="test-time views averaged (1 = none, 2 = + mirror, up to 10 with shifted "
+                                        "crops); default: the model's data.tte_views")
+
+
+def _views(tte: int | None) -> int | None:
+    if tte is not None and not 1 <= tte <= 10:
+        raise EcvlError(f"--tte {tte}: between 1 (no ensembling) and 10 views")
+    return tte
+
+
+def _tau(text: str) -> float | str:
+    if text == "auto":
+        return text
+    try:
+        tau = float(text)
+    except ValueError:
+        raise EcvlError(f"--tau {text!r}: a number at least 0, or auto") from None
+    if not tau >= 0:
+        raise EcvlError(f"--tau {text}: must be at least 0")
+    return tau
+
+
 def one_line_errors(fn):
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -148,8 +170,9 @@ def train(
     config: Optional[str] = _CONFIG,
     overrides: Optional[list[str]] = _SET,
     pretrained: Optional[str] = typer.Option(None, help="shortcut for --set model.pretrained=TAG|PATH|none"),
-    stage: Optional[int] = typer.Option(None, help="1: fine-tune both encoders; 2: adapter + L_DCVL + memory-driven "
-                                                   "RandAugment; default: stage 1, then stage 2 from its best.pt"),
+    stage: Optional[int] = typer.Option(None, help="1: fine-tune both encoders; 2: the frozen encoders' adapter (or "
+                                                   "LIFT's modules) + L_DCVL + memory-driven RandAugment; default: stage "
+                                                   "1, then stage 2 from its best.pt (stage1.epochs = 0: stage 2 alone)"),
     restart: bool = typer.Option(False, help="start over; the run already in the folder is moved to previous-<time>/"),
     model: Optional[str] = _MODEL, epochs: Optional[int] = _EPOCHS, lr: Optional[float] = _LR,
     batch_size: Optional[int] = _BATCH, precision: Optional[str] = _PRECISION_SET, out: Optional[str] = _OUT,
@@ -163,6 +186,8 @@ def train(
     if stage not in (None, 1, 2):
         raise EcvlError(f"--stage {stage}: there are stages 1 and 2")
     stages = (stage,) if stage else (1, 2)
+    if stage is None and _config(config, overrides, pretrained).stage1.epochs == 0:
+        stages = (2,)  # single-stage (LIFT's form): stage 2 from model.pretrained
     cfg = _config(config, overrides, pretrained, _aliases(stages, model, epochs, lr, batch_size, precision, out))
     if dry_run:
         from ecvl_fast.experiments.presets import dry_run as plan
@@ -188,17 +213,16 @@ def evaluate(
     config: Optional[str] = typer.Option(None, "--config", help="a TOML file or a preset (--zero-shot: the model "
                                                                 "and data settings; --ckpt uses its own config)"),
     overrides: Optional[list[str]] = typer.Option(None, "--set", help="section.key=value (repeatable)"),
-    tau: float = typer.Option(0.0, "--tau", help="post-hoc logit adjustment: tau * log(class prior) off the logits "
-                                                 "(choose it on --split val)"),
+    tau: str = typer.Option("0", "--tau", help="post-hoc logit adjustment: tau * log(class prior) off the logits; "
+                                               "'auto': the best of 0, 0.25 ... 2 on the val split"),
+    tte: Optional[int] = _TTE,
 ):
     """Many/medium/few/all accuracy, macro-F1 and head-tail gap of a checkpoint or a zero-shot model."""
     from ecvl_fast.experiments.evaluate import run_eval
 
     if (ckpt is None) == (not zero_shot):
         raise EcvlError("pass exactly one of --ckpt FILE or --zero-shot")
-    if tau < 0:
-        raise EcvlError(f"--tau {tau}: must be at least 0")
-    run_eval(_config(config, overrides, pretrained), data, ckpt, split, out, tau)
+    run_eval(_config(config, overrides, pretrained), data, ckpt, split, out, _tau(tau), _views(tte))
 
 
 @app.command()
@@ -211,13 +235,14 @@ def predict(
     out: Optional[Path] = typer.Option(None, help="write the predictions as CSV"),
     strict: bool = typer.Option(False, help="refuse an unreadable image instead of skipping it"),
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
+    tte: Optional[int] = _TTE,
 ):
-    """Top-k class names and probabilities for image files (the stage-2 adapter applied)."""
+    """Top-k class names and probabilities for image files (the stage-2 modules applied)."""
     from ecvl_fast.serving.predict import run_predict, write_csv
 
     if top_k < 1:
         raise EcvlError(f"--top-k {top_k}: must be at least 1")
-    preds = run_predict(ckpt, images or [], folder, top_k, strict, device=device)
+    preds = run_predict(ckpt, images or [], folder, top_k, strict, device=device, views=_views(tte))
     if out is not None:
         write_csv(preds, out)
     k = max((len(p.classes) for p in preds), default=top_k)
@@ -232,12 +257,13 @@ def export(
     ckpt: Path = typer.Option(..., "--ckpt", help="a stage 1 or stage 2 checkpoint"),
     out: Path = typer.Option(..., "--out", help="the file to write (model.pt or model.onnx)"),
     format: str = typer.Option("pt", "--format", help="pt (weights, weights_only loadable) | onnx (needs ecvl-fast\\[onnx])"),
+    tte: Optional[int] = _TTE,
 ):
     """A slim classifier to deploy: image encoder, adapter, class text features and names, preprocessing
     (no optimizer, no momentum bank, no text tower). `predict --ckpt` reads it."""
     from ecvl_fast.serving.export import export as run_export
 
-    r = run_export(ckpt, out, format)
+    r = run_export(ckpt, out, format, _views(tte))
     typer.echo(f"wrote {out} ({r['bytes'] / 1e6:.1f} MB; the checkpoint: {r['checkpoint_bytes'] / 1e6:.1f} MB), "
                f"{len(r['classes'])} classes, {r['res']} px")
 

@@ -24,6 +24,7 @@ class DataCfg:
     dali_threads: int = 0  # DALI's thread pool; 0 = 2 x workers (its per-operator waits overlap)
     prefetch: int = 2  # batches a feeder thread builds ahead of the step (0 = synchronous)
     eval_split: str = "test"
+    tte_views: int = 1  # test-time ensembling (LIFT): 1 = plain; 2 + mirror; up to 10 with shifted crops and theirs
 
 
 @dataclass(frozen=True)
@@ -54,7 +55,7 @@ class AugCfg:
 
 @dataclass(frozen=True)
 class Stage1Cfg:
-    epochs: int = 10
+    epochs: int = 10  # 0: no stage 1; stage 2 starts from model.pretrained (LIFT's single-stage form)
     loss: str = "clip"  # "clip" (eqs. 4-5) or "prompt-ce" (BALLAD's official phase A)
     lr: float = 1e-5
     weight_decay: float = 0.1
@@ -77,6 +78,15 @@ class Stage2Cfg:
     randaug_m: float = -1.0  # < 0: M from the memory (eq. 9); in [0, 1]: this M for every sample (ablation)
     init: str = ""  # stage-1 checkpoint; "" = run.out/best.pt; "none" = model.pretrained as is
     logit_adjust: float = 0.0  # tau of the logit-adjusted prompt CE (Menon et al. 2021; LIFT: 1.0); 0 = plain CE
+    # LIFT's recipe (Shi et al., ICML 2024; method/peft.py): what trains besides (or instead of) the adapter
+    adapter: bool = True  # eq. 7's residual adapter on the image features (BALLAD)
+    peft: str = "none"  # a light module in the frozen image tower: "adaptformer", "lora" (ViT), "bitfit";
+    #                     "auto": LIFT's default for the tower (AdaptFormer on a ViT, BitFit on a ResNet)
+    peft_dim: int = 0  # its bottleneck / rank; 0 = LIFT's rule, 2^floor(log2(K / (2 x blocks)))
+    head: str = "prompt"  # "prompt": the fixed class text features at ce_scale; "cosine": a trained cosine head from them
+    head_scale: float = 25.0  # the cosine head's scale (LIFT's)
+    sampling: str = "balanced"  # "balanced" (eq. 12, BALLAD) or "instance" (LIFT: the logit-adjusted loss balances)
+    optimizer: str = "adamw"  # "adamw" or "sgd" (momentum 0.9; LIFT: lr 0.01, weight decay 5e-4)
     accum_steps: int = 1  # chunks the frozen encoders run in (their activations are the memory)
 
 
@@ -128,6 +138,10 @@ CHOICES = {
     ("aug", "m_scope"): ("sample", "class"),
     ("aug", "m_direction"): ("hard", "easy"),
     ("data", "eval_split"): ("test", "val"),
+    ("stage2", "peft"): ("none", "adaptformer", "lora", "bitfit", "auto"),
+    ("stage2", "head"): ("prompt", "cosine"),
+    ("stage2", "sampling"): ("balanced", "instance"),
+    ("stage2", "optimizer"): ("adamw", "sgd"),
     ("dist", "backend"): ("auto", "nccl", "gloo"),
     ("run", "device"): ("auto", "cpu", "cuda"),
     ("run", "precision"): ("auto", "bf16", "fp16", "fp32"),
@@ -135,10 +149,12 @@ CHOICES = {
 
 
 # Lower bounds per setting: below them a run would train nothing, or fail after the work began.
-AT_LEAST = {("data", "batch_size"): 1, ("data", "res"): 1, ("stage1", "epochs"): 1, ("stage2", "epochs"): 1,
+AT_LEAST = {("data", "batch_size"): 1, ("data", "res"): 1, ("stage1", "epochs"): 0, ("stage2", "epochs"): 1,
             ("stage1", "accum_steps"): 1, ("stage2", "accum_steps"): 1, ("aug", "lol_levels"): 1,
-            ("run", "log_every"): 1, ("stage2", "logit_adjust"): 0.0}
-POSITIVE = {("stage1", "lr"), ("stage2", "lr")}
+            ("run", "log_every"): 1, ("stage2", "logit_adjust"): 0.0, ("data", "tte_views"): 1,
+            ("stage2", "peft_dim"): 0}
+AT_MOST = {("data", "tte_views"): 10}
+POSITIVE = {("stage1", "lr"), ("stage2", "lr"), ("stage2", "head_scale")}
 
 
 def _coerce(where: str, typ, value):
@@ -175,6 +191,9 @@ def _merge(cfg: Config, section: str, key: str, value, where: str) -> Config:
     low = AT_LEAST.get((section, key))
     if low is not None and value < low:  # settings under which a run would train nothing
         raise EcvlError(f"{where}: {section}.{key} must be at least {low}, not {value}")
+    high = AT_MOST.get((section, key))
+    if high is not None and value > high:
+        raise EcvlError(f"{where}: {section}.{key} must be at most {high}, not {value}")
     if (section, key) in POSITIVE and not value > 0:  # also NaN
         raise EcvlError(f"{where}: {section}.{key} must be greater than 0, not {value}")
     if (section, key) == ("aug", "lol_accept") and not 0 <= value < 1:
@@ -197,18 +216,28 @@ def from_dict(d: dict, where: str = "config", base: Config | None = None, comple
             raise EcvlError(f"{where}: {section!r} must be a [section] table")
         for key, value in values.items():
             cfg = _merge(cfg, section, key, value, where)
-    return check_memory(cfg) if complete else cfg
+    return check_together(cfg) if complete else cfg
 
 
-def check_memory(cfg: Config) -> Config:
-    """The memory's settings that only make sense together (each one alone is checked by _merge)."""
+def check_together(cfg: Config) -> Config:
+    """The settings that only make sense together (each one alone is checked by _merge)."""
     a, fixed = cfg.aug, cfg.stage2.randaug_m
     if a.m_source == "lol" and (a.m_scope, a.m_direction) != ("class", "easy"):
         raise EcvlError(f'aug.m_source = "lol" gives one M per class that rises as the class is learned: '
                         f'set aug.m_scope = "class" and aug.m_direction = "easy" (not {a.m_scope!r}, {a.m_direction!r})')
     if fixed > 1:
         raise EcvlError(f"stage2.randaug_m={fixed}: a fixed M lies in [0, 1] (< 0: the memory)")
+    s = cfg.stage2
+    if not s.adapter and s.peft == "none" and s.head == "prompt":
+        raise EcvlError("stage 2 would train nothing: stage2.adapter = false with stage2.peft = \"none\" and "
+                        "stage2.head = \"prompt\"; set one of them")
     return cfg
+
+
+def stage2_from_pretrained(cfg: Config) -> bool:
+    """Stage 2 starts from model.pretrained, not a stage-1 checkpoint: stage2.init = "none", or no
+    stage 1 at all (stage1.epochs = 0, LIFT's single-stage form)."""
+    return cfg.stage2.init == "none" or (cfg.stage2.init == "" and cfg.stage1.epochs == 0)
 
 
 def load_config(path: Path | None = None, overrides: list[str] = ()) -> Config:
@@ -227,7 +256,7 @@ def load_config(path: Path | None = None, overrides: list[str] = ()) -> Config:
         if not sep or not dot:
             raise EcvlError(f"--set {item!r}: expected section.key=value")
         cfg = _merge(cfg, section, key, value.strip(), f"--set {name.strip()}")
-    return check_memory(cfg)
+    return check_together(cfg)
 
 
 def save_config(cfg: Config, path: Path) -> None:

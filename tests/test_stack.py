@@ -34,7 +34,7 @@ def stage_run(stage, loss="prompt-ce", accum=1, prec="fp32", n=64, aug=AugCfg(),
 
 
 def params(run):
-    return {k: v.detach().clone() for k, v in (run.adapter or run.net).named_parameters()}
+    return {k: v.detach().clone() for k, v in (run.stage2 or run.net).named_parameters()}
 
 
 @pytest.mark.parametrize("stage,loss", [(1, "prompt-ce"), (1, "clip"), (2, "prompt-ce")])
@@ -44,7 +44,7 @@ def test_two_micro_batches_of_32_equal_one_batch_of_64(stage, loss):
     runs = [stage_run(stage, loss, accum) for accum in (1, 2)]
     for run in runs:  # plain SGD: the step is the gradient itself (Adam would blow up rounding noise
         # in zero-gradient parameters, such as attention key biases, into full-size steps)
-        run.opt = torch.optim.SGD([p for p in (run.adapter or run.net).parameters() if p.requires_grad], lr=0.5)
+        run.opt = torch.optim.SGD([p for p in (run.stage2 or run.net).parameters() if p.requires_grad], lr=0.5)
     before = params(runs[0])
     terms = []
     for run in runs:
@@ -70,11 +70,11 @@ def test_ce_memory_records_each_samples_prompt_ce():
     x, y = batch()
     views = [x, x.flip(-1)]
     runs = {src: stage_run(2, aug=AugCfg(m_source=src)) for src in ("ce", "dcvl")}
-    start = {k: v.clone() for k, v in runs["dcvl"].adapter.state_dict().items()}
-    runs["ce"].adapter.load_state_dict(start)
+    start = {k: v.clone() for k, v in runs["dcvl"].stage2.adapter.state_dict().items()}
+    runs["ce"].stage2.adapter.load_state_dict(start)
     with torch.no_grad():
         run = runs["ce"]
-        ce = [F.cross_entropy(100.0 * adapted_features(run.net(v)[0], run.trainable) @ run.text.T, y, reduction="none")
+        ce = [F.cross_entropy(100.0 * adapted_features(run.net(v)[0], run.stage2.adapter) @ run.text.T, y, reduction="none")
               for v in views]
     terms = {src: train_step(r, views, y, torch.arange(64)) for src, r in runs.items()}
     torch.testing.assert_close(runs["ce"].bank.loss_sum, (ce[0] + ce[1]) / 2, rtol=1e-5, atol=1e-6)
@@ -83,7 +83,7 @@ def test_ce_memory_records_each_samples_prompt_ce():
     torch.testing.assert_close(terms["ce"]["loss"], terms["dcvl"]["loss"])
     # without the L_DCVL term (the ballad+ rows): the same CE memory, and L_DCVL is not computed
     plain = stage_run(2, aug=AugCfg(m_source="ce"), dcvl_weight=0.0)
-    plain.adapter.load_state_dict(start)
+    plain.stage2.adapter.load_state_dict(start)
     assert set(train_step(plain, views, y, torch.arange(64))) == {"loss", "ce"}
     torch.testing.assert_close(plain.bank.loss_sum, runs["ce"].bank.loss_sum)
 
@@ -97,7 +97,7 @@ def test_lol_memory_records_the_share_of_right_views():
     views = [x, x.flip(-1)]
     run = stage_run(2, aug=AugCfg(m_source="lol", m_scope="class", m_direction="easy"), dcvl_weight=0.0)
     with torch.no_grad():
-        right = [((adapted_features(run.net(v)[0], run.trainable) @ run.text.T).argmax(1) == y).float() for v in views]
+        right = [((adapted_features(run.net(v)[0], run.stage2.adapter) @ run.text.T).argmax(1) == y).float() for v in views]
     assert set(train_step(run, views, y, torch.arange(64))) == {"loss", "ce"}
     torch.testing.assert_close(run.bank.loss_sum, (right[0] + right[1]) / 2)
     assert run.bank.lol == (10, 0.6)
@@ -220,7 +220,7 @@ def test_stage2_step_uses_the_logit_adjusted_loss():
     with torch.no_grad():
         run = runs[1.0]
         feats = torch.cat([run.net(x)[0], run.net(x.flip(-1))[0]])  # the two views
-        logits = 100.0 * adapted_features(feats, run.trainable) @ run.text.T
+        logits = 100.0 * adapted_features(feats, run.stage2.adapter) @ run.text.T
         expect = F.cross_entropy(logits + run.adjust, y.repeat(2))
         got = stage2_loss(run, [x, x.flip(-1)], y, idx)["ce"]
     torch.testing.assert_close(got, expect)

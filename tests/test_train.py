@@ -334,9 +334,9 @@ def test_predict_matches_eval_and_handles_bad_input(tmp_path, mnist, capsys, tin
     rows = out.read_text().splitlines()
     assert rows[0] == "path,class1,prob1,class2,prob2,class3,prob3" and len(rows) == n + 1
     state = ckpt_io.load(ckpt)
-    net, text, adapter = load_classifier(cfg, state, state["classes"], torch.device("cpu"))
+    scorer = load_classifier(cfg, state, state["classes"], torch.device("cpu"))
     d = D.Dist(0, 0, 1, torch.device("cpu"))
-    ref, _ = predict_split(net, eval_loader(cfg, d, "test"), text, d, adapter)
+    ref, _ = predict_split(scorer, eval_loader(cfg, d, "test"), d)
     top1 = [r.split(",")[1] for r in rows[1:]]
     agree = np.mean([t == state["classes"][p] for t, p in zip(top1, ref[:n])])
     assert agree >= 0.97, agree  # the same preprocessing up to resampling round-off

@@ -264,13 +264,15 @@ def bench_infer(ckpt: Path | None, data: Path | None, model: str, res: int, batc
         from ecvl_fast.serving.classifier import load_classifier
 
         state, cfg = load_checkpoint(ckpt)
-        net, text, adapter = load_classifier(cfg, state, state["classes"], dev)
+        scorer = load_classifier(cfg, state, state["classes"], dev)
         res = cfg.data.res
     else:
+        from ecvl_fast.method import stage2 as two
+
         run = _stage2_run(model, res, batch, str(dev), np.arange(100), D.Dist(0, 0, 1, dev), precision)
-        net, text, adapter = run.net, run.text, run.adapter
+        scorer = two.scorer(run.cfg, run.stage2)
     if dev.type == "cuda":
-        net = net.to(memory_format=torch.channels_last)
+        scorer = scorer.to(memory_format=torch.channels_last)
     from ecvl_fast.run import precision as prec
 
     dt = prec.dtype(precision, dev)
@@ -281,7 +283,7 @@ def bench_infer(ckpt: Path | None, data: Path | None, model: str, res: int, batc
 
     def one_pass():
         for b in batches:
-            predict_logits(net, to_input(b, res, dev, dt), text, adapter, dt).argmax(1)
+            predict_logits(scorer, to_input(b, res, dev, dt), dt).argmax(1)
 
     one_pass()
     times = []

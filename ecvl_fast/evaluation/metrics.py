@@ -7,7 +7,6 @@ import torch
 
 from ecvl_fast.run import dist as D
 from ecvl_fast.run.logs import QUANTILE_NAMES, QUANTILES
-from ecvl_fast.method.model import adapted_features, zero_shot_logits
 
 METRICS = ("many", "medium", "few", "all", "macro_f1", "head_tail_gap")  # the reported columns, in order
 
@@ -44,36 +43,35 @@ def shot_metrics(preds: np.ndarray, labels: np.ndarray, meta: dict) -> dict:
 
 
 @torch.no_grad()
-def predict_logits(net, images: torch.Tensor, text_features: torch.Tensor, adapter=None,
-                   dt: torch.dtype | None = None) -> torch.Tensor:
-    """eq. 6 on a batch of prepared images, through the stage-2 adapter when there is one (eq. 7).
-    `dt`: the compute dtype (run.precision; default bf16 on CUDA, fp32 on CPU)."""
+def predict_logits(scorer, images: torch.Tensor, dt: torch.dtype | None = None) -> torch.Tensor:
+    """A `method.model.Scorer`'s logits (fp32) for a batch of prepared images. `dt`: the compute
+    dtype (run.precision; default bf16 on CUDA, fp32 on CPU)."""
     from ecvl_fast.run import precision
 
-    dt = dt or precision.dtype("auto", images.device)
-    with precision.autocast(images.device, dt):
-        img, _ = net(images)
-        img = adapted_features(img, adapter)
-    return zero_shot_logits(img, text_features, net.logit_scale)
+    with precision.autocast(images.device, dt or precision.dtype("auto", images.device)):
+        return scorer(images).float()
 
 
 @torch.no_grad()
-def predict_split(net, loader, text_features: torch.Tensor, d: D.Dist, adapter=None, dt: torch.dtype | None = None,
-                  posthoc: torch.Tensor | None = None):
-    """Predictions over the whole eval split, gathered from every rank, each sample once.
-    With a stage-2 adapter, image features pass through it (eq. 7) before eq. 6. `posthoc` [K]:
-    tau * log(class prior), subtracted from the logits (post-hoc logit adjustment)."""
-    net.eval()
-    preds, labels, index = [], [], []
+def split_logits(scorer, loader, d: D.Dist, dt: torch.dtype | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(logits [N, K], labels) over the whole eval split, gathered from every rank, each sample once."""
+    scorer.eval()
+    logits, labels, index = [], [], []
     for views, y, idx in loader:
-        logits = predict_logits(net, views[0].to(d.device, non_blocking=True), text_features, adapter, dt)
-        logits = logits if posthoc is None else logits - posthoc
-        preds.append(logits.argmax(1).cpu())  # sync point: eval reads its predictions back per batch
+        logits.append(predict_logits(scorer, views[0].to(d.device, non_blocking=True), dt).cpu())  # sync point
         labels.append(y.cpu()), index.append(idx.cpu())
-    arrays = [torch.cat(a).numpy() if a else np.zeros(0, np.int64) for a in (preds, labels, index)]
-    p, y, i = D.gather_arrays(*arrays)
+    k = scorer.weights.shape[0]
+    arrays = [torch.cat(a).numpy() if a else np.zeros((0, k) if j == 0 else 0, np.float32 if j == 0 else np.int64)
+              for j, a in enumerate((logits, labels, index))]
+    out, y, i = D.gather_arrays(*arrays)
     _, first = np.unique(i, return_index=True)
-    return p[first], y[first]
+    return out[first], y[first]
+
+
+def predict_split(scorer, loader, d: D.Dist, dt: torch.dtype | None = None):
+    """(predictions, labels) over the whole eval split."""
+    logits, labels = split_logits(scorer, loader, d, dt)
+    return logits.argmax(1), labels
 
 
 def m_quantiles(bank, labels: np.ndarray, groups: dict[str, list[int]]) -> dict:

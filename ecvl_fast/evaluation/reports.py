@@ -211,6 +211,9 @@ def print_ablation(result: dict) -> None:
     print("BALLAD: adapter on class-balanced batches, prompt CE only; + momentum: adds L_DCVL (eq. 11), the bank "
           "updated, M unused; ECVL: adds the memory-driven RandAugment (eq. 10). Same stage-1 encoders, sampler, "
           "views and steps in every row; the others change only where M comes from (docs/study-ecvl-plus.md).")
+    if any(r["name"].startswith("lift") for r in result["rows"]):
+        print("LIFT rows: a light module in the image tower instead of the adapter, a cosine head from the text "
+              "features, the logit-adjusted loss, instance sampling (docs/study-lift.md).")
 
 
 def plot_rows(result: dict, path: Path) -> None:

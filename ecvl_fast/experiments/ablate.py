@@ -49,7 +49,10 @@ def _finished(folder: Path, cfg: Config, ignore: tuple[str, ...] = ()) -> dict |
 
 
 def _stage2_cfg(cfg: Config, row: str) -> Config:
-    cfg = _with(cfg, "stage2", **{**ROWS[row].stage2, "init": ""})
+    changes = dict(ROWS[row].stage2)
+    if changes.get("peft") == "auto" and cfg.stage2.peft != "none":
+        del changes["peft"]  # a LIFT row keeps the light module the config names
+    cfg = _with(cfg, "stage2", **{**changes, "init": ""})
     return _with(cfg, "aug", **ROWS[row].aug)
 
 
@@ -65,7 +68,8 @@ def planned_runs(cfg: Config, seeds: list[int], rows: tuple[str, ...] = DEFAULT_
     runs = []
     for seed in seeds:
         base = _with(cfg, "run", seed=seed, out=str(Path(cfg.run.out) / f"seed{seed}"))
-        runs.append((f"seed {seed} stage 1", 1, base, Path(base.run.out)))
+        if cfg.stage1.epochs:  # 0: the rows start from model.pretrained
+            runs.append((f"seed {seed} stage 1", 1, base, Path(base.run.out)))
         runs += [(f"seed {seed} {row}", 2, _stage2_cfg(base, row), Path(base.run.out) / row) for row in rows]
     return runs
 
@@ -82,11 +86,12 @@ def _ablation(cfg: Config, seeds: list[int], log, main: bool, rows: tuple[str, .
     for seed in seeds:
         base = _with(cfg, "run", seed=seed, out=str(out / f"seed{seed}"))
         seed_dir = Path(base.run.out)
-        done = _finished(seed_dir, base, ignore=("stage2",))  # stage 1 does not read [stage2]
-        if done is None:
-            log(f"seed {seed}: stage 1")  # every rank decides alike: it reads the same finished files
-            done = training.main(base, stage=1)
-        per_seed.setdefault("stage1", {})[seed] = done
+        if cfg.stage1.epochs:  # 0: no stage 1, the rows start from model.pretrained (single-stage)
+            done = _finished(seed_dir, base, ignore=("stage2",))  # stage 1 does not read [stage2]
+            if done is None:
+                log(f"seed {seed}: stage 1")  # every rank decides alike: it reads the same finished files
+                done = training.main(base, stage=1)
+            per_seed.setdefault("stage1", {})[seed] = done
         for row in rows:
             row_cfg = _stage2_cfg(base, row)
             done = _finished(seed_dir / row, row_cfg)

@@ -127,3 +127,88 @@ def class_text_features(net: ClipNet, tokens: torch.Tensor) -> torch.Tensor:
 def zero_shot_logits(image_features: torch.Tensor, text_features: torch.Tensor, scale) -> torch.Tensor:
     """eq. 6: cosine similarity times the logit scale (softmax of these gives p(y|x))."""
     return scale * image_features.float() @ text_features.float().T
+
+
+class CosineHead(nn.Module):
+    """LIFT's classifier: scale * cos(f, w_k), each w_k initialised from class k's text features,
+    so that it starts from the zero-shot classifier (eq. 6 at this scale). Scale 25: LIFT's."""
+
+    def __init__(self, text_features: torch.Tensor, scale: float = 25.0):
+        super().__init__()
+        self.weight = nn.Parameter(text_features.detach().clone().float())
+        self.scale = scale
+
+    def weights(self) -> torch.Tensor:
+        return F.normalize(self.weight, dim=-1)
+
+
+def tte_views(images: torch.Tensor, views: int) -> list[torch.Tensor]:
+    """Test-time ensembling's inputs, the first `views` of: the image as evaluated, its mirror,
+    then the four corner crops of the image enlarged by res * 24/224 (LIFT's 24 px at 224, as its
+    five-crop test transform), then their mirrors. One view is plain evaluation."""
+    res = int(images.shape[-1])  # a constant where ONNX export traces it: the resolution is fixed
+    out = [images, images.flip(-1)][:views]
+    if views > 2:
+        grow = max(1, round(res * 24 / 224))
+        big = F.interpolate(images, size=(res + grow, res + grow), mode="bilinear", align_corners=False)
+        corners = [big[..., y:y + res, x:x + res] for y in (0, grow) for x in (0, grow)]
+        out += (corners + [c.flip(-1) for c in corners])[:views - 2]
+    return out
+
+
+class Scorer(nn.Module):
+    """Prepared images -> class logits, for eval, predict and export alike: the image tower (with
+    its light module, if any), the stage-2 adapter (eq. 7, if any), then eq. 6 against the class
+    weights [K, D] (the text features, or a trained cosine head's) at `scale` (None: CLIP's logit
+    scale), averaged over `views` test-time views."""
+
+    def __init__(self, net: ClipNet, weights: torch.Tensor, adapter: nn.Module | None = None,
+                 scale: float | None = None, views: int = 1):
+        super().__init__()
+        self.net, self.adapter, self.scale, self.views = net, adapter, scale, views
+        self.register_buffer("weights", weights.detach().float())
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        scale = self.net.logit_scale if self.scale is None else self.scale
+        logits = [zero_shot_logits(adapted_features(self.net(x)[0], self.adapter), self.weights, scale)
+                  for x in tte_views(images, self.views)]
+        return logits[0] if len(logits) == 1 else torch.stack(logits).mean(0)
+
+
+class StageTwo(nn.Module):
+    """What stage 2 trains, as one module for DDP: a light module inside the otherwise frozen image
+    tower, the residual adapter (eq. 7), a cosine head; any of them may be absent. Returns the
+    adapted, normalised features and the class weights they are scored against."""
+
+    def __init__(self, net: ClipNet, text: torch.Tensor, adapter: Adapter | None, head: CosineHead | None,
+                 chunks: int = 1):
+        super().__init__()
+        self.net, self.adapter, self.head, self.chunks = net, adapter, head, chunks
+        self.register_buffer("text", text.detach().float())
+        self.tuned = any(p.requires_grad for p in net.parameters())  # a light module: the tower needs gradients
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.set_grad_enabled(self.tuned and torch.is_grad_enabled()):  # frozen tower: no graph to keep
+            feats = torch.cat([self.net(x)[0] for x in images.chunk(self.chunks)])
+        return adapted_features(feats, self.adapter), (self.text if self.head is None else self.head.weights())
+
+    def trained(self) -> dict[str, torch.Tensor]:
+        """Every trained tensor (what must stay finite)."""
+        return {n: p for n, p in self.named_parameters() if p.requires_grad}
+
+
+class ImageTower(nn.Module):
+    """ClipNet's image side alone, what an exported classifier keeps: normalised image features,
+    and eq. 6's scale as a fixed number."""
+
+    def __init__(self, visual: nn.Module, logit_scale: float):
+        super().__init__()
+        self.visual = visual
+        self.register_buffer("scale", torch.tensor(float(logit_scale)))
+
+    def forward(self, images: torch.Tensor, tokens=None):
+        return F.normalize(self.visual(images), dim=-1), None
+
+    @property
+    def logit_scale(self) -> torch.Tensor:
+        return self.scale

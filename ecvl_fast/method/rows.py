@@ -7,7 +7,11 @@ the rows differ only in the loss and where M comes from.
 - ecvl:     + the memory-driven RandAugment driven by M (eq. 10);
 - the ECVL+ variants, each named by what it changes in the memory, their BALLAD-loss forms
   (`ballad+...`: no L_DCVL term, which the study in docs/study-tiny-imagenet.md found costs the
-  tail), and the no-memory controls, where M comes from class size alone (docs/study-ecvl-plus.md).
+  tail), and the no-memory controls, where M comes from class size alone (docs/study-ecvl-plus.md);
+- lift:     LIFT's recipe on the same frozen encoders (Shi et al., ICML 2024): a light module in
+            the image tower instead of the adapter, a cosine head from the text features, the
+            logit-adjusted loss (tau 1), instance sampling; `lift+ra` adds the best memory the
+            ECVL+ study found, and `lift+freq` is its no-memory control (docs/study-lift.md).
 """
 from __future__ import annotations
 
@@ -34,6 +38,10 @@ def memory(**changes) -> dict:
 
 
 LOL = memory(m_source="lol", m_scope="class", m_direction="easy")  # Ahn et al.'s level of learning, per class
+# LIFT's stage 2 (its published defaults); the light module is the config's stage2.peft where it
+# names one (chosen on the val split), else "auto", LIFT's default for the tower (ablate._stage2_cfg)
+LIFT = {"adapter": False, "peft": "auto", "head": "cosine", "logit_adjust": 1.0, "sampling": "instance",
+        "dcvl_weight": 0.0, "randaug": False}
 
 ROWS = {
     "ballad": Row({"dcvl_weight": 0.0, "randaug": False}, PAPER_MEMORY, "BALLAD"),
@@ -61,6 +69,10 @@ ROWS = {
     # It does not beat its control there.
     "ecvl+": Row(RA_BALLAD_LOSS, LOL, "ECVL+ (best measured: BALLAD + RA, M per class by level of learning)",
                  "ballad+freq-common"),
+    "lift": Row(LIFT, PAPER_MEMORY, "LIFT (light module, cosine head, LA loss)"),
+    "lift+ra": Row({**LIFT, "randaug": True}, LOL, "LIFT + RA, M per class by level of learning", "lift+freq"),
+    "lift+freq": Row({**LIFT, "randaug": True}, memory(m_source="frequency", m_direction="easy"),
+                     "LIFT + RA, control: M by class size"),
 }
 DEFAULT_ROWS = ("ballad", "momentum", "ecvl")
 LABELS = {"zero-shot": "zero-shot", "stage1": "stage 1", **{k: r.label for k, r in ROWS.items()}}

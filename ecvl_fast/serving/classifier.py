@@ -13,13 +13,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from torch import nn
 
 from ecvl_fast import EcvlError
 from ecvl_fast.config import Config, from_dict
-from ecvl_fast.method.model import Adapter, ClipNet, adapted_features, build_clip, class_text_features, prompt_tokens
+from ecvl_fast.method import stage2 as two
+from ecvl_fast.method.model import Adapter, ClipNet, ImageTower, Scorer, build_clip, class_text_features, prompt_tokens
 from ecvl_fast.run import checkpoint as ckpt_io
 from ecvl_fast.run import precision
 
@@ -123,29 +123,27 @@ class Model:
         return [Prediction(name, [p.classes[i] for i in ii], pi) for name, pi, ii in zip(names, values.tolist(), ix.tolist())]
 
 
-def load(path: str | Path, device: str = "auto") -> Model:
-    """An exported `.pt` or `.onnx`, or a stage 1/2 training checkpoint, ready to classify."""
+def load(path: str | Path, device: str = "auto", tte: int | None = None) -> Model:
+    """An exported `.pt` or `.onnx`, or a stage 1/2 training checkpoint, ready to classify.
+    `tte`: test-time views (1 = none), over the model's own setting."""
     from ecvl_fast.run.dist import resolve_device
 
-    return Model(load_predictor(Path(path), resolve_device(device)))
+    return Model(load_predictor(Path(path), resolve_device(device), tte))
 
 
 FORMAT = "ecvl-fast-classifier/1"
 
 
 class Classifier(nn.Module):
-    """Preprocessed images -> class probabilities: eq. 6 on the image features, through the
-    stage-2 adapter (eq. 7) when there is one."""
+    """Preprocessed images -> class probabilities: a Scorer's logits (the image tower with its
+    light module, the adapter, the class weights, the test-time views), softmaxed."""
 
-    def __init__(self, visual: nn.Module, text: torch.Tensor, scale: torch.Tensor, adapter: nn.Module | None):
+    def __init__(self, scorer: Scorer):
         super().__init__()
-        self.visual, self.adapter = visual, adapter
-        self.register_buffer("text", text.float())
-        self.register_buffer("scale", scale.float())
+        self.scorer = scorer
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        features = adapted_features(F.normalize(self.visual(images), dim=-1), self.adapter)
-        return (self.scale * features.float() @ self.text.T).softmax(-1)
+        return self.scorer(images).float().softmax(-1)
 
 
 @dataclass
@@ -160,44 +158,48 @@ class Predictor:
     kind: str
 
 
-def load_predictor(path: Path, device: torch.device) -> Predictor:
-    """A training checkpoint, an exported `.pt`, or an `.onnx`, ready to classify prepared batches."""
+def load_predictor(path: Path, device: torch.device, views: int | None = None) -> Predictor:
+    """A training checkpoint, an exported `.pt`, or an `.onnx`, ready to classify prepared batches.
+    `views`: test-time views, over the model's own (data.tte_views; an .onnx has its own fixed)."""
     path = Path(path)
     if not path.is_file():
         raise EcvlError(f"{path}: no such model file")
     if path.suffix == ".onnx":
-        return _onnx_predictor(path)
+        return _onnx_predictor(path, views)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception:  # empty, truncated or foreign: the checkpoint reader says which, and what else is there
         ckpt_io.load(path)
         raise
     if isinstance(state, dict) and state.get("format") == FORMAT:
-        return _exported_predictor(state, device)
-    return _checkpoint_predictor(path, device)
+        return _exported_predictor(state, device, views)
+    return _checkpoint_predictor(path, device, views)
 
 
-def _checkpoint_predictor(path: Path, device: torch.device) -> Predictor:
+def _checkpoint_predictor(path: Path, device: torch.device, views: int | None) -> Predictor:
     from ecvl_fast.training.data import load_res
     from ecvl_fast.evaluation.metrics import predict_logits
 
     state, cfg = load_checkpoint(path)
-    net, text, adapter = load_classifier(cfg, state, state["classes"], device)
+    scorer = load_classifier(cfg, state, state["classes"], device, views)
     return Predictor(state["classes"], cfg.data.res, load_res(cfg),
-                     lambda x: predict_logits(net, x, text, adapter).softmax(1).cpu(), device, "checkpoint")
+                     lambda x: predict_logits(scorer, x).softmax(1).cpu(), device, "checkpoint")
 
 
-def _exported_predictor(d: dict, device: torch.device) -> Predictor:
+def _exported_predictor(d: dict, device: torch.device, views: int | None) -> Predictor:
     from ecvl_fast.config import ModelCfg
+    from ecvl_fast.method import peft
 
     clip, _ = build_clip(ModelCfg(name=d["model_name"]), load_weights=False)
     visual = clip.visual
+    peft.apply(visual, d["peft"], len(d["classes"]), d["peft_dim"], d["model_name"])
     visual.load_state_dict(d["visual"])
     adapter = None
     if d["adapter"] is not None:
-        adapter = Adapter(d["text_features"].shape[1], d["ratio"])
+        adapter = Adapter(d["class_weights"].shape[1], d["ratio"])
         adapter.load_state_dict(d["adapter"])
-    model = Classifier(visual, d["text_features"], d["logit_scale"], adapter).to(device).eval()
+    scorer = Scorer(ImageTower(visual, d["logit_scale"]), d["class_weights"], adapter, views=views or d["tte_views"])
+    model = Classifier(scorer).to(device).eval()
 
     @torch.no_grad()
     def probs(x):
@@ -207,7 +209,7 @@ def _exported_predictor(d: dict, device: torch.device) -> Predictor:
     return Predictor(d["classes"], d["res"], d["load_res"], probs, device, "exported")
 
 
-def _onnx_predictor(path: Path) -> Predictor:
+def _onnx_predictor(path: Path, views: int | None) -> Predictor:
     try:
         import onnxruntime as ort
     except ImportError:
@@ -217,6 +219,9 @@ def _onnx_predictor(path: Path) -> Predictor:
     if "ecvl_fast" not in props:
         raise EcvlError(f"{path}: not an ONNX file written by ecvl-fast export (no class names in it)")
     meta = json.loads(props["ecvl_fast"])
+    if views not in (None, meta["tte_views"]):
+        raise EcvlError(f"{path}: an ONNX model's test-time views are fixed at export ({meta['tte_views']}); "
+                        f"export again with --tte {views}")
 
     def probs(x):
         return torch.from_numpy(session.run(None, {"image": np.ascontiguousarray(x.float().cpu().numpy())})[0])
@@ -224,18 +229,22 @@ def _onnx_predictor(path: Path) -> Predictor:
     return Predictor(meta["classes"], meta["res"], meta["load_res"], probs, torch.device("cpu"), "onnx")
 
 
-def load_classifier(cfg: Config, state: dict | None, classes: list[str], device: torch.device):
-    """(net, class text features, adapter or None): a stage 1 or 2 checkpoint's classifier, or the
-    zero-shot model `cfg.model.pretrained` when `state` is None. Eval and predict both use it."""
+def load_classifier(cfg: Config, state: dict | None, classes: list[str], device: torch.device,
+                    views: int | None = None) -> Scorer:
+    """A stage 1 or 2 checkpoint's classifier, or the zero-shot model `cfg.model.pretrained` when
+    `state` is None; eval, predict and export all use it. `views`: test-time views (default: the
+    config's data.tte_views)."""
     clip, tokenizer = build_clip(cfg.model, load_weights=state is None)  # a checkpoint brings its own
-    net = ClipNet(clip).to(device)
+    net = ClipNet(clip)
+    stage2 = state is not None and state.get("stage") == 2
+    if stage2:
+        two.add_light_module(cfg, net, len(classes))  # its weights are in the checkpoint's "model"
     if state is not None:
         net.load_state_dict(state["model"])
-    net.eval()
+    net.to(device).eval()
     text = class_text_features(net, prompt_tokens(tokenizer, classes, cfg.model.templates).to(device))
-    adapter = None
-    if state is not None and state.get("stage") == 2:
-        adapter = Adapter(text.shape[1], cfg.stage2.ratio).to(device)
-        adapter.load_state_dict(state["adapter"])
-        adapter.eval()
-    return net, text, adapter
+    if not stage2:
+        return Scorer(net, text, views=cfg.data.tte_views if views is None else views).eval()
+    st = two.modules(cfg, net, text)
+    two.load(st, state)
+    return two.scorer(cfg, st.to(device), views).eval()

@@ -1,12 +1,14 @@
 """`ecvl-fast export`: a training checkpoint -> a classifier to deploy, and the loaders `predict`
 uses for all three kinds of file.
 
-- `.pt` (`--format pt`): the image encoder's weights, the adapter, the class text features and
-  names, and the preprocessing (resolution, decode size, mean, std). No optimizer state, no
-  momentum bank, no text tower. Read back with `weights_only=True`; the encoder is rebuilt from
+- `.pt` (`--format pt`): the image encoder's weights (with its light module), the adapter, the
+  class weights (text features, or a cosine head's) and their scale, the class names, the
+  test-time views and the preprocessing (resolution, decode size, mean, std). No optimizer state,
+  no momentum bank, no text tower. Read back with `weights_only=True`; the encoder is rebuilt from
   its open_clip config.
-- `.onnx` (`--format onnx`): the same image path, preprocessed image (N, 3, res, res, float) ->
-  class probabilities, with the class names and preprocessing in the model's metadata. Needs
+- `.onnx` (`--format onnx`): the same image path, test-time views included, preprocessed image
+  (N, 3, res, res, float) -> class probabilities, with the class names and preprocessing in the
+  model's metadata. Needs
   `pip install 'ecvl-fast[onnx]'` (onnx to write, onnxruntime to run).
 """
 from __future__ import annotations
@@ -18,11 +20,13 @@ import torch
 
 from ecvl_fast import EcvlError
 from ecvl_fast.run.files import atomic_write
+from ecvl_fast.method.model import ImageTower, Scorer
 from ecvl_fast.serving.classifier import FORMAT, Classifier
 
 
-def export(ckpt: Path, out: Path, fmt: str = "pt") -> dict:
-    """Write the slim classifier of a stage 1 or stage 2 checkpoint; returns what was written."""
+def export(ckpt: Path, out: Path, fmt: str = "pt", views: int | None = None) -> dict:
+    """Write the slim classifier of a stage 1 or stage 2 checkpoint; returns what was written.
+    `views`: test-time views (default: the checkpoint's data.tte_views)."""
     from ecvl_fast.training.data import load_res
     from ecvl_fast.serving.classifier import load_classifier
     from ecvl_fast.serving.classifier import MEAN, STD, load_checkpoint
@@ -30,16 +34,21 @@ def export(ckpt: Path, out: Path, fmt: str = "pt") -> dict:
     if fmt not in ("pt", "onnx"):
         raise EcvlError(f"--format {fmt}: choose pt or onnx")
     state, cfg = load_checkpoint(ckpt)
-    net, text, adapter = load_classifier(cfg, state, state["classes"], torch.device("cpu"))
+    scorer = load_classifier(cfg, state, state["classes"], torch.device("cpu"), views)
+    stage2 = state["stage"] == 2
+    scale = float(scorer.net.logit_scale if scorer.scale is None else scorer.scale)
+    visual = scorer.net.clip.visual
     meta = {"format": FORMAT, "model_name": cfg.model.name, "classes": state["classes"], "res": cfg.data.res,
             "load_res": load_res(cfg), "mean": MEAN.flatten().tolist(), "std": STD.flatten().tolist(),
-            "stage": state["stage"], "ratio": cfg.stage2.ratio, "source": str(ckpt)}
+            "stage": state["stage"], "ratio": cfg.stage2.ratio, "source": str(ckpt), "tte_views": scorer.views,
+            "peft": cfg.stage2.peft if stage2 else "none", "peft_dim": cfg.stage2.peft_dim}
     if fmt == "pt":
-        payload = {**meta, "visual": net.clip.visual.state_dict(), "logit_scale": net.logit_scale.detach().clone(),
-                   "adapter": None if adapter is None else adapter.state_dict(), "text_features": text.cpu()}
+        payload = {**meta, "visual": visual.state_dict(), "logit_scale": scale, "class_weights": scorer.weights.cpu(),
+                   "adapter": None if scorer.adapter is None else scorer.adapter.state_dict()}
         atomic_write(out, lambda tmp: torch.save(payload, tmp))
     else:
-        _export_onnx(Classifier(net.clip.visual, text, net.logit_scale.detach(), adapter).eval(), meta, out)
+        slim = Scorer(ImageTower(visual, scale), scorer.weights, scorer.adapter, views=scorer.views)
+        _export_onnx(Classifier(slim).eval(), meta, out)
     return {"out": str(out), "bytes": out.stat().st_size, "checkpoint_bytes": Path(ckpt).stat().st_size, **meta}
 
 

@@ -29,9 +29,10 @@ def image_files(images: list[Path], folder: Path | None) -> list[Path]:
 
 
 def run_predict(ckpt: Path, images: list[Path], folder: Path | None = None, top_k: int = 5, strict: bool = False,
-                batch_size: int = 256, device: str = "auto") -> list[Prediction]:
-    """`ckpt`: a stage 1/2 training checkpoint, an exported `.pt`, or an exported `.onnx`."""
-    model = load(ckpt, device)
+                batch_size: int = 256, device: str = "auto", views: int | None = None) -> list[Prediction]:
+    """`ckpt`: a stage 1/2 training checkpoint, an exported `.pt`, or an exported `.onnx`;
+    `views`: test-time views (default: the model's own)."""
+    model = load(ckpt, device, views)
     files = image_files(images, folder)
     out, pending = [], []
 

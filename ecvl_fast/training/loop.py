@@ -30,15 +30,16 @@ from ecvl_fast.run import dist as D
 from ecvl_fast.run import lifecycle
 from ecvl_fast.method import losses
 from ecvl_fast.run import precision
-from ecvl_fast.config import Config, check_memory, save_config
+from ecvl_fast.config import Config, check_together, save_config, stage2_from_pretrained
 from ecvl_fast.training.data import eval_loader, open_dataset, train_loader
 from ecvl_fast.run.files import atomic_write
 from ecvl_fast.evaluation.metrics import m_quantiles, predict_split, shot_metrics
 from ecvl_fast.evaluation.reports import plot_curves, plot_m_by_group, read_metrics, write_report
 from ecvl_fast.kernels.bank import MomentumBank, StaticMagnitudes, frequency_magnitudes
 from ecvl_fast.run.logs import RunLog
-from ecvl_fast.method.model import (Adapter, ClipNet, adapted_features, build_clip, class_text_features, prompt_tokens,
-                             random_weights_warning)
+from ecvl_fast.method import stage2 as two
+from ecvl_fast.method.model import (ClipNet, Scorer, StageTwo, build_clip, class_text_features, prompt_tokens,
+                                    random_weights_warning)
 
 
 @dataclass
@@ -47,14 +48,14 @@ class Run:
     d: D.Dist
     meta: dict
     net: ClipNet  # the raw module (checkpoints, eval)
-    trainable: torch.nn.Module  # what the step trains and calls (CLIP, or stage 2's adapter), compiled and/or DDP-wrapped
+    trainable: torch.nn.Module  # what the step trains and calls (CLIP, or StageTwo), compiled and/or DDP-wrapped
     opt: torch.optim.Optimizer
     sched: torch.optim.lr_scheduler.LambdaLR
     tokens: torch.Tensor  # [K, L] training prompts
     eval_tokens: torch.Tensor  # [T, K, L] eval prompts (all templates)
     out: Path
     stage: int = 1
-    adapter: Adapter | None = None  # stage 2: the only trainable module
+    stage2: StageTwo | None = None  # stage 2: what trains (light module, adapter, cosine head), unwrapped
     text: torch.Tensor | None = None  # stage 2: frozen class text features [K, D]
     bank: MomentumBank | None = None  # stage 2: per-sample loss memory and M
     adjust: torch.Tensor | None = None  # stage 2: tau * log(class prior), stage2.logit_adjust
@@ -75,10 +76,10 @@ def lr_lambda(total_steps: int, warmup_steps: int):
 def build_run(cfg: Config, d: D.Dist, meta: dict, steps_per_epoch: int, stage: int = 1,
               out: Path | None = None) -> Run:
     """`steps_per_epoch` is the loader's length: train images // global batch (drop_last)."""
-    check_memory(cfg)  # a config built in code has not been through load_config
+    check_together(cfg)  # a config built in code has not been through load_config
     torch.manual_seed(cfg.run.seed)
     sc = cfg.stage1 if stage == 1 else cfg.stage2
-    clip, tokenizer = build_clip(cfg.model, load_weights=stage == 1 or cfg.stage2.init == "none")
+    clip, tokenizer = build_clip(cfg.model, load_weights=stage == 1 or stage2_from_pretrained(cfg))
     clip.logit_scale.requires_grad_(False)  # eq. 6's scale stays as loaded; BALLAD fixes 100 for CE
     net = ClipNet(clip).to(d.device)
     if d.device.type == "cuda":
@@ -90,9 +91,12 @@ def build_run(cfg: Config, d: D.Dist, meta: dict, steps_per_epoch: int, stage: i
               eval_tokens=prompt_tokens(tokenizer, classes, cfg.model.templates).to(d.device))
     if stage == 2:
         _init_stage2(run, meta)
-    trainable = run.adapter if stage == 2 else net
-    run.opt = torch.optim.AdamW([p for p in trainable.parameters() if p.requires_grad], lr=sc.lr,
-                                weight_decay=sc.weight_decay)
+    trainable = run.stage2 if stage == 2 else net
+    params = [p for p in trainable.parameters() if p.requires_grad]
+    if stage == 2 and cfg.stage2.optimizer == "sgd":  # LIFT's: momentum 0.9
+        run.opt = torch.optim.SGD(params, lr=sc.lr, momentum=0.9, weight_decay=sc.weight_decay)
+    else:
+        run.opt = torch.optim.AdamW(params, lr=sc.lr, weight_decay=sc.weight_decay)
     run.amp = precision.dtype(cfg.run.precision, d.device)
     run.scaler = precision.scaler(d.device, run.amp)
     warmup = max(1, int(sc.warmup_epochs * steps_per_epoch))
@@ -105,15 +109,17 @@ def build_run(cfg: Config, d: D.Dist, meta: dict, steps_per_epoch: int, stage: i
 
 
 def _init_stage2(run: Run, meta: dict) -> None:
-    """Frozen encoders (from the stage-1 checkpoint), fixed class text features, a fresh adapter,
-    and the momentum bank (built before the loader, which is handed it)."""
+    """Frozen encoders (from the stage-1 checkpoint, or model.pretrained), fixed class text
+    features, what trains (method/stage2.py), and the momentum bank (built before the loader,
+    which is handed it)."""
     cfg = run.cfg
-    if cfg.stage2.init != "none":
+    if not stage2_from_pretrained(cfg):
         path = Path(cfg.stage2.init or Path(cfg.run.out) / "best.pt")
         run.net.load_state_dict(ckpt_io.load(path, model_name=cfg.model.name, num_classes=len(meta["classes"]))["model"])
-    run.net.requires_grad_(False).eval()
+    run.net.eval()
     run.text = class_text_features(run.net, run.eval_tokens)
-    run.adapter = Adapter(run.text.shape[1], cfg.stage2.ratio).to(run.d.device)
+    two.add_light_module(cfg, run.net, len(meta["classes"]))
+    run.stage2 = two.modules(cfg, run.net, run.text).to(run.d.device)
     run.adjust = losses.log_prior(np.bincount(meta["train_labels"], minlength=len(meta["classes"])),
                                   cfg.stage2.logit_adjust, run.d.device)
     a = cfg.aug
@@ -153,11 +159,10 @@ def stage2_loss(run: Run, views: list[torch.Tensor], labels: torch.Tensor, idx: 
     the whole batch at once, so every term, and M, is that of the unsplit batch.
     """
     cfg, b, r = run.cfg.stage2, labels.shape[0], run.d.rank
-    with torch.no_grad():  # frozen encoders: both views in one pass, or in chunks
-        feats = torch.cat([run.net(x)[0] for x in torch.cat(views).chunk(cfg.accum_steps)])
-    adapted = adapted_features(feats, run.trainable)
+    adapted, weights = run.trainable(torch.cat(views))  # both views in one pass (the frozen tower: without a graph)
     all_labels = labels.repeat(len(views))
-    ce_terms = losses.prompt_ce_loss(adapted, run.text, all_labels, cfg.ce_scale, run.adjust)
+    scale = cfg.ce_scale if run.stage2.head is None else run.stage2.head.scale
+    ce_terms = losses.prompt_ce_loss(adapted, weights, all_labels, scale, run.adjust)
     ce = ce_terms["loss"]
     if cfg.dcvl_weight == 0 and not cfg.randaug:  # BALLAD's row: no L_DCVL, and no reader of the bank
         return {"loss": ce, "ce": ce}
@@ -347,15 +352,18 @@ def _last_good(run: Run) -> str:
 def _finite_weights(run: Run) -> bool:
     """Every trained weight is finite (one sync point per checkpoint). Weights are the same on
     every rank, so every rank reaches the same answer."""
-    module = run.adapter if run.stage == 2 else run.net
-    flags = [torch.isfinite(t).all() for t in module.state_dict().values() if t.is_floating_point()]
+    tensors = run.stage2.trained().values() if run.stage == 2 else run.net.state_dict().values()
+    flags = [torch.isfinite(t).all() for t in tensors if t.is_floating_point()]
     bad = (~torch.stack(flags).all()).to(torch.int64).reshape(1) if flags else torch.zeros(1, dtype=torch.int64)
     return not bool(D.all_reduce_max(bad.to(run.d.device)))  # every rank agrees, or one would wait alone
 
 
 def evaluate_split(run: Run, loader) -> dict:
-    text = run.text if run.text is not None else class_text_features(run.net, run.eval_tokens)
-    preds, labels = predict_split(run.net, loader, text, run.d, run.adapter, run.amp)
+    if run.stage == 2:
+        model = two.scorer(run.cfg, run.stage2)
+    else:
+        model = Scorer(run.net, class_text_features(run.net, run.eval_tokens), views=run.cfg.data.tte_views)
+    preds, labels = predict_split(model, loader, run.d, run.amp)
     return shot_metrics(preds, labels, run.meta)
 
 
@@ -373,7 +381,7 @@ def save_checkpoint(run: Run, pos: lifecycle.Position, is_best: bool = False, pa
                "rng": ckpt_io.rng_state(), "config": run.cfg.to_dict(), "model_name": run.cfg.model.name,
                "num_classes": len(run.meta["classes"]), "classes": run.meta["classes"]}
     if run.stage == 2:
-        payload |= {"adapter": run.adapter.state_dict(), "momentum": {**run.bank.state_dict(), **(partial or {})}}
+        payload |= {**two.state(run.stage2), "momentum": {**run.bank.state_dict(), **(partial or {})}}
     ckpt_io.save(run.out / "last.pt", payload)
     (run.out / lifecycle.DIVERGED).unlink(missing_ok=True)  # a finite state with these settings now stands
     if is_best:
@@ -386,7 +394,7 @@ def restore(run: Run, c: dict) -> None:
         raise EcvlError(f"{run.out / 'last.pt'}: a stage {c['stage']} checkpoint, resuming stage {run.stage}")
     run.net.load_state_dict(c["model"])
     if run.stage == 2:
-        run.adapter.load_state_dict(c["adapter"])
+        two.load(run.stage2, c)
         run.bank.load_state_dict(c["momentum"], partial=run.d.main)
     run.opt.load_state_dict(c["optimizer"])
     run.sched.load_state_dict(c["scheduler"])
@@ -410,6 +418,8 @@ def main(cfg: Config, stage: int = 1, out: Path | None = None, restart: bool = F
     """One stage end to end; returns the final test metrics (also in the run folder's metrics.json).
     Stage 2 writes under `out`, by default run.out/stage2/. A folder with a checkpoint continues
     where it stopped (run/lifecycle.py); `restart` starts over, keeping the old run aside."""
+    if stage == 1 and cfg.stage1.epochs == 0:
+        raise EcvlError("stage1.epochs = 0: there is no stage 1 to train (stage 2 starts from model.pretrained)")
     folder = run_folder(cfg, stage, out)
     with D.session(cfg.run.device, cfg.dist.backend) as d, lifecycle.StopSignal(cfg.run.stop_grace_s) as stop, \
             lifecycle.RunLock(folder, d):
@@ -429,7 +439,7 @@ def _train(cfg: Config, d: D.Dist, stage: int, folder: Path, restart: bool, stop
     log = RunLog(folder, d.main, sc.epochs, stage, cfg.run.tensorboard)
     if d.main:
         print(f"stage {stage}: run folder {folder}", flush=True)
-        warning = random_weights_warning(cfg.model) if stage == 1 or cfg.stage2.init == "none" else None
+        warning = random_weights_warning(cfg.model) if stage == 1 or stage2_from_pretrained(cfg) else None
         if warning:
             print(warning, file=sys.stderr, flush=True)
     pos, ckpt = lifecycle.start(folder, cfg, sc.epochs, d, restart, log, stage)
@@ -438,10 +448,17 @@ def _train(cfg: Config, d: D.Dist, stage: int, folder: Path, restart: bool, stop
             print(f"{folder}: finished already ({sc.epochs} epochs); its metrics.json stands (--restart to train again)")
         return read_metrics(pos.finished)
     run = build_run(cfg, d, meta, len(meta["train_labels"]) // cfg.data.batch_size, stage, folder)
+    if stage == 2 and d.main:
+        s = cfg.stage2
+        parts = [f"{s.peft} in the image tower"] * (s.peft != "none") + ["adapter"] * s.adapter + \
+            ["cosine head"] * (s.head == "cosine")
+        print(f"stage 2 trains {sum(p.numel() for p in run.stage2.trained().values()):,} parameters "
+              f"({', '.join(parts)})", flush=True)
     if stage == 1:
         loader = train_loader(cfg, d, meta, "random")
     else:  # the loader is handed the bank and reads its M each epoch (eq. 10); + momentum row: not
-        loader = train_loader(cfg, d, meta, "balanced", views=2, memory=_memory(cfg, run.bank))
+        order = "random" if cfg.stage2.sampling == "instance" else "balanced"
+        loader = train_loader(cfg, d, meta, order, views=2, memory=_memory(cfg, run.bank))
     if d.main:
         run.out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run.out / "config.toml")

@@ -1,0 +1,51 @@
+"""Stage 2's trained parts, built from the config in one place for training, resuming, eval,
+predict and export: a light module in the frozen image tower (method/peft.py), eq. 7's adapter
+and a cosine head (LIFT), and the classifier they evaluate as."""
+from __future__ import annotations
+
+import torch
+
+from ecvl_fast import EcvlError
+from ecvl_fast.config import Config
+from ecvl_fast.method import peft
+from ecvl_fast.method.model import Adapter, ClipNet, CosineHead, Scorer, StageTwo
+
+
+def add_light_module(cfg: Config, net: ClipNet, num_classes: int) -> None:
+    """Freeze `net` and add stage2.peft inside its image tower; before loading a stage-2
+    checkpoint's "model", whose keys include the module's."""
+    net.requires_grad_(False)
+    peft.apply(net.clip.visual, cfg.stage2.peft, num_classes, cfg.stage2.peft_dim, cfg.model.name)
+
+
+def modules(cfg: Config, net: ClipNet, text: torch.Tensor) -> StageTwo:
+    """The adapter and the cosine head, fresh, around `net` (its light module already added)."""
+    s = cfg.stage2
+    adapter = Adapter(text.shape[1], s.ratio) if s.adapter else None
+    head = CosineHead(text, s.head_scale) if s.head == "cosine" else None
+    return StageTwo(net, text, adapter, head, s.accum_steps)
+
+
+def load(st: StageTwo, state: dict) -> None:
+    """A stage-2 checkpoint's adapter and head into `st` (the light module comes with "model")."""
+    for name in ("adapter", "head"):
+        module, saved = getattr(st, name), state.get(name)
+        if (module is None) != (saved is None):
+            raise EcvlError(f"the checkpoint {'has a' if saved is not None else 'has no'} stage-2 {name}, and its "
+                            f"config {'asks for none' if module is None else 'asks for one'}")
+        if module is not None:
+            module.load_state_dict(saved)
+
+
+def state(st: StageTwo) -> dict:
+    """What a stage-2 checkpoint holds beside the net: the adapter's and the head's weights."""
+    return {"adapter": None if st.adapter is None else st.adapter.state_dict(),
+            "head": None if st.head is None else st.head.state_dict()}
+
+
+def scorer(cfg: Config, st: StageTwo, views: int | None = None) -> Scorer:
+    """The classifier a stage-2 model evaluates as: a cosine head at its own scale, or the text
+    features at CLIP's logit scale (eq. 6); `views` test-time views (default data.tte_views)."""
+    weights = st.text if st.head is None else st.head.weights().detach()
+    return Scorer(st.net, weights, st.adapter, None if st.head is None else st.head.scale,
+                  cfg.data.tte_views if views is None else views)
