@@ -144,10 +144,16 @@ def test_every_preset_loads():
     import ecvl_fast
 
     presets = sorted((Path(ecvl_fast.__file__).parent / "configs").glob("*.toml"))
-    assert {p.stem for p in presets} >= {"cifar100-lt", "imagenet-lt", "places-lt", "mnist-demo", "starter"}
+    assert {p.stem for p in presets} >= {"cifar100-lt", "imagenet-lt", "places-lt", "mnist-demo", "starter",
+                                         "lift-cifar100-lt", "lift-imagenet-lt", "lift-places-lt"}
     for p in presets:
         cfg = load_config(p)
-        if p.stem not in ("mnist-demo", "starter"):
+        if p.stem.startswith("lift-"):  # LIFT's published recipe: one stage from CLIP ViT-B/16
+            s = cfg.stage2
+            assert (cfg.model.name, cfg.model.pretrained, cfg.stage1.epochs, s.epochs) == ("ViT-B-16", "openai", 0, 10)
+            assert (s.peft, s.head, s.logit_adjust, s.optimizer, s.lr, s.adapter) == \
+                ("adaptformer", "cosine", 1.0, "sgd", 0.01, False)
+        elif p.stem not in ("mnist-demo", "starter"):
             assert (cfg.model.name, cfg.model.pretrained, cfg.stage2.epochs) == ("RN50", "openai", 300)
 
 

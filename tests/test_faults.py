@@ -48,8 +48,8 @@ def finished(tmp_path_factory, mnist):
 
 
 def test_settings_and_data_that_would_train_nothing_are_refused_before_any_work(tmp_path, mnist, capsys):
-    for setting, says in (("stage1.epochs=0", "stage1.epochs must be at least 1"),
-                          ("stage1.epochs=-3", "stage1.epochs must be at least 1"),
+    for setting, says in (("stage2.epochs=0", "stage2.epochs must be at least 1"),
+                          ("stage1.epochs=-3", "stage1.epochs must be at least 0"),
                           ("stage1.lr=-1e-3", "stage1.lr must be greater than 0"),
                           ("stage2.lr=nan", "stage2.lr must be greater than 0"),
                           ("data.batch_size=0", "data.batch_size must be at least 1"),

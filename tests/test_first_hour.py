@@ -31,8 +31,8 @@ def test_version_presets_by_name_and_dry_run_from_outside_the_tree(tmp_path, mni
     assert "stage 1, 50 epochs" in out and "stage 2, 300 epochs" in out and ": start;" in out
     assert "in all:" in out and not (tmp_path / "plan").exists()
     done = cli("ablate", "--config", "no-such-preset", cwd=tmp_path)
-    assert done.returncode == 2 and "no such file or preset (presets: cifar100-lt, imagenet-lt, mnist-demo, " \
-                                   "places-lt, starter)" in done.stderr
+    assert done.returncode == 2 and "no such file or preset (presets: cifar100-lt, imagenet-lt, lift-cifar100-lt, " \
+                                   "lift-imagenet-lt, lift-places-lt, mnist-demo, places-lt, starter)" in done.stderr
 
 
 def test_short_flags_map_to_their_settings(tmp_path, mnist, capsys):

@@ -34,10 +34,9 @@ def test_light_module_starts_as_the_frozen_tower_and_trains_only_itself(name, mo
     x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     frozen = clip.encode_image(x).detach()
     tuned = copy.deepcopy(clip)
-    n = peft.apply(tuned.visual, module, num_classes=100)
+    assert peft.apply(tuned.visual, module, num_classes=100) == module
     torch.testing.assert_close(tuned.encode_image(x), frozen, atol=1e-5, rtol=1e-5)  # zero-initialised: the same
     trainable = {k for k, p in tuned.visual.named_parameters() if p.requires_grad}
-    assert n == sum(p.numel() for p in tuned.visual.parameters() if p.requires_grad) > 0
     if module == "bitfit":
         assert trainable and all(k.endswith("bias") for k in trainable)
     else:  # only the added parameters: none of the tower's own

@@ -63,7 +63,9 @@ def stage1_pair(tmp_path_factory, mnist):
     path, sets = tiny_config(tmp, mnist, "single", epochs=1, loss="clip")
     single = training.main(load_config(path, sets))
     _, sets = tiny_config(tmp, mnist, "ddp", epochs=1, loss="clip")
-    cmd = ["train", "--config", str(path)] + sum((["--set", s] for s in sets), [])
+    # stage 2 then trains LIFT's LoRA and cosine head inside the DDP-wrapped frozen towers
+    lift = ["stage2.peft=lora", "stage2.head=cosine", "stage2.epochs=1"]
+    cmd = ["train", "--config", str(path)] + sum((["--set", s] for s in sets + lift), [])
     results = two_nodes(cmd, 29517)
     return tmp, path, single, results
 
@@ -85,6 +87,9 @@ def test_ddp_two_nodes_match_single_process(stage1_pair):
     assert a[-1] == pytest.approx(b[-1], rel=2e-2)
     assert ddp["all"] == pytest.approx(single["all"], abs=0.03)
     assert ddp["num_images"] == single["num_images"] == 1000
+    two = torch.load(tmp / "ddp" / "stage2" / "last.pt", weights_only=True)
+    lora = [v for k, v in two["model"].items() if k.endswith("attn.b")]  # zero at the start: trained since
+    assert lora and all(v.abs().sum() > 0 for v in lora) and two["head"] is not None
 
 
 def test_elastic_restart_on_two_nodes_resumes_and_matches_one_process(stage1_pair, mnist):

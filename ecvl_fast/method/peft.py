@@ -103,9 +103,9 @@ def _vit_blocks(visual: nn.Module, module: str, tower: str) -> nn.ModuleList:
     return visual.transformer.resblocks
 
 
-def apply(visual: nn.Module, module: str, num_classes: int, width: int = 0, tower: str = "this model") -> int:
+def apply(visual: nn.Module, module: str, num_classes: int, width: int = 0, tower: str = "this model") -> str:
     """Freeze `visual`, then add `module` to it in place (the added parameters train); returns
-    the number of trainable parameters in the tower. `width` 0: LIFT's rule."""
+    the module added ("auto" resolved). `width` 0: LIFT's rule."""
     visual.requires_grad_(False)
     if module == "auto":
         module = "adaptformer" if _is_vit(visual) else "bitfit"
@@ -123,4 +123,4 @@ def apply(visual: nn.Module, module: str, num_classes: int, width: int = 0, towe
                 block.attn = LoRAAttention(block.attn, width)
     elif module != "none":
         raise EcvlError(f"stage2.peft = {module!r}: choose one of {', '.join(MODULES)}")
-    return sum(p.numel() for p in visual.parameters() if p.requires_grad)
+    return module

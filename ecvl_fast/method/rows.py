@@ -38,10 +38,12 @@ def memory(**changes) -> dict:
 
 
 LOL = memory(m_source="lol", m_scope="class", m_direction="easy")  # Ahn et al.'s level of learning, per class
-# LIFT's stage 2 (its published defaults); the light module is the config's stage2.peft where it
-# names one (chosen on the val split), else "auto", LIFT's default for the tower (ablate._stage2_cfg)
+# LIFT's stage 2 with its published settings (configs/model/clip_vit_b16_peft.yaml in shijxcs/LIFT:
+# SGD, lr 0.01, momentum 0.9, weight decay 5e-4, LA loss, cosine head from the text features). The
+# light module is the config's stage2.peft where it names one (chosen on the val split), else
+# "auto", LIFT's default for the tower (ablate._stage2_cfg).
 LIFT = {"adapter": False, "peft": "auto", "head": "cosine", "logit_adjust": 1.0, "sampling": "instance",
-        "dcvl_weight": 0.0, "randaug": False}
+        "dcvl_weight": 0.0, "randaug": False, "optimizer": "sgd", "lr": 0.01, "weight_decay": 5e-4}
 
 ROWS = {
     "ballad": Row({"dcvl_weight": 0.0, "randaug": False}, PAPER_MEMORY, "BALLAD"),

@@ -11,19 +11,19 @@ from ecvl_fast.method import peft
 from ecvl_fast.method.model import Adapter, ClipNet, CosineHead, Scorer, StageTwo
 
 
-def add_light_module(cfg: Config, net: ClipNet, num_classes: int) -> None:
-    """Freeze `net` and add stage2.peft inside its image tower; before loading a stage-2
-    checkpoint's "model", whose keys include the module's."""
+def add_light_module(cfg: Config, net: ClipNet, num_classes: int) -> str:
+    """Freeze `net` and add stage2.peft inside its image tower, before loading a stage-2
+    checkpoint's "model", whose keys include the module's; returns the module added."""
     net.requires_grad_(False)
-    peft.apply(net.clip.visual, cfg.stage2.peft, num_classes, cfg.stage2.peft_dim, cfg.model.name)
+    return peft.apply(net.clip.visual, cfg.stage2.peft, num_classes, cfg.stage2.peft_dim, cfg.model.name)
 
 
-def modules(cfg: Config, net: ClipNet, text: torch.Tensor) -> StageTwo:
-    """The adapter and the cosine head, fresh, around `net` (its light module already added)."""
+def modules(cfg: Config, net: ClipNet, text: torch.Tensor, light: str = "none") -> StageTwo:
+    """The adapter and the cosine head, fresh, around `net` (its light module, `light`, already added)."""
     s = cfg.stage2
     adapter = Adapter(text.shape[1], s.ratio) if s.adapter else None
     head = CosineHead(text, s.head_scale) if s.head == "cosine" else None
-    return StageTwo(net, text, adapter, head, s.accum_steps)
+    return StageTwo(net, text, adapter, head, s.accum_steps, light)
 
 
 def load(st: StageTwo, state: dict) -> None:

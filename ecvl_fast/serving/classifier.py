@@ -237,14 +237,13 @@ def load_classifier(cfg: Config, state: dict | None, classes: list[str], device:
     clip, tokenizer = build_clip(cfg.model, load_weights=state is None)  # a checkpoint brings its own
     net = ClipNet(clip)
     stage2 = state is not None and state.get("stage") == 2
-    if stage2:
-        two.add_light_module(cfg, net, len(classes))  # its weights are in the checkpoint's "model"
+    light = two.add_light_module(cfg, net, len(classes)) if stage2 else "none"  # its weights: in "model"
     if state is not None:
         net.load_state_dict(state["model"])
     net.to(device).eval()
     text = class_text_features(net, prompt_tokens(tokenizer, classes, cfg.model.templates).to(device))
     if not stage2:
         return Scorer(net, text, views=cfg.data.tte_views if views is None else views).eval()
-    st = two.modules(cfg, net, text)
+    st = two.modules(cfg, net, text, light)
     two.load(st, state)
     return two.scorer(cfg, st.to(device), views).eval()

@@ -103,7 +103,8 @@ def build_run(cfg: Config, d: D.Dist, meta: dict, steps_per_epoch: int, stage: i
     run.sched = torch.optim.lr_scheduler.LambdaLR(run.opt, lr_lambda(sc.epochs * steps_per_epoch, warmup))
     model = torch.compile(trainable) if cfg.model.compile else trainable  # compile before wrapping in DDP
     if d.enabled:
-        model = DDP(model, device_ids=[d.local_rank] if d.device.type == "cuda" else None)
+        # stage 2's buffers (the frozen towers' BN statistics, the text features) never change: no broadcast per step
+        model = DDP(model, device_ids=[d.local_rank] if d.device.type == "cuda" else None, broadcast_buffers=stage == 1)
     run.trainable = model
     return run
 
@@ -118,8 +119,8 @@ def _init_stage2(run: Run, meta: dict) -> None:
         run.net.load_state_dict(ckpt_io.load(path, model_name=cfg.model.name, num_classes=len(meta["classes"]))["model"])
     run.net.eval()
     run.text = class_text_features(run.net, run.eval_tokens)
-    two.add_light_module(cfg, run.net, len(meta["classes"]))
-    run.stage2 = two.modules(cfg, run.net, run.text).to(run.d.device)
+    light = two.add_light_module(cfg, run.net, len(meta["classes"]))
+    run.stage2 = two.modules(cfg, run.net, run.text, light).to(run.d.device)
     run.adjust = losses.log_prior(np.bincount(meta["train_labels"], minlength=len(meta["classes"])),
                                   cfg.stage2.logit_adjust, run.d.device)
     a = cfg.aug
@@ -450,7 +451,7 @@ def _train(cfg: Config, d: D.Dist, stage: int, folder: Path, restart: bool, stop
     run = build_run(cfg, d, meta, len(meta["train_labels"]) // cfg.data.batch_size, stage, folder)
     if stage == 2 and d.main:
         s = cfg.stage2
-        parts = [f"{s.peft} in the image tower"] * (s.peft != "none") + ["adapter"] * s.adapter + \
+        parts = [f"{run.stage2.light} in the image tower"] * (s.peft != "none") + ["adapter"] * s.adapter + \
             ["cosine head"] * (s.head == "cosine")
         print(f"stage 2 trains {sum(p.numel() for p in run.stage2.trained().values()):,} parameters "
               f"({', '.join(parts)})", flush=True)
