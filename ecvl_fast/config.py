@@ -87,6 +87,7 @@ class Stage2Cfg:
     head_scale: float = 25.0  # the cosine head's scale (LIFT's)
     sampling: str = "balanced"  # "balanced" (eq. 12, BALLAD) or "instance" (LIFT: the logit-adjusted loss balances)
     optimizer: str = "adamw"  # "adamw" or "sgd" (momentum 0.9; LIFT: lr 0.01, weight decay 5e-4)
+    views: int = 2  # augmented views per image and step: 2 for L_DCVL (eq. 11); 1 where nothing reads a second (LIFT)
     accum_steps: int = 1  # chunks the frozen encoders run in (their activations are the memory)
 
 
@@ -151,9 +152,9 @@ CHOICES = {
 # Lower bounds per setting: below them a run would train nothing, or fail after the work began.
 AT_LEAST = {("data", "batch_size"): 1, ("data", "res"): 1, ("stage1", "epochs"): 0, ("stage2", "epochs"): 1,
             ("stage1", "accum_steps"): 1, ("stage2", "accum_steps"): 1, ("aug", "lol_levels"): 1,
-            ("run", "log_every"): 1, ("stage2", "logit_adjust"): 0.0, ("data", "tte_views"): 1,
+            ("run", "log_every"): 1, ("stage2", "logit_adjust"): 0.0, ("data", "tte_views"): 1, ("stage2", "views"): 1,
             ("stage2", "peft_dim"): 0}
-AT_MOST = {("data", "tte_views"): 10}
+AT_MOST = {("data", "tte_views"): 10, ("stage2", "views"): 2}
 POSITIVE = {("stage1", "lr"), ("stage2", "lr"), ("stage2", "head_scale")}
 
 
@@ -231,6 +232,9 @@ def check_together(cfg: Config) -> Config:
     if not s.adapter and s.peft == "none" and s.head == "prompt":
         raise EcvlError("stage 2 would train nothing: stage2.adapter = false with stage2.peft = \"none\" and "
                         "stage2.head = \"prompt\"; set one of them")
+    if s.views == 1 and (s.dcvl_weight > 0 or (s.randaug and a.m_source == "dcvl")):
+        raise EcvlError("stage2.views = 1: L_DCVL (eq. 11) compares two views of each image; set stage2.views = 2, "
+                        "or stage2.dcvl_weight = 0 with an aug.m_source other than \"dcvl\"")
     return cfg
 
 

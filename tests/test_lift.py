@@ -142,7 +142,7 @@ def lift_run(tmp_path_factory, mnist, pretrained):
     cfg.write_text(TINY.format(epochs=0, loss="prompt-ce") + "[stage2]\nepochs = 1\nlr = 1e-2\n")
     sets = [f"data.path={mnist}", f"run.out={tmp / 'run'}", f"model.pretrained={pretrained}", "stage2.adapter=false",
             "stage2.peft=lora", "stage2.head=cosine", "stage2.logit_adjust=1", "stage2.optimizer=sgd",
-            "data.tte_views=3", "stage2.randaug=false", "stage2.dcvl_weight=0"]
+            "data.tte_views=3", "stage2.randaug=false", "stage2.dcvl_weight=0", "stage2.views=1"]
     assert main(["train", "--config", str(cfg), *[a for s in sets for a in ("--set", s)]]) == 0
     return tmp, tmp / "run" / "stage2" / "last.pt"
 
@@ -209,6 +209,9 @@ def test_lift_settings_are_checked(tmp_path):
         load_config(None, ["stage2.peft=vpt"])
     with pytest.raises(EcvlError, match="at most 10"):
         load_config(None, ["data.tte_views=11"])
+    with pytest.raises(EcvlError, match="L_DCVL .* compares two views"):  # the paper's loss needs both
+        load_config(None, ["stage2.views=1"])
+    assert load_config(None, ["stage2.views=1", "stage2.dcvl_weight=0", "aug.m_source=frequency"]).stage2.views == 1
     with pytest.raises(EcvlError, match="no stage 1 to train"):
         from ecvl_fast.training import loop
 

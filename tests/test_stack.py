@@ -190,6 +190,11 @@ def test_export_pt_and_onnx_predict_like_the_checkpoint(tmp_path, mnist):
     assert saved >= text_tower + opt - 10 * 512 * 4  # less the class text features it keeps
     exported = torch.load(tmp_path / "model.pt", weights_only=True)
     assert "optimizer" not in exported and "momentum" not in exported and exported["classes"] == classes
+    # an export written before LIFT's settings (text_features; no light module, no test-time views) loads
+    old = {k: v for k, v in exported.items() if k not in ("class_weights", "peft", "peft_dim", "tte_views")}
+    torch.save({**old, "text_features": exported["class_weights"]}, tmp_path / "old.pt")
+    again = run_predict(tmp_path / "old.pt", [], folder, top_k=10, device="cpu")
+    assert [p.probs for p in again] == [p.probs for p in preds["model.pt"]]
 
 
 def test_export_refuses_bad_input(tmp_path, capsys):

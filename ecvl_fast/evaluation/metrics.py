@@ -53,16 +53,19 @@ def predict_logits(scorer, images: torch.Tensor, dt: torch.dtype | None = None) 
 
 
 @torch.no_grad()
-def split_logits(scorer, loader, d: D.Dist, dt: torch.dtype | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(logits [N, K], labels) over the whole eval split, gathered from every rank, each sample once."""
+def split_logits(scorer, loader, d: D.Dist, dt: torch.dtype | None = None,
+                 argmax: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """(logits [N, K], labels) over the whole eval split, gathered from every rank, each sample once;
+    `argmax`: the predicted classes [N] instead, so a split's K logits per image never leave their rank."""
     scorer.eval()
-    logits, labels, index = [], [], []
+    outs, labels, index = [], [], []
     for views, y, idx in loader:
-        logits.append(predict_logits(scorer, views[0].to(d.device, non_blocking=True), dt).cpu())  # sync point
+        logits = predict_logits(scorer, views[0].to(d.device, non_blocking=True), dt)
+        outs.append((logits.argmax(1) if argmax else logits).cpu())  # sync point
         labels.append(y.cpu()), index.append(idx.cpu())
-    k = scorer.weights.shape[0]
-    arrays = [torch.cat(a).numpy() if a else np.zeros((0, k) if j == 0 else 0, np.float32 if j == 0 else np.int64)
-              for j, a in enumerate((logits, labels, index))]
+    empty = (np.zeros(0, np.int64) if argmax else np.zeros((0, scorer.weights.shape[0]), np.float32),
+             np.zeros(0, np.int64), np.zeros(0, np.int64))
+    arrays = [torch.cat(a).numpy() if a else e for a, e in zip((outs, labels, index), empty)]
     out, y, i = D.gather_arrays(*arrays)
     _, first = np.unique(i, return_index=True)
     return out[first], y[first]
@@ -70,8 +73,7 @@ def split_logits(scorer, loader, d: D.Dist, dt: torch.dtype | None = None) -> tu
 
 def predict_split(scorer, loader, d: D.Dist, dt: torch.dtype | None = None):
     """(predictions, labels) over the whole eval split."""
-    logits, labels = split_logits(scorer, loader, d, dt)
-    return logits.argmax(1), labels
+    return split_logits(scorer, loader, d, dt, argmax=True)
 
 
 def m_quantiles(bank, labels: np.ndarray, groups: dict[str, list[int]]) -> dict:

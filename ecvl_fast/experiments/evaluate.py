@@ -55,6 +55,10 @@ def run_eval(cfg: Config, data: Path | None, ckpt: Path | None, split: str, out:
         if tau == "auto" and "val" not in meta["images"]:
             raise EcvlError(f"--tau auto chooses tau on the val split, and {cfg.data.path} has none "
                             "(convert with --val-per-class N)")
+        trained = cfg.stage2.logit_adjust if state is not None and state.get("stage") == 2 else 0.0
+        if trained and tau != "auto" and tau > 0 and d.main:
+            print(f"note: this model was trained with the logit-adjusted loss (tau {trained:g}); --tau {tau:g} "
+                  "adjusts its logits a second time ('--tau auto' lets the val split decide, 0 included)")
         torch.manual_seed(cfg.run.seed)  # a model without weights to load is the same one every time
         scorer = load_classifier(cfg, state, meta["classes"], d.device, views)
         dt = precision.dtype(cfg.run.precision, d.device)

@@ -144,8 +144,10 @@ class CosineHead(nn.Module):
 
 def tte_views(images: torch.Tensor, views: int) -> list[torch.Tensor]:
     """Test-time ensembling's inputs, the first `views` of: the image as evaluated, its mirror,
-    then the four corner crops of the image enlarged by res * 24/224 (LIFT's 24 px at 224, as its
-    five-crop test transform), then their mirrors. One view is plain evaluation."""
+    then the four corner crops of the image enlarged by res * 24/224, then their mirrors. One view
+    is plain evaluation. LIFT's test transform (Resize(res + 24), then FiveCrop) cuts its crops
+    from a larger decode and so sees past the centre crop's edge; these are cut from the prepared
+    image itself (a ~0.9x zoom, shifted), so that predict and an ONNX export take the same input."""
     res = int(images.shape[-1])  # a constant where ONNX export traces it: the resolution is fixed
     out = [images, images.flip(-1)][:views]
     if views > 2:

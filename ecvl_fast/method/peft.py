@@ -7,7 +7,9 @@ Shi et al., "Long-Tail Learning with Foundation Model: Heavy Fine-Tuning Hurts",
   beside each block's MLP, fed the MLP sub-layer's input (Chen et al., NeurIPS 2022); ViT only.
 - lora: low-rank updates of each block's query and value projections, scaled by 1/rank
   (Hu et al., ICLR 2022); ViT only.
-- bitfit: the tower's bias terms train, nothing is added (Ben Zaken et al., ACL 2022); ViT and ResNet.
+- bitfit: every bias term of the tower trains, nothing is added (Ben Zaken et al., ACL 2022); ViT
+  and ResNet (LIFT's bias tuning covers the ViT blocks' biases only; here also the stem's, the final
+  norm's and, on a ResNet, the batch norms' and the attention pool's, a ResNet's only biases).
 - auto: LIFT's default where it applies, AdaptFormer on a ViT; BitFit on a ResNet.
 
 Every added up-projection starts at zero, so before the first step the tower computes exactly

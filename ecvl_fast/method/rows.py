@@ -43,7 +43,8 @@ LOL = memory(m_source="lol", m_scope="class", m_direction="easy")  # Ahn et al.'
 # light module is the config's stage2.peft where it names one (chosen on the val split), else
 # "auto", LIFT's default for the tower (ablate._stage2_cfg).
 LIFT = {"adapter": False, "peft": "auto", "head": "cosine", "logit_adjust": 1.0, "sampling": "instance",
-        "dcvl_weight": 0.0, "randaug": False, "optimizer": "sgd", "lr": 0.01, "weight_decay": 5e-4}
+        "dcvl_weight": 0.0, "randaug": False, "optimizer": "sgd", "lr": 0.01, "weight_decay": 5e-4,
+        "views": 1}  # one view per image, as LIFT's loader
 
 ROWS = {
     "ballad": Row({"dcvl_weight": 0.0, "randaug": False}, PAPER_MEMORY, "BALLAD"),

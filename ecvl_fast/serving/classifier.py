@@ -192,13 +192,15 @@ def _exported_predictor(d: dict, device: torch.device, views: int | None) -> Pre
 
     clip, _ = build_clip(ModelCfg(name=d["model_name"]), load_weights=False)
     visual = clip.visual
-    peft.apply(visual, d["peft"], len(d["classes"]), d["peft_dim"], d["model_name"])
+    # an export from before LIFT's settings has text_features, no light module and one view
+    weights = d.get("class_weights", d.get("text_features"))
+    peft.apply(visual, d.get("peft", "none"), len(d["classes"]), d.get("peft_dim", 0), d["model_name"])
     visual.load_state_dict(d["visual"])
     adapter = None
     if d["adapter"] is not None:
-        adapter = Adapter(d["class_weights"].shape[1], d["ratio"])
+        adapter = Adapter(weights.shape[1], d["ratio"])
         adapter.load_state_dict(d["adapter"])
-    scorer = Scorer(ImageTower(visual, d["logit_scale"]), d["class_weights"], adapter, views=views or d["tte_views"])
+    scorer = Scorer(ImageTower(visual, d["logit_scale"]), weights, adapter, views=views or d.get("tte_views", 1))
     model = Classifier(scorer).to(device).eval()
 
     @torch.no_grad()
@@ -219,8 +221,9 @@ def _onnx_predictor(path: Path, views: int | None) -> Predictor:
     if "ecvl_fast" not in props:
         raise EcvlError(f"{path}: not an ONNX file written by ecvl-fast export (no class names in it)")
     meta = json.loads(props["ecvl_fast"])
-    if views not in (None, meta["tte_views"]):
-        raise EcvlError(f"{path}: an ONNX model's test-time views are fixed at export ({meta['tte_views']}); "
+    fixed = meta.get("tte_views", 1)  # an export from before test-time views has one
+    if views not in (None, fixed):
+        raise EcvlError(f"{path}: an ONNX model's test-time views are fixed at export ({fixed}); "
                         f"export again with --tte {views}")
 
     def probs(x):

@@ -459,7 +459,7 @@ def _train(cfg: Config, d: D.Dist, stage: int, folder: Path, restart: bool, stop
         loader = train_loader(cfg, d, meta, "random")
     else:  # the loader is handed the bank and reads its M each epoch (eq. 10); + momentum row: not
         order = "random" if cfg.stage2.sampling == "instance" else "balanced"
-        loader = train_loader(cfg, d, meta, order, views=2, memory=_memory(cfg, run.bank))
+        loader = train_loader(cfg, d, meta, order, views=cfg.stage2.views, memory=_memory(cfg, run.bank))
     if d.main:
         run.out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run.out / "config.toml")
