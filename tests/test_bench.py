@@ -20,11 +20,14 @@ def run_bench(tmp_path, args):
 def test_bench_step(tmp_path):
     r, _ = run_bench(tmp_path, ["bench", "step", "--model", "ecvl-tiny-vit", "--res", "32", "--batch", "8", "--steps", "2",
                      "--repeats", "2"])
-    for stage in ("stage1", "stage2"):
+    for stage in ("stage1", "stage2", "lift"):
         s = r[stage]
         assert s["img_s"] > 0 and s["img_s_total"] == s["img_s"] and s["world_size"] == 1
         assert s["first_step_s"] > 0 and s["peak_device_mem_gb"] is None  # CPU: no device memory
     assert r["stage2"]["encoder_forwards_s"] == pytest.approx(2 * r["stage2"]["img_s"])
+    assert r["lift"]["encoder_forwards_s"] == pytest.approx(r["lift"]["img_s"])  # LIFT: one view per image
+    # stage 2 trains the adapter; LIFT a light module and a cosine head: either a few percent of stage 1's
+    assert 0 < max(r["stage2"]["trained_params"], r["lift"]["trained_params"]) < r["stage1"]["trained_params"] / 20
 
 
 def test_bench_augment_train_infer_and_compare(tmp_path, capsys):

@@ -12,6 +12,7 @@ reports its own img/s and rank 0 adds the total. `--compare OLD.json` prints new
 """
 from __future__ import annotations
 
+import dataclasses
 import statistics
 import time
 from pathlib import Path
@@ -21,6 +22,7 @@ import torch
 
 from ecvl_fast.run import dist as D
 from ecvl_fast.bench.machine import machine_info
+from ecvl_fast.method.rows import LIFT
 from ecvl_fast.config import Config, DataCfg, ModelCfg, RunCfg, Stage1Cfg, Stage2Cfg
 
 
@@ -78,18 +80,22 @@ def _with_totals(d: D.Dist, r: dict, keys: tuple[str, ...]) -> dict:
 
 def bench_step(model: str, res: int, batch: int, device: str, compile: bool = False, steps: int = 10,
                repeats: int = 3, classes: int = 100, precision: str = "auto") -> dict:
-    """Both stages' train steps (stage 2: two views, frozen encoders + adapter), model only."""
+    """Both stages' train steps, model only: stage 1; stage 2 (two views, frozen encoders + adapter);
+    and `lift`, stage 2 with LIFT's settings (one view, a light module inside the frozen image tower
+    and a cosine head, so the tower's backward runs too; method/rows.py's LIFT)."""
     from ecvl_fast.training.loop import build_run, train_step
 
     d = D.setup(device)
     out = {"machine": machine_info(), "config": dict(model=model, res=res, batch_per_device=batch, compile=compile,
                                                      steps=steps, repeats=repeats, device=str(d.device),
                                                      precision=precision)}
-    for stage in (1, 2):
+    for name, stage in (("stage1", 1), ("stage2", 2), ("lift", 2)):
         cfg = _cfg(model, res, batch, device, compile, d.world_size, precision)
+        if name == "lift":
+            cfg = dataclasses.replace(cfg, stage2=dataclasses.replace(cfg.stage2, **LIFT))
         run = build_run(cfg, d, _meta(np.arange(batch) % classes), steps_per_epoch=10 ** 6, stage=stage)
         x, y, idx = synthetic_batch(batch, res, classes, d.device, run.amp)
-        views = x if stage == 1 else [x, x.flip(-1)]
+        views = x if cfg.stage2.views == 1 or stage == 1 else [x, x.flip(-1)]
         if d.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(d.device)
         with Timer(d.device) as first:
@@ -101,10 +107,12 @@ def bench_step(model: str, res: int, batch: int, device: str, compile: bool = Fa
                     train_step(run, views, y, idx)
             times.append(t.seconds / steps)
         step_s = statistics.median(times)
-        out[f"stage{stage}"] = _with_totals(d, {
+        trained = run.stage2.trained().values() if stage == 2 else run.net.parameters()
+        out[name] = _with_totals(d, {
             "img_s": batch / step_s, "step_ms": 1e3 * step_s, "first_step_s": first.seconds,
             "peak_device_mem_gb": torch.cuda.max_memory_allocated(d.device) / 2 ** 30 if d.device.type == "cuda" else None,
-            "encoder_forwards_s": batch * (1 if stage == 1 else 2) / step_s}, ("img_s",))
+            "trained_params": sum(p.numel() for p in trained if p.requires_grad),
+            "encoder_forwards_s": batch * (1 if isinstance(views, torch.Tensor) else len(views)) / step_s}, ("img_s",))
     return out
 
 

@@ -69,9 +69,10 @@ def convert(r: dict, workers: int, json_out=None) -> None:
 def step(r: dict, json_out=None, compare_to=None) -> None:
     c = r["config"]
     report(f"train step: {c['model']}, {c['res']} px, batch {c['batch_per_device']}/device ({r['machine']['gpu'] or 'CPU'})",
-           ("stage", "img/s per device", "img/s total", "first step s", "peak GB"),
+           ("stage", "img/s per device", "img/s total", "first step s", "peak GB", "trained params"),
            [(s, f"{r[s]['img_s']:.0f}", f"{r[s]['img_s_total']:.0f}", f"{r[s]['first_step_s']:.2f}",
-             "-" if r[s]["peak_device_mem_gb"] is None else f"{r[s]['peak_device_mem_gb']:.1f}") for s in ("stage1", "stage2")],
+             "-" if r[s]["peak_device_mem_gb"] is None else f"{r[s]['peak_device_mem_gb']:.1f}",
+             f"{r[s]['trained_params']:,}") for s in ("stage1", "stage2", "lift") if s in r],
            r, json_out, compare_to)
 
 
