@@ -238,6 +238,16 @@ def check_together(cfg: Config) -> Config:
     return cfg
 
 
+def trained_scale(cfg: Config, stage: int) -> float | None:
+    """The logit scale a checkpoint of `stage` was trained at with the class text features as its
+    classifier: prompt CE's ce_scale, or None for CLIP's own logit scale (the CLIP loss, zero-shot).
+    Evaluation uses it too, so that a post-hoc tau (and predict's probabilities) mean what they
+    meant in training, whatever the loaded model's logit_scale is. A cosine head brings its own."""
+    if stage == 2:
+        return cfg.stage2.ce_scale
+    return cfg.stage1.ce_scale if stage == 1 and cfg.stage1.loss == "prompt-ce" else None
+
+
 def stage2_from_pretrained(cfg: Config) -> bool:
     """Stage 2 starts from model.pretrained, not a stage-1 checkpoint: stage2.init = "none", or no
     stage 1 at all (stage1.epochs = 0, LIFT's single-stage form)."""

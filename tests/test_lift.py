@@ -13,10 +13,10 @@ from PIL import Image
 
 from ecvl_fast import EcvlError
 from ecvl_fast.cli import main
-from ecvl_fast.config import ModelCfg, load_config
+from ecvl_fast.config import ModelCfg, load_config, trained_scale
 from ecvl_fast.method import peft
 from ecvl_fast.method import stage2 as two
-from ecvl_fast.method.model import ClipNet, CosineHead, Scorer, build_clip, tte_views, zero_shot_logits
+from ecvl_fast.method.model import ClipNet, CosineHead, Scorer, adapted_features, build_clip, tte_views, zero_shot_logits
 
 from conftest import TINY
 
@@ -216,6 +216,21 @@ def test_lift_settings_are_checked(tmp_path):
         from ecvl_fast.training import loop
 
         loop.main(load_config(None, ["stage1.epochs=0", f"run.out={tmp_path}"]), stage=1)
+
+
+def test_evaluation_uses_the_scale_training_used():
+    """A post-hoc tau is in units of the trained logits: a prompt-CE model is scored at its
+    ce_scale, whatever the loaded model's logit_scale (1/0.07 for random or stand-in weights)."""
+    cfg = load_config(None, ["stage2.ce_scale=50", "stage1.loss=prompt-ce", "stage1.ce_scale=80"])
+    assert (trained_scale(cfg, 1), trained_scale(cfg, 2)) == (80, 50)
+    assert trained_scale(load_config(None, ["stage1.loss=clip"]), 1) is None  # CLIP's loss trains at its own
+    net = ClipNet(tower("ecvl-tiny-vit")).eval()
+    text = F.normalize(torch.randn(10, 64), dim=-1)
+    st = two.modules(cfg, net, text)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = 50 * adapted_features(net(x)[0], st.adapter) @ text.T
+        torch.testing.assert_close(two.scorer(cfg, st)(x), expected)
 
 
 def test_stage2_modules_load_back_and_refuse_a_mismatch():

@@ -190,6 +190,7 @@ def test_export_pt_and_onnx_predict_like_the_checkpoint(tmp_path, mnist):
     assert saved >= text_tower + opt - 10 * 512 * 4  # less the class text features it keeps
     exported = torch.load(tmp_path / "model.pt", weights_only=True)
     assert "optimizer" not in exported and "momentum" not in exported and exported["classes"] == classes
+    assert exported["logit_scale"] == 100.0  # what prompt CE trained at (stage2.ce_scale), not the model's own
     # an export written before LIFT's settings (text_features; no light module, no test-time views) loads
     old = {k: v for k, v in exported.items() if k not in ("class_weights", "peft", "peft_dim", "tte_views")}
     torch.save({**old, "text_features": exported["class_weights"]}, tmp_path / "old.pt")

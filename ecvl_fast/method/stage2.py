@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from ecvl_fast import EcvlError
-from ecvl_fast.config import Config
+from ecvl_fast.config import Config, trained_scale
 from ecvl_fast.method import peft
 from ecvl_fast.method.model import Adapter, ClipNet, CosineHead, Scorer, StageTwo
 
@@ -45,7 +45,8 @@ def state(st: StageTwo) -> dict:
 
 def scorer(cfg: Config, st: StageTwo, views: int | None = None) -> Scorer:
     """The classifier a stage-2 model evaluates as: a cosine head at its own scale, or the text
-    features at CLIP's logit scale (eq. 6); `views` test-time views (default data.tte_views)."""
+    features at the scale prompt CE trained them at (eq. 6 with stage2.ce_scale); `views` test-time
+    views (default data.tte_views)."""
     weights = st.text if st.head is None else st.head.weights().detach()
-    return Scorer(st.net, weights, st.adapter, None if st.head is None else st.head.scale,
+    return Scorer(st.net, weights, st.adapter, trained_scale(cfg, 2) if st.head is None else st.head.scale,
                   cfg.data.tte_views if views is None else views)

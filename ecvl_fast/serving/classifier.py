@@ -17,7 +17,7 @@ from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from torch import nn
 
 from ecvl_fast import EcvlError
-from ecvl_fast.config import Config, from_dict
+from ecvl_fast.config import Config, from_dict, trained_scale
 from ecvl_fast.method import stage2 as two
 from ecvl_fast.method.model import Adapter, ClipNet, ImageTower, Scorer, build_clip, class_text_features, prompt_tokens
 from ecvl_fast.run import checkpoint as ckpt_io
@@ -246,7 +246,8 @@ def load_classifier(cfg: Config, state: dict | None, classes: list[str], device:
     net.to(device).eval()
     text = class_text_features(net, prompt_tokens(tokenizer, classes, cfg.model.templates).to(device))
     if not stage2:
-        return Scorer(net, text, views=cfg.data.tte_views if views is None else views).eval()
+        scale = trained_scale(cfg, 1) if state is not None else None  # zero-shot: CLIP's own
+        return Scorer(net, text, scale=scale, views=cfg.data.tte_views if views is None else views).eval()
     st = two.modules(cfg, net, text, light)
     two.load(st, state)
     return two.scorer(cfg, st.to(device), views).eval()

@@ -30,7 +30,7 @@ from ecvl_fast.run import dist as D
 from ecvl_fast.run import lifecycle
 from ecvl_fast.method import losses
 from ecvl_fast.run import precision
-from ecvl_fast.config import Config, check_together, save_config, stage2_from_pretrained
+from ecvl_fast.config import Config, check_together, save_config, stage2_from_pretrained, trained_scale
 from ecvl_fast.training.data import eval_loader, open_dataset, train_loader
 from ecvl_fast.run.files import atomic_write
 from ecvl_fast.evaluation.metrics import m_quantiles, predict_split, shot_metrics
@@ -363,7 +363,8 @@ def evaluate_split(run: Run, loader) -> dict:
     if run.stage == 2:
         model = two.scorer(run.cfg, run.stage2)
     else:
-        model = Scorer(run.net, class_text_features(run.net, run.eval_tokens), views=run.cfg.data.tte_views)
+        model = Scorer(run.net, class_text_features(run.net, run.eval_tokens), scale=trained_scale(run.cfg, 1),
+                       views=run.cfg.data.tte_views)
     preds, labels = predict_split(model, loader, run.d, run.amp)
     return shot_metrics(preds, labels, run.meta)
 
