@@ -183,10 +183,9 @@ class StageTwo(nn.Module):
     adapted, normalised features and the class weights they are scored against."""
 
     def __init__(self, net: ClipNet, text: torch.Tensor, adapter: Adapter | None, head: CosineHead | None,
-                 chunks: int = 1, light: str = "none"):
+                 chunks: int = 1):
         super().__init__()
         self.net, self.adapter, self.head, self.chunks = net, adapter, head, chunks
-        self.light = light  # the light module in net's image tower, by name
         self.register_buffer("text", text.detach().float())
         self.tuned = any(p.requires_grad for p in net.parameters())  # a light module: the tower needs gradients
 

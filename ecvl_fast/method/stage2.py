@@ -18,12 +18,12 @@ def add_light_module(cfg: Config, net: ClipNet, num_classes: int) -> str:
     return peft.apply(net.clip.visual, cfg.stage2.peft, num_classes, cfg.stage2.peft_dim, cfg.model.name)
 
 
-def modules(cfg: Config, net: ClipNet, text: torch.Tensor, light: str = "none") -> StageTwo:
-    """The adapter and the cosine head, fresh, around `net` (its light module, `light`, already added)."""
+def modules(cfg: Config, net: ClipNet, text: torch.Tensor) -> StageTwo:
+    """The adapter and the cosine head, fresh, around `net` (its light module already added)."""
     s = cfg.stage2
     adapter = Adapter(text.shape[1], s.ratio) if s.adapter else None
     head = CosineHead(text, s.head_scale) if s.head == "cosine" else None
-    return StageTwo(net, text, adapter, head, s.accum_steps, light)
+    return StageTwo(net, text, adapter, head, s.accum_steps)
 
 
 def load(st: StageTwo, state: dict) -> None:

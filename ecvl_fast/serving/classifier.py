@@ -240,7 +240,8 @@ def load_classifier(cfg: Config, state: dict | None, classes: list[str], device:
     clip, tokenizer = build_clip(cfg.model, load_weights=state is None)  # a checkpoint brings its own
     net = ClipNet(clip)
     stage2 = state is not None and state.get("stage") == 2
-    light = two.add_light_module(cfg, net, len(classes)) if stage2 else "none"  # its weights: in "model"
+    if stage2:
+        two.add_light_module(cfg, net, len(classes))  # its weights are in the checkpoint's "model"
     if state is not None:
         net.load_state_dict(state["model"])
     net.to(device).eval()
@@ -248,6 +249,6 @@ def load_classifier(cfg: Config, state: dict | None, classes: list[str], device:
     if not stage2:
         scale = trained_scale(cfg, 1) if state is not None else None  # zero-shot: CLIP's own
         return Scorer(net, text, scale=scale, views=cfg.data.tte_views if views is None else views).eval()
-    st = two.modules(cfg, net, text, light)
+    st = two.modules(cfg, net, text)
     two.load(st, state)
     return two.scorer(cfg, st.to(device), views).eval()

@@ -56,6 +56,7 @@ class Run:
     out: Path
     stage: int = 1
     stage2: StageTwo | None = None  # stage 2: what trains (light module, adapter, cosine head), unwrapped
+    light: str = "none"  # stage 2: the light module in the image tower, "auto" resolved
     text: torch.Tensor | None = None  # stage 2: frozen class text features [K, D]
     bank: MomentumBank | None = None  # stage 2: per-sample loss memory and M
     adjust: torch.Tensor | None = None  # stage 2: tau * log(class prior), stage2.logit_adjust
@@ -119,8 +120,8 @@ def _init_stage2(run: Run, meta: dict) -> None:
         run.net.load_state_dict(ckpt_io.load(path, model_name=cfg.model.name, num_classes=len(meta["classes"]))["model"])
     run.net.eval()
     run.text = class_text_features(run.net, run.eval_tokens)
-    light = two.add_light_module(cfg, run.net, len(meta["classes"]))
-    run.stage2 = two.modules(cfg, run.net, run.text, light).to(run.d.device)
+    run.light = two.add_light_module(cfg, run.net, len(meta["classes"]))
+    run.stage2 = two.modules(cfg, run.net, run.text).to(run.d.device)
     run.adjust = losses.log_prior(np.bincount(meta["train_labels"], minlength=len(meta["classes"])),
                                   cfg.stage2.logit_adjust, run.d.device)
     a = cfg.aug
@@ -452,7 +453,7 @@ def _train(cfg: Config, d: D.Dist, stage: int, folder: Path, restart: bool, stop
     run = build_run(cfg, d, meta, len(meta["train_labels"]) // cfg.data.batch_size, stage, folder)
     if stage == 2 and d.main:
         s = cfg.stage2
-        parts = [f"{run.stage2.light} in the image tower"] * (s.peft != "none") + ["adapter"] * s.adapter + \
+        parts = [f"{run.light} in the image tower"] * (s.peft != "none") + ["adapter"] * s.adapter + \
             ["cosine head"] * (s.head == "cosine")
         print(f"stage 2 trains {sum(p.numel() for p in run.stage2.trained().values()):,} parameters "
               f"({', '.join(parts)})", flush=True)
