@@ -58,6 +58,20 @@ def read_labels(path: Path) -> np.ndarray:
 
 
 _QUIETED = False
+_SAID: set[str] = set()
+
+
+def reader_threads(workers: int) -> tuple[int, str | None]:
+    """ffcv's reader threads are numba's, which refuses more than the machine's cores (a preset
+    written for a 16-core node, tried on a laptop): capped, with a note saying so."""
+    import numba
+
+    cores = numba.config.NUMBA_NUM_THREADS
+    if workers <= cores:
+        return workers, None
+    return cores, f"note: data.workers = {workers}, and this machine has {cores} cores: reading with {cores} threads"
+
+
 
 
 def _quiet_numba_finalizer() -> None:
@@ -104,6 +118,10 @@ def make_loader(path: Path, order: str, batch_size: int, load_res: int, *, worke
         raise EcvlError(f"{path}: no such .beton file")
     _quiet_numba_finalizer()
     _no_ffcv_streams()
+    workers, note = reader_threads(workers)
+    if note and note not in _SAID:
+        _SAID.add(note)
+        print(note, flush=True)
     labels = read_labels(path)
     k = num_classes or int(labels.max()) + 1
 

@@ -150,11 +150,11 @@ def test_every_preset_loads():
         cfg = load_config(p)
         if p.stem.startswith("lift-"):  # LIFT's published recipe: one stage from CLIP ViT-B/16
             s = cfg.stage2
-            assert (cfg.model.name, cfg.model.pretrained, cfg.stage1.epochs, s.epochs) == ("ViT-B-16", "openai", 0, 10)
+            assert (cfg.model.name, cfg.model.pretrained, cfg.stage1.epochs, s.epochs) == ("ViT-B-16-quickgelu", "openai", 0, 10)
             assert (s.peft, s.head, s.logit_adjust, s.optimizer, s.lr, s.adapter) == \
                 ("adaptformer", "cosine", 1.0, "sgd", 0.01, False)
         elif p.stem not in ("mnist-demo", "starter"):
-            assert (cfg.model.name, cfg.model.pretrained, cfg.stage2.epochs) == ("RN50", "openai", 300)
+            assert (cfg.model.name, cfg.model.pretrained, cfg.stage2.epochs) == ("RN50-quickgelu", "openai", 300)
 
 
 def test_paired_differences_skip_an_empty_shot_group():

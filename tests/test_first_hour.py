@@ -27,7 +27,7 @@ def test_version_presets_by_name_and_dry_run_from_outside_the_tree(tmp_path, mni
                cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
     out = done.stdout
-    assert 'name = "RN50"' in out and "10 classes" in out and "400 ... 4 train images per class" in out
+    assert 'name = "RN50-quickgelu"' in out and "10 classes" in out and "400 ... 4 train images per class" in out
     assert "stage 1, 50 epochs" in out and "stage 2, 300 epochs" in out and ": start;" in out
     assert "in all:" in out and not (tmp_path / "plan").exists()
     done = cli("ablate", "--config", "no-such-preset", cwd=tmp_path)

@@ -59,21 +59,57 @@ def data_summary(cfg: Config) -> dict:
             "steps_per_epoch": meta["images"]["train"] // cfg.data.batch_size}
 
 
+def model_check(cfg: Config, light: bool = False) -> str:
+    """Build the run's model for its resolution (random weights: nothing is downloaded), with the
+    stage-2 light module when `light`, and run one forward on a dummy batch."""
+    from ecvl_fast.method import stage2 as two
+    from ecvl_fast.method.model import ClipNet, activation_line, build_clip, check_forward
+
+    clip, tokenizer = build_clip(cfg.model, load_weights=False, res=cfg.data.res)
+    net = ClipNet(clip)
+    if light:
+        two.add_light_module(cfg, net, 2)
+    check_forward(net, tokenizer(["a photo of a cat.", "a photo of a dog."]), cfg.data.res, cfg.model.name)
+    return (f"model {cfg.model.name} at {cfg.data.res} px: one forward on a dummy batch passed; "
+            f"{activation_line(cfg.model)}")
+
+
+def check_stage2_init(cfg: Config, stages: list[int]) -> None:
+    """Stage 2 alone needs the stage-1 checkpoint it starts from (unless it starts from model.pretrained)."""
+    from ecvl_fast.config import stage2_from_pretrained
+
+    if 2 in stages and 1 not in stages and not stage2_from_pretrained(cfg):
+        init = Path(cfg.stage2.init or Path(cfg.run.out) / "best.pt")
+        if not init.is_file():
+            raise EcvlError(f"--stage 2 starts from the stage-1 checkpoint {init}, and there is none: run stage 1 "
+                            f"first (train without --stage), or set stage2.init to a checkpoint")
+
+
 def dry_run(cfg: Config, runs: list[tuple[str, int, Config, Path]]) -> dict:
-    """Print the resolved config, the data, and each run (name, stage, config, folder): what it
-    would do and the images it would process; nothing is written."""
+    """Print the resolved config, the data, the model check and each run (name, stage, config,
+    folder): what it would do and the images it would process; nothing is written."""
+    from ecvl_fast.loaders.ffcv_loader import reader_threads
+
+    stages = sorted({stage for _, stage, _, _ in runs})
+    check_stage2_init(cfg, stages)
     data = data_summary(cfg)
+    light = any(stage == 2 and run_cfg.stage2.peft != "none" for _, stage, run_cfg, _ in runs)
+    check = model_check(cfg, light)
     print("# resolved config (the last command's settings; each run's own differ only as listed below)")
     print(config_toml(cfg))
     print(f"data {cfg.data.path}: {data['classes']} classes; images {json.dumps(data['images'])}; "
           f"{data['max_per_class']} ... {data['min_per_class']} train images per class; shot groups "
           f"many {data['groups']['many']} / medium {data['groups']['medium']} / few {data['groups']['few']} classes; "
           f"{data['steps_per_epoch']} steps per epoch at batch {cfg.data.batch_size}")
+    print(check)
+    threads, note = reader_threads(cfg.data.workers)
+    if note:
+        print(note)
     total, plan = 0, []
     for name, stage, run_cfg, folder in runs:
         epochs = run_cfg.stage1.epochs if stage == 1 else run_cfg.stage2.epochs
         status, left = _status(folder, run_cfg, epochs, stage)
-        views = 1 if stage == 1 else 2  # stage 2: two views of every sample
+        views = 1 if stage == 1 else run_cfg.stage2.views
         images = data["steps_per_epoch"] * run_cfg.data.batch_size * left * views
         total += images
         plan.append({"run": name, "stage": stage, "folder": str(folder), "epochs": epochs, "status": status,

@@ -32,24 +32,130 @@ def templates(kind: str) -> tuple[str, ...]:
     return tuple(t("{}") for t in OPENAI_IMAGENET_TEMPLATES)
 
 
-def build_clip(cfg: ModelCfg, load_weights: bool = True):
-    """(model, tokenizer). `pretrained`: "none", a local file, or an open_clip tag. Callers that
-    restore an ecvl-fast checkpoint pass load_weights=False and skip fetching those weights."""
+def check_name(name: str):
+    """open_clip, once `name` is known to be one of its models (or a built-in small one)."""
     oc = _open_clip()
-    if cfg.name not in oc.list_models():
-        raise EcvlError(f"unknown open_clip model {cfg.name!r} (e.g. RN50, ViT-B-32, ecvl-tiny-vit)")
+    if name not in oc.list_models():
+        import difflib
+
+        close = difflib.get_close_matches(name, oc.list_models(), n=3)
+        raise EcvlError(f"unknown open_clip model {name!r} (" + (f"did you mean {', '.join(close)}?" if close else
+                        "e.g. RN50-quickgelu, ViT-B-16-quickgelu, ecvl-small-rn, ecvl-tiny-vit") + ")")
+    return oc
+
+
+def check_forward(net: nn.Module, tokens: torch.Tensor, res: int, name: str) -> None:
+    """One forward of two blank images at `res` (and two prompts), before any work: a tower that
+    cannot take the run's images fails here in one line, not in the first step."""
+    from ecvl_fast import first_line
+
+    device, was = next(net.parameters()).device, net.training
+    net.eval()
+    try:
+        with torch.no_grad():
+            net(torch.zeros(2, 3, res, res, device=device), tokens[:2])
+    except Exception as e:
+        raise EcvlError(f"model {name} cannot take data.res = {res} px images ({first_line(e)}); "
+                        f"choose another data.res or model.name") from None
+    finally:
+        net.train(was)
+
+
+def _is_path(pretrained: str) -> bool:
+    return "/" in pretrained or pretrained.endswith((".pt", ".pth", ".bin", ".safetensors"))
+
+
+def is_torchscript(path: str | Path) -> bool:
+    """OpenAI's own CLIP files are TorchScript archives: a zip holding compiled code (`*/code/`)."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as z:
+            return any("/code/" in n for n in z.namelist()[:200])
+    except (OSError, zipfile.BadZipFile):
+        return False
+
+
+def activation(cfg: ModelCfg) -> tuple[bool, str]:
+    """(QuickGELU?, why). OpenAI trained CLIP with QuickGELU, and open_clip builds `RN50` and
+    `ViT-B-16` with nn.GELU (its `-quickgelu` names and its pretrained table say which weights need
+    which). Weights in the wrong network load without an error and lose accuracy, so: the model's
+    own config (`RN50-quickgelu`), an open_clip tag trained with it (`openai`), or OpenAI's own
+    TorchScript file builds QuickGELU. A plain state dict cannot say; its model name decides.
+    Decided from the config alone, so a resumed or exported model is rebuilt as it was trained."""
+    oc = _open_clip()
+    if (oc.get_model_config(cfg.name) or {}).get("quick_gelu"):
+        return True, f"{cfg.name}'s own config"
+    p = cfg.pretrained
+    if p in ("", "none"):
+        return False, f"{cfg.name}'s own config"
+    if not _is_path(p):
+        from open_clip.pretrained import get_pretrained_cfg
+
+        if get_pretrained_cfg(cfg.name, p).get("quick_gelu"):
+            return True, f"the {p!r} weights were trained with it"
+        return False, f"{cfg.name}'s own config"
+    if Path(p).is_file() and is_torchscript(p):
+        return True, f"{p} is OpenAI's TorchScript format"
+    quick_name = f"{cfg.name}-quickgelu"
+    hint = f" (OpenAI's weights as a state dict: use model.name = {quick_name!r})" if quick_name in oc.list_models() else ""
+    return False, f"a state dict cannot say, so the model name decides{hint}"
+
+
+def activation_line(cfg: ModelCfg) -> str:
+    quick, why = activation(cfg)
+    return f"activation: {'QuickGELU' if quick else 'GELU'} in both towers ({why})"
+
+
+def quick_gelu_of(module: nn.Module) -> bool:
+    """Whether a built model runs QuickGELU (what checkpoints and exports record)."""
+    from open_clip.transformer import QuickGELU
+
+    return any(isinstance(m, QuickGELU) for m in module.modules())
+
+
+def native_res(name: str) -> int:
+    size = (_open_clip().get_model_config(name) or {}).get("vision_cfg", {}).get("image_size", 224)
+    return size if isinstance(size, int) else size[0]
+
+
+def build_clip(cfg: ModelCfg, load_weights: bool = True, res: int | None = None, quick_gelu: bool | None = None):
+    """(model, tokenizer). `pretrained`: "none", a local file, or an open_clip tag. Callers that
+    restore an ecvl-fast checkpoint pass load_weights=False and skip fetching those weights.
+    `res`: the run's input size; the tower is built for it (a ViT's position embedding, a ResNet's
+    attention pool), so a config cannot hand a model images it was not built for. `quick_gelu`:
+    what a checkpoint or export recorded it was trained with, over `activation(cfg)`."""
+    oc = check_name(cfg.name)
     pretrained = None if cfg.pretrained in ("", "none") or not load_weights else cfg.pretrained
-    looks_like_path = pretrained is not None and ("/" in pretrained or pretrained.endswith((".pt", ".bin", ".safetensors")))
-    if looks_like_path and not Path(pretrained).is_file():
+    if pretrained is not None and _is_path(pretrained) and not Path(pretrained).is_file():
         raise EcvlError(f"{pretrained}: no such pretrained checkpoint")
+    quick = activation(cfg)[0] if quick_gelu is None else quick_gelu
+    kwargs = {"force_quick_gelu": quick}
+    if res and res != native_res(cfg.name):
+        kwargs["force_image_size"] = res
+    scripted = pretrained is not None and _is_path(pretrained) and is_torchscript(pretrained)
     try:
         # open_clip warns "initialized randomly" whenever it loads no weights, also where they come
         # from a checkpoint next; `train` says it once, where it matters (`random_weights_warning`)
-        with _quiet_logging(pretrained is None):
-            model = oc.create_model(cfg.name, pretrained=pretrained)
+        with _quiet_logging(pretrained is None or scripted):
+            model = oc.create_model(cfg.name, pretrained=None if scripted else pretrained, **kwargs)
+        if scripted:
+            _load_torchscript(model, pretrained)
     except Exception as e:  # hub unreachable, unknown tag, incompatible file
         raise EcvlError(f"could not load {cfg.name} weights {pretrained!r}: {first_line(e)}") from None
     return model, oc.get_tokenizer(cfg.name)
+
+
+def _load_torchscript(model, path: str) -> None:
+    """OpenAI's TorchScript archive: its tensors, into the open_clip model (same names). open_clip
+    reads weights with torch.load(weights_only=True), which refuses TorchScript; torch.jit.load
+    reads the archive's tensors and runs none of its code."""
+    from open_clip.factory import resize_pos_embed
+
+    state = {k: v for k, v in torch.jit.load(path, map_location="cpu").state_dict().items()
+             if k not in ("input_resolution", "context_length", "vocab_size")}
+    resize_pos_embed(state, model)
+    model.load_state_dict(state, strict=True)
 
 
 @contextlib.contextmanager

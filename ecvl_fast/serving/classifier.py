@@ -190,7 +190,7 @@ def _exported_predictor(d: dict, device: torch.device, views: int | None) -> Pre
     from ecvl_fast.config import ModelCfg
     from ecvl_fast.method import peft
 
-    clip, _ = build_clip(ModelCfg(name=d["model_name"]), load_weights=False)
+    clip, _ = build_clip(ModelCfg(name=d["model_name"]), load_weights=False, res=d["res"], quick_gelu=d.get("quick_gelu"))
     visual = clip.visual
     # an export from before LIFT's settings has text_features, no light module and one view
     weights = d.get("class_weights", d.get("text_features"))
@@ -237,7 +237,8 @@ def load_classifier(cfg: Config, state: dict | None, classes: list[str], device:
     """A stage 1 or 2 checkpoint's classifier, or the zero-shot model `cfg.model.pretrained` when
     `state` is None; eval, predict and export all use it. `views`: test-time views (default: the
     config's data.tte_views)."""
-    clip, tokenizer = build_clip(cfg.model, load_weights=state is None)  # a checkpoint brings its own
+    clip, tokenizer = build_clip(cfg.model, load_weights=state is None, res=cfg.data.res,  # a checkpoint brings its own
+                                 quick_gelu=None if state is None else state.get("quick_gelu"))
     net = ClipNet(clip)
     stage2 = state is not None and state.get("stage") == 2
     if stage2:

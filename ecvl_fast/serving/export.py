@@ -20,7 +20,7 @@ import torch
 
 from ecvl_fast import EcvlError
 from ecvl_fast.run.files import atomic_write
-from ecvl_fast.method.model import ImageTower, Scorer
+from ecvl_fast.method.model import ImageTower, Scorer, quick_gelu_of
 from ecvl_fast.serving.classifier import FORMAT, Classifier
 
 
@@ -41,7 +41,8 @@ def export(ckpt: Path, out: Path, fmt: str = "pt", views: int | None = None) -> 
     meta = {"format": FORMAT, "model_name": cfg.model.name, "classes": state["classes"], "res": cfg.data.res,
             "load_res": load_res(cfg), "mean": MEAN.flatten().tolist(), "std": STD.flatten().tolist(),
             "stage": state["stage"], "ratio": cfg.stage2.ratio, "source": str(ckpt), "tte_views": scorer.views,
-            "peft": cfg.stage2.peft if stage2 else "none", "peft_dim": cfg.stage2.peft_dim}
+            "peft": cfg.stage2.peft if stage2 else "none", "peft_dim": cfg.stage2.peft_dim,
+            "quick_gelu": quick_gelu_of(visual)}
     if fmt == "pt":
         payload = {**meta, "visual": visual.state_dict(), "logit_scale": scale, "class_weights": scorer.weights.cpu(),
                    "adapter": None if scorer.adapter is None else scorer.adapter.state_dict()}

@@ -38,7 +38,8 @@ from ecvl_fast.evaluation.reports import plot_curves, plot_m_by_group, read_metr
 from ecvl_fast.kernels.bank import MomentumBank, StaticMagnitudes, frequency_magnitudes
 from ecvl_fast.run.logs import RunLog
 from ecvl_fast.method import stage2 as two
-from ecvl_fast.method.model import (ClipNet, Scorer, StageTwo, build_clip, class_text_features, prompt_tokens,
+from ecvl_fast.method.model import (ClipNet, Scorer, StageTwo, activation_line, build_clip, class_text_features,
+                                    check_forward, check_name, prompt_tokens, quick_gelu_of,
                                     random_weights_warning)
 
 
@@ -75,12 +76,14 @@ def lr_lambda(total_steps: int, warmup_steps: int):
 
 
 def build_run(cfg: Config, d: D.Dist, meta: dict, steps_per_epoch: int, stage: int = 1,
-              out: Path | None = None) -> Run:
-    """`steps_per_epoch` is the loader's length: train images // global batch (drop_last)."""
+              out: Path | None = None, quick_gelu: bool | None = None) -> Run:
+    """`steps_per_epoch` is the loader's length: train images // global batch (drop_last).
+    `quick_gelu`: the activation a checkpoint being resumed was trained with."""
     check_together(cfg)  # a config built in code has not been through load_config
     torch.manual_seed(cfg.run.seed)
     sc = cfg.stage1 if stage == 1 else cfg.stage2
-    clip, tokenizer = build_clip(cfg.model, load_weights=stage == 1 or stage2_from_pretrained(cfg))
+    clip, tokenizer = build_clip(cfg.model, load_weights=stage == 1 or stage2_from_pretrained(cfg),
+                                 res=cfg.data.res, quick_gelu=quick_gelu)
     clip.logit_scale.requires_grad_(False)  # eq. 6's scale stays as loaded; BALLAD fixes 100 for CE
     net = ClipNet(clip).to(d.device)
     if d.device.type == "cuda":
@@ -92,6 +95,7 @@ def build_run(cfg: Config, d: D.Dist, meta: dict, steps_per_epoch: int, stage: i
               eval_tokens=prompt_tokens(tokenizer, classes, cfg.model.templates).to(d.device))
     if stage == 2:
         _init_stage2(run, meta)
+    check_forward(net, run.tokens, cfg.data.res, cfg.model.name)
     trainable = run.stage2 if stage == 2 else net
     params = [p for p in trainable.parameters() if p.requires_grad]
     if stage == 2 and cfg.stage2.optimizer == "sgd":  # LIFT's: momentum 0.9
@@ -382,7 +386,8 @@ def save_checkpoint(run: Run, pos: lifecycle.Position, is_best: bool = False, pa
                "position": {"epoch": pos.epoch, "step": pos.step, "carry": pos.carry},
                "scaler": run.scaler.state_dict(),
                "rng": ckpt_io.rng_state(), "config": run.cfg.to_dict(), "model_name": run.cfg.model.name,
-               "num_classes": len(run.meta["classes"]), "classes": run.meta["classes"]}
+               "num_classes": len(run.meta["classes"]), "classes": run.meta["classes"],
+               "quick_gelu": quick_gelu_of(run.net)}
     if run.stage == 2:
         payload |= {**two.state(run.stage2), "momentum": {**run.bank.state_dict(), **(partial or {})}}
     ckpt_io.save(run.out / "last.pt", payload)
@@ -440,8 +445,11 @@ def _train(cfg: Config, d: D.Dist, stage: int, folder: Path, restart: bool, stop
     sc = cfg.stage1 if stage == 1 else cfg.stage2
     lifecycle.check_shared_folder(folder, d)
     log = RunLog(folder, d.main, sc.epochs, stage, cfg.run.tensorboard)
+    check_name(cfg.model.name)  # before any word about its weights
     if d.main:
         print(f"stage {stage}: run folder {folder}", flush=True)
+        if stage == 1 or stage2_from_pretrained(cfg):
+            print(f"model {cfg.model.name} at {cfg.data.res} px, {activation_line(cfg.model)}", flush=True)
         warning = random_weights_warning(cfg.model) if stage == 1 or stage2_from_pretrained(cfg) else None
         if warning:
             print(warning, file=sys.stderr, flush=True)
@@ -450,7 +458,8 @@ def _train(cfg: Config, d: D.Dist, stage: int, folder: Path, restart: bool, stop
         if d.main:
             print(f"{folder}: finished already ({sc.epochs} epochs); its metrics.json stands (--restart to train again)")
         return read_metrics(pos.finished)
-    run = build_run(cfg, d, meta, len(meta["train_labels"]) // cfg.data.batch_size, stage, folder)
+    run = build_run(cfg, d, meta, len(meta["train_labels"]) // cfg.data.batch_size, stage, folder,
+                    quick_gelu=None if ckpt is None else ckpt.get("quick_gelu"))
     if stage == 2 and d.main:
         s = cfg.stage2
         parts = [f"{run.light} in the image tower"] * (s.peft != "none") + ["adapter"] * s.adapter + \
