@@ -24,7 +24,7 @@ MODULES = [  # every module of the package (tests/test_layout.py checks the list
     "ecvl_fast.experiments.presets", "ecvl_fast.experiments.pretrain",
     "ecvl_fast.bench.host", "ecvl_fast.bench.device", "ecvl_fast.bench.machine", "ecvl_fast.bench.synthetic",
     "ecvl_fast.bench.tables",
-    "ecvl_fast.loaders.dali_loader", "ecvl_fast.loaders.dali_graph", "ecvl_fast.loaders.draws", "ecvl_fast.loaders.memory", "ecvl_fast.loaders.randaug_ops",
+    "ecvl_fast.loaders.dali_loader", "ecvl_fast.loaders.dali_graph", "ecvl_fast.loaders.draws", "ecvl_fast.loaders.canvas", "ecvl_fast.loaders.memory", "ecvl_fast.loaders.randaug_ops",
     "ecvl_fast.loaders.torch_reference", "ecvl_fast.kernels.bank", "ecvl_fast.kernels.cpu",
     "nvidia.dali", "nvidia.dali.plugin.pytorch", "open_clip", "torchvision", "typer", "rich", "tqdm", "PIL", "pytest",
 ]

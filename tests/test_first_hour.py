@@ -38,7 +38,9 @@ def test_version_presets_by_name_and_dry_run_from_outside_the_tree(tmp_path, mni
 def test_short_flags_map_to_their_settings(tmp_path, mnist, capsys):
     args = ["--model", "ecvl-tiny-vit", "--epochs", "3", "--lr", "0.25", "--batch-size", "32", "--precision", "fp32",
             "--out", str(tmp_path / "o"), "--set", f"data.path={mnist}", "--dry-run"]
-    assert main(["train", "--stage", "2", *args]) == 0
+    assert main(["train", "--stage", "2", *args]) == 2  # stage 2 alone: from a stage-1 run there is none of
+    assert "--stage 2 starts from the stage-1 checkpoint" in capsys.readouterr().err
+    assert main(["train", "--stage", "2", *args, "--set", "stage2.init=none"]) == 0  # from model.pretrained
     out = capsys.readouterr().out
     assert 'name = "ecvl-tiny-vit"' in out and "batch_size = 32" in out and 'precision = "fp32"' in out
     stage2 = out.split("[stage2]")[1].split("[")[0]

@@ -13,7 +13,7 @@ import torch
 
 from dali_helpers import images, run_leaf
 from ecvl_fast.run import dist as D
-from ecvl_fast.config import Config, ModelCfg, RunCfg, Stage1Cfg, Stage2Cfg
+from ecvl_fast.config import Config, DataCfg, ModelCfg, RunCfg, Stage1Cfg, Stage2Cfg
 from ecvl_fast.loaders.dali_graph import CLIP_MEAN, CLIP_STD
 from ecvl_fast.loaders.dali_loader import AugmentedLoader
 from ecvl_fast.loaders.draws import AugSpec
@@ -54,7 +54,7 @@ def fixed_batch(device, n=64):
 
 
 def run_steps(device_name: str, loss: str, steps: int = 30):
-    cfg = Config(model=ModelCfg(name="ecvl-tiny-vit"), run=RunCfg(device=device_name),
+    cfg = Config(data=DataCfg(res=32), model=ModelCfg(name="ecvl-tiny-vit"), run=RunCfg(device=device_name),
                  stage1=Stage1Cfg(epochs=1, lr=2e-3, loss=loss, warmup_epochs=0.1))
     d = D.setup(device_name)
     run = build_run(cfg, d, {"classes": CLASSES}, steps_per_epoch=steps)
@@ -103,7 +103,7 @@ def test_predict_normalises_with_one_copy_per_device(device_name):
 
 
 def stage2_run(device_name: str, n: int = 64):
-    cfg = Config(model=ModelCfg(name="ecvl-tiny-vit"), run=RunCfg(device=device_name),
+    cfg = Config(data=DataCfg(res=32), model=ModelCfg(name="ecvl-tiny-vit"), run=RunCfg(device=device_name),
                  stage2=Stage2Cfg(init="none", lr=1e-2, epochs=2))
     d = D.setup(device_name)
     labels = np.arange(n) % 10

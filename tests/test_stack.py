@@ -10,7 +10,7 @@ from ecvl_fast.run import dist as D
 from ecvl_fast.run import precision
 from ecvl_fast.training import loop as training
 from ecvl_fast.cli import main as cli_main
-from ecvl_fast.config import AugCfg, Config, ModelCfg, RunCfg, Stage1Cfg, Stage2Cfg, load_config
+from ecvl_fast.config import AugCfg, Config, DataCfg, ModelCfg, RunCfg, Stage1Cfg, Stage2Cfg, load_config
 from ecvl_fast.training.loop import build_run, train_step
 
 from conftest import TINY
@@ -26,7 +26,7 @@ def batch(n=64, seed=0):
 
 
 def stage_run(stage, loss="prompt-ce", accum=1, prec="fp32", n=64, aug=AugCfg(), dcvl_weight=1.0, tau=0.0, labels=None):
-    cfg = Config(model=ModelCfg(name="ecvl-tiny-vit"), run=RunCfg(device="cpu", precision=prec), aug=aug,
+    cfg = Config(data=DataCfg(res=32), model=ModelCfg(name="ecvl-tiny-vit"), run=RunCfg(device="cpu", precision=prec), aug=aug,
                  stage1=Stage1Cfg(lr=2e-3, loss=loss, warmup_epochs=0.0, accum_steps=accum),
                  stage2=Stage2Cfg(init="none", lr=1e-2, accum_steps=accum, dcvl_weight=dcvl_weight, logit_adjust=tau))
     meta = {"classes": CLASSES, "train_labels": np.arange(n) % 10 if labels is None else labels}

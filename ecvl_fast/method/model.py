@@ -152,8 +152,9 @@ def _load_torchscript(model, path: str) -> None:
     reads the archive's tensors and runs none of its code."""
     from open_clip.factory import resize_pos_embed
 
-    state = {k: v for k, v in torch.jit.load(path, map_location="cpu").state_dict().items()
-             if k not in ("input_resolution", "context_length", "vocab_size")}
+    skip = {"input_resolution", "context_length", "vocab_size"}  # OpenAI's archives' scalars
+    skip |= {name for name, _ in model.named_buffers()} - set(model.state_dict())  # an archive keeps every buffer
+    state = {k: v for k, v in torch.jit.load(path, map_location="cpu").state_dict().items() if k not in skip}
     resize_pos_embed(state, model)
     model.load_state_dict(state, strict=True)
 
