@@ -18,13 +18,15 @@ from ecvl_fast import EcvlError
 class DataCfg:
     path: str = "data/mnist-lt"
     res: int = 224
-    load_res: int = 0  # decode size before the crop; 0 = res (<= 64 px) or res * 8/7
+    load_res: int = 0  # evaluation's Resize(S) before CenterCrop(res), and the decode size; 0 = res (<= 64 px) or res * 8/7
     batch_size: int = 256  # global: split evenly over DDP ranks
     workers: int = 2  # ffcv reader threads
     dali_threads: int = 0  # DALI's thread pool; 0 = 2 x workers (its per-operator waits overlap)
     prefetch: int = 2  # batches a feeder thread builds ahead of the step (0 = synchronous)
     eval_split: str = "test"
     tte_views: int = 1  # test-time ensembling (LIFT): 1 = plain; 2 + mirror; up to 10 with shifted crops and theirs
+    tte_crops: str = "shifted"  # "shifted" (views cut from the prepared image) or "five": LIFT's Resize(res + 24/224 res)
+    #                             then FiveCrop(res) from the whole image (tte_views 5, or 1 for none)
 
 
 @dataclass(frozen=True)
@@ -139,6 +141,7 @@ CHOICES = {
     ("aug", "m_scope"): ("sample", "class"),
     ("aug", "m_direction"): ("hard", "easy"),
     ("data", "eval_split"): ("test", "val"),
+    ("data", "tte_crops"): ("shifted", "five"),
     ("stage2", "peft"): ("none", "adaptformer", "lora", "bitfit", "auto"),
     ("stage2", "head"): ("prompt", "cosine"),
     ("stage2", "sampling"): ("balanced", "instance"),
@@ -228,6 +231,9 @@ def check_together(cfg: Config) -> Config:
                         f'set aug.m_scope = "class" and aug.m_direction = "easy" (not {a.m_scope!r}, {a.m_direction!r})')
     if fixed > 1:
         raise EcvlError(f"stage2.randaug_m={fixed}: a fixed M lies in [0, 1] (< 0: the memory)")
+    if cfg.data.tte_crops == "five" and cfg.data.tte_views not in (1, 5):
+        raise EcvlError(f'data.tte_crops = "five" averages LIFT\'s five crops: data.tte_views = 5 (or 1 for none), '
+                        f'not {cfg.data.tte_views}')
     s = cfg.stage2
     if not s.adapter and s.peft == "none" and s.head == "prompt":
         raise EcvlError("stage 2 would train nothing: stage2.adapter = false with stage2.peft = \"none\" and "

@@ -2,10 +2,11 @@
 
 ffcv's decoders hand out one shape per batch, and its centre-crop decoder keeps only the centre
 square: a 4:3 photo would never show its sides, in training or at test time. This decoder keeps
-every pixel instead. An image is shrunk (OpenCV's area filter, as ffcv's decoders do) only where
-it is larger than the canvas, keeping its aspect, and placed in the canvas's top-left corner; the
+every pixel instead. An image is shrunk (OpenCV's area filter, as ffcv's decoders do), keeping its
+aspect, until its short side is at most evaluation's resize size S and its long side fits the
+canvas (4/3 S: a 4:3 photo whole at S), never enlarged, and placed in the canvas's top-left corner; the
 rest of the canvas repeats the image's last row and column, so that a resize filter that reaches
-past the image's edge sees its edge, not zeros. `extents` says what share of the canvas each image
+past the image's edge sees its edge, not zeros. `sizes` says how much of the canvas each image
 fills; the crop boxes (loaders/draws.py) are drawn inside it, so the random-resized crop reaches
 every edge, and an image smaller than the canvas (CIFAR's 32 px) is enlarged by DALI's linear
 filter, never by the area filter's nearest-neighbour-like upscale.
@@ -15,23 +16,36 @@ from __future__ import annotations
 import numpy as np
 
 
-def fitted(heights, widths, side: int) -> tuple[np.ndarray, np.ndarray]:
-    """The size each image takes on a `side` canvas: shrunk to fit, never enlarged (eq. of the
-    decoder below, kept in one place: int(x * f + 0.5), at least 1 px)."""
-    h, w = np.asarray(heights, np.float64), np.asarray(widths, np.float64)
-    f = np.minimum(1.0, side / np.maximum(h, w))
-    return np.maximum(1, (h * f + 0.5).astype(np.int64)), np.maximum(1, (w * f + 0.5).astype(np.int64))
+def canvas_side(short: int, largest: int) -> int:
+    """The canvas for images whose short side is resized to at most `short` (evaluation's Resize(S)):
+    a 4:3 photo fits it whole at that size; never larger than the largest stored image."""
+    return max(1, min(-(-short * 4 // 3), int(largest)))  # ceil(4/3 S): 342 for 256
 
 
-def extents(heights, widths, side: int) -> np.ndarray:
-    """[N, 2] float32: the share (height, width) of the canvas each image fills."""
-    h, w = fitted(heights, widths, side)
-    return (np.stack([h, w], 1) / side).astype(np.float32)
+def fitted(heights, widths, short: int, side: int) -> tuple[np.ndarray, np.ndarray]:
+    """The size each image takes on the canvas, never enlarged: its short side resized to `short`
+    with torchvision's Resize rule (the long side int(short * long / short_side)), unless its long
+    side would pass `side`, which then binds. The decoder below computes the same, in numba."""
+    h, w = np.asarray(heights, np.int64), np.asarray(widths, np.int64)
+    lo, hi = np.minimum(h, w), np.maximum(h, w)
+    by_short = short * hi < side * lo  # short / lo < side / hi, exactly
+    new_lo = np.where(by_short, short, np.maximum(1, side * lo // hi))
+    new_hi = np.where(by_short, short * hi // lo, side)
+    keep = (lo <= short) & (hi <= side)
+    new_lo, new_hi = np.where(keep, lo, new_lo), np.where(keep, hi, new_hi)
+    tall = h > w
+    return np.where(tall, new_hi, new_lo), np.where(tall, new_lo, new_hi)
 
 
-def canvas_decoder(side: int):
-    """An ffcv decoder for RGBImageField: uint8 [side, side, 3] per image (built lazily: ffcv is
-    imported only where it is used)."""
+def sizes(heights, widths, short: int, side: int) -> np.ndarray:
+    """[N, 2] int64: each image's (height, width) on the canvas."""
+    h, w = fitted(heights, widths, short, side)
+    return np.stack([h, w], 1)
+
+
+def canvas_decoder(short: int, side: int):
+    """An ffcv decoder for RGBImageField: uint8 [side, side, 3] per image, each fitted as `fitted`
+    says (built lazily: ffcv is imported only where it is used)."""
     from ffcv.fields.rgb_image import IMAGE_MODES, ResizedCropRGBImageDecoder, imdecode, resize_crop
     from ffcv.pipeline.allocation_query import AllocationQuery
     from ffcv.pipeline.compiler import Compiler
@@ -64,10 +78,16 @@ def canvas_decoder(side: int):
                         image = image.reshape(-1)[:3 * height * width].reshape(height, width, 3)
                     else:
                         image = data.reshape(height, width, 3)
-                    f = min(1.0, side / max(height, width))
-                    h, w = max(1, int(height * f + 0.5)), max(1, int(width * f + 0.5))
+                    lo, hi = np.int64(min(height, width)), np.int64(max(height, width))
+                    new_lo, new_hi = lo, hi
+                    if lo > short or hi > side:  # as `fitted`, in integers
+                        if short * hi < side * lo:
+                            new_lo, new_hi = np.int64(short), short * hi // lo
+                        else:
+                            new_lo, new_hi = max(np.int64(1), side * lo // hi), np.int64(side)
+                    h, w = (new_hi, new_lo) if height > width else (new_lo, new_hi)
                     out = destination[dst_ix]
-                    if h == height and w == width:
+                    if new_lo == lo and new_hi == hi:
                         out[:h, :w] = image
                     else:
                         small = small_storage[dst_ix][:h * w * 3].reshape(h, w, 3)

@@ -63,12 +63,10 @@ def build_pipeline(spec: AugSpec, batch_size: int, *, device_id: int | None = No
                   prefetch_queue_depth=1)
     def pipe():
         x = fn.external_source(name="images", device="gpu" if gpu else "cpu", layout="HWC")
-        if spec.train:
-            start, end = fn.external_source(name="roi_start"), fn.external_source(name="roi_end")
-            x = fn.resize(x, size=[spec.res, spec.res], roi_start=start, roi_end=end,
-                          roi_relative=True, antialias=True)
-        else:
-            x = fn.resize(x, resize_shorter=spec.res, antialias=True)
+        # The crop (a random-resized one, or evaluation's centre crop) on the canvas, resized to res:
+        # linear, antialiased where it shrinks
+        start, end = fn.external_source(name="roi_start"), fn.external_source(name="roi_end")
+        x = fn.resize(x, size=[spec.res, spec.res], roi_start=start, roi_end=end, roi_relative=True, antialias=True)
         for j in range(spec.k if spec.randaug else 0):
             leaf, p = fn.external_source(name=f"leaf{j}"), fn.external_source(name=f"p{j}")
             x = apply_slot(leaf, x, p)
@@ -101,10 +99,9 @@ def feed(p, spec: AugSpec, images, m: np.ndarray, draws: list[dict]) -> None:
         p.feed_input("images", images, layout="HWC")
     cat = lambda key: np.concatenate([d[key] for d in draws])  # noqa: E731
     p.feed_input("flip", cat("flip"))
-    if spec.train:
-        box = cat("box")
-        p.feed_input("roi_start", np.ascontiguousarray(box[:, :2]))
-        p.feed_input("roi_end", np.ascontiguousarray(box[:, 2:]))
+    box = cat("box")
+    p.feed_input("roi_start", np.ascontiguousarray(box[:, :2]))
+    p.feed_input("roi_end", np.ascontiguousarray(box[:, 2:]))
     if spec.randaug:
         plans = [plan_slots(spec, m, d) for d in draws]
         for j in range(spec.k):

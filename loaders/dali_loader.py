@@ -75,7 +75,9 @@ class AugmentedLoader:
         b, previous = self.loader.batch_size, None
         for step, (images, labels, idx) in enumerate(self.loader, first):
             local = step * b + np.arange(len(labels))
-            draws = batch_draws(self.spec, local * self.world + self.rank, self.seed, epoch)
+            sizes = getattr(self.loader, "sizes", None)  # each image's size on the canvas (loaders/canvas.py)
+            draws = batch_draws(self.spec, local * self.world + self.rank, self.seed, epoch,
+                                None if sizes is None else sizes[idx.numpy()], images.shape[1])
             mi = m[idx.numpy()] if m is not None else np.zeros(len(idx), np.float32)
             if gpu:
                 if previous is not None:

@@ -16,6 +16,7 @@ import numpy as np
 
 from ecvl_fast import EcvlError
 from ecvl_fast.kernels import cpu as kernels
+from ecvl_fast.loaders import canvas
 
 ORDERS = ("random", "balanced", "sequential")
 
@@ -104,11 +105,20 @@ def _no_ffcv_streams() -> None:
     epoch_iterator.IS_CUDA = False
 
 
+def image_sizes(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(heights, widths) of every stored image, from the .beton's metadata table."""
+    from ffcv.reader import Reader
+
+    meta = Reader(str(path)).metadata["f0"]
+    return np.asarray(meta["height"], np.int64), np.asarray(meta["width"], np.int64)
+
+
 def make_loader(path: Path, order: str, batch_size: int, load_res: int, *, workers: int = 2,
                 seed: int = 0, num_classes: int | None = None, rank: int = 0, world: int = 1):
-    """An ffcv Loader yielding (images uint8 [B,H,W,3], labels int64 [B], indices int64 [B])."""
+    """An ffcv Loader yielding (images uint8 [B,S,S,3] on a canvas, labels int64 [B], indices int64 [B]);
+    `loader.sizes[index]` is each image's (height, width) on the canvas (loaders/canvas.py), its
+    short side resized to at most `load_res`."""
     from ffcv.fields.basics import IntDecoder
-    from ffcv.fields.rgb_image import CenterCropRGBImageDecoder
     from ffcv.loader import Loader, OrderOption
     from ffcv.transforms import Squeeze, ToTensor
     from ffcv.traversal_order.base import TraversalOrder
@@ -124,6 +134,8 @@ def make_loader(path: Path, order: str, batch_size: int, load_res: int, *, worke
         print(note, flush=True)
     labels = read_labels(path)
     k = num_classes or int(labels.max()) + 1
+    heights, widths = image_sizes(path)
+    side = canvas.canvas_side(load_res, max(heights.max(), widths.max()))
 
     class Order(TraversalOrder):
         def sample_order(self, epoch: int):
@@ -137,8 +149,9 @@ def make_loader(path: Path, order: str, batch_size: int, load_res: int, *, worke
     loader = Loader(
         str(path), batch_size=batch_size, num_workers=workers, order=OrderOption.SEQUENTIAL,
         drop_last=order != "sequential", seed=seed,
-        pipelines={"image": [CenterCropRGBImageDecoder((load_res, load_res), ratio=1.0), ToTensor()],
+        pipelines={"image": [canvas.canvas_decoder(load_res, side), ToTensor()],
                    "label": int_pipe(), "index": int_pipe()})
     loader.traversal_order = Order(loader)
     loader.first_traversal_order = loader.traversal_order.sample_order(0)
+    loader.sizes = canvas.sizes(heights, widths, load_res, side)
     return loader

@@ -25,12 +25,9 @@ def _sample(d: dict, j: int) -> dict:
 def reference_view(img: np.ndarray, m: float, d: dict, spec: AugSpec) -> torch.Tensor:
     """uint8 HWC -> normalised float CHW, for one sample's draws `d` of one view."""
     pil = Image.fromarray(img)
-    if spec.train:
-        y0, x0, y1, x1 = d["box"]
-        box = (x0 * pil.width, y0 * pil.height, x1 * pil.width, y1 * pil.height)
-        pil = pil.resize((spec.res, spec.res), Image.BILINEAR, box=box)
-    else:
-        pil = TF.center_crop(TF.resize(pil, spec.res), spec.res)
+    y0, x0, y1, x1 = d["box"]  # the crop on the canvas: random-resized, or evaluation's centre crop
+    box = (x0 * pil.width, y0 * pil.height, x1 * pil.width, y1 * pil.height)
+    pil = pil.resize((spec.res, spec.res), Image.BILINEAR, box=box)
     if spec.randaug:
         for j in range(spec.k):
             i, strength = eq10(d["op"][j], d["u"][j], d["zeta"][j], m)

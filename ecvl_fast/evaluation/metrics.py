@@ -60,7 +60,8 @@ def split_logits(scorer, loader, d: D.Dist, dt: torch.dtype | None = None,
     scorer.eval()
     outs, labels, index = [], [], []
     for views, y, idx in loader:
-        logits = predict_logits(scorer, views[0].to(d.device, non_blocking=True), dt)
+        x = views[0] if len(views) == 1 else torch.stack(views, 1)  # views prepared by the loader: [N, V, ...]
+        logits = predict_logits(scorer, x.to(d.device, non_blocking=True), dt)
         outs.append((logits.argmax(1) if argmax else logits).cpu())  # sync point
         labels.append(y.cpu()), index.append(idx.cpu())
     empty = (np.zeros(0, np.int64) if argmax else np.zeros((0, scorer.weights.shape[0]), np.float32),

@@ -53,7 +53,7 @@ def _stage2_cfg(cfg: Config, row: str) -> Config:
     if changes.get("peft") == "auto" and cfg.stage2.peft != "none":
         del changes["peft"]  # a LIFT row keeps the light module the config names
     cfg = _with(cfg, "stage2", **{**changes, "init": ""})
-    return _with(cfg, "aug", **ROWS[row].aug)
+    return _with(_with(cfg, "aug", **ROWS[row].aug), "data", **ROWS[row].data)
 
 
 def run_ablation(cfg: Config, seeds: list[int], log=print, rows: tuple[str, ...] = DEFAULT_ROWS) -> dict:

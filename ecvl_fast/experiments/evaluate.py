@@ -64,18 +64,19 @@ def run_eval(cfg: Config, data: Path | None, ckpt: Path | None, split: str, out:
         dt = precision.dtype(cfg.run.precision, d.device)
         context = {}
         if tau == "auto":
-            tau, scores = choose_tau(*split_logits(scorer, eval_loader(cfg, d, "val"), d, dt), meta["train_counts"])
+            tau, scores = choose_tau(*split_logits(scorer, eval_loader(cfg, d, "val", views), d, dt), meta["train_counts"])
             context = {"tau_val_scores": {f"{t:g}": round(100 * s, 4) for t, s in scores.items()}}
             if d.main:
                 print(f"tau {tau:g}: the best mean per-class accuracy on the val split "
                       f"({100 * scores[tau]:.2f}%, tau 0: {100 * scores[0.0]:.2f}%)")
-        logits, labels = split_logits(scorer, eval_loader(cfg, d, split), d, dt)
+        logits, labels = split_logits(scorer, eval_loader(cfg, d, split, views), d, dt)
         metrics = shot_metrics(adjusted(logits, meta["train_counts"], tau).argmax(1), labels, meta)
         if d.main:
             where = out or (ckpt.parent / f"eval-{split}" if ckpt else Path(cfg.run.out) / f"zero-shot-{split}")
             metrics = write_report(metrics, meta, where,
                                    f"{cfg.model.name} {'zero-shot' if ckpt is None else ckpt.name}, {split}",
                                    {"split": split, "stage": state["stage"] if state else 0, "run": where.name,
-                                    "posthoc_tau": tau, "tte_views": scorer.views, **context,
+                                    "posthoc_tau": tau, "tte_views": cfg.data.tte_views if views is None else views,
+                                    "tte_crops": cfg.data.tte_crops, **context,
                                     "checkpoint": str(ckpt) if ckpt else f"{cfg.model.name} {cfg.model.pretrained}"})
         return metrics

@@ -265,11 +265,23 @@ def tte_views(images: torch.Tensor, views: int) -> list[torch.Tensor]:
     return out
 
 
+def tte_split(crops: str, views: int) -> tuple[int, int]:
+    """Test-time views -> (views the Scorer cuts from each prepared image, views prepared per image
+    before it). "shifted": all cut by the Scorer (`tte_views`); "five": LIFT's five crops, which need
+    the whole image, prepared by the eval loader and predict (loaders/draws.py, `five_crop_boxes`)."""
+    if crops != "five":
+        return views, 1
+    if views not in (1, 5):
+        raise EcvlError(f"{views} test-time views: LIFT's five crops (data.tte_crops = \"five\") are 5, or 1 for none")
+    return 1, views
+
+
 class Scorer(nn.Module):
     """Prepared images -> class logits, for eval, predict and export alike: the image tower (with
     its light module, if any), the stage-2 adapter (eq. 7, if any), then eq. 6 against the class
     weights [K, D] (the text features, or a trained cosine head's) at `scale` (None: CLIP's logit
-    scale), averaged over `views` test-time views."""
+    scale), averaged over test-time views: `views` cut from each image [N, C, H, W], or the views
+    of an input prepared with them [N, V, C, H, W] (`tte_split`)."""
 
     def __init__(self, net: ClipNet, weights: torch.Tensor, adapter: nn.Module | None = None,
                  scale: float | None = None, views: int = 1):
@@ -279,8 +291,9 @@ class Scorer(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         scale = self.net.logit_scale if self.scale is None else self.scale
+        inputs = images.unbind(1) if images.dim() == 5 else tte_views(images, self.views)
         logits = [zero_shot_logits(adapted_features(self.net(x)[0], self.adapter), self.weights, scale)
-                  for x in tte_views(images, self.views)]
+                  for x in inputs]
         return logits[0] if len(logits) == 1 else torch.stack(logits).mean(0)
 
 

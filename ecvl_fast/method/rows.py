@@ -15,7 +15,7 @@ the rows differ only in the loss and where M comes from.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ecvl_fast import EcvlError
 
@@ -26,6 +26,7 @@ class Row:
     aug: dict
     label: str
     control: str | None = None  # the no-memory row it must beat
+    data: dict = field(default_factory=dict)  # evaluation settings of its recipe (LIFT's five test-time crops)
 
 
 PAPER_MEMORY = {"m_source": "dcvl", "m_scope": "sample", "m_direction": "hard"}
@@ -45,6 +46,11 @@ LOL = memory(m_source="lol", m_scope="class", m_direction="easy")  # Ahn et al.'
 LIFT = {"adapter": False, "peft": "auto", "head": "cosine", "logit_adjust": 1.0, "sampling": "instance",
         "dcvl_weight": 0.0, "randaug": False, "optimizer": "sgd", "lr": 0.01, "weight_decay": 5e-4,
         "views": 1}  # one view per image, as LIFT's loader
+
+# LIFT trains on RandomResizedCrop(224) at torchvision's default scale (0.08, 1), and tests on
+# Resize(224 + 24) then FiveCrop(224), averaged
+LIFT_CROP = {"crop_min_scale": 0.08}
+LIFT_TTE = {"tte_views": 5, "tte_crops": "five"}
 
 ROWS = {
     "ballad": Row({"dcvl_weight": 0.0, "randaug": False}, PAPER_MEMORY, "BALLAD"),
@@ -72,10 +78,11 @@ ROWS = {
     # It does not beat its control there.
     "ecvl+": Row(RA_BALLAD_LOSS, LOL, "ECVL+ (best measured: BALLAD + RA, M per class by level of learning)",
                  "ballad+freq-common"),
-    "lift": Row(LIFT, PAPER_MEMORY, "LIFT (light module, cosine head, LA loss)"),
-    "lift+ra": Row({**LIFT, "randaug": True}, LOL, "LIFT + RA, M per class by level of learning", "lift+freq"),
-    "lift+freq": Row({**LIFT, "randaug": True}, memory(m_source="frequency", m_direction="easy"),
-                     "LIFT + RA, control: M by class size"),
+    "lift": Row(LIFT, {**PAPER_MEMORY, **LIFT_CROP}, "LIFT (light module, cosine head, LA loss)", data=LIFT_TTE),
+    "lift+ra": Row({**LIFT, "randaug": True}, {**LOL, **LIFT_CROP}, "LIFT + RA, M per class by level of learning",
+                   "lift+freq", LIFT_TTE),
+    "lift+freq": Row({**LIFT, "randaug": True}, memory(m_source="frequency", m_direction="easy", **LIFT_CROP),
+                     "LIFT + RA, control: M by class size", data=LIFT_TTE),
 }
 DEFAULT_ROWS = ("ballad", "momentum", "ecvl")
 LABELS = {"zero-shot": "zero-shot", "stage1": "stage 1", **{k: r.label for k, r in ROWS.items()}}

@@ -8,7 +8,7 @@ import torch
 from ecvl_fast import EcvlError
 from ecvl_fast.config import Config, trained_scale
 from ecvl_fast.method import peft
-from ecvl_fast.method.model import Adapter, ClipNet, CosineHead, Scorer, StageTwo
+from ecvl_fast.method.model import Adapter, ClipNet, CosineHead, Scorer, StageTwo, tte_split
 
 
 def add_light_module(cfg: Config, net: ClipNet, num_classes: int) -> str:
@@ -49,4 +49,4 @@ def scorer(cfg: Config, st: StageTwo, views: int | None = None) -> Scorer:
     views (default data.tte_views)."""
     weights = st.text if st.head is None else st.head.weights().detach()
     return Scorer(st.net, weights, st.adapter, trained_scale(cfg, 2) if st.head is None else st.head.scale,
-                  cfg.data.tte_views if views is None else views)
+                  tte_split(cfg.data.tte_crops, cfg.data.tte_views if views is None else views)[0])

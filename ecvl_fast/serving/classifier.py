@@ -1,9 +1,9 @@
 """One classifier for serving: load a training checkpoint or an exported `.pt` / `.onnx`, prepare
 images as `eval` does, and classify them; `predict`, `export`, `eval` and `bench infer` all use it.
 
-No ffcv or DALI: images are decoded with PIL and prepared as the eval path prepares them (centre
-square, resized to the decode size with area interpolation as ffcv's decoder does, then to the
-model's resolution with antialiasing, CLIP normalisation), so predictions match `eval`'s.
+No ffcv or DALI: images are decoded with PIL and prepared as the eval path prepares them (`decode`:
+fitted as on the loader's canvas, evaluation's centre crop, CLIP normalisation), so predictions
+match `eval`'s.
 """
 from __future__ import annotations
 
@@ -19,7 +19,8 @@ from torch import nn
 from ecvl_fast import EcvlError
 from ecvl_fast.config import Config, from_dict, trained_scale
 from ecvl_fast.method import stage2 as two
-from ecvl_fast.method.model import Adapter, ClipNet, ImageTower, Scorer, build_clip, class_text_features, prompt_tokens
+from ecvl_fast.method.model import (Adapter, ClipNet, ImageTower, Scorer, build_clip, class_text_features, prompt_tokens,
+                                    tte_split)
 from ecvl_fast.run import checkpoint as ckpt_io
 from ecvl_fast.run import precision
 
@@ -45,11 +46,18 @@ def _normaliser(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     return _ON_DEVICE[device]
 
 
-def decode(image, load_res: int) -> np.ndarray:
-    """uint8 [load_res, load_res, 3] from an image file or a PIL image: the centre square, resized
-    as ffcv's CenterCropRGBImageDecoder does (OpenCV's area filter; an image already at that size
-    is used as it is)."""
+def decode(image, load_res: int, res: int, crops: int = 1) -> np.ndarray:
+    """uint8 [res, res, 3] (or [5, res, res, 3] with LIFT's five crops, `crops` 5) from an image
+    file or a PIL image, as the eval pipeline prepares it: the
+    image fitted as on the loader's canvas (short side at most load_res, OpenCV's area filter, as
+    the ffcv decoder), then evaluation's centre crop (Resize(load_res) + CenterCrop(res)'s pixels)
+    resized to res with the linear filter DALI uses (the crop is never larger than res, so no
+    antialiasing applies), edges repeated as on the canvas."""
     from PIL import Image
+
+    from ecvl_fast.loaders.canvas import canvas_side, fitted
+    from ecvl_fast.loaders.draws import centre_boxes, five_crop_boxes
+    from ecvl_fast.training.data import five_crop_resize
 
     if isinstance(image, Image.Image):
         img = np.asarray(image.convert("RGB"))
@@ -57,14 +65,26 @@ def decode(image, load_res: int) -> np.ndarray:
         with Image.open(image) as im:
             img = np.asarray(im.convert("RGB"))
     h, w = img.shape[:2]
-    side = min(h, w)
-    y0, x0 = (h - side) // 2, (w - side) // 2
-    square = img[y0:y0 + side, x0:x0 + side]
-    if side == load_res:
-        return np.ascontiguousarray(square)
-    import cv2
+    short = load_res if crops == 1 else five_crop_resize(res)  # as training.data.eval_loader decodes
+    (fh,), (fw,) = fitted([h], [w], short, canvas_side(short, max(h, w)))
+    if (fh, fw) != (h, w):
+        import cv2
 
-    return cv2.resize(square, (load_res, load_res), interpolation=cv2.INTER_AREA)
+        img = cv2.resize(img, (int(fw), int(fh)), interpolation=cv2.INTER_AREA)
+    boxes = centre_boxes([fh], [fw], max(res, load_res), res) if crops == 1 else \
+        five_crop_boxes([fh], [fw], five_crop_resize(res), res)[:, 0]
+    centres = (np.arange(res) + 0.5) / res
+    grids = []
+    for y0, x0, y1, x1 in boxes.astype(np.float64):
+        gy = (y0 + centres * (y1 - y0)) * 2 - 1  # grid_sample's coordinates: -1 and 1 are the outer edges
+        gx = (x0 + centres * (x1 - x0)) * 2 - 1
+        grids.append(np.stack(np.meshgrid(gx, gy), -1))
+    x = torch.from_numpy(np.array(img)).permute(2, 0, 1)[None].float()  # a writable copy
+    grid = torch.from_numpy(np.stack(grids).astype(np.float32))
+    out = torch.nn.functional.grid_sample(x.expand(len(grids), -1, -1, -1), grid, mode="bilinear",
+                                          padding_mode="border", align_corners=False)
+    out = out.permute(0, 2, 3, 1).round().clamp(0, 255).to(torch.uint8).numpy()
+    return out[0] if crops == 1 else out
 
 
 def to_input(batch, res: int, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -82,6 +102,14 @@ def to_input(batch, res: int, device: torch.device, dtype: torch.dtype | None = 
     mean, std = _normaliser(x.device)
     x = ((x / 255 - mean) / std).contiguous(memory_format=torch.channels_last)
     return x.to(dtype or torch.bfloat16) if device.type == "cuda" else x
+
+
+def prepare(arrays: np.ndarray, res: int, device: torch.device) -> torch.Tensor:
+    """`decode`'s uint8 images [N, H, W, 3], or their views [N, V, H, W, 3], as the model's input."""
+    if arrays.ndim == 4:
+        return to_input(arrays, res, device)
+    x = to_input(arrays.reshape(-1, *arrays.shape[2:]), res, device)
+    return x.reshape(arrays.shape[0], arrays.shape[1], *x.shape[1:])
 
 
 def load_checkpoint(ckpt: Path) -> tuple[dict, Config]:
@@ -111,14 +139,14 @@ class Model:
         """Image files or PIL images -> one Prediction each (top_k classes, or all there are)."""
         from PIL import Image
 
-        arrays = [decode(im, self.predictor.load_res) for im in images]
+        arrays = [decode(im, self.predictor.load_res, self.predictor.res, self.predictor.crops) for im in images]
         names = [getattr(im, "filename", "") or f"image {i}" if isinstance(im, Image.Image) else str(im)
                  for i, im in enumerate(images)]
         return self._top(np.stack(arrays), names, top_k)
 
     def _top(self, arrays: np.ndarray, names: list[str], top_k: int) -> list[Prediction]:
         p = self.predictor
-        probs = p.probs(to_input(arrays, p.res, p.device))
+        probs = p.probs(prepare(arrays, p.res, p.device))
         values, ix = probs.topk(min(top_k, len(p.classes)), dim=1)
         return [Prediction(name, [p.classes[i] for i in ii], pi) for name, pi, ii in zip(names, values.tolist(), ix.tolist())]
 
@@ -156,6 +184,7 @@ class Predictor:
     probs: object  # callable: prepared batch (torch, on `device`) -> probabilities [N, K] (torch, CPU)
     device: torch.device
     kind: str
+    crops: int = 1  # views prepared per image (LIFT's five crops: 5)
 
 
 def load_predictor(path: Path, device: torch.device, views: int | None = None) -> Predictor:
@@ -182,8 +211,9 @@ def _checkpoint_predictor(path: Path, device: torch.device, views: int | None) -
 
     state, cfg = load_checkpoint(path)
     scorer = load_classifier(cfg, state, state["classes"], device, views)
+    crops = tte_split(cfg.data.tte_crops, cfg.data.tte_views if views is None else views)[1]
     return Predictor(state["classes"], cfg.data.res, load_res(cfg),
-                     lambda x: predict_logits(scorer, x).softmax(1).cpu(), device, "checkpoint")
+                     lambda x: predict_logits(scorer, x).softmax(1).cpu(), device, "checkpoint", crops)
 
 
 def _exported_predictor(d: dict, device: torch.device, views: int | None) -> Predictor:
@@ -200,7 +230,8 @@ def _exported_predictor(d: dict, device: torch.device, views: int | None) -> Pre
     if d["adapter"] is not None:
         adapter = Adapter(weights.shape[1], d["ratio"])
         adapter.load_state_dict(d["adapter"])
-    scorer = Scorer(ImageTower(visual, d["logit_scale"]), weights, adapter, views=views or d.get("tte_views", 1))
+    own, crops = tte_split(d.get("tte_crops", "shifted"), views or d.get("tte_views", 1))
+    scorer = Scorer(ImageTower(visual, d["logit_scale"]), weights, adapter, views=own)
     model = Classifier(scorer).to(device).eval()
 
     @torch.no_grad()
@@ -208,7 +239,7 @@ def _exported_predictor(d: dict, device: torch.device, views: int | None) -> Pre
         with precision.autocast(device, precision.dtype("auto", device)):
             return model(x).float().cpu()
 
-    return Predictor(d["classes"], d["res"], d["load_res"], probs, device, "exported")
+    return Predictor(d["classes"], d["res"], d["load_res"], probs, device, "exported", crops)
 
 
 def _onnx_predictor(path: Path, views: int | None) -> Predictor:
@@ -229,7 +260,8 @@ def _onnx_predictor(path: Path, views: int | None) -> Predictor:
     def probs(x):
         return torch.from_numpy(session.run(None, {"image": np.ascontiguousarray(x.float().cpu().numpy())})[0])
 
-    return Predictor(meta["classes"], meta["res"], meta["load_res"], probs, torch.device("cpu"), "onnx")
+    crops = tte_split(meta.get("tte_crops", "shifted"), fixed)[1]
+    return Predictor(meta["classes"], meta["res"], meta["load_res"], probs, torch.device("cpu"), "onnx", crops)
 
 
 def load_classifier(cfg: Config, state: dict | None, classes: list[str], device: torch.device,
@@ -249,7 +281,8 @@ def load_classifier(cfg: Config, state: dict | None, classes: list[str], device:
     text = class_text_features(net, prompt_tokens(tokenizer, classes, cfg.model.templates).to(device))
     if not stage2:
         scale = trained_scale(cfg, 1) if state is not None else None  # zero-shot: CLIP's own
-        return Scorer(net, text, scale=scale, views=cfg.data.tte_views if views is None else views).eval()
+        return Scorer(net, text, scale=scale,
+                      views=tte_split(cfg.data.tte_crops, cfg.data.tte_views if views is None else views)[0]).eval()
     st = two.modules(cfg, net, text)
     two.load(st, state)
     return two.scorer(cfg, st.to(device), views).eval()

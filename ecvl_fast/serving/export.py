@@ -20,7 +20,7 @@ import torch
 
 from ecvl_fast import EcvlError
 from ecvl_fast.run.files import atomic_write
-from ecvl_fast.method.model import ImageTower, Scorer, quick_gelu_of
+from ecvl_fast.method.model import ImageTower, Scorer, quick_gelu_of, tte_split
 from ecvl_fast.serving.classifier import FORMAT, Classifier
 
 
@@ -35,12 +35,14 @@ def export(ckpt: Path, out: Path, fmt: str = "pt", views: int | None = None) -> 
         raise EcvlError(f"--format {fmt}: choose pt or onnx")
     state, cfg = load_checkpoint(ckpt)
     scorer = load_classifier(cfg, state, state["classes"], torch.device("cpu"), views)
+    total = cfg.data.tte_views if views is None else views
     stage2 = state["stage"] == 2
     scale = float(scorer.net.logit_scale if scorer.scale is None else scorer.scale)
     visual = scorer.net.clip.visual
     meta = {"format": FORMAT, "model_name": cfg.model.name, "classes": state["classes"], "res": cfg.data.res,
             "load_res": load_res(cfg), "mean": MEAN.flatten().tolist(), "std": STD.flatten().tolist(),
-            "stage": state["stage"], "ratio": cfg.stage2.ratio, "source": str(ckpt), "tte_views": scorer.views,
+            "stage": state["stage"], "ratio": cfg.stage2.ratio, "source": str(ckpt), "tte_views": total,
+            "tte_crops": cfg.data.tte_crops,
             "peft": cfg.stage2.peft if stage2 else "none", "peft_dim": cfg.stage2.peft_dim,
             "quick_gelu": quick_gelu_of(visual)}
     if fmt == "pt":
@@ -58,7 +60,8 @@ def _export_onnx(model: Classifier, meta: dict, out: Path) -> None:
         import onnx
     except ImportError:
         raise EcvlError("--format onnx needs the onnx package: pip install 'ecvl-fast[onnx]'") from None
-    example = torch.zeros(2, 3, meta["res"], meta["res"])
+    crops = tte_split(meta["tte_crops"], meta["tte_views"])[1]  # LIFT's five crops: [N, 5, 3, res, res]
+    example = torch.zeros(2, *([crops] if crops > 1 else []), 3, meta["res"], meta["res"])
 
     def write(tmp: Path) -> None:
         fast = torch.backends.mha.get_fastpath_enabled()

@@ -42,7 +42,7 @@ def run_predict(ckpt: Path, images: list[Path], folder: Path | None = None, top_
 
     for path in files:
         try:
-            pending.append((path, decode(path, model.predictor.load_res)))
+            pending.append((path, decode(path, model.predictor.load_res, model.predictor.res, model.predictor.crops)))
         except Exception as e:  # an unreadable or corrupt image
             reason = first_line(e)
             if strict:

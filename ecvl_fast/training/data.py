@@ -26,7 +26,8 @@ def open_dataset(path: str | Path) -> dict:
 
 
 def default_load_res(res: int) -> int:
-    """Decode size before the crop: the crop size at small resolutions, else 8/7 of it (256 for 224)."""
+    """Evaluation's Resize(S) before CenterCrop(res): the crop size at small resolutions (the whole
+    short side), else 8/7 of it (256 for 224, torchvision's ImageNet convention)."""
     return res if res <= 64 else round(res * 8 / 7)
 
 
@@ -61,7 +62,16 @@ def train_loader(cfg: Config, d: Dist, meta: dict, order: str, views: int = 1, m
                            dtype=precision.dtype(cfg.run.precision, d.device))
 
 
-def eval_loader(cfg: Config, d: Dist, split: str):
+def five_crop_resize(res: int) -> int:
+    """LIFT's test transform resizes to res + 24 at 224 px (its `expand`), then cuts five res crops."""
+    return res + max(1, round(res * 24 / 224))
+
+
+def eval_loader(cfg: Config, d: Dist, split: str, views: int | None = None):
+    """The split in file order, evaluation's centre crop; with LIFT's five crops (data.tte_crops =
+    "five") each image's five views. `views`: test-time views, over data.tte_views."""
+    from ecvl_fast.method.model import tte_split
+
     from ecvl_fast.loaders.dali_loader import AugmentedLoader
     from ecvl_fast.loaders.draws import AugSpec
     from ecvl_fast.loaders.ffcv_loader import make_loader
@@ -69,9 +79,12 @@ def eval_loader(cfg: Config, d: Dist, split: str):
     path = Path(cfg.data.path) / f"{split}.beton"
     if not path.is_file():
         raise EcvlError(f"{path}: no such split in {cfg.data.path}")
-    loader = make_loader(path, "sequential", per_rank_batch(cfg, d), load_res(cfg), workers=cfg.data.workers,
-                         seed=cfg.run.seed, rank=d.rank, world=d.world_size)
-    spec = AugSpec(res=cfg.data.res, train=False, randaug=False)
+    crops = tte_split(cfg.data.tte_crops, cfg.data.tte_views if views is None else views)[1]
+    resize = five_crop_resize(cfg.data.res) if crops > 1 else max(cfg.data.res, load_res(cfg))
+    # decoded with the short side at most `resize`: every crop is then at most res, only enlarged
+    loader = make_loader(path, "sequential", per_rank_batch(cfg, d), resize if crops > 1 else load_res(cfg),
+                         workers=cfg.data.workers, seed=cfg.run.seed, rank=d.rank, world=d.world_size)
+    spec = AugSpec(res=cfg.data.res, train=False, views=crops, randaug=False, eval_resize=resize)
     return AugmentedLoader(loader, spec, device=d.device, seed=cfg.run.seed, rank=d.rank,
                            world=d.world_size, threads=dali_threads(cfg), prefetch=cfg.data.prefetch,
                            dtype=precision.dtype(cfg.run.precision, d.device))

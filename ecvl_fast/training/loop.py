@@ -39,7 +39,7 @@ from ecvl_fast.kernels.bank import MomentumBank, StaticMagnitudes, frequency_mag
 from ecvl_fast.run.logs import RunLog
 from ecvl_fast.method import stage2 as two
 from ecvl_fast.method.model import (ClipNet, Scorer, StageTwo, activation_line, build_clip, class_text_features,
-                                    check_forward, check_name, prompt_tokens, quick_gelu_of,
+                                    check_forward, check_name, prompt_tokens, quick_gelu_of, tte_split,
                                     random_weights_warning)
 
 
@@ -369,7 +369,7 @@ def evaluate_split(run: Run, loader) -> dict:
         model = two.scorer(run.cfg, run.stage2)
     else:
         model = Scorer(run.net, class_text_features(run.net, run.eval_tokens), scale=trained_scale(run.cfg, 1),
-                       views=run.cfg.data.tte_views)
+                       views=tte_split(run.cfg.data.tte_crops, run.cfg.data.tte_views)[0])
     preds, labels = predict_split(model, loader, run.d, run.amp)
     return shot_metrics(preds, labels, run.meta)
 
