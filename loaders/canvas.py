@@ -43,6 +43,38 @@ def sizes(heights, widths, short: int, side: int) -> np.ndarray:
     return np.stack([h, w], 1)
 
 
+def _decode_one(imdecode_c, resize_c):
+    """One image onto its canvas: decode (JPEG), fit as `fitted` says (OpenCV's area filter), place
+    top-left, repeat the last row and column past its edge. Plain loops: numba compiles them fast,
+    and compiles them anew for every loader, as ffcv does its decoders (a compiled function shared
+    by loaders running in threads races in numba's dispatcher)."""
+    def one(data, jpg, height, width, short, side, temp, small, out):
+        if jpg:
+            imdecode_c(data, temp, height, width, height, width, 0, 0, 1, 1, False, False)
+            image = temp[:3 * height * width].reshape(height, width, 3)
+        else:
+            image = data.reshape(height, width, 3)
+        lo, hi = min(height, width), max(height, width)
+        new_lo, new_hi = lo, hi
+        if lo > short or hi > side:  # as `fitted`, in integers
+            if short * hi < side * lo:
+                new_lo, new_hi = short, short * hi // lo
+            else:
+                new_lo, new_hi = max(1, side * lo // hi), side
+        h, w = (new_hi, new_lo) if height > width else (new_lo, new_hi)
+        src = image
+        if new_lo != lo or new_hi != hi:
+            src = small[:h * w * 3].reshape(h, w, 3)
+            resize_c(image, 0, height, 0, width, src)
+        for y in range(side):  # past the image's edge, its edge: a filter reaching there sees the image
+            sy = min(y, h - 1)
+            for x in range(side):
+                sx = min(x, w - 1)
+                for c in range(3):
+                    out[y, x, c] = src[sy, sx, c]
+    return one
+
+
 def canvas_decoder(short: int, side: int):
     """An ffcv decoder for RGBImageField: uint8 [side, side, 3] per image, each fitted as `fitted`
     says (built lazily: ffcv is imported only where it is used)."""
@@ -64,43 +96,19 @@ def canvas_decoder(short: int, side: int):
 
         def generate_code(self):
             jpg, mem_read, my_range = IMAGE_MODES["jpg"], self.memory_read, Compiler.get_iterator()
-            imdecode_c, resize_c = Compiler.compile(imdecode), Compiler.compile(resize_crop)
+            one = Compiler.compile(_decode_one(Compiler.compile(imdecode), Compiler.compile(resize_crop)))
+            lo_max, hi_max = np.int64(short), np.int64(side)
 
             def decode(batch_indices, my_storage, metadata, storage_state):
                 destination, temp_storage, small_storage = my_storage
                 for dst_ix in my_range(len(batch_indices)):
                     field = metadata[batch_indices[dst_ix]]
-                    data = mem_read(field["data_ptr"], storage_state)
-                    height, width = np.uint32(field["height"]), np.uint32(field["width"])
-                    if field["mode"] == jpg:
-                        image = temp_storage[dst_ix]
-                        imdecode_c(data, image, height, width, height, width, 0, 0, 1, 1, False, False)
-                        image = image.reshape(-1)[:3 * height * width].reshape(height, width, 3)
-                    else:
-                        image = data.reshape(height, width, 3)
-                    lo, hi = np.int64(min(height, width)), np.int64(max(height, width))
-                    new_lo, new_hi = lo, hi
-                    if lo > short or hi > side:  # as `fitted`, in integers
-                        if short * hi < side * lo:
-                            new_lo, new_hi = np.int64(short), short * hi // lo
-                        else:
-                            new_lo, new_hi = max(np.int64(1), side * lo // hi), np.int64(side)
-                    h, w = (new_hi, new_lo) if height > width else (new_lo, new_hi)
-                    out = destination[dst_ix]
-                    if new_lo == lo and new_hi == hi:
-                        out[:h, :w] = image
-                    else:
-                        small = small_storage[dst_ix][:h * w * 3].reshape(h, w, 3)
-                        resize_c(image, 0, height, 0, width, small)
-                        out[:h, :w] = small
-                    for y in range(h, side):  # the edge, repeated: a filter past it sees the image
-                        out[y, :w] = out[h - 1, :w]
-                    for x in range(w, side):
-                        out[:, x] = out[:, w - 1]
+                    one(mem_read(field["data_ptr"], storage_state), field["mode"] == jpg, np.int64(field["height"]),
+                        np.int64(field["width"]), lo_max, hi_max, temp_storage[dst_ix], small_storage[dst_ix],
+                        destination[dst_ix])
                 return destination[:len(batch_indices)]
 
             decode.is_parallel = True
             return decode
 
     return CanvasDecoder()
-

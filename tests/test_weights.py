@@ -84,3 +84,18 @@ def test_openai_tag_builds_quickgelu_with_or_without_its_weights():
 
         cfg = load_config(resolve(preset), ["model.pretrained=/elsewhere/local-copy.pt"])  # a state dict copy
         assert activation(cfg.model)[0], preset
+
+
+def test_text_features_skip_the_padding_and_match_open_clips(source):
+    """The text tower run on the prompts' used length gives open_clip's features (causal mask,
+    end-of-text pooling): the padding after the longest prompt changes nothing."""
+    from ecvl_fast.method.model import encode_text, used_length
+
+    model, tokenizer = source
+    tokens = tokenizer(["a photo of a cat.", "a photo of a very long tailed bird, far away.", "x"])
+    assert used_length(tokens) < tokens.shape[1]
+    with torch.no_grad():
+        full, short = model.encode_text(tokens), encode_text(model, tokens)
+        subset = encode_text(model, tokens[[0, 2]], used_length(tokens))  # a subset, at the whole set's length
+    torch.testing.assert_close(short, full, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(subset, full[[0, 2]], rtol=1e-5, atol=1e-5)

@@ -39,7 +39,7 @@ from ecvl_fast.kernels.bank import MomentumBank, StaticMagnitudes, frequency_mag
 from ecvl_fast.run.logs import RunLog
 from ecvl_fast.method import stage2 as two
 from ecvl_fast.method.model import (ClipNet, Scorer, StageTwo, activation_line, build_clip, class_text_features,
-                                    check_forward, check_name, prompt_tokens, quick_gelu_of, tte_split,
+                                    check_forward, check_name, prompt_tokens, quick_gelu_of, tte_split, used_length,
                                     random_weights_warning)
 
 
@@ -90,8 +90,10 @@ def build_run(cfg: Config, d: D.Dist, meta: dict, steps_per_epoch: int, stage: i
         net = net.to(memory_format=torch.channels_last)
         torch.backends.cudnn.benchmark = True  # training shapes are fixed (drop_last): tune once
     classes = meta["classes"]
+    tokens = prompt_tokens(tokenizer, classes, "single")[0]
+    net.text_len = used_length(tokens)  # on the host, once: the step's prompts are these or a subset
     run = Run(cfg, d, meta, net, net, None, None, stage=stage, out=run_folder(cfg, stage, out),
-              tokens=prompt_tokens(tokenizer, classes, "single")[0].to(d.device),
+              tokens=tokens.to(d.device),
               eval_tokens=prompt_tokens(tokenizer, classes, cfg.model.templates).to(d.device))
     if stage == 2:
         _init_stage2(run, meta)
