@@ -154,6 +154,19 @@ def convert(
     print_convert_summary(meta, out)
 
 
+@app.command()
+@one_line_errors
+def verify(data: Path = typer.Argument(..., help="a converted dataset folder")):
+    """Hash every .beton of DATA against the sha256 meta.json recorded at convert (training checks
+    each file once, then its size and mtime)."""
+    from ecvl_fast.loaders.convert import load_meta
+    from ecvl_fast.training.data import verify as run_verify
+
+    meta = load_meta(data)
+    found = run_verify(data, meta, force=True)
+    typer.echo(f"{data}: {', '.join(f'{s}.beton' for s in found)} match meta.json's sha256")
+
+
 def _config(config: Optional[str], overrides: Optional[list[str]], pretrained: Optional[str] = None,
             aliases: list[str] = ()):
     """--config (a file or a preset's name), then the short flags, then --set, then --pretrained."""

@@ -281,15 +281,12 @@ def load_config(path: Path | None = None, overrides: list[str] = ()) -> Config:
 
 def save_config(cfg: Config, path: Path) -> None:
     """The resolved config as TOML, loadable again with --config."""
-    path.write_text(config_toml(cfg))
+    Path(path).write_text(config_toml(cfg))
 
 
 def config_toml(cfg: Config) -> str:
-    lines = []
-    for section, values in cfg.to_dict().items():
-        lines.append(f"[{section}]")
-        for key, value in values.items():
-            text = str(value).lower() if isinstance(value, bool) else repr(value) if isinstance(value, (int, float)) else f'"{value}"'
-            lines.append(f"{key} = {text}")
-        lines.append("")
-    return "\n".join(lines)
+    """The config as TOML, written by a TOML writer: any string a `--set` gave (quotes, newlines)
+    reads back as it was, and cannot add or change a key."""
+    import tomli_w
+
+    return tomli_w.dumps(cfg.to_dict())

@@ -181,7 +181,7 @@ def _progress(phase: str):
             setattr(ffcv.writer, name, fn)
 
 
-def _sha256(path: Path) -> str:
+def sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -263,7 +263,7 @@ def _write_all(src: sources.Source, tmp: Path, o: ConvertOptions) -> dict:
         "imbalance": src.info.get("imbalance"), "seed": o.seed, "source_info": src.info, "format": o.format,
         "max_res": o.max_res, "max_side": largest_side if not o.max_res else min(largest_side, o.max_res),
         "write_seconds": seconds,
-        "sha256": {f"{n}.beton": _sha256(tmp / f"{n}.beton") for n in src.splits},
+        "sha256": {f"{n}.beton": sha256(tmp / f"{n}.beton") for n in src.splits},
         "options": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(o).items()},
     }
 

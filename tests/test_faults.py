@@ -74,26 +74,33 @@ def test_a_class_folder_linking_back_into_the_tree_is_refused(tmp_path, capsys):
     assert not (tmp_path / "d").exists()
 
 
-def test_a_diverging_run_never_saves_a_nonfinite_state(tmp_path, mnist, capsys):
-    """lr = 1e30 with a checkpoint every step: the run stops in one line, and every file it left
-    holds finite weights (the finite check ran every `log_every` steps while saves ran every step)."""
-    err = one_line_error(tiny(tmp_path, mnist, "nan", "stage1.lr=1e30", "run.checkpoint_every=1"), capsys)
-    assert "non-finite" in err and "--restart" in err
+def test_a_diverged_run_resumes_from_a_healthy_checkpoint_with_a_lower_lr(tmp_path, mnist, capsys):
+    """lr = 100 with a checkpoint every step: the run stops in one line, every file it left holds
+    finite weights, and the same command with a lower lr finishes with finite metrics. The last
+    finite checkpoint is no way back (its weights are finite and wrecked): the run resumes its newest
+    healthy one, the one the loss went on well from, or starts over where there is none, and says which."""
+    err = one_line_error(tiny(tmp_path, mnist, "nan", "stage1.lr=100", "run.checkpoint_every=1"), capsys)
+    assert "non-finite" in err and "healthy" in err and "--restart" in err
     saved = list((tmp_path / "nan").glob("*.pt"))
     for path in saved:
         state = torch.load(path, weights_only=True)["model"]
         assert all(torch.isfinite(t).all() for t in state.values() if t.is_floating_point()), path
-    assert not list((tmp_path / "nan").glob(".*.tmp"))
-    if not saved:
-        return
-    # the way out other than --restart: the same command with a lower learning rate resumes the last
-    # finite checkpoint (a config change is refused otherwise)
-    code = main(tiny(tmp_path, mnist, "nan", "stage1.lr=2e-3", "run.checkpoint_every=1"))
-    out = capsys.readouterr()
-    assert "diverged: resuming its last finite checkpoint with stage1.lr (1e+30 -> 0.002)" in out.out, out
+    assert saved and not list((tmp_path / "nan").glob(".*.tmp"))
+    assert main(tiny(tmp_path, mnist, "nan", "stage1.lr=2e-3", "run.checkpoint_every=1")) == 0
+    out = capsys.readouterr().out
+    healthy = (tmp_path / "nan" / "healthy.pt").is_file()
+    assert ("diverged before any healthy checkpoint: starting over with stage1.lr (100.0 -> 0.002)" in out
+            or "diverged: resuming its last healthy checkpoint (healthy.pt, epoch 1, step" in out), out
+    metrics = json.loads((tmp_path / "nan" / "metrics.json").read_text())
+    assert np.isfinite(metrics["all"]) and np.isfinite(metrics["macro_f1"]) and healthy
     assert load_config(tmp_path / "nan" / "config.toml").stage1.lr == 2e-3
-    assert code == 0 or "non-finite" in out.err
-    print("resumed run:", code, out.err[-300:])
+
+
+def test_a_checkpoint_is_healthy_when_the_loss_after_it_is():
+    from ecvl_fast.run.lifecycle import healthy
+
+    assert healthy(2.3, []) and healthy(2.0, [2.3, 2.1, 1.9]) and healthy(6.0, [2.3, 2.1, 1.9])
+    assert not healthy(7.0, [2.3, 2.1, 1.9]) and not healthy(float("nan"), []) and not healthy(float("inf"), [1.0])
 
 
 def test_predict_and_export_refuse_nonfinite_weights(tmp_path, finished, capsys):
@@ -167,6 +174,76 @@ def test_one_writer_per_run_folder(tmp_path, mnist, capsys):
     with RunLock(tmp_path / "run"):
         pass
     assert "no heartbeat for" in capsys.readouterr().out
+
+
+def test_a_lock_naming_a_reused_pid_is_taken_over(tmp_path, finished, capsys):
+    """A .lock naming a pid that runs on this host is not proof of a writer: a process started after
+    the lock was taken reuses the pid, and a writer beats every 30 s. Through the CLI: the same
+    command on a finished run takes each such lock over with one line."""
+    src, args = finished
+    folder = tmp_path / "run"
+    shutil.copytree(src, folder)
+    moved = [f"run.out={folder}" if a == f"run.out={src}" else a for a in args]
+    sleeper = subprocess.Popen(["sleep", "60"])  # a live pid, started now
+    try:
+        days_ago = time.time() - 3 * 86400
+        lock = folder / ".lock"
+        lock.write_text(json.dumps({"pid": sleeper.pid, "host": socket.gethostname(),
+                                    "since": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(days_ago))}))
+        assert main(moved) == 0  # a fresh heartbeat, but the process is younger than the lock
+        assert f"taking over a stale lock (pid {sleeper.pid} runs, but started after the lock was taken: a reused " \
+               "pid)" in capsys.readouterr().out
+        lock.write_text(json.dumps({"pid": sleeper.pid, "host": socket.gethostname(), "started": time.time()}))
+        os.utime(lock, (days_ago, days_ago))  # its own process, with a heartbeat three days old
+        assert main(moved) == 0
+        assert "no heartbeat for" in capsys.readouterr().out and not lock.exists()
+        lock.write_text(json.dumps({"pid": sleeper.pid, "host": socket.gethostname(), "started": time.time()}))
+        assert "in use by pid" in one_line_error(moved, capsys)  # alive, beating, started before: held
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
+def test_a_tampered_export_or_dataset_is_refused_in_one_line(tmp_path, finished, mnist, capsys):
+    """Exports carry a digest of their tensors; a .beton is checked against meta.json's sha256 (hashed
+    once, then its size and mtime), and `verify` hashes every split."""
+    folder, _ = finished
+    assert main(["export", "--ckpt", str(folder / "best.pt"), "--out", str(tmp_path / "m.pt")]) == 0
+    image = tmp_path / "x.png"
+    Image.fromarray(np.zeros((28, 28, 3), np.uint8)).save(image)
+    assert main(["predict", "--ckpt", str(tmp_path / "m.pt"), str(image)]) == 0
+    raw = bytearray((tmp_path / "m.pt").read_bytes())
+    middle = len(raw) // 2
+    raw[middle:middle + 50] = bytes(255 - b for b in raw[middle:middle + 50])
+    (tmp_path / "m.pt").write_bytes(bytes(raw))
+    capsys.readouterr()
+    assert "do not match the digest written at export" in one_line_error(
+        ["predict", "--ckpt", str(tmp_path / "m.pt"), str(image)], capsys)
+    data = tmp_path / "data"
+    shutil.copytree(mnist, data)
+    assert main(["verify", str(data)]) == 0 and "match meta.json's sha256" in capsys.readouterr().out
+    beton = data / "train.beton"
+    raw = bytearray(beton.read_bytes())
+    middle = len(raw) // 2
+    raw[middle:middle + 4096] = np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes()
+    beton.write_bytes(bytes(raw))  # same size: only the content changed (and the mtime)
+    for args in (["verify", str(data)], tiny(tmp_path, data, "t")):
+        assert "train.beton does not match the sha256 meta.json recorded" in one_line_error(args, capsys)
+
+
+def test_config_toml_round_trips_hostile_strings(tmp_path, mnist, capsys):
+    """Quotes, newlines and a fake section in a --set value stay a string: written by a TOML writer,
+    read back as they were, and the dry run prints no injected key."""
+    from ecvl_fast.config import config_toml
+
+    hostile = str(tmp_path / 'a"b') + '\n[run]\nseed = 5\n\\ \u00e9'
+    cfg = load_config(None, [f"run.out={hostile}", f"data.path={mnist}", "model.name=ecvl-tiny-vit", "data.res=32"])
+    (tmp_path / "c.toml").write_text(config_toml(cfg))
+    again = load_config(tmp_path / "c.toml")
+    assert again == cfg and again.run.out == hostile and again.run.seed == 0
+    assert main(["train", "--config", str(tmp_path / "c.toml"), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "seed = 0" in out and "seed = 5\n" not in out.split("[run]")[1].split("out = ")[0]
 
 
 def test_sigint_checkpoints_and_exits_130(tmp_path, mnist):

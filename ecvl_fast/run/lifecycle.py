@@ -34,6 +34,8 @@ from ecvl_fast.run.files import remove_stale_temps
 
 LOCK = ".lock"  # the run folder's writer (RunLock)
 DIVERGED = "diverged"  # left by a run stopped on a non-finite loss: its optimizer settings may change on resume
+HEALTHY = "healthy.pt"  # the newest checkpoint the training went on from without its loss blowing up
+HEALTH_FACTOR = 3.0  # a window's mean loss above this times the median of the earlier ones' is not healthy
 # What a diverged run may change when it resumes its last finite checkpoint
 RETUNABLE = {f"stage{s}.{key}" for s in (1, 2) for key in ("lr", "warmup_epochs", "weight_decay")}
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped on a signal with a checkpoint; run the same command again
@@ -108,9 +110,17 @@ def start(folder: Path, cfg, epochs: int, d: D.Dist, restart: bool, log, stage: 
         return Position(), None
     ckpt = ckpt_io.load(last)  # a different model shows up as a config difference below
     diff = config_diff(ckpt["config"], cfg.to_dict(), stage)
-    if diff and retunable(folder, diff):
-        if d.main:  # the marker stays until a checkpoint with the new settings is written
-            print(f"{folder} diverged: resuming its last finite checkpoint with {'; '.join(diff)}")
+    if diff and retunable(folder, diff):  # the marker stays until a checkpoint with the new settings is written
+        if not (folder / HEALTHY).is_file():
+            if d.main:
+                print(f"{folder} diverged before any healthy checkpoint: starting over with {'; '.join(diff)}")
+            log("event", {"event": "restarted after divergence", "host": socket.gethostname()})
+            return Position(), None
+        ckpt = ckpt_io.load(folder / HEALTHY)
+        at = ckpt["position"]
+        if d.main:
+            where = f"epoch {at['epoch'] + 1}" + (f", step {at['step']}" if at["step"] else "")
+            print(f"{folder} diverged: resuming its last healthy checkpoint ({HEALTHY}, {where}) with {'; '.join(diff)}")
         diff = []
     if diff:
         raise EcvlError(f"{folder} holds a run with another config: {'; '.join(diff)}. Re-run with its config "
@@ -126,6 +136,17 @@ def start(folder: Path, cfg, epochs: int, d: D.Dist, restart: bool, log, stage: 
     if d.main:
         print(f"resuming {folder} at epoch {pos.epoch + 1}" + (f", step {pos.step}" if pos.step else ""))
     return pos, ckpt
+
+
+def healthy(window: float, earlier: list[float]) -> bool:
+    """The mean loss after a checkpoint says whether training went on well from it: finite, and at
+    most HEALTH_FACTOR times the median of the earlier windows' (any finite first window)."""
+    if not math.isfinite(window):
+        return False
+    if not earlier:
+        return True
+    ordered = sorted(earlier)
+    return window <= HEALTH_FACTOR * ordered[len(ordered) // 2]
 
 
 def retunable(folder: Path, diff: list[str]) -> bool:
@@ -167,8 +188,8 @@ class RunLock:
     """One writer per run folder: `.lock` holds the writer's pid, host and start, created
     exclusively and touched every HEARTBEAT_S while the run lives; removed on any exit. A second
     command into a held folder is refused at once. A lock whose holder is gone (its pid no longer
-    runs on this host, or no heartbeat for STALE_S from another node of a shared filesystem) is
-    taken over with one line. Under torchrun the main rank takes it and every rank learns whether
+    runs on this host, or runs as a process started after the lock was taken, or no heartbeat for
+    STALE_S) is taken over with one line. Under torchrun the main rank takes it and every rank learns whether
     it could (`d`), so a refusal stops them all at once."""
 
     HEARTBEAT_S, STALE_S = 30.0, 120.0
@@ -176,7 +197,8 @@ class RunLock:
     def __init__(self, folder: Path, d: D.Dist | None = None):
         self.path, self.d, self.active = Path(folder) / LOCK, d, d is None or d.main
         self._stop = threading.Event()
-        self.me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+        self.me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S"),
+                   "started": time.time()}
 
     def __enter__(self):
         refused = None
@@ -226,11 +248,11 @@ class RunLock:
         if holder is None:
             why = "an unreadable lock file" if age > 5 else None  # a writer may be filling it now
         elif holder.get("host") == self.me["host"]:
-            why = None if _alive(holder.get("pid")) else f"pid {holder.get('pid')} no longer runs"
+            why = _stale_here(holder, age, self.STALE_S)
         else:
             why = f"no heartbeat for {age:.0f} s" if age > self.STALE_S else None
         if why is None:
-            who = f"pid {holder['pid']} on {holder['host']} since {holder['since']}" if holder else "another command"
+            who = f"pid {holder.get('pid')} on {holder.get('host')} since {holder.get('since', '?')}" if holder else "another command"
             raise EcvlError(f"{self.path.parent} is in use by {who}: one run writes to a folder at a time; "
                             "wait for it, stop it, or choose another run.out")
         print(f"{self.path.parent}: taking over a stale lock ({why})")
@@ -242,6 +264,38 @@ class RunLock:
                 os.utime(self.path)
             except OSError:
                 pass
+
+
+def _stale_here(holder: dict, age: float, stale_s: float) -> str | None:
+    """Why a lock taken on this host is stale, or None while its writer runs: its pid is gone; or the
+    pid runs, but that process started after the lock was taken (the pid was reused); or no
+    heartbeat for `stale_s` (the writer's heartbeat thread beats every HEARTBEAT_S while it lives)."""
+    pid = holder.get("pid")
+    if not _alive(pid):
+        return f"pid {pid} no longer runs"
+    taken = holder.get("started")
+    if taken is None:  # a lock from before "started" was written: its local-time "since"
+        try:
+            taken = time.mktime(time.strptime(holder.get("since", ""), "%Y-%m-%d %H:%M:%S"))
+        except (TypeError, ValueError):
+            taken = None
+    began = _process_start(pid)
+    if taken is not None and began is not None and began > taken + 2:  # /proc's start time is to 1/100 s, btime to 1 s
+        return f"pid {pid} runs, but started after the lock was taken: a reused pid"
+    if age > stale_s:
+        return f"no heartbeat for {age:.0f} s"
+    return None
+
+
+def _process_start(pid) -> float | None:
+    """When `pid` started, as Unix time (Linux: /proc/PID/stat's starttime after /proc/stat's btime)."""
+    try:
+        ticks = int(Path(f"/proc/{int(pid)}/stat").read_text().rsplit(")", 1)[1].split()[19])
+        btime = next(int(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                     if line.startswith("btime "))
+        return btime + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration, TypeError):
+        return None
 
 
 def _alive(pid) -> bool:

@@ -162,6 +162,29 @@ def load(path: str | Path, device: str = "auto", tte: int | None = None) -> Mode
 FORMAT = "ecvl-fast-classifier/1"
 
 
+def digest(d: dict) -> str:
+    """sha256 over an exported classifier's tensors and settings, in key order (its own "digest"
+    aside): written at export, checked on load, so a changed or damaged file is refused."""
+    import hashlib
+
+    h = hashlib.sha256()
+
+    def feed(key: str, value) -> None:
+        if isinstance(value, torch.Tensor):
+            h.update(key.encode())
+            h.update(value.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        elif isinstance(value, dict):
+            for k in sorted(value):
+                feed(f"{key}.{k}", value[k])
+        else:
+            h.update(f"{key}={json.dumps(value, sort_keys=True, default=str)}".encode())
+
+    for k in sorted(d):
+        if k != "digest":
+            feed(k, d[k])
+    return h.hexdigest()
+
+
 class Classifier(nn.Module):
     """Preprocessed images -> class probabilities: a Scorer's logits (the image tower with its
     light module, the adapter, the class weights, the test-time views), softmaxed."""
@@ -201,6 +224,9 @@ def load_predictor(path: Path, device: torch.device, views: int | None = None) -
         ckpt_io.load(path)
         raise
     if isinstance(state, dict) and state.get("format") == FORMAT:
+        if "digest" in state and digest(state) != state["digest"]:  # an export from before digests has none
+            raise EcvlError(f"{path}: its weights do not match the digest written at export: the file was changed "
+                            f"or damaged; export it again from its checkpoint ({state.get('source', 'unknown')})")
         return _exported_predictor(state, device, views)
     return _checkpoint_predictor(path, device, views)
 

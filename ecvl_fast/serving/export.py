@@ -21,7 +21,7 @@ import torch
 from ecvl_fast import EcvlError
 from ecvl_fast.run.files import atomic_write
 from ecvl_fast.method.model import ImageTower, Scorer, quick_gelu_of, tte_split
-from ecvl_fast.serving.classifier import FORMAT, Classifier
+from ecvl_fast.serving.classifier import FORMAT, Classifier, digest
 
 
 def export(ckpt: Path, out: Path, fmt: str = "pt", views: int | None = None) -> dict:
@@ -48,6 +48,7 @@ def export(ckpt: Path, out: Path, fmt: str = "pt", views: int | None = None) -> 
     if fmt == "pt":
         payload = {**meta, "visual": visual.state_dict(), "logit_scale": scale, "class_weights": scorer.weights.cpu(),
                    "adapter": None if scorer.adapter is None else scorer.adapter.state_dict()}
+        payload["digest"] = digest(payload)
         atomic_write(out, lambda tmp: torch.save(payload, tmp))
     else:
         slim = Scorer(ImageTower(visual, scale), scorer.weights, scorer.adapter, views=scorer.views)

@@ -9,13 +9,52 @@ from ecvl_fast.config import Config
 from ecvl_fast.run.dist import Dist
 
 
+STAMP = ".verified.json"  # per .beton: the size, mtime and sha256 last found to match meta.json
+
+
+def verify(path: str | Path, meta: dict, force: bool = False) -> dict[str, str]:
+    """Each .beton against the sha256 meta.json recorded at convert. Hashing tens of GB on every run
+    is too slow, so a file is hashed once and stamped (its size and mtime); later opens hash it again
+    only where those changed (a write changes them) or with `force` (`ecvl-fast verify`). What was
+    found, per split: "hashed" or "stamped"."""
+    import json
+
+    from ecvl_fast.loaders.convert import sha256
+    from ecvl_fast.run.files import atomic_write
+
+    folder = Path(path)
+    try:
+        stamp = json.loads((folder / STAMP).read_text())
+    except (OSError, ValueError):
+        stamp = {}
+    found, changed = {}, False
+    for split in meta["images"]:
+        name = f"{split}.beton"
+        st, want = (folder / name).stat(), meta["sha256"].get(name)
+        mark = [st.st_size, st.st_mtime_ns, want]
+        if not force and stamp.get(name) == mark:
+            found[split] = "stamped"
+            continue
+        if want is None or sha256(folder / name) != want:
+            raise EcvlError(f"{folder / name} does not match the sha256 meta.json recorded when it was written: the "
+                            f"file was changed or damaged; convert the dataset again")
+        stamp[name], found[split], changed = mark, "hashed", True
+    if changed:
+        try:
+            atomic_write(folder / STAMP, lambda tmp: tmp.write_text(json.dumps(stamp)))
+        except OSError:  # a read-only dataset: hashed again next time
+            pass
+    return found
+
+
 def open_dataset(path: str | Path) -> dict:
-    """meta.json plus a cheap check of each .beton against it (label count per split).
+    """meta.json plus a check of each .beton against it: its sha256 (`verify`), then its label count.
     The train labels are kept in meta["train_labels"] (the momentum bank needs them)."""
     from ecvl_fast.loaders.convert import load_meta
     from ecvl_fast.loaders.ffcv_loader import read_labels
 
     meta = load_meta(Path(path))
+    verify(path, meta)
     for split, n in meta["images"].items():
         labels = read_labels(Path(path) / f"{split}.beton")
         if len(labels) != n:

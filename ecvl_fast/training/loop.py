@@ -17,7 +17,7 @@ import math
 import shutil
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -63,6 +63,7 @@ class Run:
     adjust: torch.Tensor | None = None  # stage 2: tau * log(class prior), stage2.logit_adjust
     best: float = -math.inf  # the best validation score so far
     amp: torch.dtype = torch.float32  # compute dtype (run.precision)
+    health: list = field(default_factory=list)  # the mean loss between consecutive checkpoints (lifecycle.healthy)
     scaler: torch.amp.GradScaler | None = None  # fp16 only; a pass-through otherwise
 
 
@@ -255,6 +256,7 @@ class EpochMeter:
         self.first_bad = torch.full((), -1, dtype=torch.int64, device=dev)
         self.streak = torch.zeros((), dtype=torch.int64, device=dev)
         self.images, self.timed = carry.get("images", 0), 0
+        self.steps, self.mark = 0, (carry.get("loss_sum", 0.0), 0)  # the loss sum and steps at the last checkpoint
 
     def add(self, loss: torch.Tensor, batch: int, gstep: int) -> None:
         finite = torch.isfinite(loss)
@@ -266,6 +268,7 @@ class EpochMeter:
         self.total += torch.nan_to_num(loss, nan=0.0, posinf=0.0, neginf=0.0)
         self.images += batch * self.run.d.world_size
         self.timed += batch * self.run.d.world_size
+        self.steps += 1
 
     def check_finite(self) -> None:
         _check_finite(self.first_bad, self.run)  # sync point
@@ -278,6 +281,15 @@ class EpochMeter:
         (so a resume with another world size logs the right mean), and the images seen."""
         d = self.run.d
         return {"loss_sum": float(D.all_reduce_sum(self.total.detach().clone())) / d.world_size, "images": self.images}
+
+    def since_checkpoint(self) -> float | None:
+        """The mean loss since the last checkpoint (or the epoch's start), over every rank: whether
+        the training went on healthily from that checkpoint (`lifecycle.healthy`). A sync point."""
+        total = self.carry()["loss_sum"]
+        n = self.steps - self.mark[1]
+        mean = (total - self.mark[0]) / n if n else None
+        self.mark = (total, self.steps)
+        return mean
 
     def train_loss(self, steps: int) -> float:
         return float(D.all_reduce_sum(self.total) / (steps * self.run.d.world_size))
@@ -312,7 +324,7 @@ def train_epoch(run: Run, loader, epoch: int, log, stop: lifecycle.StopSignal | 
             _save_mid_epoch(run, epoch, step + 1, meter)
     if run.bank is not None:
         _memory_epoch_end(run, log, epoch)
-    return {"train_loss": meter.train_loss(steps), "img_s": meter.img_s()}
+    return {"train_loss": meter.train_loss(steps), "img_s": meter.img_s(), "window": meter.since_checkpoint()}
 
 
 def _stop_if_signalled(run: Run, stop, epoch: int, step: int, meter: EpochMeter) -> None:
@@ -334,7 +346,8 @@ def _save_mid_epoch(run: Run, epoch: int, step: int, meter: EpochMeter) -> None:
     """A checkpoint that resumes at `step` of `epoch`: this epoch's running sums over every rank
     (the loss, the bank's per-sample sums) go with it. Every rank calls it (collectives)."""
     partial = run.bank.partial_state(D.all_reduce_sum) if run.bank is not None else None
-    save_checkpoint(run, lifecycle.Position(epoch, step, run.best, meter.carry()), partial=partial)
+    save_checkpoint(run, lifecycle.Position(epoch, step, run.best, meter.carry()), partial=partial,
+                    window=meter.since_checkpoint())
 
 
 def _check_finite(first_bad: torch.Tensor, run: Run) -> None:
@@ -353,8 +366,8 @@ def _last_good(run: Run) -> str:
         return f"no checkpoint written yet; lower {lr} and run again"
     if run.d.main:
         lifecycle.mark_diverged(run.out)
-    return (f"the last finite checkpoint {last} is left intact; run the same command with a lower {lr} to resume "
-            "from it, or pass --restart to start over")
+    return (f"run the same command with a lower {lr}: it resumes from the newest healthy checkpoint "
+            f"({run.out / lifecycle.HEALTHY}), or starts over where there is none; --restart starts over")
 
 
 def _finite_weights(run: Run) -> bool:
@@ -376,20 +389,30 @@ def evaluate_split(run: Run, loader) -> dict:
     return shot_metrics(preds, labels, run.meta)
 
 
-def save_checkpoint(run: Run, pos: lifecycle.Position, is_best: bool = False, partial: dict | None = None) -> None:
+def save_checkpoint(run: Run, pos: lifecycle.Position, is_best: bool = False, partial: dict | None = None,
+                    window: float | None = None) -> None:
     """last.pt (temp file, then rename), resuming at `pos`; best.pt a copy of it at epoch ends.
-    A state with non-finite weights is never saved."""
+    A state with non-finite weights is never saved. `window`: the mean loss since the last
+    checkpoint; where it is healthy, that checkpoint (the last.pt being replaced) becomes
+    healthy.pt, what a diverged run resumes from: finite weights are not enough (a loss that
+    explodes leaves finite, wrecked weights one step before the first NaN)."""
     if not _finite_weights(run):
         raise EcvlError(f"non-finite weights at epoch {pos.epoch + (pos.step != 0)}, not saved ({_last_good(run)})")
+    healthy = window is not None and lifecycle.healthy(window, run.health)
+    if window is not None:
+        run.health = (run.health + [window])[-100:]
     if not run.d.main:
         return
+    last = run.out / "last.pt"
+    if healthy and last.is_file():
+        atomic_write(run.out / lifecycle.HEALTHY, lambda tmp: shutil.copyfile(last, tmp))
     payload = {"model": run.net.state_dict(), "optimizer": run.opt.state_dict(),
                "scheduler": run.sched.state_dict(), "epoch": pos.epoch, "stage": run.stage, "best": pos.best,
                "position": {"epoch": pos.epoch, "step": pos.step, "carry": pos.carry},
                "scaler": run.scaler.state_dict(),
                "rng": ckpt_io.rng_state(), "config": run.cfg.to_dict(), "model_name": run.cfg.model.name,
                "num_classes": len(run.meta["classes"]), "classes": run.meta["classes"],
-               "quick_gelu": quick_gelu_of(run.net)}
+               "quick_gelu": quick_gelu_of(run.net), "health": run.health}
     if run.stage == 2:
         payload |= {**two.state(run.stage2), "momentum": {**run.bank.state_dict(), **(partial or {})}}
     ckpt_io.save(run.out / "last.pt", payload)
@@ -403,6 +426,7 @@ def restore(run: Run, c: dict) -> None:
     if c["stage"] != run.stage:
         raise EcvlError(f"{run.out / 'last.pt'}: a stage {c['stage']} checkpoint, resuming stage {run.stage}")
     run.net.load_state_dict(c["model"])
+    run.health = list(c.get("health", []))
     if run.stage == 2:
         two.load(run.stage2, c)
         run.bank.load_state_dict(c["momentum"], partial=run.d.main)
@@ -475,7 +499,7 @@ def _train(cfg: Config, d: D.Dist, stage: int, folder: Path, restart: bool, stop
         loader = train_loader(cfg, d, meta, order, views=cfg.stage2.views, memory=_memory(cfg, run.bank))
     if d.main:
         run.out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run.out / "config.toml")
+        atomic_write(run.out / "config.toml", lambda tmp: save_config(cfg, tmp))
     if ckpt is not None:
         restore(run, ckpt)
     run.best = pos.best
@@ -486,7 +510,8 @@ def _train(cfg: Config, d: D.Dist, stage: int, folder: Path, restart: bool, stop
         scores = evaluate_split(run, val) if val is not None else None
         score = scores["all"] if scores is not None else float(epoch)  # train-last without a val split
         log.epoch_end(epoch, stats, run.sched.get_last_lr()[0], scores)
-        save_checkpoint(run, lifecycle.Position(epoch + 1, 0, max(run.best, score)), score > run.best)
+        save_checkpoint(run, lifecycle.Position(epoch + 1, 0, max(run.best, score)), score > run.best,
+                        window=stats["window"])
         run.best = max(run.best, score)
         if epoch + 1 < sc.epochs and stop.agreed(d):  # sync point, once per epoch
             raise lifecycle.Preempted(f"stopped by {stop.name} after epoch {epoch + 1}; checkpoint "
