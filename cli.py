@@ -13,7 +13,7 @@ import typer
 
 from ecvl_fast import EcvlError
 from ecvl_fast.bench import tables
-from ecvl_fast.loaders.convert import DATASETS, DEFAULT_MAX_RES
+from ecvl_fast.loaders.convert import DATASETS, DEFAULT_MAX_PIXELS, DEFAULT_MAX_RES
 from ecvl_fast.experiments.demo import DEMO_DATA
 from ecvl_fast.method.rows import DEFAULT_ROWS
 
@@ -139,6 +139,8 @@ def convert(
     val_per_class: int = typer.Option(0, help="tiny-imagenet-lt: a val split of this many spare train images per class"),
     format: str = typer.Option("raw", help="raw | jpg"),
     max_res: int = typer.Option(DEFAULT_MAX_RES, help="longest side kept, in pixels (larger images are shrunk; 0 keeps every size)"),
+    max_pixels: int = typer.Option(DEFAULT_MAX_PIXELS, help="refuse (or, with --skip-bad, skip) an image with more pixels, "
+                                                            "read from its header before decoding (0: no limit)"),
     jpeg_quality: int = typer.Option(90),
     workers: int = typer.Option(2),
     overwrite: bool = typer.Option(False),
@@ -164,7 +166,10 @@ def verify(data: Path = typer.Argument(..., help="a converted dataset folder")):
 
     meta = load_meta(data)
     found = run_verify(data, meta, force=True)
-    typer.echo(f"{data}: {', '.join(f'{s}.beton' for s in found)} match meta.json's sha256")
+    hashed = [f"{s}.beton" for s, how in found.items() if how == "hashed"]
+    none = [f"{s}.beton" for s, how in found.items() if how == "unrecorded"]
+    typer.echo(f"{data}: {', '.join(hashed) or 'no split'} match meta.json's sha256"
+               + (f"; meta.json records none for {', '.join(none)}" if none else ""))
 
 
 def _config(config: Optional[str], overrides: Optional[list[str]], pretrained: Optional[str] = None,

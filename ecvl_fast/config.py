@@ -6,6 +6,7 @@ An unknown section or key, or a value of the wrong type, is an error before any 
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -198,8 +199,8 @@ def _merge(cfg: Config, section: str, key: str, value, where: str) -> Config:
     high = AT_MOST.get((section, key))
     if high is not None and value > high:
         raise EcvlError(f"{where}: {section}.{key} must be at most {high}, not {value}")
-    if (section, key) in POSITIVE and not value > 0:  # also NaN
-        raise EcvlError(f"{where}: {section}.{key} must be greater than 0, not {value}")
+    if (section, key) in POSITIVE and not (value > 0 and math.isfinite(value)):  # also NaN, inf and 1e400
+        raise EcvlError(f"{where}: {section}.{key} must be a finite number greater than 0, not {value}")
     if (section, key) == ("aug", "lol_accept") and not 0 <= value < 1:
         raise EcvlError(f"{where}: {section}.{key} is an accuracy in [0, 1), not {value}")
     allowed = CHOICES.get((section, key))

@@ -12,6 +12,7 @@ import gc
 import hashlib
 import json
 import multiprocessing as mp
+import os
 import shutil
 import tempfile
 import time
@@ -31,6 +32,7 @@ MIN_PAGE = 1 << 21  # ffcv's minimum page size
 # image, so one 8000 x 8000 photo made a 200-image set 1 GB and asked 61 GB of the loader; 512
 # keeps twice a 224-px model's decode size (256).
 DEFAULT_MAX_RES = 512
+DEFAULT_MAX_PIXELS = 64_000_000  # 8000 x 8000: above any camera's photo; decoding one takes ~0.2 GB per worker
 
 
 @dataclass(frozen=True)
@@ -49,6 +51,7 @@ class ConvertOptions:
     val_per_class: int = 0
     format: str = "raw"
     max_res: int = DEFAULT_MAX_RES  # 0: keep every image at its own size
+    max_pixels: int = DEFAULT_MAX_PIXELS  # images larger than this are refused from their header (0: no limit)
     jpeg_quality: int = 90
     workers: int = 2
     overwrite: bool = False
@@ -87,19 +90,25 @@ def shot_groups(train_counts: np.ndarray, many: int = 100, few: int = 20) -> dic
     }
 
 
-def _probe(path: str) -> tuple[str, int, int] | tuple[str, str]:
+def _probe(path: str, max_pixels: int = 0) -> tuple[str, int, int] | tuple[str, str]:
+    """("ok", width, height), or ("bad", why): decoded once; an image over `max_pixels` is refused
+    from its header, before it is decoded (a small file can hold a huge image)."""
     from PIL import Image
 
     try:
         with Image.open(path) as im:
-            im = im.convert("RGB")
-            im.load()
-            return ("ok", im.width, im.height)
+            if max_pixels and im.width * im.height > max_pixels:
+                return ("bad", f"{im.width} x {im.height} = {im.width * im.height / 1e6:.1f} megapixels, over "
+                               f"--max-pixels {max_pixels:,}")
+            w, h = im.width, im.height
+            sources.rgb(im)
+            return ("ok", w, h)
     except Exception as e:
         return ("bad", first_line(e))
 
 
-def check_images(split: sources.Split, workers: int, skip_bad: bool, name: str, max_res: int = 0):
+def check_images(split: sources.Split, workers: int, skip_bad: bool, name: str, max_res: int = 0,
+                 max_pixels: int = 0):
     """Decode every file once, so a corrupt image (or one too large to decode, PIL's decompression
     bomb limit) is named before ffcv's workers see it.
 
@@ -110,7 +119,7 @@ def check_images(split: sources.Split, workers: int, skip_bad: bool, name: str, 
         side = max(split.images.shape[1:3])
         return split, side, [], len(split) if max_res and side > max_res else 0
     with mp.get_context("fork").Pool(max(1, workers)) as pool:
-        results = pool.map(_probe, split.paths, chunksize=64)
+        results = pool.map(functools.partial(_probe, max_pixels=max_pixels), split.paths, chunksize=64)
     bad = [(p, r[1]) for p, r in zip(split.paths, results) if r[0] == "bad"]
     if bad and not skip_bad:
         raise EcvlError(f"{bad[0][0]}: corrupt or unreadable image in {name} ({bad[0][1]}); "
@@ -137,7 +146,7 @@ class _Rows:
             from PIL import Image
 
             with Image.open(self.split.paths[i]) as im:
-                img = np.asarray(im.convert("RGB"))
+                img = sources.rgb(im)
         return img, int(self.split.labels[i]), int(i)
 
 
@@ -224,7 +233,9 @@ def convert(o: ConvertOptions) -> dict:
     # waits on the dead worker forever (seen once in a full test run).
     gc.collect()
     o.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{o.out.name}.tmp-", dir=o.out.parent.resolve()))
+    prefix = f".{o.out.name[:100]}.tmp-"  # a legal 255-byte name leaves no room for more: keep the temp's short
+    _remove_killed_temps(o.out.parent, prefix)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-", dir=o.out.parent.resolve()))
     try:
         meta = _write_all(src, tmp, o)
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
@@ -237,10 +248,26 @@ def convert(o: ConvertOptions) -> dict:
     return meta
 
 
+def _remove_killed_temps(parent: Path, prefix: str) -> None:
+    """Temp folders a killed convert into the same --out left (`prefix` + its pid): removed, with one line."""
+    for p in Path(parent).glob(f"{prefix}*"):
+        try:
+            pid = int(p.name[len(prefix):].split("-")[0])
+            os.kill(pid, 0)
+            continue  # its writer still runs
+        except ProcessLookupError:
+            pass
+        except (ValueError, PermissionError):
+            continue  # not ours, or another user's live process
+        size = sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
+        shutil.rmtree(p, ignore_errors=True)
+        print(f"removed {p}, a killed convert's temp folder ({size / 1e6:.1f} MB)")
+
+
 def _write_all(src: sources.Source, tmp: Path, o: ConvertOptions) -> dict:
     skipped, images, seconds, largest_side = {}, {}, {}, 0
     for name in list(src.splits):
-        split, largest, bad, over = check_images(src.splits[name], o.workers, o.skip_bad, name, o.max_res)
+        split, largest, bad, over = check_images(src.splits[name], o.workers, o.skip_bad, name, o.max_res, o.max_pixels)
         src.splits[name], skipped[name] = split, bad
         if over:
             print(f"{name}: {over} images larger than {o.max_res} px on their longest side are shrunk to it "

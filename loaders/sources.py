@@ -18,6 +18,18 @@ IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", 
 MNIST_NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 
 
+def rgb(im) -> np.ndarray:
+    """uint8 [H, W, 3] from any PIL image. PIL's convert("RGB") clips 16- and 32-bit grey ("I;16",
+    "I") at 255, which stores a 16-bit scan almost white: those are scaled to 8 bits instead (a
+    16-bit range divided by 257; an "I" image whose values fit 8 bits kept as they are)."""
+    if not (im.mode.startswith("I;16") or im.mode in ("I", "F")):
+        return np.asarray(im.convert("RGB"))
+    a = np.asarray(im, dtype=np.float64)
+    top = 1.0 if im.mode == "F" and a.max() <= 1 else 65535.0 if im.mode.startswith("I;16") or a.max() > 255 else 255.0
+    grey = np.clip(np.round(a / top * 255), 0, 255).astype(np.uint8)
+    return np.repeat(grey[..., None], 3, axis=2)
+
+
 @dataclass
 class Split:
     labels: np.ndarray

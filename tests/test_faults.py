@@ -50,11 +50,15 @@ def finished(tmp_path_factory, mnist):
 def test_settings_and_data_that_would_train_nothing_are_refused_before_any_work(tmp_path, mnist, capsys):
     for setting, says in (("stage2.epochs=0", "stage2.epochs must be at least 1"),
                           ("stage1.epochs=-3", "stage1.epochs must be at least 0"),
-                          ("stage1.lr=-1e-3", "stage1.lr must be greater than 0"),
-                          ("stage2.lr=nan", "stage2.lr must be greater than 0"),
+                          ("stage1.lr=-1e-3", "stage1.lr must be a finite number greater than 0"),
+                          ("stage2.lr=nan", "stage2.lr must be a finite number greater than 0"),
+                          ("stage2.lr=inf", "stage2.lr must be a finite number greater than 0, not inf"),
+                          ("stage2.lr=1e400", "stage2.lr must be a finite number greater than 0, not inf"),
                           ("data.batch_size=0", "data.batch_size must be at least 1"),
                           ("data.batch_size=5000", "988 train images, fewer than one batch")):
         assert says in one_line_error(tiny(tmp_path, mnist, "none", setting), capsys), setting
+    assert "stage 1 trains ecvl-small-rn's BatchNorm layers, which need at least 2" in one_line_error(
+        tiny(tmp_path, mnist, "none", "data.batch_size=1", "model.name=ecvl-small-rn"), capsys)
     assert not (tmp_path / "none" / "last.pt").exists()
     # one class: nothing to tell apart
     root = tmp_path / "one"
@@ -212,6 +216,8 @@ def test_a_tampered_export_or_dataset_is_refused_in_one_line(tmp_path, finished,
     image = tmp_path / "x.png"
     Image.fromarray(np.zeros((28, 28, 3), np.uint8)).save(image)
     assert main(["predict", "--ckpt", str(tmp_path / "m.pt"), str(image)]) == 0
+    assert "an exported classifier (ecvl-fast export), which predict and the Python API read" in one_line_error(
+        ["eval", "--ckpt", str(tmp_path / "m.pt"), "--data", str(mnist)], capsys)
     raw = bytearray((tmp_path / "m.pt").read_bytes())
     middle = len(raw) // 2
     raw[middle:middle + 50] = bytes(255 - b for b in raw[middle:middle + 50])
@@ -244,6 +250,51 @@ def test_config_toml_round_trips_hostile_strings(tmp_path, mnist, capsys):
     assert main(["train", "--config", str(tmp_path / "c.toml"), "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "seed = 0" in out and "seed = 5\n" not in out.split("[run]")[1].split("out = ")[0]
+
+
+def test_odd_inputs_that_used_to_get_through(tmp_path, finished, mnist, capsys):
+    """A checkpoint whose class names are not the data's (same count), a torn last line in
+    log.jsonl, 16-bit PNGs, an image over --max-pixels, a 250-character --out and a killed
+    convert's temp folder."""
+    src, args = finished
+    data = tmp_path / "renamed"
+    shutil.copytree(mnist, data)
+    meta = json.loads((data / "meta.json").read_text())
+    meta["classes"][3] = "tree"
+    (data / "meta.json").write_text(json.dumps(meta))
+    err = one_line_error(["eval", "--ckpt", str(src / "last.pt"), "--data", str(data)], capsys)
+    assert "class 3 is 'three' in the checkpoint and 'tree' in the data" in err
+    folder = tmp_path / "torn"
+    shutil.copytree(src, folder)
+    with open(folder / "log.jsonl", "a") as f:
+        f.write('{"time": "2026-12-05T10:00:00", "kind": "ste')  # a writer killed mid-line
+    (folder / "metrics.json").unlink()  # the end of the run again: its report and plots
+    assert main([f"run.out={folder}" if a == f"run.out={src}" else a for a in args]) == 0
+    assert (folder / "metrics.json").is_file() and (folder / "curves.png").is_file()
+    lines = (folder / "log.jsonl").read_text().splitlines()
+    assert lines[-1].startswith("{") and json.loads(lines[-1])  # a new record starts on a line of its own
+    # a 16-bit greyscale scan: scaled to 8 bits, not clipped to white
+    ramp = np.tile(np.linspace(0, 65535, 64).round().astype(np.uint16), (32, 1))
+    root = tmp_path / "scans"
+    for split in ("train", "test"):
+        for c in ("a", "b"):
+            (root / split / c).mkdir(parents=True)
+            Image.fromarray(ramp).save(root / split / c / "0.png")
+    assert Image.open(root / "train" / "a" / "0.png").mode.startswith("I")
+    name = "x" * 250  # a legal name, with no room to spare for a temp folder's suffix
+    stale = tmp_path / f".{name[:100]}.tmp-99999999-killed"  # a killed convert's (no such pid)
+    stale.mkdir()
+    (stale / "train.beton").write_bytes(b"\0" * 4096)
+    assert main(["convert", "folder", "--source", str(root), "--out", str(tmp_path / name)]) == 0
+    assert f"removed {stale}, a killed convert's temp folder" in capsys.readouterr().out and not stale.exists()
+    from ecvl_fast.loaders.ffcv_loader import make_loader
+
+    images, _, _ = next(iter(make_loader(tmp_path / name / "train.beton", "sequential", 2, 64, workers=1)))
+    want = np.round(ramp / 257)
+    assert np.abs(images[0, :32, :64, 0].numpy() - want).max() <= 1 and images[0, :32, :64].numpy().max() == 255
+    err = one_line_error(["convert", "folder", "--source", str(root), "--out", str(tmp_path / "big"),
+                          "--max-pixels", "1000"], capsys)
+    assert "64 x 32 = 0.0 megapixels, over --max-pixels 1,000" in err and "--skip-bad" in err
 
 
 def test_sigint_checkpoints_and_exits_130(tmp_path, mnist):

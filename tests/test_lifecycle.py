@@ -157,6 +157,7 @@ def test_tensorboard_gets_loss_lr_throughput_val_groups_and_m(tmp_path, mnist):
     shutil.copy(data / "test.beton", data / "val.beton")
     meta = json.loads((data / "meta.json").read_text())
     meta["images"]["val"] = meta["images"]["test"]
+    meta["sha256"]["val.beton"] = meta["sha256"]["test.beton"]  # the same file
     (data / "meta.json").write_text(json.dumps(meta))
     path, sets = setup_run(tmp_path, data, "tb", epochs=1,
                            extra=["run.tensorboard=true", "stage2.init=none", "stage2.epochs=1", "run.log_every=5"])

@@ -189,6 +189,7 @@ def test_eval_tte_and_tau_auto_on_a_val_split(lift_run, mnist, tmp_path, capsys)
     shutil.copy(mnist / "test.beton", data / "val.beton")
     meta = json.loads((data / "meta.json").read_text())
     meta["images"]["val"] = meta["images"]["test"]
+    meta["sha256"]["val.beton"] = meta["sha256"]["test.beton"]  # the same file
     (data / "meta.json").write_text(json.dumps(meta))
     assert main(["eval", "--ckpt", str(ckpt), "--data", str(data), "--tau", "auto", "--out", str(tmp_path / "a")]) == 0
     assert "best mean per-class accuracy on the val split" in capsys.readouterr().out

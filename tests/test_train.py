@@ -209,8 +209,8 @@ def test_foreign_beton_and_wrong_checkpoint(tmp_path, mnist, capsys, split_datas
     data = tmp_path / "copy"
     shutil.copytree(mnist, data)
     shutil.copyfile(data / "test.beton", data / "train.beton")
-    assert "not this dataset's file" in cli_error(["eval", "--zero-shot", "--data", str(data), "--set", "model.name=ecvl-tiny-vit",
-                                                   "--set", "data.res=32"], capsys)
+    assert "train.beton does not match the sha256 meta.json recorded" in cli_error(
+        ["eval", "--zero-shot", "--data", str(data), "--set", "model.name=ecvl-tiny-vit", "--set", "data.res=32"], capsys)
     (data / "train.beton").write_bytes(b"\0" * 100)
     assert "train.beton" in cli_error(["eval", "--zero-shot", "--data", str(data)], capsys)
     junk = tmp_path / "junk.pt"

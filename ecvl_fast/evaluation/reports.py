@@ -10,7 +10,7 @@ import numpy as np
 from ecvl_fast import EcvlError
 from ecvl_fast.evaluation.metrics import METRICS
 from ecvl_fast.method.rows import LABELS
-from ecvl_fast.run.logs import QUANTILE_NAMES
+from ecvl_fast.run.logs import QUANTILE_NAMES, read_log
 
 EMPTY = "–"  # how the tables show a metric of an empty shot group (null in the JSON files)
 PAIRED = ("few", "macro_f1", "all")  # the metrics an ablation sets against BALLAD and the controls, seed by seed
@@ -117,7 +117,7 @@ def print_table(metrics: dict, title: str, rows: dict[str, dict] | None = None) 
 
 def plot_curves(log_path: Path, path: Path, title: str) -> None:
     """The run's training loss (each logged step, and each epoch's mean) and validation accuracy."""
-    records = [json.loads(line) for line in Path(log_path).read_text().splitlines()]
+    records = read_log(log_path)
     steps = [(r["step"], r["loss"]) for r in records if r.get("kind") == "step"]
     epochs = [r for r in records if r.get("kind") == "epoch"]
     plt = pyplot() if steps else None
@@ -150,7 +150,7 @@ def plot_m_by_group(log_path: Path, path: Path, title: str = "") -> None:
     if plt is None:
         return
 
-    rows = [json.loads(line) for line in Path(log_path).read_text().splitlines()]
+    rows = read_log(log_path)
     rows = [r for r in rows if "m_by_group" in r]
     if not rows:
         return

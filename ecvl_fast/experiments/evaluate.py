@@ -52,6 +52,7 @@ def run_eval(cfg: Config, data: Path | None, ckpt: Path | None, split: str, out:
         meta = open_dataset(cfg.data.path)
         if state is not None:
             ckpt_io.check(state, ckpt, model_name=cfg.model.name, num_classes=len(meta["classes"]))
+            ckpt_io.check_classes(state, ckpt, meta["classes"], cfg.data.path)
         if tau == "auto" and "val" not in meta["images"]:
             raise EcvlError(f"--tau auto chooses tau on the val split, and {cfg.data.path} has none "
                             "(convert with --val-per-class N)")

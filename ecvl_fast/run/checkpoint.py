@@ -27,6 +27,9 @@ def load(path: Path, *, model_name: str | None = None, num_classes: int | None =
     except Exception as e:
         raise EcvlError(f"{path}: not a readable ecvl-fast checkpoint, truncated or foreign "
                         f"({first_line(e)}){elsewhere(path)}") from None
+    if isinstance(ckpt, dict) and str(ckpt.get("format", "")).startswith("ecvl-fast-classifier"):
+        raise EcvlError(f"{path}: an exported classifier (ecvl-fast export), which predict and the Python API read; "
+                        f"this command needs a training checkpoint (last.pt or best.pt in a run folder)")
     if not isinstance(ckpt, dict) or any(k not in ckpt for k in REQUIRED):
         raise EcvlError((f"{path}: not an ecvl-fast checkpoint (missing {[k for k in REQUIRED if k not in ckpt]})"
                          if isinstance(ckpt, dict) else f"{path}: not an ecvl-fast checkpoint") + elsewhere(path))
@@ -59,6 +62,15 @@ def check(ckpt: dict, path: Path, *, model_name: str | None = None, num_classes:
     if num_classes is not None and ckpt["num_classes"] != num_classes:
         raise EcvlError(f"{path}: checkpoint has {ckpt['num_classes']} classes, the dataset {num_classes}")
     return ckpt
+
+
+def check_classes(ckpt: dict, path: Path, classes: list[str], data) -> None:
+    """The same class count is not the same classes: scores would be filed under the wrong names."""
+    saved = ckpt.get("classes")
+    if saved is not None and list(saved) != list(classes):
+        i = next(i for i, (a, b) in enumerate(zip(saved, classes)) if a != b)
+        raise EcvlError(f"{path}: its classes are not {data}'s: class {i} is {saved[i]!r} in the checkpoint and "
+                        f"{classes[i]!r} in the data; evaluating would file its scores under the wrong names")
 
 
 def rng_state() -> dict:

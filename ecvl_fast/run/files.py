@@ -19,7 +19,7 @@ DISK_ERRORS = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk 
 
 def temp_path(path: Path) -> Path:
     """A temp name no other writer uses (the pid), hidden beside the target."""
-    return path.with_name(f".{path.name}.{os.getpid()}{TMP_SUFFIX}")
+    return path.with_name(f".{path.name[:150]}.{os.getpid()}{TMP_SUFFIX}")  # a 255-byte name leaves no room
 
 
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:

@@ -23,6 +23,17 @@ def _clock(seconds: float) -> str:
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
+def read_log(path: Path) -> list[dict]:
+    """The records of a log.jsonl; a line a killed writer left torn is skipped."""
+    records = []
+    for line in Path(path).read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            continue
+    return records
+
+
 class RunLog:
     def __init__(self, folder: Path, main: bool, epochs: int, stage: int, tensorboard: bool = False,
                  interactive: bool | None = None):
@@ -30,6 +41,11 @@ class RunLog:
         self.interactive = sys.stdout.isatty() if interactive is None else interactive
         self.t0, self.done = time.time(), 0  # this process's start, and epochs it finished
         self.tb = _tensorboard(folder / "tb") if tensorboard and main else None
+        if main and self.path.is_file() and self.path.stat().st_size:
+            with open(self.path, "rb+") as f:  # a killed writer's torn last line: the next record starts afresh
+                f.seek(-1, 2)
+                if f.read(1) != b"\n":
+                    f.write(b"\n")
 
     def __call__(self, kind: str, record: dict) -> None:
         """One JSON line of a `kind` (KINDS), with the wall-clock time; scalars also to TensorBoard."""

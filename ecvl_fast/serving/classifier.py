@@ -59,11 +59,13 @@ def decode(image, load_res: int, res: int, crops: int = 1) -> np.ndarray:
     from ecvl_fast.loaders.draws import centre_boxes, five_crop_boxes
     from ecvl_fast.training.data import five_crop_resize
 
+    from ecvl_fast.loaders.sources import rgb
+
     if isinstance(image, Image.Image):
-        img = np.asarray(image.convert("RGB"))
+        img = rgb(image)
     else:
         with Image.open(image) as im:
-            img = np.asarray(im.convert("RGB"))
+            img = rgb(im)
     h, w = img.shape[:2]
     short = load_res if crops == 1 else five_crop_resize(res)  # as training.data.eval_loader decodes
     (fh,), (fw,) = fitted([h], [w], short, canvas_side(short, max(h, w)))

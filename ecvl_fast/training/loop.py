@@ -99,6 +99,11 @@ def build_run(cfg: Config, d: D.Dist, meta: dict, steps_per_epoch: int, stage: i
     if stage == 2:
         _init_stage2(run, meta)
     check_forward(net, run.tokens, cfg.data.res, cfg.model.name)
+    if stage == 1 and cfg.data.batch_size // d.world_size < 2 and \
+            any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in net.modules()):
+        raise EcvlError(f"data.batch_size = {cfg.data.batch_size} is {cfg.data.batch_size // d.world_size} image per "
+                        f"process: stage 1 trains {cfg.model.name}'s BatchNorm layers, which need at least 2; "
+                        f"raise data.batch_size")
     trainable = run.stage2 if stage == 2 else net
     params = [p for p in trainable.parameters() if p.requires_grad]
     if stage == 2 and cfg.stage2.optimizer == "sgd":  # LIFT's: momentum 0.9
