@@ -297,6 +297,23 @@ def test_odd_inputs_that_used_to_get_through(tmp_path, finished, mnist, capsys):
     assert "64 x 32 = 0.0 megapixels, over --max-pixels 1,000" in err and "--skip-bad" in err
 
 
+def test_eval_leaves_a_held_run_folder_alone_and_checks_its_folder_first(tmp_path, finished, capsys):
+    """A running train holds its folder: eval's report goes where --out says. A folder the report
+    cannot go to is one line before the evaluation, not after it."""
+    src, _ = finished
+    folder = tmp_path / "run"
+    shutil.copytree(src, folder)
+    (folder / ".lock").write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                                              "started": time.time() - 5}))
+    err = one_line_error(["eval", "--ckpt", str(folder / "last.pt")], capsys)
+    assert f"is being written by a running train (pid {os.getpid()}" in err and "--out" in err
+    assert not (folder / "eval-test").exists()
+    assert "the report cannot be written there" in one_line_error(
+        ["eval", "--ckpt", str(folder / "last.pt"), "--out", "/proc/ecvl-fast-report"], capsys)
+    assert main(["eval", "--ckpt", str(folder / "last.pt"), "--out", str(tmp_path / "report")]) == 0
+    assert (tmp_path / "report" / "metrics.json").is_file()
+
+
 def test_sigint_checkpoints_and_exits_130(tmp_path, mnist):
     from test_lifecycle import signal_mid_epoch
 

@@ -38,6 +38,19 @@ def choose_tau(logits: np.ndarray, labels: np.ndarray, train_counts) -> tuple[fl
     return max(TAUS, key=lambda t: (scores[t], -t)), scores
 
 
+def _check_report_folder(where: Path, out: Path | None, ckpt: Path | None) -> None:
+    """Before the work: a run folder a running `train` holds is its alone, and the report's folder
+    must be writable. Either way, --out names another."""
+    from ecvl_fast.run.lifecycle import held_by, writable
+
+    if out is None and ckpt is not None and (holder := held_by(ckpt.parent)):
+        raise EcvlError(f"{ckpt.parent} is being written by a running train ({holder}): pass --out DIR for "
+                        f"this evaluation's report")
+    reason = writable(where)
+    if reason:
+        raise EcvlError(f"{where}: the report cannot be written there ({reason}); pass --out DIR")
+
+
 def run_eval(cfg: Config, data: Path | None, ckpt: Path | None, split: str, out: Path | None,
              tau: float | str = 0.0, views: int | None = None) -> dict:
     """`tau`: post-hoc logit adjustment, a number, or "auto": chosen on the val split first (then
@@ -48,6 +61,8 @@ def run_eval(cfg: Config, data: Path | None, ckpt: Path | None, split: str, out:
         cfg = from_dict(state["config"], f"{ckpt} config")
     if data is not None:
         cfg = from_dict({"data": {"path": str(data)}}, "--data", base=cfg)  # a derived run.out follows the data
+    where = out or (ckpt.parent / f"eval-{split}" if ckpt else Path(cfg.run.out) / f"zero-shot-{split}")
+    _check_report_folder(where, out, ckpt)
     with D.session(cfg.run.device, cfg.dist.backend) as d:
         meta = open_dataset(cfg.data.path)
         if state is not None:
@@ -73,7 +88,6 @@ def run_eval(cfg: Config, data: Path | None, ckpt: Path | None, split: str, out:
         logits, labels = split_logits(scorer, eval_loader(cfg, d, split, views), d, dt)
         metrics = shot_metrics(adjusted(logits, meta["train_counts"], tau).argmax(1), labels, meta)
         if d.main:
-            where = out or (ckpt.parent / f"eval-{split}" if ckpt else Path(cfg.run.out) / f"zero-shot-{split}")
             metrics = write_report(metrics, meta, where,
                                    f"{cfg.model.name} {'zero-shot' if ckpt is None else ckpt.name}, {split}",
                                    {"split": split, "stage": state["stage"] if state else 0, "run": where.name,

@@ -266,6 +266,31 @@ class RunLock:
                 pass
 
 
+def held_by(folder: Path) -> str | None:
+    """Who holds `folder`'s lock while its writer lives ("pid P on HOST"), else None."""
+    lock = Path(folder) / LOCK
+    try:
+        holder, age = json.loads(lock.read_text()), time.time() - lock.stat().st_mtime
+    except (OSError, ValueError):
+        return None
+    here = holder.get("host") == socket.gethostname()
+    stale = _stale_here(holder, age, RunLock.STALE_S) if here else (age > RunLock.STALE_S)
+    return None if stale else f"pid {holder.get('pid')} on {holder.get('host')}"
+
+
+def writable(folder: Path) -> str | None:
+    """Why a report cannot be written into `folder` (created if need be), else None: checked before
+    the work, not after it."""
+    try:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        probe = Path(folder) / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        return e.strerror or type(e).__name__
+    return None
+
+
 def _stale_here(holder: dict, age: float, stale_s: float) -> str | None:
     """Why a lock taken on this host is stale, or None while its writer runs: its pid is gone; or the
     pid runs, but that process started after the lock was taken (the pid was reused); or no
