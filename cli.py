@@ -58,7 +58,8 @@ def _aliases(stages, model=None, epochs=None, lr=None, batch_size=None, precisio
 
 
 _TTE = typer.Option(None, "--tte", help="test-time views averaged (1 = none, 2 = + mirror, up to 10 with shifted "
-                                        "crops); default: the model's data.tte_views")
+                                        "crops; a model with LIFT's five crops, data.tte_crops = five: 1 or 5); "
+                                        "default: the model's data.tte_views")
 
 
 def _views(tte: int | None) -> int | None:
