@@ -211,7 +211,11 @@ def test_a_lock_naming_a_reused_pid_is_taken_over(tmp_path, finished, capsys):
 def test_a_tampered_export_or_dataset_is_refused_in_one_line(tmp_path, finished, mnist, capsys):
     """Exports carry a digest of their tensors; a .beton is checked against meta.json's sha256 (hashed
     once, then its size and mtime), and `verify` hashes every split."""
-    folder, _ = finished
+    from ecvl_fast.serving.classifier import digest
+
+    folder, _ = finished  # a ResNet's BatchNorm counters are 0-dim int64 tensors: digested too
+    assert digest({"n": torch.tensor(3)}) != digest({"n": torch.tensor(4)}) != digest({"n": torch.tensor(4.0)})
+    assert "/proc/m.pt: " in one_line_error(["export", "--ckpt", str(folder / "best.pt"), "--out", "/proc/m.pt"], capsys)
     assert main(["export", "--ckpt", str(folder / "best.pt"), "--out", str(tmp_path / "m.pt")]) == 0
     image = tmp_path / "x.png"
     Image.fromarray(np.zeros((28, 28, 3), np.uint8)).save(image)

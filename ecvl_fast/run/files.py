@@ -49,7 +49,8 @@ def disk_reason(e: BaseException, folder: Path) -> str:
     try:
         import shutil
 
-        if shutil.disk_usage(folder).free < 1 << 20:
+        usage = shutil.disk_usage(folder)
+        if 0 < usage.total and usage.free < 1 << 20:  # /proc and the like: no size at all, not a full disk
             return DISK_ERRORS[errno.ENOSPC]
     except OSError:
         pass

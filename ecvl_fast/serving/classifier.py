@@ -174,7 +174,7 @@ def digest(d: dict) -> str:
     def feed(key: str, value) -> None:
         if isinstance(value, torch.Tensor):
             h.update(key.encode())
-            h.update(value.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+            h.update(value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())  # 0-dim too
         elif isinstance(value, dict):
             for k in sorted(value):
                 feed(f"{key}.{k}", value[k])
