@@ -49,11 +49,15 @@ _DRY = typer.Option(False, "--dry-run", help="print the resolved config, the dat
                                             "resume or reuse, and the images it would process; train nothing")
 
 
-def _aliases(stages, model=None, epochs=None, lr=None, batch_size=None, precision=None, out=None) -> list[str]:
-    sets = [f"model.name={model}"] * (model is not None) + [f"data.batch_size={batch_size}"] * (batch_size is not None)
-    sets += [f"run.precision={precision}"] * (precision is not None) + [f"run.out={out}"] * (out is not None)
+def _aliases(stages, model=None, epochs=None, lr=None, batch_size=None, precision=None, out=None) -> list[tuple]:
+    """(flag, section.key=value) per short flag given: an error names the flag the user typed."""
+    sets = [("--model", f"model.name={model}")] * (model is not None)
+    sets += [("--batch-size", f"data.batch_size={batch_size}")] * (batch_size is not None)
+    sets += [("--precision", f"run.precision={precision}")] * (precision is not None)
+    sets += [("--out", f"run.out={out}")] * (out is not None)
     for s in stages:
-        sets += [f"stage{s}.epochs={epochs}"] * (epochs is not None) + [f"stage{s}.lr={lr}"] * (lr is not None)
+        sets += [("--epochs", f"stage{s}.epochs={epochs}")] * (epochs is not None)
+        sets += [("--lr", f"stage{s}.lr={lr}")] * (lr is not None)
     return sets
 
 

@@ -261,7 +261,9 @@ def stage2_from_pretrained(cfg: Config) -> bool:
     return cfg.stage2.init == "none" or (cfg.stage2.init == "" and cfg.stage1.epochs == 0)
 
 
-def load_config(path: Path | None = None, overrides: list[str] = ()) -> Config:
+def load_config(path: Path | None = None, overrides: list = ()) -> Config:
+    """Defaults, then the TOML file, then each override: "section.key=value", or (flag, that) for
+    a short flag (`--epochs`), which its error then names."""
     cfg = Config()
     if path is not None:
         path = Path(path)
@@ -272,11 +274,12 @@ def load_config(path: Path | None = None, overrides: list[str] = ()) -> Config:
         except tomllib.TOMLDecodeError as e:
             raise EcvlError(f"{path}: invalid TOML ({e})") from None
     for item in overrides:
+        flag, item = item if isinstance(item, tuple) else (None, item)  # (a short flag, what it stands for)
         name, sep, value = item.partition("=")
         section, dot, key = name.strip().partition(".")
         if not sep or not dot:
             raise EcvlError(f"--set {item!r}: expected section.key=value")
-        cfg = _merge(cfg, section, key, value.strip(), f"--set {name.strip()}")
+        cfg = _merge(cfg, section, key, value.strip(), flag or f"--set {name.strip()}")
     return check_together(cfg)
 
 

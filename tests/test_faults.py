@@ -57,6 +57,8 @@ def test_settings_and_data_that_would_train_nothing_are_refused_before_any_work(
                           ("data.batch_size=0", "data.batch_size must be at least 1"),
                           ("data.batch_size=5000", "988 train images, fewer than one batch")):
         assert says in one_line_error(tiny(tmp_path, mnist, "none", setting), capsys), setting
+    assert "--epochs: stage2.epochs must be at least 1, not 0" in one_line_error(  # the flag typed, not its key
+        tiny(tmp_path, mnist, "none") + ["--epochs", "0"], capsys)
     assert "stage 1 trains ecvl-small-rn's BatchNorm layers, which need at least 2" in one_line_error(
         tiny(tmp_path, mnist, "none", "data.batch_size=1", "model.name=ecvl-small-rn"), capsys)
     assert not (tmp_path / "none" / "last.pt").exists()
