@@ -15,7 +15,8 @@ from ecvl_fast import EcvlError
 from ecvl_fast.bench import tables
 from ecvl_fast.loaders.convert import DATASETS, DEFAULT_MAX_PIXELS, DEFAULT_MAX_RES
 from ecvl_fast.experiments.demo import DEMO_DATA
-from ecvl_fast.method.rows import DEFAULT_ROWS
+from ecvl_fast.experiments.presets import names as preset_names
+from ecvl_fast.method.rows import DEFAULT_ROWS, ROWS
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Long-tailed CLIP classifiers (ECVL), fed by FFCV + DALI.")
@@ -36,8 +37,7 @@ def _root(version: bool = typer.Option(False, "--version", callback=_version, is
 
 
 # Short flags for the settings people change most; each stands for its --set key(s).
-_CONFIG = typer.Option(None, "--config", help="a TOML file, or a packaged preset by name (starter, mnist-demo, "
-                                              "cifar100-lt, imagenet-lt, places-lt)")
+_CONFIG = typer.Option(None, "--config", help=f"a TOML file, or a packaged preset by name ({', '.join(preset_names())})")
 _SET = typer.Option(None, "--set", help="section.key=value (repeatable); wins over the short flags")
 _MODEL = typer.Option(None, "--model", help="= --set model.name (an open_clip model, e.g. ViT-B-16, RN50)")
 _EPOCHS = typer.Option(None, "--epochs", help="= --set stageN.epochs, for each stage the command runs")
@@ -301,9 +301,7 @@ def ablate(
     model: Optional[str] = _MODEL, epochs: Optional[int] = _EPOCHS, lr: Optional[float] = _LR,
     batch_size: Optional[int] = _BATCH, precision: Optional[str] = _PRECISION_SET, out: Optional[str] = _OUT,
     dry_run: bool = _DRY,
-    rows: str = typer.Option(",".join(DEFAULT_ROWS), help="stage-2 rows, comma-separated: the paper's, ecvl+, the "
-                             "ECVL+ variants and their no-memory controls (docs/study-ecvl-plus.md); an unknown name "
-                             "lists them all"),
+    rows: str = typer.Option(",".join(DEFAULT_ROWS), help=f"stage-2 rows, comma-separated, of: {', '.join(ROWS)}"),
 ):
     """Zero-shot, stage 1, then the stage-2 rows (BALLAD, + momentum, ECVL by default) over seeds on
     the same stage-1 encoders: a table of mean ± std, paired differences, ablation.json/png."""

@@ -90,6 +90,7 @@ def test_from_an_image_folder_to_a_model_and_a_prediction(tmp_path, monkeypatch,
 
     model = load("model.pt")
     preds = model.classify([image, Image.open(image)], top_k=2)
+    assert model.classify(str(image), top_k=2)[0].classes == preds[0].classes  # one path, not a list
     assert model.classes == ["c00", "c01", "c02"] and [len(p.classes) for p in preds] == [2, 2]
     assert preds[0].classes == preds[1].classes and preds[0].probs == pytest.approx(preds[1].probs, abs=1e-6)
     assert main(["predict", "--ckpt", "model.pt", "no-such.png"]) == 2
@@ -106,6 +107,15 @@ def test_warnings_that_mean_something():
 
 
 def test_help_text(capsys):
+    from ecvl_fast.experiments.presets import names
+    from ecvl_fast.method.rows import ROWS
+
+    assert main(["train", "--help"]) == 0
+    words = set(capsys.readouterr().out.replace("│", " ").replace(",", " ").replace("(", " ").replace(")", " ").split())
+    assert set(names()) <= words  # the list comes from the presets themselves
+    assert main(["ablate", "--help"]) == 0
+    words = set(capsys.readouterr().out.replace("│", " ").replace(",", " ").split())
+    assert set(ROWS) <= words and "lift+freq" in words
     assert main(["export", "--help"]) == 0
     assert "ecvl-fast[onnx]" in capsys.readouterr().out
     assert main(["eval", "--help"]) == 0

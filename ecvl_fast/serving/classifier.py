@@ -138,8 +138,12 @@ class Model:
         return self.predictor.classes
 
     def classify(self, images, top_k: int = 5) -> list[Prediction]:
-        """Image files or PIL images -> one Prediction each (top_k classes, or all there are)."""
+        """Image files or PIL images (or one of either) -> one Prediction each (top_k classes, or all
+        there are)."""
         from PIL import Image
+
+        if isinstance(images, (str, Path, Image.Image)):
+            images = [images]
 
         arrays = [decode(im, self.predictor.load_res, self.predictor.res, self.predictor.crops) for im in images]
         names = [getattr(im, "filename", "") or f"image {i}" if isinstance(im, Image.Image) else str(im)
