@@ -141,7 +141,8 @@ def convert(
     wnids: Optional[Path] = typer.Option(None, help="tiny-imagenet-lt: only these wnids (one per line, in this order)"),
     imbalance: float = typer.Option(100.0, help="imbalance factor IF = n_max / n_min"),
     seed: int = typer.Option(0),
-    val_per_class: int = typer.Option(0, help="tiny-imagenet-lt: a val split of this many spare train images per class"),
+    val_per_class: int = typer.Option(0, help="a val split of this many images per class, carved from train (seeded; each "
+                                              "class keeps one); tiny-imagenet-lt takes them from its spare images"),
     format: str = typer.Option("raw", help="raw | jpg"),
     max_res: int = typer.Option(DEFAULT_MAX_RES, help="longest side kept, in pixels (larger images are shrunk; 0 keeps every size)"),
     max_pixels: int = typer.Option(DEFAULT_MAX_PIXELS, help="refuse (or, with --skip-bad, skip) an image with more pixels, "

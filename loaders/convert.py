@@ -61,6 +61,17 @@ class ConvertOptions:
 
 
 def build_source(o: ConvertOptions) -> sources.Source:
+    src = _source(o)
+    if o.val_per_class and o.dataset != "tiny-imagenet-lt":  # tiny-imagenet-lt takes spare images instead
+        if "val" in src.splits:
+            raise EcvlError(f"--val-per-class {o.val_per_class}: {o.dataset} already has a val split")
+        train, val = sources.carve_val(src.splits["train"], o.val_per_class, o.seed)
+        src.splits = {"train": train, "val": val, **{k: v for k, v in src.splits.items() if k != "train"}}
+        src.info = {**(src.info or {}), "val_carved_from_train": {"per_class": o.val_per_class, "seed": o.seed}}
+    return src
+
+
+def _source(o: ConvertOptions) -> sources.Source:
     if o.dataset == "mnist-lt":
         return sources.load_mnist_lt(o.imbalance, o.seed)
     if o.dataset in ("cifar10-lt", "cifar100-lt"):
@@ -217,8 +228,8 @@ def _validate_options(o: ConvertOptions) -> None:
         raise EcvlError(f"{o.out}: already exists; pass --overwrite to replace it")
     if o.imbalance < 1:
         raise EcvlError(f"--imbalance must be >= 1, got {o.imbalance}")
-    if o.val_per_class and o.dataset != "tiny-imagenet-lt":
-        raise EcvlError("--val-per-class carves a val split from spare train images: tiny-imagenet-lt only")
+    if o.val_per_class < 0:
+        raise EcvlError(f"--val-per-class must be at least 0, not {o.val_per_class}")
     if o.few_threshold > o.many_threshold:
         raise EcvlError("--few-threshold must not exceed --many-threshold")
 

@@ -339,6 +339,17 @@ def load_tiny_imagenet_lt(root: Path | None, imbalance: float, seed: int, wnids_
                         "ignored_train_folders": len(ignored), "ignored_train_folder_names": ignored})
 
 
+def carve_val(train: Split, per_class: int, seed: int) -> tuple[Split, Split]:
+    """(train, val): per class, up to `per_class` train images moved to a val split, seeded, each
+    class keeping at least one in train (a 4-image class gives 3 at most)."""
+    rng = np.random.default_rng([seed, 2])
+    val = [rng.permutation(np.flatnonzero(train.labels == c))[:max(0, min(per_class, int((train.labels == c).sum()) - 1))]
+           for c in range(int(train.labels.max()) + 1)]
+    val = np.sort(np.concatenate(val)).astype(np.int64)
+    rest = np.setdiff1d(np.arange(len(train)), val)
+    return train.subset(rest), train.subset(val)
+
+
 def held_out_indices(labels: np.ndarray, keep: np.ndarray, per_class: int, seed: int) -> np.ndarray:
     """Up to `per_class` indices per class among those not in `keep`: a validation split of real
     images of the same classes, disjoint from the train split. A class the profile left with

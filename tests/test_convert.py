@@ -198,8 +198,24 @@ def test_tiny_imagenet_lt(tmp_path, capsys):
     val_px, val_labels, _ = read_all(tmp_path / "val" / "val.beton", 16)
     assert np.bincount(val_labels).tolist() == [0, 5, 5, 5]  # class 0 kept all 40 of its images
     assert not {v.tobytes() for v in val_px} & {t.tobytes() for t in train_px}
-    assert "tiny-imagenet-lt only" in cli_error(["convert", "mnist-lt", "--out", str(tmp_path / "m"),
-                                                 "--val-per-class", "5"], capsys)
+
+def test_a_val_split_carved_from_train_for_any_source(tmp_path, capsys):
+    """--val-per-class on a folder: up to N train images per class move to a val split, seeded, each
+    class keeping one in train; recorded in meta.json. A source with a val split of its own refuses."""
+    root = tmp_path / "imgs"
+    write_tree(root / "train", [6, 3, 2]), write_tree(root / "test", [2, 2, 2], seed=5)
+    assert main(["convert", "folder", "--source", str(root), "--out", str(tmp_path / "d"), "--val-per-class", "2",
+                 "--workers", "1"]) == 0
+    meta = json.loads((tmp_path / "d" / "meta.json").read_text())
+    assert meta["train_counts"] == [4, 1, 1] and meta["images"] == {"train": 6, "val": 5, "test": 6}
+    assert meta["source_info"]["val_carved_from_train"] == {"per_class": 2, "seed": 0}
+    train_px, _, _ = read_all(tmp_path / "d" / "train.beton", 24)
+    val_px, val_labels, _ = read_all(tmp_path / "d" / "val.beton", 24)
+    assert np.bincount(val_labels).tolist() == [2, 2, 1]
+    assert not {v.tobytes() for v in val_px} & {t.tobytes() for t in train_px}
+    write_tree(root / "val", [1, 1, 1], seed=7)
+    assert "already has a val split" in cli_error(["convert", "folder", "--source", str(root), "--out",
+                                                   str(tmp_path / "e"), "--val-per-class", "2"], capsys)
 
 
 def test_tiny_imagenet_bad_inputs(tmp_path, capsys):
