@@ -25,7 +25,8 @@ def canvas_side(short: int, largest: int) -> int:
 def fitted(heights, widths, short: int, side: int) -> tuple[np.ndarray, np.ndarray]:
     """The size each image takes on the canvas, never enlarged: its short side resized to `short`
     with torchvision's Resize rule (the long side int(short * long / short_side)), unless its long
-    side would pass `side`, which then binds. The decoder below computes the same, in numba."""
+    side would pass `side`, which then binds (an image wider than 4:3 then has a short side below
+    `short`). The decoder below computes the same, in numba."""
     h, w = np.asarray(heights, np.int64), np.asarray(widths, np.int64)
     lo, hi = np.minimum(h, w), np.maximum(h, w)
     by_short = short * hi < side * lo  # short / lo < side / hi, exactly

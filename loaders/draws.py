@@ -75,7 +75,8 @@ def crop_boxes(r: np.ndarray, scale, ratio=(3 / 4, 4 / 3), aspect=None):
 def centre_boxes(heights, widths, resize: int, res: int) -> np.ndarray:
     """Evaluation's crop, relative to each image: torchvision's Resize(resize) (the short side to
     `resize`, the long one to int(resize * long / short)) then CenterCrop(res), its offsets rounded
-    as torchvision rounds them, so the crop falls on the same pixels."""
+    as torchvision rounds them, so the crop falls on the same pixels where the image's short side
+    is `resize` (on the canvas, every image up to 4:3 whose short side reached it)."""
     h, w = np.asarray(heights, np.float64), np.asarray(widths, np.float64)
     lo = np.minimum(h, w)
     hs = np.where(h <= w, resize, np.floor(resize * h / lo))

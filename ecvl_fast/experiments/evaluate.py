@@ -64,7 +64,7 @@ def run_eval(cfg: Config, data: Path | None, ckpt: Path | None, split: str, out:
     where = out or (ckpt.parent / f"eval-{split}" if ckpt else Path(cfg.run.out) / f"zero-shot-{split}")
     _check_report_folder(where, out, ckpt)
     with D.session(cfg.run.device, cfg.dist.backend) as d:
-        meta = open_dataset(cfg.data.path)
+        meta = open_dataset(cfg.data.path, d)
         if state is not None:
             ckpt_io.check(state, ckpt, model_name=cfg.model.name, num_classes=len(meta["classes"]))
             ckpt_io.check_classes(state, ckpt, meta["classes"], cfg.data.path)

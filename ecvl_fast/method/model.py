@@ -114,6 +114,26 @@ def quick_gelu_of(module: nn.Module) -> bool:
     return any(isinstance(m, QuickGELU) for m in module.modules())
 
 
+def trained_quick_gelu(state: dict, name: str) -> bool:
+    """The activation a checkpoint's network ran: as it records, or, for one written before the
+    record (2026-12-05), what was built then: the model config's own (open_clip only warned)."""
+    if "quick_gelu" in state:
+        return bool(state["quick_gelu"])
+    return bool((_open_clip().get_model_config(name) or {}).get("quick_gelu"))
+
+
+def set_activation(model: nn.Module, quick: bool) -> None:
+    """Make every GELU in `model` QuickGELU (or the reverse), in place: neither has weights, so a
+    network built one way runs a checkpoint trained the other way as it was trained."""
+    from open_clip.transformer import QuickGELU
+
+    want, other = (QuickGELU, nn.GELU) if quick else (nn.GELU, QuickGELU)
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, other) and not isinstance(child, want):
+                setattr(parent, name, want())
+
+
 def native_res(name: str) -> int:
     size = (_open_clip().get_model_config(name) or {}).get("vision_cfg", {}).get("image_size", 224)
     return size if isinstance(size, int) else size[0]

@@ -18,6 +18,7 @@ import json
 import math
 import os
 import secrets
+import shutil
 import signal
 import socket
 import threading
@@ -28,13 +29,15 @@ from pathlib import Path
 import torch
 
 from ecvl_fast import EcvlError
+from ecvl_fast.config import Config
 from ecvl_fast.run import checkpoint as ckpt_io
 from ecvl_fast.run import dist as D
-from ecvl_fast.run.files import remove_stale_temps
+from ecvl_fast.run.files import atomic_write, remove_stale_temps
 
 LOCK = ".lock"  # the run folder's writer (RunLock)
 DIVERGED = "diverged"  # left by a run stopped on a non-finite loss: its optimizer settings may change on resume
 HEALTHY = "healthy.pt"  # the newest checkpoint the training went on from without its loss blowing up
+DIVERGED_LAST = "last-diverged.pt"  # a diverged run's last checkpoint, set aside when it resumes healthy.pt
 HEALTH_FACTOR = 3.0  # a window's mean loss above this times the median of the earlier ones' is not healthy
 # What a diverged run may change when it resumes its last finite checkpoint
 RETUNABLE = {f"stage{s}.{key}" for s in (1, 2) for key in ("lr", "warmup_epochs", "weight_decay")}
@@ -71,15 +74,17 @@ class Position:
 def config_diff(old: dict, new: dict, stage: int = 2) -> list[str]:
     """`section.key` for every setting that differs and changes what the run computes (stage 1
     reads no [stage2] setting, so changing one never refuses a stage-1 folder)."""
-    keys = []
+    defaults, keys = Config().to_dict(), []
     for section, values in new.items():
         if stage == 1 and section == "stage2":
             continue
         for key, value in values.items():
             if key in OPERATIONAL.get(section, ()):
                 continue
-            if old.get(section, {}).get(key) != value:
-                keys.append(f"{section}.{key} ({old.get(section, {}).get(key)!r} -> {value!r})")
+            # a setting added after the run was written: it ran as the default does (defaults keep old behaviour)
+            was = old.get(section, {}).get(key, defaults.get(section, {}).get(key))
+            if was != value:
+                keys.append(f"{section}.{key} ({was!r} -> {value!r})")
     return keys
 
 
@@ -111,12 +116,20 @@ def start(folder: Path, cfg, epochs: int, d: D.Dist, restart: bool, log, stage: 
     ckpt = ckpt_io.load(last)  # a different model shows up as a config difference below
     diff = config_diff(ckpt["config"], cfg.to_dict(), stage)
     if diff and retunable(folder, diff):  # the marker stays until a checkpoint with the new settings is written
-        if not (folder / HEALTHY).is_file():
+        healthy = folder / HEALTHY
+        D.barrier()  # every rank has read last.pt before the main rank moves it
+        if d.main:  # the wrecked last.pt is kept for a post-mortem, and never resumed or promoted to healthy.pt
+            last.replace(folder / DIVERGED_LAST)
+            if healthy.is_file():
+                atomic_write(last, lambda tmp: shutil.copyfile(healthy, tmp))
+        D.barrier()
+        if not healthy.is_file():
             if d.main:
-                print(f"{folder} diverged before any healthy checkpoint: starting over with {'; '.join(diff)}")
+                print(f"{folder} diverged before any healthy checkpoint: starting over with {'; '.join(diff)} "
+                      f"(its last checkpoint is kept as {DIVERGED_LAST})")
             log("event", {"event": "restarted after divergence", "host": socket.gethostname()})
             return Position(), None
-        ckpt = ckpt_io.load(folder / HEALTHY)
+        ckpt = ckpt_io.load(healthy)
         at = ckpt["position"]
         if d.main:
             where = f"epoch {at['epoch'] + 1}" + (f", step {at['step']}" if at["step"] else "")
@@ -197,6 +210,7 @@ class RunLock:
     def __init__(self, folder: Path, d: D.Dist | None = None):
         self.path, self.d, self.active = Path(folder) / LOCK, d, d is None or d.main
         self._stop = threading.Event()
+        self.made: Path | None = None
         self.me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S"),
                    "started": time.time()}
 
@@ -214,6 +228,10 @@ class RunLock:
         return self
 
     def _acquire(self) -> None:
+        made = self.path.parent
+        while not made.parent.exists():  # the topmost folder this command creates, removed again if left empty
+            made = made.parent
+        self.made = made if not made.exists() else None
         self.path.parent.mkdir(parents=True, exist_ok=True)
         while True:
             try:
@@ -232,6 +250,11 @@ class RunLock:
         self._stop.set()
         if self._holder() == self.me:
             self.path.unlink(missing_ok=True)
+        if self.made is not None:  # a run refused before it wrote anything leaves no empty folders behind
+            folder = self.path.parent
+            while folder != self.made.parent and folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
+                folder = folder.parent
 
     def _holder(self) -> dict | None:
         try:
@@ -281,20 +304,28 @@ def held_by(folder: Path) -> str | None:
 def writable(folder: Path) -> str | None:
     """Why a report cannot be written into `folder` (created if need be), else None: checked before
     the work, not after it."""
+    folder = Path(folder)
+    made = [p for p in (folder, *folder.parents) if not p.exists()]  # innermost first
     try:
-        Path(folder).mkdir(parents=True, exist_ok=True)
-        probe = Path(folder) / f".write-test-{os.getpid()}"
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-test-{os.getpid()}"
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as e:
         return e.strerror or type(e).__name__
+    finally:
+        for p in made:  # nothing is left behind: the report creates its folder when it is written
+            try:
+                p.rmdir()
+            except OSError:
+                break
     return None
 
 
 def _stale_here(holder: dict, age: float, stale_s: float) -> str | None:
     """Why a lock taken on this host is stale, or None while its writer runs: its pid is gone; or the
-    pid runs, but that process started after the lock was taken (the pid was reused); or no
-    heartbeat for `stale_s` (the writer's heartbeat thread beats every HEARTBEAT_S while it lives)."""
+    pid runs, but that process started after the lock was taken (the pid was reused); or, where the
+    process's start time cannot be read, no heartbeat for `stale_s`."""
     pid = holder.get("pid")
     if not _alive(pid):
         return f"pid {pid} no longer runs"
@@ -305,9 +336,11 @@ def _stale_here(holder: dict, age: float, stale_s: float) -> str | None:
         except (TypeError, ValueError):
             taken = None
     began = _process_start(pid)
-    if taken is not None and began is not None and began > taken + 2:  # /proc's start time is to 1/100 s, btime to 1 s
-        return f"pid {pid} runs, but started after the lock was taken: a reused pid"
-    if age > stale_s:
+    if taken is not None and began is not None:  # decisive: a stopped (Ctrl-Z) writer keeps its lock
+        if began > taken + 2:  # /proc's start time is to 1/100 s, btime to 1 s
+            return f"pid {pid} runs, but started after the lock was taken: a reused pid"
+        return None
+    if age > stale_s:  # no start time to compare (no /proc): the heartbeat decides
         return f"no heartbeat for {age:.0f} s"
     return None
 

@@ -20,7 +20,7 @@ from ecvl_fast import EcvlError
 from ecvl_fast.config import Config, from_dict, trained_scale
 from ecvl_fast.method import stage2 as two
 from ecvl_fast.method.model import (Adapter, ClipNet, ImageTower, Scorer, build_clip, class_text_features, prompt_tokens,
-                                    tte_split)
+                                    set_activation, trained_quick_gelu, tte_split)
 from ecvl_fast.run import checkpoint as ckpt_io
 from ecvl_fast.run import precision
 
@@ -301,14 +301,14 @@ def load_classifier(cfg: Config, state: dict | None, classes: list[str], device:
     """A stage 1 or 2 checkpoint's classifier, or the zero-shot model `cfg.model.pretrained` when
     `state` is None; eval, predict and export all use it. `views`: test-time views (default: the
     config's data.tte_views)."""
-    clip, tokenizer = build_clip(cfg.model, load_weights=state is None, res=cfg.data.res,  # a checkpoint brings its own
-                                 quick_gelu=None if state is None else state.get("quick_gelu"))
+    clip, tokenizer = build_clip(cfg.model, load_weights=state is None, res=cfg.data.res)  # a checkpoint brings its own
     net = ClipNet(clip)
     stage2 = state is not None and state.get("stage") == 2
     if stage2:
         two.add_light_module(cfg, net, len(classes))  # its weights are in the checkpoint's "model"
     if state is not None:
         net.load_state_dict(state["model"])
+        set_activation(net, trained_quick_gelu(state, cfg.model.name))
     net.to(device).eval()
     text = class_text_features(net, prompt_tokens(tokenizer, classes, cfg.model.templates).to(device))
     if not stage2:

@@ -23,10 +23,13 @@ def verify(path: str | Path, meta: dict, force: bool = False) -> dict[str, str]:
     from ecvl_fast.run.files import atomic_write
 
     folder = Path(path)
-    try:
-        stamp = json.loads((folder / STAMP).read_text())
-    except (OSError, ValueError):
-        stamp = {}
+    stamp = {}
+    for where in _stamps(folder):
+        try:
+            stamp = json.loads(where.read_text())
+            break
+        except (OSError, ValueError):
+            continue
     found, changed = {}, False
     for split in meta["images"]:
         name = f"{split}.beton"
@@ -42,22 +45,44 @@ def verify(path: str | Path, meta: dict, force: bool = False) -> dict[str, str]:
             raise EcvlError(f"{folder / name} does not match the sha256 meta.json recorded when it was written: the "
                             f"file was changed or damaged; convert the dataset again")
         stamp[name], found[split], changed = mark, "hashed", True
-    if changed:
+    for where in _stamps(folder) if changed else ():
         try:
-            atomic_write(folder / STAMP, lambda tmp: tmp.write_text(json.dumps(stamp)))
-        except OSError:  # a read-only dataset: hashed again next time
-            pass
+            atomic_write(where, lambda tmp: tmp.write_text(json.dumps(stamp)))
+            break
+        except OSError:  # a read-only dataset: the stamp goes to the user's cache
+            continue
     return found
 
 
-def open_dataset(path: str | Path) -> dict:
-    """meta.json plus a check of each .beton against it: its sha256 (`verify`), then its label count.
-    The train labels are kept in meta["train_labels"] (the momentum bank needs them)."""
+def _stamps(folder: Path) -> list[Path]:
+    """Where a dataset's stamp lives: beside it, or, where that is read-only, in ~/.cache/ecvl-fast."""
+    import hashlib
+    import os
+
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ecvl-fast"
+    key = hashlib.sha1(str(folder.resolve()).encode()).hexdigest()[:16]
+    return [folder / STAMP, cache / f"verified-{key}.json"]
+
+
+def open_dataset(path: str | Path, d: Dist | None = None) -> dict:
+    """meta.json plus a check of each .beton against it: its sha256 (`verify`, on the main rank
+    only; every rank learns the verdict), then its label count. The train labels are kept in
+    meta["train_labels"] (the momentum bank needs them)."""
     from ecvl_fast.loaders.convert import load_meta
     from ecvl_fast.loaders.ffcv_loader import read_labels
+    from ecvl_fast.run import dist as D
 
     meta = load_meta(Path(path))
-    verify(path, meta)
+    refused = None
+    if d is None or d.main:
+        try:
+            verify(path, meta)
+        except EcvlError as e:
+            refused = str(e)
+    if d is not None and d.enabled:
+        refused = D.broadcast_object(refused)
+    if refused:
+        raise EcvlError(refused)
     for split, n in meta["images"].items():
         labels = read_labels(Path(path) / f"{split}.beton")
         if len(labels) != n:

@@ -39,7 +39,8 @@ from ecvl_fast.kernels.bank import MomentumBank, StaticMagnitudes, frequency_mag
 from ecvl_fast.run.logs import RunLog
 from ecvl_fast.method import stage2 as two
 from ecvl_fast.method.model import (ClipNet, Scorer, StageTwo, activation_line, build_clip, class_text_features,
-                                    check_forward, check_name, prompt_tokens, quick_gelu_of, tte_split, used_length,
+                                    check_forward, check_name, prompt_tokens, quick_gelu_of, set_activation,
+                                    trained_quick_gelu, tte_split, used_length,
                                     random_weights_warning)
 
 
@@ -77,14 +78,12 @@ def lr_lambda(total_steps: int, warmup_steps: int):
 
 
 def build_run(cfg: Config, d: D.Dist, meta: dict, steps_per_epoch: int, stage: int = 1,
-              out: Path | None = None, quick_gelu: bool | None = None) -> Run:
-    """`steps_per_epoch` is the loader's length: train images // global batch (drop_last).
-    `quick_gelu`: the activation a checkpoint being resumed was trained with."""
+              out: Path | None = None) -> Run:
+    """`steps_per_epoch` is the loader's length: train images // global batch (drop_last)."""
     check_together(cfg)  # a config built in code has not been through load_config
     torch.manual_seed(cfg.run.seed)
     sc = cfg.stage1 if stage == 1 else cfg.stage2
-    clip, tokenizer = build_clip(cfg.model, load_weights=stage == 1 or stage2_from_pretrained(cfg),
-                                 res=cfg.data.res, quick_gelu=quick_gelu)
+    clip, tokenizer = build_clip(cfg.model, load_weights=stage == 1 or stage2_from_pretrained(cfg), res=cfg.data.res)
     clip.logit_scale.requires_grad_(False)  # eq. 6's scale stays as loaded; BALLAD fixes 100 for CE
     net = ClipNet(clip).to(d.device)
     if d.device.type == "cuda":
@@ -129,7 +128,9 @@ def _init_stage2(run: Run, meta: dict) -> None:
     cfg = run.cfg
     if not stage2_from_pretrained(cfg):
         path = Path(cfg.stage2.init or Path(cfg.run.out) / "best.pt")
-        run.net.load_state_dict(ckpt_io.load(path, model_name=cfg.model.name, num_classes=len(meta["classes"]))["model"])
+        state = ckpt_io.load(path, model_name=cfg.model.name, num_classes=len(meta["classes"]))
+        run.net.load_state_dict(state["model"])
+        set_activation(run.net, trained_quick_gelu(state, cfg.model.name))  # as stage 1 ran
     run.net.eval()
     run.text = class_text_features(run.net, run.eval_tokens)
     run.light = two.add_light_module(cfg, run.net, len(meta["classes"]))
@@ -431,6 +432,7 @@ def restore(run: Run, c: dict) -> None:
     if c["stage"] != run.stage:
         raise EcvlError(f"{run.out / 'last.pt'}: a stage {c['stage']} checkpoint, resuming stage {run.stage}")
     run.net.load_state_dict(c["model"])
+    set_activation(run.net, trained_quick_gelu(c, run.cfg.model.name))  # as the run being resumed ran
     run.health = list(c.get("health", []))
     if run.stage == 2:
         two.load(run.stage2, c)
@@ -471,7 +473,7 @@ def run_folder(cfg: Config, stage: int, out: Path | None = None) -> Path:
 
 
 def _train(cfg: Config, d: D.Dist, stage: int, folder: Path, restart: bool, stop) -> dict:
-    meta = open_dataset(cfg.data.path)
+    meta = open_dataset(cfg.data.path, d)
     check_trainable(cfg, meta)
     sc = cfg.stage1 if stage == 1 else cfg.stage2
     lifecycle.check_shared_folder(folder, d)
@@ -489,8 +491,7 @@ def _train(cfg: Config, d: D.Dist, stage: int, folder: Path, restart: bool, stop
         if d.main:
             print(f"{folder}: finished already ({sc.epochs} epochs); its metrics.json stands (--restart to train again)")
         return read_metrics(pos.finished)
-    run = build_run(cfg, d, meta, len(meta["train_labels"]) // cfg.data.batch_size, stage, folder,
-                    quick_gelu=None if ckpt is None else ckpt.get("quick_gelu"))
+    run = build_run(cfg, d, meta, len(meta["train_labels"]) // cfg.data.batch_size, stage, folder)
     if stage == 2 and d.main:
         s = cfg.stage2
         parts = [f"{run.light} in the image tower"] * (s.peft != "none") + ["adapter"] * s.adapter + \
