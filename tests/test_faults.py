@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -405,3 +406,27 @@ def test_collapsed_predictions_are_warned_about(capsys):
     warn_if_collapsed({"predicted_classes": 7}, 10, "test")
     warn_if_collapsed({"predicted_classes": 2}, 2, "test")
     assert capsys.readouterr().err == ""
+
+
+def test_a_dataset_that_cannot_be_written_to_is_stamped_in_the_cache(tmp_path, mnist, monkeypatch):
+    """Hashed once even where the data folder refuses the stamp (a shared, read-only dataset): the
+    stamp goes to the user's cache, and the next open reads it there."""
+    from ecvl_fast.loaders.convert import load_meta
+    from ecvl_fast.run import files
+    from ecvl_fast.training import data as data_mod
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    real, data = files.atomic_write, tmp_path / "data"
+    shutil.copytree(mnist, data)
+
+    def refuse_beside_data(path, write):
+        if Path(path).parent == data:
+            raise EcvlError(f"{path}: could not write it (permission denied)")
+        real(path, write)
+
+    monkeypatch.setattr(data_mod, "atomic_write", refuse_beside_data)
+    meta = load_meta(data)
+    (data / data_mod.STAMP).unlink(missing_ok=True)
+    assert set(data_mod.verify(data, meta).values()) == {"hashed"}
+    assert list((tmp_path / "cache" / "ecvl-fast").glob("verified-*.json")) and not (data / data_mod.STAMP).exists()
+    assert set(data_mod.verify(data, meta).values()) == {"stamped"}

@@ -41,8 +41,12 @@ def choose_tau(logits: np.ndarray, labels: np.ndarray, train_counts) -> tuple[fl
 def _check_report_folder(where: Path, out: Path | None, ckpt: Path | None) -> None:
     """Before the work: a run folder a running `train` holds is its alone, and the report's folder
     must be writable. Either way, --out names another."""
+    import os
+
     from ecvl_fast.run.lifecycle import held_by, writable
 
+    if os.environ.get("RANK", "0") != "0":  # under torchrun, before the process group: the main rank checks
+        return
     if out is None and ckpt is not None and (holder := held_by(ckpt.parent)):
         raise EcvlError(f"{ckpt.parent} is being written by a running train ({holder}): pass --out DIR for "
                         f"this evaluation's report")

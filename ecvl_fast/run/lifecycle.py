@@ -117,11 +117,9 @@ def start(folder: Path, cfg, epochs: int, d: D.Dist, restart: bool, log, stage: 
     diff = config_diff(ckpt["config"], cfg.to_dict(), stage)
     if diff and retunable(folder, diff):  # the marker stays until a checkpoint with the new settings is written
         healthy = folder / HEALTHY
-        D.barrier()  # every rank has read last.pt before the main rank moves it
-        if d.main:  # the wrecked last.pt is kept for a post-mortem, and never resumed or promoted to healthy.pt
-            last.replace(folder / DIVERGED_LAST)
-            if healthy.is_file():
-                atomic_write(last, lambda tmp: shutil.copyfile(healthy, tmp))
+        D.barrier()  # every rank has read last.pt before the main rank replaces it
+        if d.main:
+            _set_aside_diverged(folder, healthy)
         D.barrier()
         if not healthy.is_file():
             if d.main:
@@ -149,6 +147,23 @@ def start(folder: Path, cfg, epochs: int, d: D.Dist, restart: bool, log, stage: 
     if d.main:
         print(f"resuming {folder} at epoch {pos.epoch + 1}" + (f", step {pos.step}" if pos.step else ""))
     return pos, ckpt
+
+
+def _set_aside_diverged(folder: Path, healthy: Path) -> None:
+    """The wrecked last.pt is kept as DIVERGED_LAST for a post-mortem, and never resumed or promoted:
+    last.pt becomes a copy of healthy.pt (each file written whole before the next step, so a crash
+    in between loses neither), or is moved aside where there is none. A last.pt that already is
+    healthy.pt's copy (a retuned run that diverged before its first checkpoint) stays as it is."""
+    import filecmp
+
+    last = folder / "last.pt"
+    if not healthy.is_file():
+        last.replace(folder / DIVERGED_LAST)  # atomic: afterwards there is no last.pt, so a rerun starts over
+        return
+    if filecmp.cmp(last, healthy, shallow=False):
+        return
+    atomic_write(folder / DIVERGED_LAST, lambda tmp: shutil.copyfile(last, tmp))
+    atomic_write(last, lambda tmp: shutil.copyfile(healthy, tmp))
 
 
 def healthy(window: float, earlier: list[float]) -> bool:

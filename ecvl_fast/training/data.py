@@ -7,6 +7,7 @@ from ecvl_fast import EcvlError
 from ecvl_fast.run import precision
 from ecvl_fast.config import Config
 from ecvl_fast.run.dist import Dist
+from ecvl_fast.run.files import atomic_write
 
 
 STAMP = ".verified.json"  # per .beton: the size, mtime and sha256 last found to match meta.json
@@ -20,23 +21,21 @@ def verify(path: str | Path, meta: dict, force: bool = False) -> dict[str, str]:
     import json
 
     from ecvl_fast.loaders.convert import sha256
-    from ecvl_fast.run.files import atomic_write
 
     folder = Path(path)
-    stamp = {}
+    stamps = []  # every stamp found: beside the data, and in the user's cache
     for where in _stamps(folder):
         try:
-            stamp = json.loads(where.read_text())
-            break
+            stamps.append(json.loads(where.read_text()))
         except (OSError, ValueError):
             continue
-    found, changed = {}, False
+    stamp, found, changed = dict(stamps[0]) if stamps else {}, {}, False
     for split in meta["images"]:
         name = f"{split}.beton"
         st, want = (folder / name).stat(), meta["sha256"].get(name)
         mark = [st.st_size, st.st_mtime_ns, want]
-        if not force and stamp.get(name) == mark:
-            found[split] = "stamped"
+        if not force and any(s.get(name) == mark for s in stamps):
+            found[split], stamp[name] = "stamped", mark
             continue
         if want is None:  # a meta.json that records none (a dataset assembled by hand): nothing to check against
             found[split] = "unrecorded"
@@ -49,7 +48,7 @@ def verify(path: str | Path, meta: dict, force: bool = False) -> dict[str, str]:
         try:
             atomic_write(where, lambda tmp: tmp.write_text(json.dumps(stamp)))
             break
-        except OSError:  # a read-only dataset: the stamp goes to the user's cache
+        except (OSError, EcvlError):  # a dataset the user cannot write to: the stamp goes to the user's cache
             continue
     return found
 
@@ -59,28 +58,32 @@ def _stamps(folder: Path) -> list[Path]:
     import hashlib
     import os
 
-    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ecvl-fast"
+    base = Path(os.environ["XDG_CACHE_HOME"]) if os.environ.get("XDG_CACHE_HOME") else Path.home() / ".cache"
     key = hashlib.sha1(str(folder.resolve()).encode()).hexdigest()[:16]
-    return [folder / STAMP, cache / f"verified-{key}.json"]
+    return [folder / STAMP, base / "ecvl-fast" / f"verified-{key}.json"]
 
 
 def open_dataset(path: str | Path, d: Dist | None = None) -> dict:
-    """meta.json plus a check of each .beton against it: its sha256 (`verify`, on the main rank
-    only; every rank learns the verdict), then its label count. The train labels are kept in
-    meta["train_labels"] (the momentum bank needs them)."""
+    """meta.json plus a check of each .beton against it: its sha256 (`verify`, on every rank at
+    once, so that none waits on another's hashing past a collective's timeout; a refusal on one
+    stops all), then its label count. The train labels are kept in meta["train_labels"] (the
+    momentum bank needs them)."""
     from ecvl_fast.loaders.convert import load_meta
     from ecvl_fast.loaders.ffcv_loader import read_labels
     from ecvl_fast.run import dist as D
 
     meta = load_meta(Path(path))
     refused = None
-    if d is None or d.main:
-        try:
-            verify(path, meta)
-        except EcvlError as e:
-            refused = str(e)
+    try:
+        verify(path, meta)
+    except EcvlError as e:
+        refused = str(e)
     if d is not None and d.enabled:
-        refused = D.broadcast_object(refused)
+        import torch
+
+        elsewhere = int(D.all_reduce_max(torch.tensor([int(refused is not None)], device=d.device)))
+        refused = refused or ("another rank found a .beton that does not match meta.json: see its error" if elsewhere
+                              else None)
     if refused:
         raise EcvlError(refused)
     for split, n in meta["images"].items():
