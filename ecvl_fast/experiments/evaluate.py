@@ -43,7 +43,8 @@ def _check_report_folder(where: Path, out: Path | None, ckpt: Path | None) -> No
     must be writable. Either way, --out names another."""
     import os
 
-    from ecvl_fast.run.lifecycle import held_by, writable
+    from ecvl_fast.run.files import writable
+    from ecvl_fast.run.lifecycle import held_by
 
     if os.environ.get("RANK", "0") != "0":  # under torchrun, before the process group: the main rank checks
         return

@@ -84,7 +84,7 @@ def activation(cfg: ModelCfg) -> tuple[bool, str]:
     TorchScript file builds QuickGELU. A plain state dict cannot say; its model name decides.
     Decided from the config alone, so a resumed or exported model is rebuilt as it was trained."""
     oc = _open_clip()
-    if (oc.get_model_config(cfg.name) or {}).get("quick_gelu"):
+    if _own_quick_gelu(cfg.name):
         return True, f"{cfg.name}'s own config"
     p = cfg.pretrained
     if p in ("", "none"):
@@ -117,8 +117,10 @@ def quick_gelu_of(module: nn.Module) -> bool:
 def trained_quick_gelu(state: dict, name: str) -> bool:
     """The activation a checkpoint's network ran: as it records, or, for one written before the
     record (2026-12-05), what was built then: the model config's own (open_clip only warned)."""
-    if "quick_gelu" in state:
-        return bool(state["quick_gelu"])
+    return bool(state["quick_gelu"]) if "quick_gelu" in state else _own_quick_gelu(name)
+
+
+def _own_quick_gelu(name: str) -> bool:
     return bool((_open_clip().get_model_config(name) or {}).get("quick_gelu"))
 
 
@@ -139,18 +141,17 @@ def native_res(name: str) -> int:
     return size if isinstance(size, int) else size[0]
 
 
-def build_clip(cfg: ModelCfg, load_weights: bool = True, res: int | None = None, quick_gelu: bool | None = None):
+def build_clip(cfg: ModelCfg, load_weights: bool = True, res: int | None = None):
     """(model, tokenizer). `pretrained`: "none", a local file, or an open_clip tag. Callers that
     restore an ecvl-fast checkpoint pass load_weights=False and skip fetching those weights.
     `res`: the run's input size; the tower is built for it (a ViT's position embedding, a ResNet's
-    attention pool), so a config cannot hand a model images it was not built for. `quick_gelu`:
-    what a checkpoint or export recorded it was trained with, over `activation(cfg)`."""
+    attention pool), so a config cannot hand a model images it was not built for. A checkpoint
+    loaded into it next sets the activation it was trained with (`set_activation`)."""
     oc = check_name(cfg.name)
     pretrained = None if cfg.pretrained in ("", "none") or not load_weights else cfg.pretrained
     if pretrained is not None and _is_path(pretrained) and not Path(pretrained).is_file():
         raise EcvlError(f"{pretrained}: no such pretrained checkpoint")
-    quick = activation(cfg)[0] if quick_gelu is None else quick_gelu
-    kwargs = {"force_quick_gelu": quick}
+    kwargs = {"force_quick_gelu": activation(cfg)[0]}
     if res and res != native_res(cfg.name):
         kwargs["force_image_size"] = res
     scripted = pretrained is not None and _is_path(pretrained) and is_torchscript(pretrained)

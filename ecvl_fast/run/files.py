@@ -71,3 +71,24 @@ def remove_stale_temps(folder: Path) -> list[Path]:
     for p in stale:
         p.unlink(missing_ok=True)
     return stale
+
+
+def writable(folder: str | Path) -> str | None:
+    """Why a report cannot be written into `folder` (created if need be), else None: checked before
+    the work, not after it."""
+    folder = Path(folder)
+    made = [p for p in (folder, *folder.parents) if not p.exists()]  # innermost first
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        return e.strerror or type(e).__name__
+    finally:
+        for p in made:  # nothing is left behind: the report creates its folder when it is written
+            try:
+                p.rmdir()
+            except OSError:
+                break
+    return None

@@ -285,10 +285,8 @@ class RunLock:
             return  # released meanwhile: try again
         if holder is None:
             why = "an unreadable lock file" if age > 5 else None  # a writer may be filling it now
-        elif holder.get("host") == self.me["host"]:
-            why = _stale_here(holder, age, self.STALE_S)
         else:
-            why = f"no heartbeat for {age:.0f} s" if age > self.STALE_S else None
+            why = _stale(holder, age)
         if why is None:
             who = f"pid {holder.get('pid')} on {holder.get('host')} since {holder.get('since', '?')}" if holder else "another command"
             raise EcvlError(f"{self.path.parent} is in use by {who}: one run writes to a folder at a time; "
@@ -311,30 +309,15 @@ def held_by(folder: Path) -> str | None:
         holder, age = json.loads(lock.read_text()), time.time() - lock.stat().st_mtime
     except (OSError, ValueError):
         return None
-    here = holder.get("host") == socket.gethostname()
-    stale = _stale_here(holder, age, RunLock.STALE_S) if here else (age > RunLock.STALE_S)
-    return None if stale else f"pid {holder.get('pid')} on {holder.get('host')}"
+    return None if _stale(holder, age) else f"pid {holder.get('pid')} on {holder.get('host')}"
 
 
-def writable(folder: Path) -> str | None:
-    """Why a report cannot be written into `folder` (created if need be), else None: checked before
-    the work, not after it."""
-    folder = Path(folder)
-    made = [p for p in (folder, *folder.parents) if not p.exists()]  # innermost first
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / f".write-test-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        return e.strerror or type(e).__name__
-    finally:
-        for p in made:  # nothing is left behind: the report creates its folder when it is written
-            try:
-                p.rmdir()
-            except OSError:
-                break
-    return None
+def _stale(holder: dict, age: float) -> str | None:
+    """Why a lock is stale, or None while its writer lives: on this host, `_stale_here`; from
+    another node (a shared filesystem), no heartbeat for RunLock.STALE_S."""
+    if holder.get("host") == socket.gethostname():
+        return _stale_here(holder, age, RunLock.STALE_S)
+    return f"no heartbeat for {age:.0f} s" if age > RunLock.STALE_S else None
 
 
 def _stale_here(holder: dict, age: float, stale_s: float) -> str | None:

@@ -252,8 +252,9 @@ def _exported_predictor(d: dict, device: torch.device, views: int | None) -> Pre
     from ecvl_fast.config import ModelCfg
     from ecvl_fast.method import peft
 
-    clip, _ = build_clip(ModelCfg(name=d["model_name"]), load_weights=False, res=d["res"], quick_gelu=d.get("quick_gelu"))
+    clip, _ = build_clip(ModelCfg(name=d["model_name"]), load_weights=False, res=d["res"])
     visual = clip.visual
+    set_activation(visual, trained_quick_gelu(d, d["model_name"]))
     # an export from before LIFT's settings has text_features, no light module and one view
     weights = d.get("class_weights", d.get("text_features"))
     peft.apply(visual, d.get("peft", "none"), len(d["classes"]), d.get("peft_dim", 0), d["model_name"])
