@@ -13,6 +13,7 @@ import typer
 
 from ecvl_fast import EcvlError
 from ecvl_fast.bench import tables
+from ecvl_fast.config import trial as as_trial
 from ecvl_fast.loaders.convert import DATASETS, DEFAULT_MAX_PIXELS, DEFAULT_MAX_RES
 from ecvl_fast.experiments.demo import DEMO_DATA
 from ecvl_fast.experiments.presets import names as preset_names
@@ -47,6 +48,8 @@ _PRECISION_SET = typer.Option(None, "--precision", help="= --set run.precision (
 _OUT = typer.Option(None, "--out", help="= --set run.out: the run folder (default: runs/<dataset>-<model>)")
 _DRY = typer.Option(False, "--dry-run", help="print the resolved config, the data, the runs it would start, "
                                             "resume or reuse, and the images it would process; train nothing")
+_TRIAL = typer.Option(False, "--trial", help="a quick trial of the whole command: 3 steps per epoch, at most 2 epochs "
+                                             "per stage, 64 images per evaluation, into <run folder>-trial")
 
 
 def _aliases(stages, model=None, epochs=None, lr=None, batch_size=None, precision=None, out=None) -> list[tuple]:
@@ -200,7 +203,7 @@ def train(
     restart: bool = typer.Option(False, help="start over; the run already in the folder is moved to previous-<time>/"),
     model: Optional[str] = _MODEL, epochs: Optional[int] = _EPOCHS, lr: Optional[float] = _LR,
     batch_size: Optional[int] = _BATCH, precision: Optional[str] = _PRECISION_SET, out: Optional[str] = _OUT,
-    dry_run: bool = _DRY,
+    dry_run: bool = _DRY, trial: bool = _TRIAL,
 ):
     """Train (one process, or one per GPU under torchrun): stage 1 into the run folder, stage 2 into
     its stage2/. Re-running the same command continues from the last checkpoint (mid-epoch after a
@@ -213,6 +216,7 @@ def train(
     if stage is None and _config(config, overrides, pretrained).stage1.epochs == 0:
         stages = (2,)  # single-stage (LIFT's form): stage 2 from model.pretrained
     cfg = _config(config, overrides, pretrained, _aliases(stages, model, epochs, lr, batch_size, precision, out))
+    cfg = as_trial(cfg) if trial else cfg
     if dry_run:
         from ecvl_fast.experiments.presets import dry_run as plan
 
@@ -301,7 +305,7 @@ def ablate(
     pretrained: Optional[str] = typer.Option(None, help="shortcut for --set model.pretrained=TAG|PATH|none"),
     model: Optional[str] = _MODEL, epochs: Optional[int] = _EPOCHS, lr: Optional[float] = _LR,
     batch_size: Optional[int] = _BATCH, precision: Optional[str] = _PRECISION_SET, out: Optional[str] = _OUT,
-    dry_run: bool = _DRY,
+    dry_run: bool = _DRY, trial: bool = _TRIAL,
     rows: str = typer.Option(",".join(DEFAULT_ROWS), help=f"stage-2 rows, comma-separated, of: {', '.join(ROWS)}"),
 ):
     """Zero-shot, stage 1, then the stage-2 rows (BALLAD, + momentum, ECVL by default) over seeds on
@@ -310,6 +314,7 @@ def ablate(
     from ecvl_fast.experiments.ablate import parse_seeds, planned_runs, run_ablation
 
     cfg = _config(config, overrides, pretrained, _aliases((1, 2), model, epochs, lr, batch_size, precision, out))
+    cfg = as_trial(cfg) if trial else cfg
     seeds, rows = parse_seeds(seeds), parse_rows(rows)
     if dry_run:
         from ecvl_fast.experiments.presets import dry_run as plan

@@ -107,7 +107,13 @@ class RunCfg:
     log_every: int = 20  # steps between host syncs for logging (and for agreeing on a stop signal)
     checkpoint_every: int = 0  # steps between mid-epoch checkpoints (0: at epoch ends only)
     stop_grace_s: float = 60.0  # after SIGTERM/SIGUSR1, leave anyway after this long (a dead peer)
-    tensorboard: bool = False  # also write TensorBoard scalars to <run folder>/tb (main rank)
+    report_to: str = ""  # also write the scalars to "tensorboard" (<run folder>/tb), "wandb" (offline with
+    #                    WANDB_MODE=offline), or both: "tensorboard,wandb" or "all" (open_clip's --report-to)
+    lines_per_epoch: int = 20  # when stdout is not a terminal: about this many progress lines per epoch (0: epoch lines only)
+    best_metric: str = "all"  # the val metric that picks best.pt: "all", "macro_f1", "few", "medium" or "many"
+    report: str = "last"  # the checkpoint the final report (metrics.json) evaluates: "last" or "best" (on val)
+    limit_steps: int = 0  # train at most this many steps per epoch (0: the whole epoch); `train --trial` sets it
+    limit_eval: int = 0  # evaluate at most this many images per split, a seeded subset (0: all); `train --trial` sets it
     precision: str = "auto"  # "auto" (bf16 on CUDA, fp32 on CPU), "bf16", "fp16" (+ GradScaler) or "fp32"
 
 
@@ -150,6 +156,9 @@ CHOICES = {
     ("dist", "backend"): ("auto", "nccl", "gloo"),
     ("run", "device"): ("auto", "cpu", "cuda"),
     ("run", "precision"): ("auto", "bf16", "fp16", "fp32"),
+    ("run", "report_to"): ("", "tensorboard", "wandb", "tensorboard,wandb", "wandb,tensorboard", "all"),
+    ("run", "best_metric"): ("all", "macro_f1", "few", "medium", "many"),
+    ("run", "report"): ("last", "best"),
 }
 
 
@@ -157,7 +166,8 @@ CHOICES = {
 AT_LEAST = {("data", "batch_size"): 1, ("data", "res"): 1, ("stage1", "epochs"): 0, ("stage2", "epochs"): 1,
             ("stage1", "accum_steps"): 1, ("stage2", "accum_steps"): 1, ("aug", "lol_levels"): 1,
             ("run", "log_every"): 1, ("stage2", "logit_adjust"): 0.0, ("data", "tte_views"): 1, ("stage2", "views"): 1,
-            ("stage2", "peft_dim"): 0}
+            ("stage2", "peft_dim"): 0, ("run", "lines_per_epoch"): 0, ("run", "limit_steps"): 0,
+            ("run", "limit_eval"): 0}
 AT_MOST = {("data", "tte_views"): 10, ("stage2", "views"): 2}
 POSITIVE = {("stage1", "lr"), ("stage2", "lr"), ("stage2", "head_scale")}
 
@@ -182,7 +192,22 @@ REMOVED = {
 }
 
 
+# Old spellings still read (a saved run's config.toml, a checkpoint's config): (section, key) ->
+# the setting it now is, as a function of the old value.
+RENAMED = {
+    ("run", "tensorboard"): lambda on: ("run", "report_to", "tensorboard" if _coerce("run.tensorboard", bool, on) else ""),
+}
+
+
+def reports_to(cfg: Config) -> set[str]:
+    """The trackers run.report_to names."""
+    value = cfg.run.report_to
+    return {"tensorboard", "wandb"} if value == "all" else {v for v in value.split(",") if v}
+
+
 def _merge(cfg: Config, section: str, key: str, value, where: str) -> Config:
+    if (section, key) in RENAMED:
+        section, key, value = RENAMED[section, key](value)
     if (section, key) in REMOVED:
         raise EcvlError(f"{where}: {section}.{key} is not a setting: {REMOVED[section, key]}")
     sections = {f.name: f for f in dataclasses.fields(Config)}
@@ -259,6 +284,21 @@ def stage2_from_pretrained(cfg: Config) -> bool:
     """Stage 2 starts from model.pretrained, not a stage-1 checkpoint: stage2.init = "none", or no
     stage 1 at all (stage1.epochs = 0, LIFT's single-stage form)."""
     return cfg.stage2.init == "none" or (cfg.stage2.init == "" and cfg.stage1.epochs == 0)
+
+
+# A quick trial (Lightning's fast_dev_run, limit_train_batches): every stage, epoch end, checkpoint
+# and report of the command, at a few steps per epoch and a small evaluation, in its own folder.
+TRIAL = {"limit_steps": 3, "epochs": 2, "limit_eval": 64}
+
+
+def trial(cfg: Config) -> Config:
+    """`cfg` as a quick trial: at most TRIAL's steps per epoch, epochs per stage and images per
+    evaluated split, in <run.out>-trial (a real run's folder is never touched)."""
+    r = dataclasses.replace(cfg.run, out=f"{cfg.run.out.rstrip('/')}-trial", limit_steps=TRIAL["limit_steps"],
+                            limit_eval=TRIAL["limit_eval"])
+    s1 = dataclasses.replace(cfg.stage1, epochs=min(cfg.stage1.epochs, TRIAL["epochs"]))
+    s2 = dataclasses.replace(cfg.stage2, epochs=min(cfg.stage2.epochs, TRIAL["epochs"]))
+    return dataclasses.replace(cfg, run=r, stage1=s1, stage2=s2)
 
 
 def load_config(path: Path | None = None, overrides: list = ()) -> Config:

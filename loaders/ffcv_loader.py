@@ -22,18 +22,22 @@ ORDERS = ("random", "balanced", "sequential")
 
 
 def epoch_indices(order: str, labels: np.ndarray, num_classes: int, seed: int, epoch: int,
-                  rank: int = 0, world: int = 1) -> np.ndarray:
-    """The sample indices one rank reads in one epoch."""
+                  rank: int = 0, world: int = 1, limit: int = 0) -> np.ndarray:
+    """The sample indices one rank reads in one epoch. `limit` > 0: at most that many over all
+    ranks (a quick trial): the epoch's first ones in a training order; in `sequential` order
+    the same seeded subset every epoch, in file order."""
     n = len(labels)
-    if order == "sequential":
-        return np.arange(rank, n, world)  # eval: no trimming, every sample exactly once overall
+    if order == "sequential":  # eval: no trimming, every sample exactly once overall
+        chosen = np.arange(n) if not 0 < limit < n else \
+            np.sort(np.random.default_rng([seed, 0x5EED]).choice(n, limit, replace=False))
+        return chosen[rank::world]
     if order == "random":
         full = np.random.default_rng([seed, epoch]).permutation(n)
     elif order == "balanced":
         full = kernels.balanced_indices(labels, num_classes, n, seed, epoch)
     else:
         raise EcvlError(f"unknown loader order {order!r}; choose one of {', '.join(ORDERS)}")
-    per_rank = n // world
+    per_rank = (min(n, limit) if limit > 0 else n) // world
     return full[: per_rank * world][rank::world]
 
 
@@ -114,10 +118,10 @@ def image_sizes(path: Path) -> tuple[np.ndarray, np.ndarray]:
 
 
 def make_loader(path: Path, order: str, batch_size: int, load_res: int, *, workers: int = 2,
-                seed: int = 0, num_classes: int | None = None, rank: int = 0, world: int = 1):
+                seed: int = 0, num_classes: int | None = None, rank: int = 0, world: int = 1, limit: int = 0):
     """An ffcv Loader yielding (images uint8 [B,S,S,3] on a canvas, labels int64 [B], indices int64 [B]);
     `loader.sizes[index]` is each image's (height, width) on the canvas (loaders/canvas.py), its
-    short side resized to at most `load_res`."""
+    short side resized to at most `load_res`. `limit`: images per epoch at most (`epoch_indices`)."""
     from ffcv.fields.basics import IntDecoder
     from ffcv.loader import Loader, OrderOption
     from ffcv.transforms import Squeeze, ToTensor
@@ -139,7 +143,7 @@ def make_loader(path: Path, order: str, batch_size: int, load_res: int, *, worke
 
     class Order(TraversalOrder):
         def sample_order(self, epoch: int):
-            full = epoch_indices(order, labels, k, seed, epoch, rank, world)
+            full = epoch_indices(order, labels, k, seed, epoch, rank, world, limit)
             skip = resume_offset(self.loader, epoch)
             # ffcv trims an epoch to whole batches by the full epoch's length; a shortened one
             # must be trimmed here, or its remainder would come out as one extra, partial batch.

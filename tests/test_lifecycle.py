@@ -146,30 +146,6 @@ def test_slurm_tasks_without_torchrun_are_refused(tmp_path, mnist, capsys, monke
     assert not (tmp_path / "run").exists()
 
 
-def test_tensorboard_gets_loss_lr_throughput_val_groups_and_m(tmp_path, mnist):
-    """run.tensorboard on a stage-2 run (random encoders) over a copy of MNIST-LT with a val split."""
-    import shutil
-
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    data = tmp_path / "with-val"
-    shutil.copytree(mnist, data)
-    shutil.copy(data / "test.beton", data / "val.beton")
-    meta = json.loads((data / "meta.json").read_text())
-    meta["images"]["val"] = meta["images"]["test"]
-    meta["sha256"]["val.beton"] = meta["sha256"]["test.beton"]  # the same file
-    (data / "meta.json").write_text(json.dumps(meta))
-    path, sets = setup_run(tmp_path, data, "tb", epochs=1,
-                           extra=["run.tensorboard=true", "stage2.init=none", "stage2.epochs=1", "run.log_every=5"])
-    training.main(load_config(path, sets), stage=2)
-    events = EventAccumulator(str(tmp_path / "tb" / "stage2" / "tb"))
-    events.Reload()
-    tags = set(events.Tags()["scalars"])
-    for tag in ("loss", "lr", "img_s", "train_loss", "val_all", "val_many", "val_few", "M_few/p50", "M_many/p90"):
-        assert f"stage2/{tag}" in tags, (tag, sorted(tags))
-    assert [e.step for e in events.Scalars("stage2/loss")] == [5, 10, 15]
-
-
 def test_sigusr1_and_sigterm_set_the_stop_flag_and_are_restored():
     """SLURM's --signal sends SIGUSR1, torchrun and the time limit SIGTERM, a user Ctrl-C (SIGINT):
     each is a stop request; Ctrl-C's exit status is 130."""

@@ -30,18 +30,68 @@ def pyplot():
     return plt
 
 
+CONFUSION_PLOT_MAX = 100  # classes up to which confusion.png is drawn (confusion.csv always)
+
+
 def write_report(metrics: dict, meta: dict, out_dir: Path, title: str, context: dict | None = None) -> dict:
-    """metrics.json, per_class.png (accuracy against train count, log x) and a console table.
-    Returns the metrics as read back from metrics.json (`read_metrics`), so a finished run
-    reports exactly what a fresh one did."""
+    """metrics.json, confusion.csv, per_class.png (accuracy against train count, log x),
+    confusion.png (up to CONFUSION_PLOT_MAX classes) and a console table. Returns the metrics as
+    read back from metrics.json (`read_metrics`), so a finished run reports exactly what a fresh one did."""
     from ecvl_fast.run.files import atomic_write
 
     path = Path(out_dir) / "metrics.json"
     readable = metrics_file(metrics, meta["classes"], context or {})
     atomic_write(path, lambda tmp: tmp.write_text(json.dumps(readable, indent=1)))
+    if metrics.get("confusion") is not None:
+        write_confusion(metrics["confusion"], meta["classes"], Path(out_dir) / "confusion.csv")
+        if len(meta["classes"]) <= CONFUSION_PLOT_MAX:
+            plot_confusion(metrics["confusion"], meta, Path(out_dir) / "confusion.png", title)
     _plot(metrics, meta, Path(out_dir) / "per_class.png", title)
     print_table(metrics, title)
     return read_metrics(path)
+
+
+def write_confusion(cm: np.ndarray, classes: list[str], path: Path) -> None:
+    """The confusion matrix as CSV: a row per true class, a column per predicted one, in class order."""
+    import csv
+
+    from ecvl_fast.run.files import atomic_write
+
+    names = unique_names(classes)
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["true \\ predicted", *names])
+            for name, row in zip(names, cm):
+                w.writerow([name, *map(int, row)])
+
+    atomic_write(path, write)
+
+
+def plot_confusion(cm: np.ndarray, meta: dict, path: Path, title: str) -> None:
+    """Each true class's predictions in percent of its images, classes ordered by training count
+    (the head top left); names on the axes up to 40 classes."""
+    plt = pyplot()
+    if plt is None:
+        return
+    order = np.argsort(-np.asarray(meta["train_counts"]), kind="stable")
+    m = cm[np.ix_(order, order)].astype(np.float64)
+    m = 100 * m / np.maximum(m.sum(1, keepdims=True), 1)
+    k = len(order)
+    fig, ax = plt.subplots(figsize=(min(4 + 0.18 * k, 16), min(3.5 + 0.18 * k, 15)))
+    im = ax.imshow(m, cmap="Blues", vmin=0, vmax=100)
+    fig.colorbar(im, ax=ax, label="% of the true class's images")
+    if k <= 40:
+        names = [unique_names(meta["classes"])[i] for i in order]
+        ax.set_xticks(range(k), names, rotation=90, fontsize=7)
+        ax.set_yticks(range(k), names, fontsize=7)
+    ax.set_xlabel("predicted class (by train count, most first)")
+    ax.set_ylabel("true class (by train count, most first)")
+    ax.set_title(f"confusion: {title}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 def unique_names(classes: list[str]) -> list[str]:
@@ -57,8 +107,13 @@ def metrics_file(metrics: dict, classes: list[str], context: dict) -> dict:
     """metrics.json as a person reads it: what was evaluated (`context`: split, stage or row,
     checkpoint), then every accuracy in percent, as the tables print them; per class by name."""
     pct = lambda v: None if v is None else 100 * v  # noqa: E731
-    return {**context, "units": "percent", **{k: pct(metrics[k]) for k in METRICS},
-            "per_class": dict(zip(unique_names(classes), map(pct, metrics["per_class"]))),
+    names = unique_names(classes)
+    extra = {}
+    if "per_class_precision" in metrics:  # recall is per_class: a class's accuracy
+        extra = {"per_class_precision": dict(zip(names, map(pct, metrics["per_class_precision"]))),
+                 "per_class_recall": dict(zip(names, map(pct, metrics["per_class"])))}
+    return {**context, "units": "percent", **{k: pct(metrics[k]) for k in METRICS}, "top5": pct(metrics.get("top5")),
+            "per_class": dict(zip(names, map(pct, metrics["per_class"]))), **extra,
             "num_images": metrics["num_images"], "predicted_classes": metrics["predicted_classes"]}
 
 
@@ -69,7 +124,8 @@ def read_metrics(path: Path) -> dict:
     if saved.get("units") != "percent":
         raise EcvlError(f"{path}: written by an older ecvl-fast (fractions, no units); pass --restart to redo the run")
     frac = lambda v: None if v is None else v / 100  # noqa: E731
-    return {**{k: frac(saved[k]) for k in METRICS}, "per_class": [frac(v) for v in saved["per_class"].values()],
+    return {**{k: frac(saved[k]) for k in METRICS}, "top5": frac(saved.get("top5")),
+            "per_class": [frac(v) for v in saved["per_class"].values()],
             "num_images": saved["num_images"], "predicted_classes": saved["predicted_classes"]}
 
 
@@ -79,17 +135,22 @@ def _plot(metrics: dict, meta: dict, path: Path, title: str) -> None:
         return
 
     counts = np.asarray(meta["train_counts"])
-    acc = np.asarray([np.nan if a is None else a for a in metrics["per_class"]])
+    acc = np.asarray([np.nan if a is None else 100 * a for a in metrics["per_class"]])
     fig, ax = plt.subplots(figsize=(6, 4))
     for group, color in (("many", "tab:blue"), ("medium", "tab:orange"), ("few", "tab:red")):
         ix = meta["groups"][group]
         if not ix:  # an empty shot group: nothing to draw, no legend entry
             continue
         ax.scatter(counts[ix], acc[ix], s=14, c=color, label=f"{group} ({len(ix)})")
+    names = unique_names(meta["classes"])
+    labelled = range(len(names)) if len(names) <= 40 else [i for i in np.argsort(np.nan_to_num(acc, nan=101))[:10]]
+    for i in labelled:  # every class's name up to 40 classes, else the ten worst classes'
+        if not np.isnan(acc[i]):
+            ax.annotate(names[i], (counts[i], acc[i]), fontsize=6, xytext=(2, 2), textcoords="offset points")
     ax.set_xscale("log")
     ax.set_xlabel("train images in class (log)")
-    ax.set_ylabel("test accuracy")
-    ax.set_ylim(-0.02, 1.02)
+    ax.set_ylabel("accuracy (%)")
+    ax.set_ylim(-2, 102)
     ax.set_title(title)
     ax.legend()
     fig.tight_layout()
@@ -104,7 +165,7 @@ def print_table(metrics: dict, title: str, rows: dict[str, dict] | None = None) 
 
     rows = rows or {"": metrics}
     t = Table(title=title)
-    cols = METRICS
+    cols = METRICS + ("top5",) * all(m.get("top5") is not None for m in rows.values())
     if any(rows):
         t.add_column("run")
     for c in cols:
@@ -116,29 +177,39 @@ def print_table(metrics: dict, title: str, rows: dict[str, dict] | None = None) 
 
 
 def plot_curves(log_path: Path, path: Path, title: str) -> None:
-    """The run's training loss (each logged step, and each epoch's mean) and validation accuracy."""
+    """The run's training loss (each logged step, and each epoch's mean) and validation accuracy
+    (all, and per shot group) above; the learning rate below."""
+    from ecvl_fast.run.logs import epoch_val
+
     records = read_log(log_path)
-    steps = [(r["step"], r["loss"]) for r in records if r.get("kind") == "step"]
+    steps = [r for r in records if r.get("kind") == "step"]
     epochs = [r for r in records if r.get("kind") == "epoch"]
     plt = pyplot() if steps else None
     if plt is None:
         return
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot(*zip(*steps), color="tab:blue", alpha=0.4, lw=1, label="loss (logged steps)")
-    per_epoch = max(s for s, _ in steps) / max(r["epoch"] for r in epochs) if epochs else 0  # steps per epoch
+    fig, (ax, low) = plt.subplots(2, 1, figsize=(7, 5.5), sharex=True, height_ratios=(3, 1))
+    ax.plot([r["step"] for r in steps], [r["loss"] for r in steps], color="tab:blue", alpha=0.4, lw=1,
+            label="loss (logged steps)")
+    per_epoch = max(r["step"] for r in steps) / max(r["epoch"] for r in epochs) if epochs else 0  # steps per epoch
     if epochs:
         ax.plot([r["epoch"] * per_epoch for r in epochs], [r["train_loss"] for r in epochs], "o-", color="tab:blue",
                 label="loss (epoch mean)")
-    ax.set_xlabel("step")
     ax.set_ylabel("training loss")
-    val = [(r["epoch"] * per_epoch, 100 * r["val_all"]) for r in epochs if r.get("val_all") is not None]
-    if val:
+    scored = [(r["epoch"] * per_epoch, epoch_val(r)) for r in epochs if epoch_val(r) is not None]
+    if scored:
         right = ax.twinx()
-        right.plot(*zip(*val), "s-", color="tab:orange", label="val accuracy")
+        for key, style in (("all", ("s-", "black")), ("many", ("^--", "tab:green")), ("medium", ("v--", "tab:orange")),
+                           ("few", ("o--", "tab:red"))):
+            pts = [(x, 100 * v[key]) for x, v in scored if v.get(key) is not None]
+            if pts:
+                right.plot(*zip(*pts), style[0], color=style[1], ms=4, label=f"val {key}")
         right.set_ylabel("validation accuracy (%)")
-        right.legend(loc="upper right")
-    ax.legend(loc="upper left")
+        right.legend(loc="upper right", fontsize=7)
+    ax.legend(loc="upper left", fontsize=7)
     ax.set_title(title)
+    low.plot([r["step"] for r in steps], [r["lr"] for r in steps], color="tab:purple", lw=1)
+    low.set_ylabel("learning rate")
+    low.set_xlabel("step")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

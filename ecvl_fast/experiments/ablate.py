@@ -29,7 +29,7 @@ from ecvl_fast.evaluation.metrics import METRICS
 from ecvl_fast.evaluation.reports import PAIRED, plot_rows, print_ablation, read_metrics
 from ecvl_fast.method.rows import DEFAULT_ROWS, LABELS, ROWS, other_control
 from ecvl_fast.run.files import atomic_write
-from ecvl_fast.run.logs import read_log
+from ecvl_fast.run.logs import epoch_val, read_log
 
 def _with(cfg: Config, section: str, **values) -> Config:
     return dataclasses.replace(cfg, **{section: dataclasses.replace(getattr(cfg, section), **values)})
@@ -121,8 +121,8 @@ def last_val(folder: Path) -> dict | None:
     if not log.is_file():
         return None
     for r in reversed(read_log(log)):
-        if r.get("val_all") is not None:
-            return {"all": r["val_all"], **(r.get("val_groups") or {}), "macro_f1": r.get("val_macro_f1")}
+        if epoch_val(r) is not None:
+            return epoch_val(r)
     return None
 
 

@@ -14,7 +14,7 @@ from ecvl_fast.run import dist as D
 from ecvl_fast.run import precision
 from ecvl_fast.config import Config, from_dict
 from ecvl_fast.training.data import eval_loader, open_dataset
-from ecvl_fast.evaluation.metrics import shot_metrics, split_logits
+from ecvl_fast.evaluation.metrics import ranked, shot_metrics, split_logits
 from ecvl_fast.evaluation.reports import write_report
 from ecvl_fast.serving.classifier import load_classifier
 
@@ -91,7 +91,7 @@ def run_eval(cfg: Config, data: Path | None, ckpt: Path | None, split: str, out:
                 print(f"tau {tau:g}: the best mean per-class accuracy on the val split "
                       f"({100 * scores[tau]:.2f}%, tau 0: {100 * scores[0.0]:.2f}%)")
         logits, labels = split_logits(scorer, eval_loader(cfg, d, split, views), d, dt)
-        metrics = shot_metrics(adjusted(logits, meta["train_counts"], tau).argmax(1), labels, meta)
+        metrics = shot_metrics(ranked(adjusted(logits, meta["train_counts"], tau)), labels, meta)
         if d.main:
             metrics = write_report(metrics, meta, where,
                                    f"{cfg.model.name} {'zero-shot' if ckpt is None else ckpt.name}, {split}",

@@ -51,12 +51,13 @@ def _status(folder: Path, cfg: Config, epochs: int, stage: int) -> tuple[str, in
 
 def data_summary(cfg: Config) -> dict:
     from ecvl_fast.loaders.convert import load_meta
+    from ecvl_fast.training.data import steps_per_epoch
 
     meta = load_meta(Path(cfg.data.path))
     counts = meta["train_counts"]
     return {"classes": len(meta["classes"]), "images": meta["images"], "max_per_class": max(counts),
             "min_per_class": min(counts), "groups": {g: len(c) for g, c in meta["groups"].items()},
-            "steps_per_epoch": meta["images"]["train"] // cfg.data.batch_size}
+            "steps_per_epoch": steps_per_epoch(cfg, meta["images"]["train"])}
 
 
 def model_check(cfg: Config, light: bool = False) -> str:
@@ -72,6 +73,54 @@ def model_check(cfg: Config, light: bool = False) -> str:
     check_forward(net, tokenizer(["a photo of a cat.", "a photo of a dog."]), cfg.data.res, cfg.model.name)
     return (f"model {cfg.model.name} at {cfg.data.res} px: one forward on a dummy batch passed; "
             f"{activation_line(cfg.model)}")
+
+
+TIMED_STEPS = 2  # steps timed per stage for the dry run's estimate (after one untimed)
+CPU_TIMED_BATCH = 16  # images per timed step on a CPU (per image, a CPU's time barely depends on the batch)
+
+
+def seconds_per_image(cfg: Config, stage: int, classes: int) -> tuple[float, str]:
+    """(seconds per training image, how it was measured): real train steps of `stage` at the run's
+    model, resolution, precision and stage settings, on synthetic images and random weights (the
+    time does not depend on either), on this machine's device; on a CPU at a small batch."""
+    import dataclasses
+    import time
+
+    import numpy as np
+    import torch
+
+    from ecvl_fast.bench.device import synthetic_batch
+    from ecvl_fast.run import dist as D
+    from ecvl_fast.training.loop import build_run, train_step
+
+    d = D.setup(cfg.run.device)
+    batch = cfg.data.batch_size if d.device.type == "cuda" else min(cfg.data.batch_size, CPU_TIMED_BATCH)
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, batch_size=max(2, batch)),
+                              model=dataclasses.replace(cfg.model, pretrained="none"),
+                              stage2=dataclasses.replace(cfg.stage2, init="none"))
+    batch = cfg.data.batch_size
+    meta = {"classes": [f"class {i}" for i in range(classes)], "train_labels": np.arange(batch) % classes}
+    run = build_run(cfg, d, meta, steps_per_epoch=10 ** 6, stage=stage)
+    x, y, idx = synthetic_batch(batch, cfg.data.res, classes, d.device, run.amp)
+    views = x if stage == 1 else [x] * cfg.stage2.views
+    times = []
+    for _ in range(TIMED_STEPS + 1):
+        t0 = time.perf_counter()
+        train_step(run, views, y, idx)
+        if d.device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return min(times[1:]) / batch, f"{TIMED_STEPS} steps of {batch} images timed on {d.device.type}"
+
+
+def duration(seconds: float) -> str:
+    """A rough duration as a person says it."""
+    if seconds < 90:
+        return f"{max(1, round(seconds))} s"
+    if seconds < 5400:
+        return f"{round(seconds / 60)} min"
+    hours = seconds / 3600
+    return f"{hours:.1f} h" if hours < 48 else f"{hours / 24:.1f} days"
 
 
 def check_stage2_init(cfg: Config, stages: list[int]) -> None:
@@ -105,15 +154,24 @@ def dry_run(cfg: Config, runs: list[tuple[str, int, Config, Path]]) -> dict:
     threads, note = reader_threads(cfg.data.workers)
     if note:
         print(note)
-    total, plan = 0, []
+    total, seconds, plan, timed = 0, 0.0, [], {}
     for name, stage, run_cfg, folder in runs:
         epochs = run_cfg.stage1.epochs if stage == 1 else run_cfg.stage2.epochs
         status, left = _status(folder, run_cfg, epochs, stage)
         views = 1 if stage == 1 else run_cfg.stage2.views
-        images = data["steps_per_epoch"] * run_cfg.data.batch_size * left * views
-        total += images
+        batches = data["steps_per_epoch"] * run_cfg.data.batch_size * left  # training images, each in `views` views
+        key = (stage, repr(run_cfg.stage2 if stage == 2 else run_cfg.stage1), repr(run_cfg.aug))  # not the seed
+        if left and key not in timed:
+            timed[key] = seconds_per_image(run_cfg, stage, data["classes"])
+        run_s = batches * timed[key][0] if left else 0.0
+        total, seconds = total + batches * views, seconds + run_s
         plan.append({"run": name, "stage": stage, "folder": str(folder), "epochs": epochs, "status": status,
-                     "images": images})
-        print(f"{name}: stage {stage}, {epochs} epochs, {folder}: {status}; {images:,} images")
-    print(f"in all: {total:,} images through the encoders (views counted); dry run, nothing written")
-    return {"data": data, "runs": plan, "images": total}
+                     "images": batches * views, "estimate_s": round(run_s, 1)})
+        print(f"{name}: stage {stage}, {epochs} epochs, {folder}: {status}; {batches * views:,} images"
+              + (f", about {duration(run_s)}" if left else ""))
+    how = "; ".join(sorted({m for _, m in timed.values()}))
+    print(f"in all: {total:,} images through the encoders (views counted)"
+          + (f"; about {duration(seconds)} of training in one process on this machine (an estimate: {how}, scaled to "
+             f"the images; reading, augmentation and evaluation not counted)" if timed else "")
+          + "; dry run, nothing written")
+    return {"data": data, "runs": plan, "images": total, "estimate_s": round(seconds, 1)}

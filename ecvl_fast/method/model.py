@@ -155,6 +155,8 @@ def build_clip(cfg: ModelCfg, load_weights: bool = True, res: int | None = None)
     if res and res != native_res(cfg.name):
         kwargs["force_image_size"] = res
     scripted = pretrained is not None and _is_path(pretrained) and is_torchscript(pretrained)
+    if pretrained is not None and not _is_path(pretrained):
+        check_weights_reachable(cfg.name, pretrained)
     try:
         # open_clip warns "initialized randomly" whenever it loads no weights, also where they come
         # from a checkpoint next; `train` says it once, where it matters (`random_weights_warning`)
@@ -165,6 +167,42 @@ def build_clip(cfg: ModelCfg, load_weights: bool = True, res: int | None = None)
     except Exception as e:  # hub unreachable, unknown tag, incompatible file
         raise EcvlError(f"could not load {cfg.name} weights {pretrained!r}: {first_line(e)}") from None
     return model, oc.get_tokenizer(cfg.name)
+
+
+def check_weights_reachable(name: str, tag: str) -> None:
+    """An open_clip tag's weights are in the local cache, or their host answers; else one line at
+    once (the hub's client retries an unreachable host for about a minute before it gives up)."""
+    import os
+    import socket
+    from urllib.parse import urlparse
+
+    from open_clip.pretrained import get_pretrained_cfg
+
+    found = get_pretrained_cfg(name, tag)
+    if not found:
+        return  # an unknown tag: open_clip's own error names the known ones
+    hub, url = found.get("hf_hub", ""), found.get("url", "")
+    if hub:
+        from huggingface_hub import constants, try_to_load_from_cache
+
+        repo, filename = os.path.split(hub)
+        filename = filename or "open_clip_pytorch_model.bin"
+        names = (filename, filename.rsplit(".", 1)[0] + ".safetensors", "open_clip_model.safetensors")
+        if any(isinstance(try_to_load_from_cache(repo, f), str) for f in names):
+            return
+        offline, host, where = constants.HF_HUB_OFFLINE, urlparse(constants.ENDPOINT), f"hf.co/{repo}"
+    else:
+        if (Path("~/.cache/clip").expanduser() / os.path.basename(url)).is_file():
+            return
+        offline, host, where = False, urlparse(url), url
+    try:
+        if offline:
+            raise OSError("HF_HUB_OFFLINE is set")
+        socket.create_connection((host.hostname, host.port or (443 if host.scheme == "https" else 80)), timeout=5).close()
+    except OSError as e:
+        raise EcvlError(f"model.pretrained = {tag!r}: {name}'s weights are not in the local cache and {host.hostname} "
+                        f"cannot be reached ({first_line(e)}); pass a local weights file, --set "
+                        f"model.pretrained=/path/to/weights (fetched from {where} on a machine with a network)") from None
 
 
 def _load_torchscript(model, path: str) -> None:

@@ -45,7 +45,8 @@ EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped on a signal with a checkpoint; run t
 
 # Settings that change how a run executes, not what it computes: a resumed run may change them.
 OPERATIONAL = {"data": {"workers", "dali_threads", "prefetch"}, "dist": {"backend"},
-               "run": {"out", "device", "log_every", "checkpoint_every", "stop_grace_s", "tensorboard"}}  # out: a folder may move
+               "run": {"out", "device", "log_every", "checkpoint_every", "stop_grace_s", "report_to",
+                       "lines_per_epoch", "report"}}  # out: a folder may move
 
 
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, the shell's convention for Ctrl-C

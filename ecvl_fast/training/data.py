@@ -115,6 +115,12 @@ def per_rank_batch(cfg: Config, d: Dist) -> int:
     return cfg.data.batch_size // d.world_size
 
 
+def steps_per_epoch(cfg: Config, train_images: int) -> int:
+    """The loader's length: whole global batches (drop_last), at most run.limit_steps."""
+    steps = train_images // cfg.data.batch_size
+    return min(steps, cfg.run.limit_steps) if cfg.run.limit_steps else steps
+
+
 def train_loader(cfg: Config, d: Dist, meta: dict, order: str, views: int = 1, memory=None):
     """Stage 1: `random` order, one view, crop + flip. Stage 2: `balanced`, two views, and with
     `memory` (the momentum bank, or a fixed M) the memory-driven RandAugment reading its M (eq. 10)."""
@@ -124,7 +130,7 @@ def train_loader(cfg: Config, d: Dist, meta: dict, order: str, views: int = 1, m
 
     loader = make_loader(Path(cfg.data.path) / "train.beton", order, per_rank_batch(cfg, d), load_res(cfg),
                          workers=cfg.data.workers, seed=cfg.run.seed, num_classes=len(meta["classes"]),
-                         rank=d.rank, world=d.world_size)
+                         rank=d.rank, world=d.world_size, limit=cfg.run.limit_steps * cfg.data.batch_size)
     spec = AugSpec(res=cfg.data.res, train=True, views=views, k=cfg.aug.k, randaug=memory is not None,
                    crop_scale=(cfg.aug.crop_min_scale, 1.0))
     return AugmentedLoader(loader, spec, memory, device=d.device, seed=cfg.run.seed, rank=d.rank,
@@ -153,7 +159,8 @@ def eval_loader(cfg: Config, d: Dist, split: str, views: int | None = None):
     resize = five_crop_resize(cfg.data.res) if crops > 1 else max(cfg.data.res, load_res(cfg))
     # decoded with the short side at most `resize`: every crop is then at most res, only enlarged
     loader = make_loader(path, "sequential", per_rank_batch(cfg, d), resize if crops > 1 else load_res(cfg),
-                         workers=cfg.data.workers, seed=cfg.run.seed, rank=d.rank, world=d.world_size)
+                         workers=cfg.data.workers, seed=cfg.run.seed, rank=d.rank, world=d.world_size,
+                         limit=cfg.run.limit_eval)
     spec = AugSpec(res=cfg.data.res, train=False, views=crops, randaug=False, eval_resize=resize)
     return AugmentedLoader(loader, spec, device=d.device, seed=cfg.run.seed, rank=d.rank,
                            world=d.world_size, threads=dali_threads(cfg), prefetch=cfg.data.prefetch,

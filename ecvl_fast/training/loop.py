@@ -30,10 +30,10 @@ from ecvl_fast.run import dist as D
 from ecvl_fast.run import lifecycle
 from ecvl_fast.method import losses
 from ecvl_fast.run import precision
-from ecvl_fast.config import Config, check_together, save_config, stage2_from_pretrained, trained_scale
+from ecvl_fast.config import Config, check_together, reports_to, save_config, stage2_from_pretrained, trained_scale
 from ecvl_fast.training.data import eval_loader, open_dataset, train_loader
 from ecvl_fast.run.files import atomic_write
-from ecvl_fast.evaluation.metrics import m_quantiles, predict_split, shot_metrics
+from ecvl_fast.evaluation.metrics import TOP, m_quantiles, predict_split, shot_metrics
 from ecvl_fast.evaluation.reports import plot_curves, plot_m_by_group, read_metrics, write_report
 from ecvl_fast.kernels.bank import MomentumBank, StaticMagnitudes, frequency_magnitudes
 from ecvl_fast.run.logs import RunLog
@@ -62,7 +62,8 @@ class Run:
     text: torch.Tensor | None = None  # stage 2: frozen class text features [K, D]
     bank: MomentumBank | None = None  # stage 2: per-sample loss memory and M
     adjust: torch.Tensor | None = None  # stage 2: tau * log(class prior), stage2.logit_adjust
-    best: float = -math.inf  # the best validation score so far
+    best: float = -math.inf  # the best validation score (run.best_metric) so far
+    best_epoch: int = 0  # the epoch best.pt holds
     amp: torch.dtype = torch.float32  # compute dtype (run.precision)
     health: list = field(default_factory=list)  # the mean loss between consecutive checkpoints (lifecycle.healthy)
     scaler: torch.amp.GradScaler | None = None  # fp16 only; a pass-through otherwise
@@ -314,15 +315,18 @@ def train_epoch(run: Run, loader, epoch: int, log, stop: lifecycle.StopSignal | 
     meter = EpochMeter(run, (pos.carry or {}) if here else {})
     if first:
         loader.resume_at(epoch, first)
-    for step, (views, labels, idx) in enumerate(log.progress(loader, epoch), first):
+    progress = log.progress(loader, epoch, first, run.cfg.data.batch_size)
+    for step, (views, labels, idx) in enumerate(progress, first):
         gstep = epoch * steps + step
         terms = train_step(run, views, labels.to(d.device, non_blocking=True), idx)
         meter.add(terms["loss"], labels.shape[0], gstep)
         last = step + 1 == steps
-        if (step + 1) % every == 0 or last:
+        if (step + 1) % every == 0 or last or progress.wants(step):  # every rank alike: a sync point
             meter.check_finite()
-            log("step", {"epoch": epoch + 1, "step": gstep + 1, "loss": float(terms["loss"]),
-                         "lr": run.sched.get_last_lr()[0], "img_s": meter.img_s()})
+            record = {"epoch": epoch + 1, "step": gstep + 1, "loss": float(terms["loss"]),
+                      "lr": run.sched.get_last_lr()[0], "img_s": meter.img_s()}
+            log("step", record)
+            progress.show(step, record["loss"], record["lr"], record["img_s"])
             if not last:
                 _stop_if_signalled(run, stop, epoch, step + 1, meter)
         if cadence and not last and (gstep + 1) % cadence == 0:
@@ -391,7 +395,7 @@ def evaluate_split(run: Run, loader) -> dict:
     else:
         model = Scorer(run.net, class_text_features(run.net, run.eval_tokens), scale=trained_scale(run.cfg, 1),
                        views=tte_split(run.cfg.data.tte_crops, run.cfg.data.tte_views)[0])
-    preds, labels = predict_split(model, loader, run.d, run.amp)
+    preds, labels = predict_split(model, loader, run.d, run.amp, top=TOP)
     return shot_metrics(preds, labels, run.meta)
 
 
@@ -418,7 +422,8 @@ def save_checkpoint(run: Run, pos: lifecycle.Position, is_best: bool = False, pa
                "scaler": run.scaler.state_dict(),
                "rng": ckpt_io.rng_state(), "config": run.cfg.to_dict(), "model_name": run.cfg.model.name,
                "num_classes": len(run.meta["classes"]), "classes": run.meta["classes"],
-               "quick_gelu": quick_gelu_of(run.net), "health": run.health}
+               "quick_gelu": quick_gelu_of(run.net), "health": run.health,
+               "best_epoch": run.best_epoch}
     if run.stage == 2:
         payload |= {**two.state(run.stage2), "momentum": {**run.bank.state_dict(), **(partial or {})}}
     ckpt_io.save(run.out / "last.pt", payload)
@@ -434,6 +439,7 @@ def restore(run: Run, c: dict) -> None:
     run.net.load_state_dict(c["model"])
     set_activation(run.net, trained_quick_gelu(c, run.cfg.model.name))  # as the run being resumed ran
     run.health = list(c.get("health", []))
+    run.best_epoch = c.get("best_epoch", 0)
     if run.stage == 2:
         two.load(run.stage2, c)
         run.bank.load_state_dict(c["momentum"], partial=run.d.main)
@@ -477,7 +483,8 @@ def _train(cfg: Config, d: D.Dist, stage: int, folder: Path, restart: bool, stop
     check_trainable(cfg, meta)
     sc = cfg.stage1 if stage == 1 else cfg.stage2
     lifecycle.check_shared_folder(folder, d)
-    log = RunLog(folder, d.main, sc.epochs, stage, cfg.run.tensorboard)
+    log = RunLog(folder, d.main, sc.epochs, stage, reports_to(cfg), lines_per_epoch=cfg.run.lines_per_epoch,
+                 name=run_name(cfg, folder), config=cfg.to_dict())
     check_name(cfg.model.name)  # before any word about its weights
     if d.main:
         print(f"stage {stage}: run folder {folder}", flush=True)
@@ -511,24 +518,34 @@ def _train(cfg: Config, d: D.Dist, stage: int, folder: Path, restart: bool, stop
     run.best = pos.best
     loader.epoch = pos.epoch
     val = eval_loader(cfg, d, "val") if "val" in meta["images"] else None
+    if val is None and d.main and pos.epoch < sc.epochs:
+        print(f"no val split in {cfg.data.path}: best.pt is the last epoch's (convert with --val-per-class N for one)",
+              flush=True)
     for epoch in range(pos.epoch, sc.epochs):
         stats = train_epoch(run, loader, epoch, log, stop, pos)
         scores = evaluate_split(run, val) if val is not None else None
-        score = scores["all"] if scores is not None else float(epoch)  # train-last without a val split
-        log.epoch_end(epoch, stats, run.sched.get_last_lr()[0], scores)
+        score = best_score(cfg, scores, epoch)
+        log.epoch_end(epoch, stats, run.sched.get_last_lr()[0], scores, len(loader), cfg.data.batch_size)
+        if score > run.best:
+            run.best_epoch = epoch + 1
         save_checkpoint(run, lifecycle.Position(epoch + 1, 0, max(run.best, score)), score > run.best,
                         window=stats["window"])
         run.best = max(run.best, score)
         if epoch + 1 < sc.epochs and stop.agreed(d):  # sync point, once per epoch
             raise lifecycle.Preempted(f"stopped by {stop.name} after epoch {epoch + 1}; checkpoint "
                                       f"{run.out / 'last.pt'} written: run the same command to resume", stop.exit_code)
+    reported = _reported_checkpoint(run, val is not None)
     metrics = evaluate_split(run, eval_loader(cfg, d, cfg.data.eval_split))
     if d.main:
         warn_if_collapsed(metrics, len(meta["classes"]), cfg.data.eval_split)
-        title = f"{run.out.name}: {cfg.model.name} stage {stage}"  # a stage-2 row's folder is the row's name
-        metrics = write_report(metrics, meta, run.out, f"{title}, {cfg.data.eval_split} split",
-                               {"split": cfg.data.eval_split, "stage": stage, "run": run.out.name,
-                                "checkpoint": str(run.out / "last.pt")})
+        title = f"{run_name(cfg, run.out)}: {cfg.model.name} stage {stage}"
+        which = f"{reported.name}, epoch {run.best_epoch if reported.name == 'best.pt' else sc.epochs}"
+        metrics = write_report(metrics, meta, run.out, f"{title}, {cfg.data.eval_split} split ({which})",
+                               {"split": cfg.data.eval_split, "stage": stage, "run": run_name(cfg, run.out),
+                                "checkpoint": str(reported), "report": cfg.run.report, "epochs": sc.epochs,
+                                "best_metric": cfg.run.best_metric if val is not None else None,
+                                "best_epoch": run.best_epoch if val is not None else sc.epochs,
+                                "trial": bool(cfg.run.limit_steps or cfg.run.limit_eval)})
         plot_curves(run.out / "log.jsonl", run.out / "curves.png", title)
         if run.bank is not None:
             plot_m_by_group(run.out / "log.jsonl", run.out / "m_by_group.png", title)
@@ -538,6 +555,34 @@ def _train(cfg: Config, d: D.Dist, stage: int, folder: Path, restart: bool, stop
         raise lifecycle.Preempted(f"stopped by {stop.name} after stage {stage} finished ({run.out}): run the same "
                                   "command to continue", stop.exit_code)
     return metrics
+
+
+def run_name(cfg: Config, folder: Path) -> str:
+    """What plots and trackers call a run: its folder's name; the run's own for its stage2/ folder."""
+    return Path(cfg.run.out).name if folder.name == "stage2" else folder.name
+
+
+def best_score(cfg: Config, scores: dict | None, epoch: int) -> float:
+    """What picks best.pt: the val split's run.best_metric (all where the split leaves its shot
+    group empty); without a val split the epoch, so best.pt is the last epoch's."""
+    if scores is None:
+        return float(epoch)
+    value = scores.get(cfg.run.best_metric)
+    return scores["all"] if value is None else value
+
+
+def _reported_checkpoint(run: Run, has_val: bool) -> Path:
+    """The checkpoint the final report evaluates (run.report), its weights loaded into the run:
+    last.pt (the weights in hand), or best.pt on val."""
+    if run.cfg.run.report == "last" or not has_val:
+        return run.out / "last.pt"
+    epochs = (run.cfg.stage1 if run.stage == 1 else run.cfg.stage2).epochs
+    if run.best_epoch != epochs:  # best.pt holds another epoch's weights than those in hand
+        c = ckpt_io.load(run.out / "best.pt")
+        run.net.load_state_dict(c["model"])
+        if run.stage == 2:
+            two.load(run.stage2, c)
+    return run.out / "best.pt"
 
 
 def warn_if_collapsed(metrics: dict, k: int, split: str) -> None:
@@ -555,6 +600,10 @@ def check_trainable(cfg: Config, meta: dict) -> None:
     n, k = meta["images"]["train"], len(meta["classes"])
     if k < 2:
         raise EcvlError(f"{cfg.data.path}: {k} class; a classifier needs at least two")
+    group = cfg.run.best_metric
+    if "val" in meta["images"] and group in meta["groups"] and not meta["groups"][group]:
+        raise EcvlError(f"run.best_metric = {group!r}: {cfg.data.path} has no {group}-shot classes to choose best.pt "
+                        f"by; choose all, macro_f1 or a shot group it has")
     if n < cfg.data.batch_size:  # every epoch drops its last, partial batch: no step at all
         raise EcvlError(f"{cfg.data.path}: {n} train images, fewer than one batch (data.batch_size = "
                         f"{cfg.data.batch_size}): nothing would train; lower data.batch_size")
