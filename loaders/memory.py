@@ -17,8 +17,8 @@ from ecvl_fast.loaders.ffcv_loader import epoch_indices, resume_offset
 
 class MemoryLoader:
     def __init__(self, images: np.ndarray, labels: np.ndarray, order: str, batch_size: int, *, seed: int = 0,
-                 rank: int = 0, world: int = 1, slots: int = 3):
-        self.images, self.labels = images, np.asarray(labels, np.int64)
+                 rank: int = 0, world: int = 1, slots: int = 3, limit: int = 0):
+        self.images, self.labels, self.limit = images, np.asarray(labels, np.int64), limit
         self.order, self.batch_size, self.seed, self.rank, self.world = order, batch_size, seed, rank, world
         self.num_classes = int(self.labels.max()) + 1
         self.next_epoch = 0
@@ -30,7 +30,8 @@ class MemoryLoader:
             torch.empty(batch_size, dtype=torch.int64))) for _ in range(slots)]
 
     def _indices(self, epoch: int) -> np.ndarray:
-        return epoch_indices(self.order, self.labels, self.num_classes, self.seed, epoch, self.rank, self.world)
+        return epoch_indices(self.order, self.labels, self.num_classes, self.seed, epoch, self.rank, self.world,
+                             self.limit)
 
     def __len__(self) -> int:
         n = len(self._indices(self.next_epoch))

@@ -2,6 +2,7 @@
 README and run on a small folder of photos (only epochs change), and every packaged preset trained
 for one step with its own model and resolution (only the data, the batch and the epochs change;
 random weights, as no test downloads any)."""
+import json
 import re
 import shlex
 import subprocess
@@ -50,7 +51,8 @@ def test_the_readme_commands_for_your_own_images_run_as_written(tmp_path):
     section = readme_section("Train on your own images")
     blocks = code_blocks(section)
     commands = [line for line in blocks[1].splitlines() if line.startswith("ecvl-fast ")]
-    assert [c.split()[1] for c in commands] == ["convert", "train", "predict"]
+    assert [c.split()[1] for c in commands] == ["convert", "train", "train", "predict"]
+    assert commands[1].endswith(" --trial") and commands[2] == commands[1][:-len(" --trial")]
     photos(tmp_path / "mydata" / "train", [48, 14, 6])  # more than the starter's batch of 64
     photos(tmp_path / "mydata" / "test", [3, 3, 3], seed=1)
     Image.open(tmp_path / "mydata" / "test" / "class1" / "000.jpg").save(tmp_path / "photo.jpg")
@@ -63,6 +65,9 @@ def test_the_readme_commands_for_your_own_images_run_as_written(tmp_path):
         assert done.returncode == 0, f"{command}\n{done.stdout[-1500:]}\n{done.stderr[-3000:]}"
         if args[0] == "train":
             assert "model ecvl-small-rn at 64 px" in done.stdout and "Traceback" not in done.stderr
+        if "--trial" in args:  # its own folder, both stages, a short evaluation
+            trial = json.loads((tmp_path / "runs" / "mine-trial" / "stage2" / "metrics.json").read_text())
+            assert trial["trial"] and trial["num_images"] == 9 and not (tmp_path / "runs" / "mine").exists()
     assert "photo.jpg" in done.stdout and "class" in done.stdout  # predict's table
     example = next(b for b in blocks if "classify(" in b)
     code = "\n".join(line[2:] if line.startswith("  ") else line for line in example.splitlines())

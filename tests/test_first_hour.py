@@ -73,7 +73,7 @@ def test_from_an_image_folder_to_a_model_and_a_prediction(tmp_path, monkeypatch,
         records = [json.loads(line) for line in (folder / "log.jsonl").read_text().splitlines()]
         assert records and all(r["kind"] in ("step", "epoch", "memory", "event") for r in records)
     saved = json.loads((run / "stage2" / "metrics.json").read_text())
-    assert (saved["split"], saved["stage"], saved["run"], saved["units"]) == ("test", 2, "stage2", "percent")
+    assert (saved["split"], saved["stage"], saved["run"], saved["units"]) == ("test", 2, run.name, "percent")
     assert saved["checkpoint"].endswith("stage2/last.pt") and list(saved["per_class"]) == ["c00", "c01", "c02"]
     assert 0 <= saved["all"] <= 100 and saved["all"] == pytest.approx(100 * sum(
         saved["per_class"][c] * n for c, n in zip(("c00", "c01", "c02"), (3, 3, 3))) / 900)

@@ -237,8 +237,9 @@ def memory_dataset(folder, monkeypatch, train: int = 160, test: int = 40):
     split = lambda path: splits[Path(path).stem]  # noqa: E731
     monkeypatch.setattr(ffcv_loader, "read_labels", lambda path: split(path)[1])
     monkeypatch.setattr(ffcv_loader, "make_loader", lambda path, order, batch_size, load_res, *, workers=2, seed=0,
-                        num_classes=None, rank=0, world=1: MemoryLoader(*split(path), order, batch_size, seed=seed,
-                                                                        rank=rank, world=world))
+                        num_classes=None, rank=0, world=1, limit=0: MemoryLoader(*split(path), order, batch_size,
+                                                                                 seed=seed, rank=rank, world=world,
+                                                                                 limit=limit))
     return folder
 
 

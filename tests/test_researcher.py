@@ -163,7 +163,7 @@ def test_trial_dry_run_estimate_and_refusals(tmp_path, mnist, with_val, capsys):
     out = capsys.readouterr().out
     assert "3 steps per epoch at batch 64" in out and "limit_steps = 3" in out
     line = next(x for x in out.splitlines() if x.startswith("in all:"))
-    assert "of training in one process on this machine (an estimate: 2 steps of 16 images timed on cpu" in line
+    assert "of training in one process on this machine (an estimate: 2 steps of 8 images timed on cpu" in line
     for stage in (1, 2):
         assert f"stage {stage}, 2 epochs, {tmp_path / 'real-trial'}" in out
     assert main(["train", *args, "--trial"]) == 0

@@ -79,7 +79,7 @@ def plot_confusion(cm: np.ndarray, meta: dict, path: Path, title: str) -> None:
     m = cm[np.ix_(order, order)].astype(np.float64)
     m = 100 * m / np.maximum(m.sum(1, keepdims=True), 1)
     k = len(order)
-    fig, ax = plt.subplots(figsize=(min(4 + 0.18 * k, 16), min(3.5 + 0.18 * k, 15)))
+    fig, ax = plt.subplots(figsize=(min(6 + 0.18 * k, 16), min(5 + 0.18 * k, 15)))
     im = ax.imshow(m, cmap="Blues", vmin=0, vmax=100)
     fig.colorbar(im, ax=ax, label="% of the true class's images")
     if k <= 40:
@@ -88,7 +88,7 @@ def plot_confusion(cm: np.ndarray, meta: dict, path: Path, title: str) -> None:
         ax.set_yticks(range(k), names, fontsize=7)
     ax.set_xlabel("predicted class (by train count, most first)")
     ax.set_ylabel("true class (by train count, most first)")
-    ax.set_title(f"confusion: {title}")
+    ax.set_title(f"{title}\nconfusion matrix", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -76,7 +76,7 @@ def model_check(cfg: Config, light: bool = False) -> str:
 
 
 TIMED_STEPS = 2  # steps timed per stage for the dry run's estimate (after one untimed)
-CPU_TIMED_BATCH = 16  # images per timed step on a CPU (per image, a CPU's time barely depends on the batch)
+CPU_TIMED_BATCH = 8  # images per timed step on a CPU (per image, a CPU's time barely depends on the batch)
 
 
 def seconds_per_image(cfg: Config, stage: int, classes: int) -> tuple[float, str]:

@@ -161,8 +161,8 @@ class Progress:
     def __init__(self, log: RunLog, loader, epoch: int, first: int, batch: int):
         self.log, self.loader, self.epoch, self.first, self.batch = log, loader, epoch, first, batch
         self.steps, self.data_s, self.t0 = len(loader), 0.0, time.perf_counter()
-        piped = log.main and not log.interactive and log.lines > 0
-        self.every = max(1, math.ceil(self.steps / log.lines)) if piped else 0
+        # the same steps on every rank, terminal or not: the caller syncs the ranks at them
+        self.every = max(1, math.ceil(self.steps / log.lines)) if log.lines > 0 else 0
         self.bar = None
         if log.main and log.interactive:
             from tqdm import tqdm
@@ -200,7 +200,7 @@ class Progress:
         eta = _clock(self.log.eta(left))
         if self.bar is not None:
             self.bar.set_postfix_str(f"loss {loss:.4f}, data {100 * data:.0f}%, stage ETA {eta}", refresh=False)
-        elif self.wants(step):
+        elif self.log.main and self.wants(step):
             n = len(str(self.steps))
             print(f"{time.strftime('%Y-%m-%d %H:%M:%S')} stage {self.log.stage} epoch {self.epoch + 1}/{self.log.epochs} "
                   f"[{step + 1:>{n}}/{self.steps} ({100 * (step + 1) / self.steps:3.0f}%)] loss {loss:.4f} lr {lr:.3g} "
