@@ -182,13 +182,14 @@ def verify(data: Path = typer.Argument(..., help="a converted dataset folder")):
 
 
 def _config(config: Optional[str], overrides: Optional[list[str]], pretrained: Optional[str] = None,
-            aliases: list[str] = ()):
-    """--config (a file or a preset's name), then the short flags, then --set, then --pretrained."""
+            aliases: list[str] = (), origins: dict | None = None):
+    """--config (a file or a preset's name), then the short flags, then --set, then --pretrained;
+    `origins` gets where each setting came from (for --dry-run)."""
     from ecvl_fast.config import load_config
     from ecvl_fast.experiments.presets import resolve
 
     return load_config(resolve(config), list(aliases) + (overrides or []) +
-                       ([f"model.pretrained={pretrained}"] if pretrained else []))
+                       ([("--pretrained", f"model.pretrained={pretrained}")] if pretrained else []), origins)
 
 
 @app.command()
@@ -215,12 +216,13 @@ def train(
     stages = (stage,) if stage else (1, 2)
     if stage is None and _config(config, overrides, pretrained).stage1.epochs == 0:
         stages = (2,)  # single-stage (LIFT's form): stage 2 from model.pretrained
-    cfg = _config(config, overrides, pretrained, _aliases(stages, model, epochs, lr, batch_size, precision, out))
+    origins = {}
+    cfg = _config(config, overrides, pretrained, _aliases(stages, model, epochs, lr, batch_size, precision, out), origins)
     cfg = as_trial(cfg) if trial else cfg
     if dry_run:
         from ecvl_fast.experiments.presets import dry_run as plan
 
-        plan(cfg, [(f"stage {s}", s, cfg, training.run_folder(cfg, s)) for s in stages])
+        plan(cfg, [(f"stage {s}", s, cfg, training.run_folder(cfg, s)) for s in stages], origins)
         return
     from ecvl_fast.run import dist as D
 
@@ -313,13 +315,14 @@ def ablate(
     from ecvl_fast.method.rows import parse_rows
     from ecvl_fast.experiments.ablate import parse_seeds, planned_runs, run_ablation
 
-    cfg = _config(config, overrides, pretrained, _aliases((1, 2), model, epochs, lr, batch_size, precision, out))
+    origins = {}
+    cfg = _config(config, overrides, pretrained, _aliases((1, 2), model, epochs, lr, batch_size, precision, out), origins)
     cfg = as_trial(cfg) if trial else cfg
     seeds, rows = parse_seeds(seeds), parse_rows(rows)
     if dry_run:
         from ecvl_fast.experiments.presets import dry_run as plan
 
-        plan(cfg, planned_runs(cfg, seeds, rows))
+        plan(cfg, planned_runs(cfg, seeds, rows), origins)
         return
     run_ablation(cfg, seeds, rows=rows)
 

@@ -15,6 +15,7 @@ from pathlib import Path
 MODULES = [  # every module of the package (tests/test_layout.py checks the list is whole)
     "ecvl_fast", "ecvl_fast.cli", "ecvl_fast.config",
     "ecvl_fast.method.model", "ecvl_fast.method.losses", "ecvl_fast.method.rows", "ecvl_fast.method.peft",
+    "ecvl_fast.method.recipes",
     "ecvl_fast.method.stage2",
     "ecvl_fast.training.loop", "ecvl_fast.training.data", "ecvl_fast.run.precision",
     "ecvl_fast.run.lifecycle", "ecvl_fast.run.checkpoint", "ecvl_fast.run.files", "ecvl_fast.run.dist", "ecvl_fast.run.logs",

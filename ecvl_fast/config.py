@@ -301,18 +301,20 @@ def trial(cfg: Config) -> Config:
     return dataclasses.replace(cfg, run=r, stage1=s1, stage2=s2)
 
 
-def load_config(path: Path | None = None, overrides: list = ()) -> Config:
-    """Defaults, then the TOML file, then each override: "section.key=value", or (flag, that) for
-    a short flag (`--epochs`), which its error then names."""
-    cfg = Config()
+def load_config(path: Path | None = None, overrides: list = (), origins: dict | None = None) -> Config:
+    """Defaults, then the TOML file (its `recipe` and `dataset` first: method/recipes.py), then each
+    override: "section.key=value", or (flag, that) for a short flag (`--epochs`), which its error
+    then names. `origins`, when given, gets where each setting that is not a default came from."""
+    cfg, origins = Config(), {} if origins is None else origins
     if path is not None:
         path = Path(path)
         if not path.is_file():
             raise EcvlError(f"{path}: no such config file")
         try:
-            cfg = from_dict(tomllib.loads(path.read_text()), str(path), complete=False)
+            own = tomllib.loads(path.read_text())
         except tomllib.TOMLDecodeError as e:
             raise EcvlError(f"{path}: invalid TOML ({e})") from None
+        cfg = _layered(own, str(path), origins)
     for item in overrides:
         flag, item = item if isinstance(item, tuple) else (None, item)  # (a short flag, what it stands for)
         name, sep, value = item.partition("=")
@@ -320,7 +322,38 @@ def load_config(path: Path | None = None, overrides: list = ()) -> Config:
         if not sep or not dot:
             raise EcvlError(f"--set {item!r}: expected section.key=value")
         cfg = _merge(cfg, section, key, value.strip(), flag or f"--set {name.strip()}")
+        origins[section, key] = flag or "--set"
     return check_together(cfg)
+
+
+def _layered(own: dict, where: str, origins: dict) -> Config:
+    """A TOML file's settings over its recipe's and its dataset's (method/recipes.py)."""
+    from ecvl_fast.method import recipes
+
+    recipe, dataset = own.pop("recipe", None), own.pop("dataset", None)
+    for name, value in (("recipe", recipe), ("dataset", dataset)):
+        if value is not None and not isinstance(value, str):
+            raise EcvlError(f"{where}: {name} must be a name in quotes, not {value!r}")
+    below = recipes.layers(recipe, dataset, where)  # unknown names refused first
+    recipes.check_own(recipe, own, where)
+    cfg = Config()
+    for origin, settings in below + [(where, own)]:
+        cfg = from_dict(settings, where if origin == where else f"{where} ({origin})", base=cfg, complete=False)
+        origins.update({(section, key): origin for section, values in settings.items() for key in values})
+    return cfg
+
+
+def annotated_toml(cfg: Config, origins: dict) -> str:
+    """The config as TOML with where each value came from (default, recipe, dataset, the file, a
+    flag or --set) as a comment on its line: what --dry-run prints."""
+    lines, section = [], None
+    for line in config_toml(cfg).splitlines():
+        if line.startswith("["):
+            section = line.strip("[]")
+        elif " = " in line and section:
+            line += f"  # {origins.get((section, line.split(' = ')[0]), 'default')}"
+        lines.append(line)
+    return "\n".join(lines)
 
 
 def save_config(cfg: Config, path: Path) -> None:

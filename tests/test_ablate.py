@@ -1,5 +1,6 @@
 """`ecvl-fast pretrain` and `ecvl-fast ablate`: rows, seeds, ablation.json, resuming, presets."""
 import json
+import tomllib
 from pathlib import Path
 
 import numpy as np
@@ -140,21 +141,51 @@ def test_last_val_reads_the_last_scored_epoch(tmp_path):
     assert last_val(tmp_path / "elsewhere") is None
 
 
-def test_every_preset_loads():
+def test_every_preset_loads_and_a_row_is_its_recipe(tmp_path, capsys):
+    """Each packaged preset loads; one that names a recipe has exactly that recipe's row settings,
+    which `ablate --rows NAME` applies too, so `--rows lift` and `--config lift-*` are one LIFT; a
+    preset that changes its recipe's row is refused; --dry-run says where each value came from."""
     import ecvl_fast
+    from ecvl_fast.experiments.ablate import _stage2_cfg
+    from ecvl_fast.method.recipes import RECIPES
 
     presets = sorted((Path(ecvl_fast.__file__).parent / "configs").glob("*.toml"))
     assert {p.stem for p in presets} >= {"cifar100-lt", "imagenet-lt", "places-lt", "mnist-demo", "starter",
                                          "lift-cifar100-lt", "lift-imagenet-lt", "lift-places-lt"}
+    named = {}
     for p in presets:
         cfg = load_config(p)
-        if p.stem.startswith("lift-"):  # LIFT's published recipe: one stage from CLIP ViT-B/16
-            s = cfg.stage2
-            assert (cfg.model.name, cfg.model.pretrained, cfg.stage1.epochs, s.epochs) == ("ViT-B-16-quickgelu", "openai", 0, 10)
-            assert (s.peft, s.head, s.logit_adjust, s.optimizer, s.lr, s.adapter) == \
-                ("adaptformer", "cosine", 1.0, "sgd", 0.01, False)
-        elif p.stem not in ("mnist-demo", "starter"):
+        recipe = tomllib.loads(p.read_text()).get("recipe")
+        if recipe is None:
+            continue
+        named[p.stem] = recipe
+        as_row = _stage2_cfg(load_config(None, [f"model.name={cfg.model.name}"]), recipe)  # the row on defaults
+        for section, keys in RECIPES[recipe].row.items():
+            for key, value in keys.items():
+                assert getattr(getattr(cfg, section), key) == value == getattr(getattr(as_row, section), key), \
+                    (p.stem, section, key)
+        assert cfg.data.path == f"data/{p.stem.removeprefix('lift-')}"
+        if recipe == "lift":  # LIFT's published schedule: one stage from CLIP ViT-B/16
+            assert (cfg.model.name, cfg.model.pretrained, cfg.stage1.epochs, cfg.stage2.epochs, cfg.data.batch_size) \
+                == ("ViT-B-16-quickgelu", "openai", 0, 10, 128)
+        else:
             assert (cfg.model.name, cfg.model.pretrained, cfg.stage2.epochs) == ("RN50-quickgelu", "openai", 300)
+    assert named == {"cifar100-lt": "ecvl", "imagenet-lt": "ecvl", "places-lt": "ecvl", "lift-cifar100-lt": "lift",
+                     "lift-imagenet-lt": "lift", "lift-places-lt": "lift"}
+    own = tmp_path / "mine.toml"
+    own.write_text('recipe = "lift"\ndataset = "places-lt"\n[stage2]\nlr = 0.5\n')
+    with pytest.raises(EcvlError, match="sets stage2.lr, which recipe 'lift' declares"):
+        load_config(own)
+    own.write_text('recipe = "lift"\ndataset = "places-lt"\n[stage2]\nepochs = 3\n')
+    origins = {}
+    cfg = load_config(own, ["stage2.lr=0.5", ("--batch-size", "data.batch_size=8")], origins)
+    assert (cfg.stage2.lr, cfg.stage2.epochs, cfg.data.batch_size, cfg.data.path) == (0.5, 3, 8, "data/places-lt")
+    assert (origins["stage2", "lr"], origins["stage2", "epochs"], origins["data", "batch_size"],
+            origins["data", "path"], origins["stage2", "head"]) == ("--set", str(own), "--batch-size",
+                                                                    "dataset places-lt", "recipe lift")
+    own.write_text('recipe = "lifted"\n')
+    with pytest.raises(EcvlError, match="recipe = 'lifted' is not a recipe"):
+        load_config(own)
 
 
 def test_paired_differences_skip_an_empty_shot_group():

@@ -115,7 +115,8 @@ def test_lift_rows_single_stage_from_pretrained_weights(tmp_path, mnist, pretrai
     assert main(["ablate", "--config", str(cfg), "--seeds", "0", "--rows", "lift,lift+ra,lift+freq", "--pretrained",
                  str(pretrained), "--set", f"data.path={mnist}", "--set", f"run.out={out}"]) == 0
     printed = capsys.readouterr().out
-    assert "LIFT rows:" in printed and "(adaptformer in the image tower, cosine head)" in printed  # "auto", resolved
+    assert "lift = LIFT (light module, cosine head, LA loss)" in printed  # the row described once
+    assert "(adaptformer in the image tower, cosine head)" in printed  # "auto", resolved
     result = json.loads((out / "ablation.json").read_text())
     assert [r["name"] for r in result["rows"]] == ["zero-shot", "lift", "lift+ra", "lift+freq"]
     assert not (out / "seed0" / "last.pt").exists()  # no stage 1

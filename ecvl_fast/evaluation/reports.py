@@ -279,12 +279,9 @@ def print_ablation(result: dict) -> None:
         if skipped:
             print(f"paired differences skipped for {', '.join(skipped)}: the shot group is empty in this dataset "
                   f"({EMPTY} in the tables, null in ablation.json)")
-    print("BALLAD: adapter on class-balanced batches, prompt CE only; + momentum: adds L_DCVL (eq. 11), the bank "
-          "updated, M unused; ECVL: adds the memory-driven RandAugment (eq. 10). Same stage-1 encoders, sampler, "
-          "views and steps in every row; the others change only where M comes from (docs/study-ecvl-plus.md).")
-    if any(r["name"].startswith("lift") for r in result["rows"]):
-        print("LIFT rows: a light module in the image tower instead of the adapter, a cosine head from the text "
-              "features, the logit-adjusted loss, instance sampling (docs/study-lift.md).")
+    print("rows (each described in ecvl_fast/method/rows.py): " + "; ".join(
+        f"{r['name']} = {r['label']}" for r in result["rows"]) + ". Every row starts from the same stage-1 encoders "
+        "and trains the same number of steps.")
 
 
 def plot_rows(result: dict, path: Path) -> None:

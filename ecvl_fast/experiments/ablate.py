@@ -1,15 +1,9 @@
 """`ecvl-fast ablate`: the paper's ablation as one command, over seeds, on the same data.
 
-Per seed: stage 1 once, then on those same frozen encoders the stage-2 rows, which differ only in
-the loss and the augmentation (same class-balanced sampler, same two views, same steps). The
-default rows are the paper's:
-
-- ballad:   prompt CE only (no L_DCVL, no RandAugment);
-- momentum: + L_DCVL (eq. 11), the bank updated (eqs. 8-9) but M unused;
-- ecvl:     + the memory-driven RandAugment driven by M (eq. 10).
-
-`--rows` picks others by name (`ecvl_fast.method.rows`): the ECVL+ variants, each named by what
-it changes in the memory, and the no-memory controls, where M comes from class size alone.
+Per seed: stage 1 once, then on those same frozen encoders the stage-2 rows named by `--rows`
+(by default the paper's: ballad, momentum, ecvl). Each row is described, and its settings declared,
+once, in `ecvl_fast.method.rows` (the rows named after a recipe take its settings from
+`ecvl_fast.method.recipes`); every row trains the same number of steps.
 
 Zero-shot (eq. 6) comes first when `model.pretrained` gives weights; it has no randomness, so it
 is evaluated once. A row whose metrics.json exists beside the same config.toml is reused, so an

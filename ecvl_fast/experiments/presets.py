@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from ecvl_fast import EcvlError
-from ecvl_fast.config import Config, config_toml
+from ecvl_fast.config import Config, annotated_toml
 
 PRESETS = Path(__file__).parent.parent / "configs"
 
@@ -134,9 +134,10 @@ def check_stage2_init(cfg: Config, stages: list[int]) -> None:
                             f"first (train without --stage), or set stage2.init to a checkpoint")
 
 
-def dry_run(cfg: Config, runs: list[tuple[str, int, Config, Path]]) -> dict:
-    """Print the resolved config, the data, the model check and each run (name, stage, config,
-    folder): what it would do and the images it would process; nothing is written."""
+def dry_run(cfg: Config, runs: list[tuple[str, int, Config, Path]], origins: dict | None = None) -> dict:
+    """Print the resolved config (each value with where it came from: `origins`), the data, the
+    model check and each run (name, stage, config, folder): what it would do, the images it would
+    process and about how long; nothing is written."""
     from ecvl_fast.loaders.ffcv_loader import reader_threads
 
     stages = sorted({stage for _, stage, _, _ in runs})
@@ -144,8 +145,9 @@ def dry_run(cfg: Config, runs: list[tuple[str, int, Config, Path]]) -> dict:
     data = data_summary(cfg)
     light = any(stage == 2 and run_cfg.stage2.peft != "none" for _, stage, run_cfg, _ in runs)
     check = model_check(cfg, light)
-    print("# resolved config (the last command's settings; each run's own differ only as listed below)")
-    print(config_toml(cfg))
+    print("# resolved config, each value with where it came from (default, recipe, dataset, the config file, a "
+          "flag or --set); each run's own differ only as listed below")
+    print(annotated_toml(cfg, origins or {}))
     print(f"data {cfg.data.path}: {data['classes']} classes; images {json.dumps(data['images'])}; "
           f"{data['max_per_class']} ... {data['min_per_class']} train images per class; shot groups "
           f"many {data['groups']['many']} / medium {data['groups']['medium']} / few {data['groups']['few']} classes; "

@@ -18,6 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ecvl_fast import EcvlError
+from ecvl_fast.method.recipes import PAPER_MEMORY, RECIPES
 
 
 @dataclass(frozen=True)
@@ -29,7 +30,6 @@ class Row:
     data: dict = field(default_factory=dict)  # evaluation settings of its recipe (LIFT's five test-time crops)
 
 
-PAPER_MEMORY = {"m_source": "dcvl", "m_scope": "sample", "m_direction": "hard"}
 RA = {"randaug": True}  # the paper's loss (prompt CE + L_DCVL) with the memory-driven RandAugment
 RA_BALLAD_LOSS = {"randaug": True, "dcvl_weight": 0.0}  # BALLAD's loss with the same RandAugment
 
@@ -38,24 +38,21 @@ def memory(**changes) -> dict:
     return {**PAPER_MEMORY, **changes}
 
 
-LOL = memory(m_source="lol", m_scope="class", m_direction="easy")  # Ahn et al.'s level of learning, per class
-# LIFT's stage 2 with its published settings (configs/model/clip_vit_b16_peft.yaml in shijxcs/LIFT:
-# SGD, lr 0.01, momentum 0.9, weight decay 5e-4, LA loss, cosine head from the text features). The
-# light module is the config's stage2.peft where it names one (chosen on the val split), else
-# "auto", LIFT's default for the tower (ablate._stage2_cfg).
-LIFT = {"adapter": False, "peft": "auto", "head": "cosine", "logit_adjust": 1.0, "sampling": "instance",
-        "dcvl_weight": 0.0, "randaug": False, "optimizer": "sgd", "lr": 0.01, "weight_decay": 5e-4,
-        "views": 1}  # one view per image, as LIFT's loader
+def recipe_row(name: str, label: str, control: str | None = None, **changes) -> Row:
+    """The row of a recipe (method/recipes.py), so that `--rows NAME` and a preset of it are one
+    method; `changes`: per-section settings over it, for a variant."""
+    row = RECIPES[name].row
+    part = lambda s: {**row.get(s, {}), **changes.get(s, {})}  # noqa: E731
+    return Row(part("stage2"), part("aug"), label, control, part("data"))
 
-# LIFT trains on RandomResizedCrop(224) at torchvision's default scale (0.08, 1), and tests on
-# Resize(224 + 24) then FiveCrop(224), averaged
-LIFT_CROP = {"crop_min_scale": 0.08}
-LIFT_TTE = {"tte_views": 5, "tte_crops": "five"}
+
+LOL = memory(m_source="lol", m_scope="class", m_direction="easy")  # Ahn et al.'s level of learning, per class
+LIFT = RECIPES["lift"].row["stage2"]
 
 ROWS = {
-    "ballad": Row({"dcvl_weight": 0.0, "randaug": False}, PAPER_MEMORY, "BALLAD"),
-    "momentum": Row({"randaug": False}, PAPER_MEMORY, "+ momentum"),
-    "ecvl": Row(RA, memory(), "ECVL", "freq-rare"),
+    "ballad": recipe_row("ballad", "BALLAD"),
+    "momentum": recipe_row("momentum", "+ momentum"),
+    "ecvl": recipe_row("ecvl", "ECVL", "freq-rare"),
     "ecvl-class": Row(RA, memory(m_scope="class"), "ECVL, M per class", "freq-rare"),
     "ecvl-ce": Row(RA, memory(m_source="ce"), "ECVL, M from CE", "freq-rare"),
     "ecvl-ce-class": Row(RA, memory(m_source="ce", m_scope="class"), "ECVL, M per class from CE", "freq-rare"),
@@ -78,11 +75,11 @@ ROWS = {
     # It does not beat its control there.
     "ecvl+": Row(RA_BALLAD_LOSS, LOL, "ECVL+ (best measured: BALLAD + RA, M per class by level of learning)",
                  "ballad+freq-common"),
-    "lift": Row(LIFT, {**PAPER_MEMORY, **LIFT_CROP}, "LIFT (light module, cosine head, LA loss)", data=LIFT_TTE),
-    "lift+ra": Row({**LIFT, "randaug": True}, {**LOL, **LIFT_CROP}, "LIFT + RA, M per class by level of learning",
-                   "lift+freq", LIFT_TTE),
-    "lift+freq": Row({**LIFT, "randaug": True}, memory(m_source="frequency", m_direction="easy", **LIFT_CROP),
-                     "LIFT + RA, control: M by class size", data=LIFT_TTE),
+    "lift": recipe_row("lift", "LIFT (light module, cosine head, LA loss)"),
+    "lift+ra": recipe_row("lift", "LIFT + RA, M per class by level of learning", "lift+freq",
+                          stage2={"randaug": True}, aug=LOL),
+    "lift+freq": recipe_row("lift", "LIFT + RA, control: M by class size", stage2={"randaug": True},
+                            aug=memory(m_source="frequency", m_direction="easy")),
 }
 DEFAULT_ROWS = ("ballad", "momentum", "ecvl")
 LABELS = {"zero-shot": "zero-shot", "stage1": "stage 1", **{k: r.label for k, r in ROWS.items()}}
