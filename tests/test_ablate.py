@@ -239,10 +239,16 @@ def test_a_failed_summary_names_the_trained_rows(tmp_path, monkeypatch):
     from ecvl_fast.experiments import ablate
     from ecvl_fast.config import save_config
 
-    def fake_training(cfg, stage=1, out=None, **k):  # a finished run: its config and metrics saved
+    def fake_training(cfg, stage=1, out=None, **k):  # a finished run: its last checkpoint and metrics saved
+        from ecvl_fast.run import checkpoint as ckpt_io
+
         folder = Path(out or cfg.run.out)
         folder.mkdir(parents=True, exist_ok=True)
         save_config(cfg, folder / "config.toml")
+        epochs = cfg.stage1.epochs if stage == 1 else cfg.stage2.epochs
+        ckpt_io.save(folder / "last.pt", {"model": {}, "config": cfg.to_dict(), "epoch": epochs, "stage": stage,
+                                          "model_name": cfg.model.name, "num_classes": 1,
+                                          "position": {"epoch": epochs, "step": 0}})
         metrics = {k: 0.5 for k in ablate.METRICS} | {"few": None, "head_tail_gap": None, "per_class": [0.5],
                                                        "num_images": 1, "predicted_classes": 1}
         (folder / "metrics.json").write_text(json.dumps(metrics_file(metrics, ["a"], {})))

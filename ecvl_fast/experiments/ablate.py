@@ -18,29 +18,23 @@ from pathlib import Path
 import numpy as np
 
 from ecvl_fast import EcvlError, first_line
-from ecvl_fast.config import Config, load_config
+from ecvl_fast.config import Config
 from ecvl_fast.evaluation.metrics import METRICS
 from ecvl_fast.evaluation.reports import PAIRED, plot_rows, print_ablation, read_metrics
 from ecvl_fast.method.rows import DEFAULT_ROWS, LABELS, ROWS, other_control
 from ecvl_fast.run.files import atomic_write
+from ecvl_fast.run.lifecycle import finished
 from ecvl_fast.run.logs import epoch_val, read_log
 
 def _with(cfg: Config, section: str, **values) -> Config:
     return dataclasses.replace(cfg, **{section: dataclasses.replace(getattr(cfg, section), **values)})
 
 
-def _finished(folder: Path, cfg: Config, ignore: tuple[str, ...] = ()) -> dict | None:
-    """The saved metrics of a row trained with this config (sections in `ignore` aside), else None."""
-    metrics, saved = folder / "metrics.json", folder / "config.toml"
-    if not (metrics.is_file() and saved.is_file()):
-        return None
-    try:
-        old, new = load_config(saved).to_dict(), cfg.to_dict()
-    except EcvlError:
-        return None
-    if any(old[k] != new[k] for k in new if k not in ignore):
-        return None
-    return read_metrics(metrics)
+def _finished(folder: Path, cfg: Config, stage: int) -> dict | None:
+    """The metrics of a run finished in `folder` with this config (run/lifecycle.finished), else None."""
+    epochs = cfg.stage1.epochs if stage == 1 else cfg.stage2.epochs
+    metrics = finished(folder, cfg, epochs, stage)
+    return None if metrics is None else read_metrics(metrics)
 
 
 def _stage2_cfg(cfg: Config, row: str) -> Config:
@@ -77,19 +71,19 @@ def _ablation(cfg: Config, seeds: list[int], log, main: bool, rows: tuple[str, .
         print(f"ablation: {out}")
     per_seed: dict[str, dict[int, dict]] = {}
     if cfg.model.pretrained not in ("", "none"):
-        per_seed["zero-shot"] = {seeds[0]: _zero_shot(cfg, out / "zero-shot", main)}
+        per_seed["zero-shot"] = {seeds[0]: _zero_shot(cfg, out / "zero-shot")}
     for seed in seeds:
         base = _with(cfg, "run", seed=seed, out=str(out / f"seed{seed}"))
         seed_dir = Path(base.run.out)
         if cfg.stage1.epochs:  # 0: no stage 1, the rows start from model.pretrained (single-stage)
-            done = _finished(seed_dir, base, ignore=("stage2",))  # stage 1 does not read [stage2]
+            done = _finished(seed_dir, base, stage=1)
             if done is None:
                 log(f"seed {seed}: stage 1")  # every rank decides alike: it reads the same finished files
                 done = training.main(base, stage=1)
             per_seed.setdefault("stage1", {})[seed] = done
         for row in rows:
             row_cfg = _stage2_cfg(base, row)
-            done = _finished(seed_dir / row, row_cfg)
+            done = _finished(seed_dir / row, row_cfg, stage=2)
             if done is None:
                 log(f"seed {seed}: stage 2, {row}")
                 done = training.main(row_cfg, stage=2, out=seed_dir / row)
@@ -120,17 +114,16 @@ def last_val(folder: Path) -> dict | None:
     return None
 
 
-def _zero_shot(cfg: Config, folder: Path, main: bool) -> dict:
+def _zero_shot(cfg: Config, folder: Path) -> dict:
     from ecvl_fast.experiments.evaluate import run_eval
 
     saved = folder / "metrics.json"
-    if saved.is_file() and (folder / "pretrained.txt").is_file() and \
-            (folder / "pretrained.txt").read_text() == f"{cfg.model.name} {cfg.model.pretrained} {cfg.data.path}":
-        return read_metrics(saved)
-    metrics = run_eval(cfg, None, None, cfg.data.eval_split, folder)
-    if main:
-        (folder / "pretrained.txt").write_text(f"{cfg.model.name} {cfg.model.pretrained} {cfg.data.path}")
-    return metrics
+    if saved.is_file():  # evaluated already: what its metrics.json says it evaluated is this
+        said = json.loads(saved.read_text())
+        if (said.get("checkpoint"), said.get("data"), said.get("split")) == \
+                (f"{cfg.model.name} {cfg.model.pretrained}", cfg.data.path, cfg.data.eval_split):
+            return read_metrics(saved)
+    return run_eval(cfg, None, None, cfg.data.eval_split, folder)
 
 
 def summarise(per_seed: dict[str, dict[int, dict]], cfg: Config, seeds: list[int]) -> dict:

@@ -97,6 +97,6 @@ def run_eval(cfg: Config, data: Path | None, ckpt: Path | None, split: str, out:
                                    f"{cfg.model.name} {'zero-shot' if ckpt is None else ckpt.name}, {split}",
                                    {"split": split, "stage": state["stage"] if state else 0, "run": where.name,
                                     "posthoc_tau": tau, "tte_views": cfg.data.tte_views if views is None else views,
-                                    "tte_crops": cfg.data.tte_crops, **context,
+                                    "tte_crops": cfg.data.tte_crops, "data": cfg.data.path, **context,
                                     "checkpoint": str(ckpt) if ckpt else f"{cfg.model.name} {cfg.model.pretrained}"})
         return metrics

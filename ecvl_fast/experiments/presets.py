@@ -31,7 +31,7 @@ def _status(folder: Path, cfg: Config, epochs: int, stage: int) -> tuple[str, in
     """What the run in `folder` would do (start, resume where, reuse, or be refused), and the
     epochs it would still train."""
     from ecvl_fast.run import checkpoint as ckpt_io
-    from ecvl_fast.run.lifecycle import config_diff, retunable
+    from ecvl_fast.run.lifecycle import config_diff, done, retunable
 
     last = folder / "last.pt"
     if not last.is_file():
@@ -44,7 +44,7 @@ def _status(folder: Path, cfg: Config, epochs: int, stage: int) -> tuple[str, in
     if diff and not retunable(folder, diff):
         return f"refused: another config there ({'; '.join(diff)}); --restart moves it aside", 0
     at = ckpt["position"]
-    if at["epoch"] >= epochs and at["step"] == 0 and (folder / "metrics.json").is_file():
+    if done(ckpt, epochs, folder):
         return "reuse (finished)", 0
     return f"resume at epoch {at['epoch'] + 1}" + (f", step {at['step']}" if at["step"] else ""), epochs - at["epoch"]
 

@@ -140,14 +140,36 @@ def start(folder: Path, cfg, epochs: int, d: D.Dist, restart: bool, log, stage: 
                         f"{folder}/previous-*), or choose another run.out")
     at = ckpt["position"]
     pos = Position(at["epoch"], at["step"], ckpt["best"], at.get("carry"))
-    metrics = folder / "metrics.json"
-    if pos.epoch >= epochs and pos.step == 0 and metrics.is_file():
-        pos.finished = metrics
+    if done(ckpt, epochs, folder):
+        pos.finished = folder / "metrics.json"
         return pos, None
     log("event", {"event": "resumed", "epoch": pos.epoch + 1, "step": pos.step, "host": socket.gethostname()})
     if d.main:
         print(f"resuming {folder} at epoch {pos.epoch + 1}" + (f", step {pos.step}" if pos.step else ""))
     return pos, ckpt
+
+
+def done(ckpt: dict, epochs: int, folder: Path) -> bool:
+    """The one rule for "this run is finished" (train, the dry run and ablate ask it), given that
+    its last.pt holds the same config: that checkpoint ends its last epoch, and the final report
+    (metrics.json) was written."""
+    at = ckpt["position"]
+    return at["epoch"] >= epochs and at["step"] == 0 and (folder / "metrics.json").is_file()
+
+
+def finished(folder: Path, cfg, epochs: int, stage: int) -> Path | None:
+    """metrics.json of a finished run in `folder` with this config (`done`; settings that change
+    only how a run executes aside, and for stage 1 the [stage2] section), else None."""
+    last = folder / "last.pt"
+    if not last.is_file():
+        return None
+    try:
+        ckpt = ckpt_io.load(last)
+    except EcvlError:
+        return None
+    if config_diff(ckpt["config"], cfg.to_dict(), stage) or not done(ckpt, epochs, folder):
+        return None
+    return folder / "metrics.json"
 
 
 def _set_aside_diverged(folder: Path, healthy: Path) -> None:
