@@ -391,6 +391,21 @@ def bench_loader(
     tables.loader(r, json_out)
 
 
+@bench_app.command("ops")
+@one_line_errors
+def bench_ops_cmd(res: int = typer.Option(32, help="output resolution (224: decoded at 256)"),
+                  batch: int = typer.Option(128), seconds: float = typer.Option(2.0, help="timed per row"),
+                  dali_threads: int = typer.Option(2),
+                  json_out: Optional[Path] = typer.Option(None, "--json", help="also write the results here")):
+    """The DALI graph alone, per operator: crop only, RandAugment with M = 0 and M ~ U(0,1), each op forced."""
+    from ecvl_fast.bench.host import bench_ops
+
+    r = bench_ops(res, batch, seconds, dali_threads)
+    tables.report(f"DALI graph at {res} px, batch {r['config']['batch']}, 2 views (images fed from memory)",
+                  ("graph", "img/s", "added us/image"),
+                  [(k, f"{v:,.0f}", f"{r['added_us_per_image'][k]:+.1f}") for k, v in r["img_s"].items()], r, json_out)
+
+
 @bench_app.command("kernels")
 @one_line_errors
 def bench_kernels_cmd(

@@ -25,7 +25,7 @@ MODULES = [  # every module of the package (tests/test_layout.py checks the list
     "ecvl_fast.experiments.presets", "ecvl_fast.experiments.pretrain",
     "ecvl_fast.bench.host", "ecvl_fast.bench.device", "ecvl_fast.bench.machine", "ecvl_fast.bench.synthetic",
     "ecvl_fast.bench.tables",
-    "ecvl_fast.loaders.dali_loader", "ecvl_fast.loaders.dali_graph", "ecvl_fast.loaders.draws", "ecvl_fast.loaders.canvas", "ecvl_fast.loaders.memory", "ecvl_fast.loaders.randaug_ops",
+    "ecvl_fast.loaders.dali_loader", "ecvl_fast.loaders.dali_graph", "ecvl_fast.loaders.draws", "ecvl_fast.loaders.canvas", "ecvl_fast.loaders.held", "ecvl_fast.loaders.randaug_ops",
     "ecvl_fast.loaders.torch_reference", "ecvl_fast.kernels.bank", "ecvl_fast.kernels.cpu",
     "nvidia.dali", "nvidia.dali.plugin.pytorch", "open_clip", "torchvision", "typer", "rich", "tqdm", "PIL", "pytest",
 ]
@@ -45,13 +45,13 @@ def pipeline(device):
     from ecvl_fast.kernels.bank import StaticMagnitudes
     from ecvl_fast.loaders.dali_loader import AugmentedLoader
     from ecvl_fast.loaders.draws import AugSpec
-    from ecvl_fast.loaders.memory import MemoryLoader
+    from ecvl_fast.loaders.held import HeldLoader
     from ecvl_fast.bench.synthetic import fake_images
 
     imgs, labels = fake_images(128, 0, 40), np.arange(128) % 10
     out = {}
     for m in (0.0, 1.0):
-        loader = AugmentedLoader(MemoryLoader(imgs, labels, "sequential", 32), AugSpec(res=32, views=2, k=2),
+        loader = AugmentedLoader(HeldLoader(imgs, labels, "sequential", 32), AugSpec(res=32, views=2, k=2),
                                  StaticMagnitudes(np.full(128, m)), device=device)
         out[m] = torch.cat([torch.cat(v) for v, _, _ in loader]).float().cpu()
     assert out[1.0].shape == (128 * 2, 3, 32, 32)

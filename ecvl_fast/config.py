@@ -91,7 +91,7 @@ class Stage2Cfg:
     sampling: str = "balanced"  # "balanced" (eq. 12, BALLAD) or "instance" (LIFT: the logit-adjusted loss balances)
     optimizer: str = "adamw"  # "adamw" or "sgd" (momentum 0.9; LIFT: lr 0.01, weight decay 5e-4)
     views: int = 2  # augmented views per image and step: 2 for L_DCVL (eq. 11); 1 where nothing reads a second (LIFT)
-    accum_steps: int = 1  # chunks the frozen encoders run in (their activations are the memory)
+    accum_steps: int = 1  # chunks the frozen encoders run in (their activations fill the GPU)
 
 
 @dataclass(frozen=True)

@@ -50,3 +50,9 @@ def lol_step(level, correct, trials, accept, levels):
         return level
     step = 1 if correct / trials > accept else -1
     return min(max(level + step, 0), levels)
+
+
+# How M (eq. 9) is summarised per shot group at each stage-2 epoch end: these quantiles over the
+# group's samples, labelled p10 ... p90 (log.jsonl's memory records, m_by_group.png, TensorBoard).
+QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9)
+QUANTILE_NAMES = tuple(f"p{round(100 * q)}" for q in QUANTILES)

@@ -44,7 +44,7 @@ def epoch_indices(order: str, labels: np.ndarray, num_classes: int, seed: int, e
 def resume_offset(loader, epoch: int) -> int:
     """Samples of `epoch` to skip: a run resumed mid-epoch sets `loader.resume_at = (epoch, step)`,
     and that epoch then starts at batch `step` (every later epoch is whole). Shared with
-    `MemoryLoader`."""
+    `HeldLoader`."""
     at = getattr(loader, "resume_at", None)
     return at[1] * loader.batch_size if at is not None and at[0] == epoch else 0
 

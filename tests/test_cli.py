@@ -44,6 +44,13 @@ def test_bench_loader_kernels_convert(tmp_path, mnist):
     assert main(["bench", "convert", "--per-class", "100", "--workers", "1", "--json", str(out)]) == 0
     r = json.loads(out.read_text())
     assert r["raw"]["images"] == r["jpg"]["images"] > 0 and r["raw"]["img_s"] > 0
+    out = tmp_path / "ops.json"
+    assert main(["bench", "ops", "--res", "32", "--batch", "16", "--seconds", "0.05", "--json", str(out)]) == 0
+    r = json.loads(out.read_text())
+    from ecvl_fast.loaders.randaug_ops import OPS
+
+    assert len(r["img_s"]) == 3 + len(OPS) and all(v > 0 for v in r["img_s"].values())
+    assert r["added_us_per_image"]["RA graph, M = 0"] == 0 and r["machine"]["ecvl_fast"]
 
 
 def test_demo_pins_kernels_and_threads():

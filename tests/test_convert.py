@@ -143,7 +143,7 @@ def test_import_does_not_load_ffcv_or_dali():
     import subprocess
 
     code = ("import ecvl_fast, ecvl_fast.cli, ecvl_fast.loaders.convert, ecvl_fast.training.loop, ecvl_fast.experiments.evaluate, sys, "
-            "ecvl_fast.serving.predict, ecvl_fast.bench.device, ecvl_fast.experiments.ablate, ecvl_fast.experiments.demo, ecvl_fast.loaders.memory; "
+            "ecvl_fast.serving.predict, ecvl_fast.bench.device, ecvl_fast.experiments.ablate, ecvl_fast.experiments.demo, ecvl_fast.loaders.held; "
             "bad = [m for m in sys.modules if m.split('.')[0] in ('ffcv', 'nvidia')]; assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)
 

@@ -17,7 +17,7 @@ from ecvl_fast.config import Config, DataCfg, ModelCfg, RunCfg, Stage1Cfg, Stage
 from ecvl_fast.loaders.dali_graph import CLIP_MEAN, CLIP_STD
 from ecvl_fast.loaders.dali_loader import AugmentedLoader
 from ecvl_fast.loaders.draws import AugSpec
-from ecvl_fast.loaders.memory import MemoryLoader
+from ecvl_fast.loaders.held import HeldLoader
 from ecvl_fast.loaders.randaug_ops import OPS
 from ecvl_fast.run.logs import RunLog
 from ecvl_fast.bench.synthetic import fake_images
@@ -168,13 +168,13 @@ def test_op_on_gpu_matches_cpu(op):
 
 
 def held_batches(device_name: str, slow: bool, n: int = 96, batch: int = 16):
-    """Eval-mode batches (no crop, no RandAugment) of known images through a MemoryLoader whose
+    """Eval-mode batches (no crop, no RandAugment) of known images through a HeldLoader whose
     ring has only 2 slots, optionally with a consumer that keeps its stream busy for a while per
     batch. Returns (received float views, expected float images) in sample order."""
     imgs = fake_images(n, 7, 32)
     labels = np.arange(n) % 10
     device = torch.device(device_name)
-    loader = AugmentedLoader(MemoryLoader(imgs, labels, "sequential", batch, slots=2),
+    loader = AugmentedLoader(HeldLoader(imgs, labels, "sequential", batch, slots=2),
                              AugSpec(res=32, train=False, randaug=False), device=device, prefetch=2)
     got, index = [], []
     for views, y, idx in loader:
@@ -205,7 +205,7 @@ def test_stage2_epochs_fed_by_dali(device_name, tmp_path):
     run = stage2_run(device_name, n=128)
     imgs = fake_images(128, 3, 32)
     labels = run.meta["train_labels"]
-    loader = AugmentedLoader(MemoryLoader(imgs, labels, "balanced", 32), AugSpec(res=32, views=2, k=2), run.bank,
+    loader = AugmentedLoader(HeldLoader(imgs, labels, "balanced", 32), AugSpec(res=32, views=2, k=2), run.bank,
                              device=run.d.device, prefetch=2)
     log, ms = RunLog(tmp_path, True, 2, 2, interactive=False), []
     for epoch in range(2):
@@ -220,7 +220,7 @@ def test_stage2_epochs_fed_by_dali(device_name, tmp_path):
 
 def memory_dataset(folder, monkeypatch, train: int = 160, test: int = 40):
     """A dataset train.main opens like a converted one (meta.json), whose splits are read from
-    memory: `make_loader` hands out MemoryLoaders, with ffcv's pinned ring of slots, in place of
+    memory: `make_loader` hands out HeldLoaders, with ffcv's pinned ring of slots, in place of
     ffcv Loaders (the GPU check machine has no ffcv)."""
     from ecvl_fast.loaders import ffcv_loader
 
@@ -237,7 +237,7 @@ def memory_dataset(folder, monkeypatch, train: int = 160, test: int = 40):
     split = lambda path: splits[Path(path).stem]  # noqa: E731
     monkeypatch.setattr(ffcv_loader, "read_labels", lambda path: split(path)[1])
     monkeypatch.setattr(ffcv_loader, "make_loader", lambda path, order, batch_size, load_res, *, workers=2, seed=0,
-                        num_classes=None, rank=0, world=1, limit=0: MemoryLoader(*split(path), order, batch_size,
+                        num_classes=None, rank=0, world=1, limit=0: HeldLoader(*split(path), order, batch_size,
                                                                                  seed=seed, rank=rank, world=world,
                                                                                  limit=limit))
     return folder

@@ -149,9 +149,9 @@ def _peer_loader(images, labels, m, spec, batch: int, workers: int, seed: int = 
 def _dali_loader(images, labels, bank, spec, batch: int, device: torch.device, threads: int, prefetch: int = 2,
                  dtype: torch.dtype | None = None):
     from ecvl_fast.loaders.dali_loader import AugmentedLoader
-    from ecvl_fast.loaders.memory import MemoryLoader
+    from ecvl_fast.loaders.held import HeldLoader
 
-    return AugmentedLoader(MemoryLoader(images, labels, "random", batch), spec, bank, device=device,
+    return AugmentedLoader(HeldLoader(images, labels, "random", batch), spec, bank, device=device,
                            threads=threads, prefetch=prefetch, dtype=dtype)
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ecvl_fast.bench.machine import describe
+from ecvl_fast.bench.machine import describe, machine_info
 from ecvl_fast.training.data import default_load_res
 
 
@@ -181,3 +181,41 @@ def bench_convert(per_class: int = 5000, workers: int = 2) -> dict:
     return out
 
 
+
+
+def bench_ops(res: int, batch: int = 128, seconds: float = 2.0, threads: int = 2) -> dict:
+    """The DALI graph alone (images fed from memory, no FFCV), two views: crop + normalise only, the
+    RandAugment graph with every op skipped (M = 0), with M ~ U(0, 1), and each op forced on every
+    sample; images per second of each, and the per-image cost each op adds over M = 0."""
+    from ecvl_fast.loaders import randaug_ops as ro
+    from ecvl_fast.loaders.dali_graph import build_pipeline, feed
+    from ecvl_fast.loaders.draws import AugSpec, batch_draws
+
+    rng = np.random.default_rng(0)
+    side = 256 if res > 64 else res
+    imgs = rng.integers(0, 256, (batch, side, side, 3), dtype=np.uint8)
+    spec, plain = AugSpec(res=res, views=2), AugSpec(res=res, views=2, randaug=False)
+    pipes = {spec: build_pipeline(spec, batch, threads=threads), plain: build_pipeline(plain, batch, threads=threads)}
+
+    def rate(sp, m, only=None) -> float:
+        draws = batch_draws(sp, np.arange(batch), 0, 0)
+        for d in draws if only is not None else ():
+            d["op"][:] = only
+        pipe = pipes[sp]
+        feed(pipe, sp, imgs, m, draws)
+        pipe.run()  # warm-up
+        t, n = time.perf_counter(), 0
+        while time.perf_counter() - t < seconds:
+            feed(pipe, sp, imgs, m, draws)
+            pipe.run()
+            n += batch
+        return n / (time.perf_counter() - t)
+
+    rates = {"crop + normalise only": rate(plain, np.zeros(batch, np.float32)),
+             "RA graph, M = 0": rate(spec, np.zeros(batch, np.float32)),
+             "RA graph, M ~ U(0,1)": rate(spec, rng.random(batch).astype(np.float32))}
+    rates |= {f"only {op.name}": rate(spec, np.ones(batch, np.float32), only=i) for i, op in enumerate(ro.OPS)}
+    base = rates["RA graph, M = 0"]
+    return {"machine": machine_info(), "config": {"res": res, "batch": batch, "views": 2, "threads": threads,
+                                                  "seconds": seconds},
+            "img_s": rates, "added_us_per_image": {k: 1e6 * (1 / v - 1 / base) for k, v in rates.items()}}

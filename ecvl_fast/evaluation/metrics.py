@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from ecvl_fast.run import dist as D
-from ecvl_fast.run.logs import QUANTILE_NAMES, QUANTILES
+from ecvl_fast.kernels.formulas import QUANTILE_NAMES, QUANTILES
 
 METRICS = ("many", "medium", "few", "all", "macro_f1", "head_tail_gap")  # the reported columns, in order
 TOP = 5  # top-k accuracy reported beside top-1

@@ -10,7 +10,8 @@ import numpy as np
 from ecvl_fast import EcvlError
 from ecvl_fast.evaluation.metrics import METRICS
 from ecvl_fast.method.rows import LABELS
-from ecvl_fast.run.logs import QUANTILE_NAMES, read_log
+from ecvl_fast.kernels.formulas import QUANTILE_NAMES
+from ecvl_fast.run.logs import read_log
 
 EMPTY = "–"  # how the tables show a metric of an empty shot group (null in the JSON files)
 PAIRED = ("few", "macro_f1", "all")  # the metrics an ablation sets against BALLAD and the controls, seed by seed

@@ -13,13 +13,12 @@ import time
 from pathlib import Path
 
 from ecvl_fast import EcvlError
+from ecvl_fast.kernels.formulas import QUANTILE_NAMES
 
 
 # What a log.jsonl record holds: a logged step, an epoch's summary, M's quantiles per shot group
 # at an epoch's end, or an event in the run's life (resumed).
 KINDS = ("step", "epoch", "memory", "event")
-QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9)  # of M per shot group, labelled p10 ... p90
-QUANTILE_NAMES = tuple(f"p{round(100 * q)}" for q in QUANTILES)
 
 
 def _clock(seconds: float) -> str:

@@ -171,8 +171,8 @@ def stage2_loss(run: Run, views: list[torch.Tensor], labels: torch.Tensor, idx: 
     Under DDP the adapted features are gathered (with gradient) so every sample has the 2B - 2
     negatives of the global batch, whatever the number of GPUs; each rank keeps its own rows'
     per-sample losses for the bank (summed over ranks at epoch end). With accumulation the frozen
-    encoders (the memory) run in `stage2.accum_steps` chunks; the adapter and the losses then see
-    the whole batch at once, so every term, and M, is that of the unsplit batch.
+    encoders (whose activations fill the GPU) run in `stage2.accum_steps` chunks; the adapter and
+    the losses then see the whole batch at once, so every term, and M, is that of the unsplit batch.
     """
     cfg, b, r = run.cfg.stage2, labels.shape[0], run.d.rank
     adapted, weights = run.trainable(torch.cat(views))  # both views in one pass (the frozen tower: without a graph)

@@ -1,4 +1,4 @@
-"""An in-memory stand-in for the ffcv Loader: the same uint8 NHWC batches, orders and sharding,
+"""A stand-in for the ffcv Loader over images held in host RAM: the same uint8 NHWC batches, orders and sharding,
 read from a numpy array instead of a `.beton`. Benchmarks use it where ffcv cannot be built
 (the GPU check machine) and to time the augmentation alone; `AugmentedLoader` takes either.
 
@@ -15,7 +15,7 @@ import torch
 from ecvl_fast.loaders.ffcv_loader import epoch_indices, resume_offset
 
 
-class MemoryLoader:
+class HeldLoader:
     def __init__(self, images: np.ndarray, labels: np.ndarray, order: str, batch_size: int, *, seed: int = 0,
                  rank: int = 0, world: int = 1, slots: int = 3, limit: int = 0):
         self.images, self.labels, self.limit = images, np.asarray(labels, np.int64), limit
