@@ -45,6 +45,8 @@ demo: setup
 # suite takes 7 min instead of 10, as much of it waits on subprocesses, imports and the loader.
 TEST_WORKERS ?= 2
 test: setup
+	.venv/bin/ruff format --check .
+	.venv/bin/ruff check .
 	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadscope
 
 clean:

@@ -2,6 +2,7 @@
 
 Every subcommand turns an `EcvlError` into one line on stderr and exit status 2.
 """
+
 from __future__ import annotations
 
 import functools
@@ -19,8 +20,9 @@ from ecvl_fast.experiments.demo import DEMO_DATA
 from ecvl_fast.experiments.presets import names as preset_names
 from ecvl_fast.method.rows import DEFAULT_ROWS, ROWS
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
-                  help="Long-tailed CLIP classifiers (ECVL), fed by FFCV + DALI.")
+app = typer.Typer(
+    add_completion=False, no_args_is_help=True, help="Long-tailed CLIP classifiers (ECVL), fed by FFCV + DALI."
+)
 
 
 def _version(value: bool) -> None:
@@ -32,13 +34,18 @@ def _version(value: bool) -> None:
 
 
 @app.callback()
-def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
-                                       help="print the version and exit")) -> None:
+def _root(
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="print the version and exit"
+    ),
+) -> None:
     """Long-tailed CLIP classifiers (ECVL), fed by FFCV + DALI."""
 
 
 # Short flags for the settings people change most; each stands for its --set key(s).
-_CONFIG = typer.Option(None, "--config", help=f"a TOML file, or a packaged preset by name ({', '.join(preset_names())})")
+_CONFIG = typer.Option(
+    None, "--config", help=f"a TOML file, or a packaged preset by name ({', '.join(preset_names())})"
+)
 _SET = typer.Option(None, "--set", help="section.key=value (repeatable); wins over the short flags")
 _MODEL = typer.Option(None, "--model", help="= --set model.name (an open_clip model, e.g. ViT-B-16, RN50)")
 _EPOCHS = typer.Option(None, "--epochs", help="= --set stageN.epochs, for each stage the command runs")
@@ -46,10 +53,18 @@ _LR = typer.Option(None, "--lr", help="= --set stageN.lr, for each stage the com
 _BATCH = typer.Option(None, "--batch-size", help="= --set data.batch_size (global, over all GPUs)")
 _PRECISION_SET = typer.Option(None, "--precision", help="= --set run.precision (auto, bf16, fp16, fp32)")
 _OUT = typer.Option(None, "--out", help="= --set run.out: the run folder (default: runs/<dataset>-<model>)")
-_DRY = typer.Option(False, "--dry-run", help="print the resolved config, the data, the runs it would start, "
-                                            "resume or reuse, and the images it would process; train nothing")
-_TRIAL = typer.Option(False, "--trial", help="a quick trial of the whole command: 3 steps per epoch, at most 2 epochs "
-                                             "per stage, 64 images per evaluation, into <run folder>-trial")
+_DRY = typer.Option(
+    False,
+    "--dry-run",
+    help="print the resolved config, the data, the runs it would start, "
+    "resume or reuse, and the images it would process; train nothing",
+)
+_TRIAL = typer.Option(
+    False,
+    "--trial",
+    help="a quick trial of the whole command: 3 steps per epoch, at most 2 epochs "
+    "per stage, 64 images per evaluation, into <run folder>-trial",
+)
 
 
 def _aliases(stages, model=None, epochs=None, lr=None, batch_size=None, precision=None, out=None) -> list[tuple]:
@@ -64,9 +79,13 @@ def _aliases(stages, model=None, epochs=None, lr=None, batch_size=None, precisio
     return sets
 
 
-_TTE = typer.Option(None, "--tte", help="test-time views averaged (1 = none, 2 = + mirror, up to 10 with shifted "
-                                        "crops; a model with LIFT's five crops, data.tte_crops = five: 1 or 5); "
-                                        "default: the model's data.tte_views")
+_TTE = typer.Option(
+    None,
+    "--tte",
+    help="test-time views averaged (1 = none, 2 = + mirror, up to 10 with shifted "
+    "crops; a model with LIFT's five crops, data.tte_crops = five: 1 or 5); "
+    "default: the model's data.tte_views",
+)
 
 
 def _views(tte: int | None) -> int | None:
@@ -108,6 +127,7 @@ def one_line_errors(fn):
             where = f"{e.filename}: " if e.filename else ""
             typer.echo(f"error: {where}{disk_reason(e, Path(e.filename or '.').parent)}", err=True)
             raise typer.Exit(2)
+
     return wrapper
 
 
@@ -121,10 +141,12 @@ def print_convert_summary(meta: dict, out: Path) -> None:
     t.add_column(justify="right")
     rows = [("classes", len(counts))]
     rows += [(f"{name} images", n) for name, n in meta["images"].items()]
-    rows += [("max / min per class", f"{max(counts)} / {min(counts)}"),
-             ("many / medium / few classes", f"{len(g['many'])} / {len(g['medium'])} / {len(g['few'])}"),
-             ("skipped (corrupt)", sum(meta["skipped"].values())),
-             ("format", f"{meta['format']}, longest side {meta['max_side']} px")]
+    rows += [
+        ("max / min per class", f"{max(counts)} / {min(counts)}"),
+        ("many / medium / few classes", f"{len(g['many'])} / {len(g['medium'])} / {len(g['few'])}"),
+        ("skipped (corrupt)", sum(meta["skipped"].values())),
+        ("format", f"{meta['format']}, longest side {meta['max_side']} px"),
+    ]
     for k, v in rows:
         t.add_row(k, str(v))
     Console().print(t)
@@ -144,12 +166,20 @@ def convert(
     wnids: Optional[Path] = typer.Option(None, help="tiny-imagenet-lt: only these wnids (one per line, in this order)"),
     imbalance: float = typer.Option(100.0, help="imbalance factor IF = n_max / n_min"),
     seed: int = typer.Option(0),
-    val_per_class: int = typer.Option(0, help="a val split of this many images per class, carved from train (seeded; each "
-                                              "class keeps one); tiny-imagenet-lt takes them from its spare images"),
+    val_per_class: int = typer.Option(
+        0,
+        help="a val split of this many images per class, carved from train (seeded; each "
+        "class keeps one); tiny-imagenet-lt takes them from its spare images",
+    ),
     format: str = typer.Option("raw", help="raw | jpg"),
-    max_res: int = typer.Option(DEFAULT_MAX_RES, help="longest side kept, in pixels (larger images are shrunk; 0 keeps every size)"),
-    max_pixels: int = typer.Option(DEFAULT_MAX_PIXELS, help="refuse (or, with --skip-bad, skip) an image with more pixels, "
-                                                            "read from its header before decoding (0: no limit)"),
+    max_res: int = typer.Option(
+        DEFAULT_MAX_RES, help="longest side kept, in pixels (larger images are shrunk; 0 keeps every size)"
+    ),
+    max_pixels: int = typer.Option(
+        DEFAULT_MAX_PIXELS,
+        help="refuse (or, with --skip-bad, skip) an image with more pixels, "
+        "read from its header before decoding (0: no limit)",
+    ),
     jpeg_quality: int = typer.Option(90),
     workers: int = typer.Option(2),
     overwrite: bool = typer.Option(False),
@@ -177,19 +207,31 @@ def verify(data: Path = typer.Argument(..., help="a converted dataset folder")):
     found = run_verify(data, meta, force=True)
     hashed = [f"{s}.beton" for s, how in found.items() if how == "hashed"]
     none = [f"{s}.beton" for s, how in found.items() if how == "unrecorded"]
-    typer.echo(f"{data}: {', '.join(hashed) or 'no split'} match meta.json's sha256"
-               + (f"; meta.json records none for {', '.join(none)}" if none else ""))
+    typer.echo(
+        f"{data}: {', '.join(hashed) or 'no split'} match meta.json's sha256"
+        + (f"; meta.json records none for {', '.join(none)}" if none else "")
+    )
 
 
-def _config(config: Optional[str], overrides: Optional[list[str]], pretrained: Optional[str] = None,
-            aliases: list[str] = (), origins: dict | None = None):
+def _config(
+    config: Optional[str],
+    overrides: Optional[list[str]],
+    pretrained: Optional[str] = None,
+    aliases: list[str] = (),
+    origins: dict | None = None,
+):
     """--config (a file or a preset's name), then the short flags, then --set, then --pretrained;
     `origins` gets where each setting came from (for --dry-run)."""
     from ecvl_fast.config import load_config
     from ecvl_fast.experiments.presets import resolve
 
-    return load_config(resolve(config), list(aliases) + (overrides or []) +
-                       ([("--pretrained", f"model.pretrained={pretrained}")] if pretrained else []), origins)
+    return load_config(
+        resolve(config),
+        list(aliases)
+        + (overrides or [])
+        + ([("--pretrained", f"model.pretrained={pretrained}")] if pretrained else []),
+        origins,
+    )
 
 
 @app.command()
@@ -198,13 +240,21 @@ def train(
     config: Optional[str] = _CONFIG,
     overrides: Optional[list[str]] = _SET,
     pretrained: Optional[str] = typer.Option(None, help="shortcut for --set model.pretrained=TAG|PATH|none"),
-    stage: Optional[int] = typer.Option(None, help="1: fine-tune both encoders; 2: the frozen encoders' adapter (or "
-                                                   "LIFT's modules) + L_DCVL + memory-driven RandAugment; default: stage "
-                                                   "1, then stage 2 from its best.pt (stage1.epochs = 0: stage 2 alone)"),
+    stage: Optional[int] = typer.Option(
+        None,
+        help="1: fine-tune both encoders; 2: the frozen encoders' adapter (or "
+        "LIFT's modules) + L_DCVL + memory-driven RandAugment; default: stage "
+        "1, then stage 2 from its best.pt (stage1.epochs = 0: stage 2 alone)",
+    ),
     restart: bool = typer.Option(False, help="start over; the run already in the folder is moved to previous-<time>/"),
-    model: Optional[str] = _MODEL, epochs: Optional[int] = _EPOCHS, lr: Optional[float] = _LR,
-    batch_size: Optional[int] = _BATCH, precision: Optional[str] = _PRECISION_SET, out: Optional[str] = _OUT,
-    dry_run: bool = _DRY, trial: bool = _TRIAL,
+    model: Optional[str] = _MODEL,
+    epochs: Optional[int] = _EPOCHS,
+    lr: Optional[float] = _LR,
+    batch_size: Optional[int] = _BATCH,
+    precision: Optional[str] = _PRECISION_SET,
+    out: Optional[str] = _OUT,
+    dry_run: bool = _DRY,
+    trial: bool = _TRIAL,
 ):
     """Train (one process, or one per GPU under torchrun): stage 1 into the run folder, stage 2 into
     its stage2/. Re-running the same command continues from the last checkpoint (mid-epoch after a
@@ -217,7 +267,9 @@ def train(
     if stage is None and _config(config, overrides, pretrained).stage1.epochs == 0:
         stages = (2,)  # single-stage (LIFT's form): stage 2 from model.pretrained
     origins = {}
-    cfg = _config(config, overrides, pretrained, _aliases(stages, model, epochs, lr, batch_size, precision, out), origins)
+    cfg = _config(
+        config, overrides, pretrained, _aliases(stages, model, epochs, lr, batch_size, precision, out), origins
+    )
     cfg = as_trial(cfg) if trial else cfg
     if dry_run:
         from ecvl_fast.experiments.presets import dry_run as plan
@@ -240,11 +292,18 @@ def evaluate(
     split: str = typer.Option("test", help="test | val | train: any split the converted folder has"),
     out: Optional[Path] = typer.Option(None, help="where metrics.json and per_class.png go"),
     pretrained: Optional[str] = typer.Option(None, help="shortcut for --set model.pretrained=TAG|PATH|none"),
-    config: Optional[str] = typer.Option(None, "--config", help="a TOML file or a preset (--zero-shot: the model "
-                                                                "and data settings; --ckpt uses its own config)"),
+    config: Optional[str] = typer.Option(
+        None,
+        "--config",
+        help="a TOML file or a preset (--zero-shot: the model and data settings; --ckpt uses its own config)",
+    ),
     overrides: Optional[list[str]] = typer.Option(None, "--set", help="section.key=value (repeatable)"),
-    tau: str = typer.Option("0", "--tau", help="post-hoc logit adjustment: tau * log(class prior) off the logits; "
-                                               "'auto': the best of 0, 0.25 ... 2 on the val split"),
+    tau: str = typer.Option(
+        "0",
+        "--tau",
+        help="post-hoc logit adjustment: tau * log(class prior) off the logits; "
+        "'auto': the best of 0, 0.25 ... 2 on the val split",
+    ),
     tte: Optional[int] = _TTE,
 ):
     """Many/medium/few/all accuracy, macro-F1 and head-tail gap of a checkpoint or a zero-shot model."""
@@ -259,7 +318,9 @@ def evaluate(
 @one_line_errors
 def predict(
     images: Optional[list[Path]] = typer.Argument(None, help="image files"),
-    ckpt: Path = typer.Option(..., "--ckpt", help="a stage 1/2 checkpoint (last.pt / best.pt), or an exported .pt / .onnx"),
+    ckpt: Path = typer.Option(
+        ..., "--ckpt", help="a stage 1/2 checkpoint (last.pt / best.pt), or an exported .pt / .onnx"
+    ),
     folder: Optional[Path] = typer.Option(None, help="classify every image under this folder too"),
     top_k: int = typer.Option(5, help="classes per image"),
     out: Optional[Path] = typer.Option(None, help="write the predictions as CSV"),
@@ -276,9 +337,20 @@ def predict(
     if out is not None:
         write_csv(preds, out)
     k = max((len(p.classes) for p in preds), default=top_k)
-    tables.report(f"{ckpt}: {len(preds)} images", ("image", "top-1", "p", f"top-{k}"),
-            [(Path(p.path).name, p.classes[0], f"{p.probs[0]:.3f}",
-              ", ".join(f"{c} {q:.2f}" for c, q in zip(p.classes, p.probs))) for p in preds[:20]], {})
+    tables.report(
+        f"{ckpt}: {len(preds)} images",
+        ("image", "top-1", "p", f"top-{k}"),
+        [
+            (
+                Path(p.path).name,
+                p.classes[0],
+                f"{p.probs[0]:.3f}",
+                ", ".join(f"{c} {q:.2f}" for c, q in zip(p.classes, p.probs)),
+            )
+            for p in preds[:20]
+        ],
+        {},
+    )
 
 
 @app.command()
@@ -286,7 +358,9 @@ def predict(
 def export(
     ckpt: Path = typer.Option(..., "--ckpt", help="a stage 1 or stage 2 checkpoint"),
     out: Path = typer.Option(..., "--out", help="the file to write (model.pt or model.onnx)"),
-    format: str = typer.Option("pt", "--format", help="pt (weights, weights_only loadable) | onnx (needs ecvl-fast\\[onnx])"),
+    format: str = typer.Option(
+        "pt", "--format", help="pt (weights, weights_only loadable) | onnx (needs ecvl-fast\\[onnx])"
+    ),
     tte: Optional[int] = _TTE,
 ):
     """A slim classifier to deploy: image encoder, adapter, class text features and names, preprocessing
@@ -294,8 +368,10 @@ def export(
     from ecvl_fast.serving.export import export as run_export
 
     r = run_export(ckpt, out, format, _views(tte))
-    typer.echo(f"wrote {out} ({r['bytes'] / 1e6:.1f} MB; the checkpoint: {r['checkpoint_bytes'] / 1e6:.1f} MB), "
-               f"{len(r['classes'])} classes, {r['res']} px")
+    typer.echo(
+        f"wrote {out} ({r['bytes'] / 1e6:.1f} MB; the checkpoint: {r['checkpoint_bytes'] / 1e6:.1f} MB), "
+        f"{len(r['classes'])} classes, {r['res']} px"
+    )
 
 
 @app.command()
@@ -305,9 +381,14 @@ def ablate(
     seeds: str = typer.Option("0,1,2", help="comma-separated seeds; one stage 1 and the --rows each"),
     overrides: Optional[list[str]] = _SET,
     pretrained: Optional[str] = typer.Option(None, help="shortcut for --set model.pretrained=TAG|PATH|none"),
-    model: Optional[str] = _MODEL, epochs: Optional[int] = _EPOCHS, lr: Optional[float] = _LR,
-    batch_size: Optional[int] = _BATCH, precision: Optional[str] = _PRECISION_SET, out: Optional[str] = _OUT,
-    dry_run: bool = _DRY, trial: bool = _TRIAL,
+    model: Optional[str] = _MODEL,
+    epochs: Optional[int] = _EPOCHS,
+    lr: Optional[float] = _LR,
+    batch_size: Optional[int] = _BATCH,
+    precision: Optional[str] = _PRECISION_SET,
+    out: Optional[str] = _OUT,
+    dry_run: bool = _DRY,
+    trial: bool = _TRIAL,
     rows: str = typer.Option(",".join(DEFAULT_ROWS), help=f"stage-2 rows, comma-separated, of: {', '.join(ROWS)}"),
 ):
     """Zero-shot, stage 1, then the stage-2 rows (BALLAD, + momentum, ECVL by default) over seeds on
@@ -316,7 +397,9 @@ def ablate(
     from ecvl_fast.experiments.ablate import parse_seeds, planned_runs, run_ablation
 
     origins = {}
-    cfg = _config(config, overrides, pretrained, _aliases((1, 2), model, epochs, lr, batch_size, precision, out), origins)
+    cfg = _config(
+        config, overrides, pretrained, _aliases((1, 2), model, epochs, lr, batch_size, precision, out), origins
+    )
     cfg = as_trial(cfg) if trial else cfg
     seeds, rows = parse_seeds(seeds), parse_rows(rows)
     if dry_run:
@@ -330,8 +413,12 @@ def ablate(
 @app.command()
 @one_line_errors
 def pretrain(
-    weights: Path = typer.Option(..., "--weights", help="the weights file to write (then: --set model.pretrained=FILE)"),
-    config: Optional[str] = typer.Option(None, "--config", help="a TOML file or a preset; data.path is the pretraining set"),
+    weights: Path = typer.Option(
+        ..., "--weights", help="the weights file to write (then: --set model.pretrained=FILE)"
+    ),
+    config: Optional[str] = typer.Option(
+        None, "--config", help="a TOML file or a preset; data.path is the pretraining set"
+    ),
     overrides: Optional[list[str]] = _SET,
     restart: bool = typer.Option(False, help="start over; the run already in run.out is moved to previous-<time>/"),
     out: Optional[str] = _OUT,
@@ -377,7 +464,9 @@ def bench_loader(
     res: int = typer.Option(32, help="output resolution, e.g. 32 or 224"),
     batch: int = typer.Option(256),
     workers: int = typer.Option(2, help="ffcv threads for both; DataLoader worker processes for the peer"),
-    dali_threads: int = typer.Option(4, help="DALI's thread pool (per-operator overhead, not pixels, bounds it at 32 px)"),
+    dali_threads: int = typer.Option(
+        4, help="DALI's thread pool (per-operator overhead, not pixels, bounds it at 32 px)"
+    ),
     min_images: int = typer.Option(4096, help="images timed per contender, after a warm-up pass"),
     kernels_n: int = typer.Option(1_280_000, help="samples for the momentum-kernel benchmark"),
     repeats: int = typer.Option(3, help="alternating timings per contender; the median paired ratio is reported"),
@@ -387,23 +476,32 @@ def bench_loader(
     from ecvl_fast.bench.host import LoaderBench, run_loader_bench
 
     _ensure_demo_data(data)
-    r = run_loader_bench(LoaderBench(data, res, batch, workers, dali_threads, min_images=min_images), kernels_n, repeats)
+    r = run_loader_bench(
+        LoaderBench(data, res, batch, workers, dali_threads, min_images=min_images), kernels_n, repeats
+    )
     tables.loader(r, json_out)
 
 
 @bench_app.command("ops")
 @one_line_errors
-def bench_ops_cmd(res: int = typer.Option(32, help="output resolution (224: decoded at 256)"),
-                  batch: int = typer.Option(128), seconds: float = typer.Option(2.0, help="timed per row"),
-                  dali_threads: int = typer.Option(2),
-                  json_out: Optional[Path] = typer.Option(None, "--json", help="also write the results here")):
+def bench_ops_cmd(
+    res: int = typer.Option(32, help="output resolution (224: decoded at 256)"),
+    batch: int = typer.Option(128),
+    seconds: float = typer.Option(2.0, help="timed per row"),
+    dali_threads: int = typer.Option(2),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="also write the results here"),
+):
     """The DALI graph alone, per operator: crop only, RandAugment with M = 0 and M ~ U(0,1), each op forced."""
     from ecvl_fast.bench.host import bench_ops
 
     r = bench_ops(res, batch, seconds, dali_threads)
-    tables.report(f"DALI graph at {res} px, batch {r['config']['batch']}, 2 views (images fed from memory)",
-                  ("graph", "img/s", "added us/image"),
-                  [(k, f"{v:,.0f}", f"{r['added_us_per_image'][k]:+.1f}") for k, v in r["img_s"].items()], r, json_out)
+    tables.report(
+        f"DALI graph at {res} px, batch {r['config']['batch']}, 2 views (images fed from memory)",
+        ("graph", "img/s", "added us/image"),
+        [(k, f"{v:,.0f}", f"{r['added_us_per_image'][k]:+.1f}") for k, v in r["img_s"].items()],
+        r,
+        json_out,
+    )
 
 
 @bench_app.command("kernels")
@@ -441,57 +539,99 @@ _PRECISION = typer.Option("auto", help="auto (bf16 on CUDA, fp32 on CPU) | bf16 
 
 @bench_app.command("step")
 @one_line_errors
-def bench_step_cmd(model: str = typer.Option("RN50"), res: int = typer.Option(224), batch: int = typer.Option(256, help="per device"),
-                   device: str = _DEVICE, compile: bool = typer.Option(False), steps: int = typer.Option(10),
-                   repeats: int = typer.Option(3), precision: str = _PRECISION, json_out: Optional[Path] = _JSON,
-                   compare_to: Optional[Path] = _COMPARE):
+def bench_step_cmd(
+    model: str = typer.Option("RN50"),
+    res: int = typer.Option(224),
+    batch: int = typer.Option(256, help="per device"),
+    device: str = _DEVICE,
+    compile: bool = typer.Option(False),
+    steps: int = typer.Option(10),
+    repeats: int = typer.Option(3),
+    precision: str = _PRECISION,
+    json_out: Optional[Path] = _JSON,
+    compare_to: Optional[Path] = _COMPARE,
+):
     """Stage 1 and stage 2 train steps on synthetic batches already on the device (no ffcv or DALI)."""
     from ecvl_fast.bench.device import bench_step
 
-    tables.step(bench_step(model, res, batch, device, compile, steps, repeats, precision=precision), json_out, compare_to)
+    tables.step(
+        bench_step(model, res, batch, device, compile, steps, repeats, precision=precision), json_out, compare_to
+    )
 
 
 @bench_app.command("augment")
 @one_line_errors
-def bench_augment_cmd(data: Optional[Path] = typer.Option(None, help="a converted dataset (else synthetic images)"),
-                      res: int = typer.Option(224), batch: int = typer.Option(256), device: str = _DEVICE,
-                      images: int = typer.Option(4096), workers: int = typer.Option(0, help="peer workers; 0 = every core"),
-                      dali_threads: int = typer.Option(0, help="0 = every core"), repeats: int = typer.Option(3),
-                      json_out: Optional[Path] = _JSON, compare_to: Optional[Path] = _COMPARE):
+def bench_augment_cmd(
+    data: Optional[Path] = typer.Option(None, help="a converted dataset (else synthetic images)"),
+    res: int = typer.Option(224),
+    batch: int = typer.Option(256),
+    device: str = _DEVICE,
+    images: int = typer.Option(4096),
+    workers: int = typer.Option(0, help="peer workers; 0 = every core"),
+    dali_threads: int = typer.Option(0, help="0 = every core"),
+    repeats: int = typer.Option(3),
+    json_out: Optional[Path] = _JSON,
+    compare_to: Optional[Path] = _COMPARE,
+):
     """Memory-driven RandAugment alone (k=2, two views, M ~ U(0,1)): DALI vs the all-core PIL peer."""
     import os
 
     from ecvl_fast.bench.device import bench_augment
 
     cores = os.cpu_count() or 1
-    tables.augment(bench_augment(data, res, batch, device, images, workers or cores, dali_threads or cores, repeats),
-                   json_out, compare_to)
+    tables.augment(
+        bench_augment(data, res, batch, device, images, workers or cores, dali_threads or cores, repeats),
+        json_out,
+        compare_to,
+    )
 
 
 @bench_app.command("train")
 @one_line_errors
-def bench_train_cmd(data: Optional[Path] = typer.Option(None, help="a converted dataset (else synthetic images)"),
-                    model: str = typer.Option("RN50"), res: int = typer.Option(224), batch: int = typer.Option(256),
-                    device: str = _DEVICE, images: int = typer.Option(8192), workers: int = typer.Option(0, help="0 = every core"),
-                    dali_threads: int = typer.Option(0, help="0 = every core"), epochs: int = typer.Option(2),
-                    precision: str = _PRECISION, json_out: Optional[Path] = _JSON, compare_to: Optional[Path] = _COMPARE):
+def bench_train_cmd(
+    data: Optional[Path] = typer.Option(None, help="a converted dataset (else synthetic images)"),
+    model: str = typer.Option("RN50"),
+    res: int = typer.Option(224),
+    batch: int = typer.Option(256),
+    device: str = _DEVICE,
+    images: int = typer.Option(8192),
+    workers: int = typer.Option(0, help="0 = every core"),
+    dali_threads: int = typer.Option(0, help="0 = every core"),
+    epochs: int = typer.Option(2),
+    precision: str = _PRECISION,
+    json_out: Optional[Path] = _JSON,
+    compare_to: Optional[Path] = _COMPARE,
+):
     """Stage 2 epochs end to end with each feeder: img/s and the data-stall fraction."""
     import os
 
     from ecvl_fast.bench.device import bench_train
 
     cores = os.cpu_count() or 1
-    tables.train(bench_train(data, model, res, batch, device, images, workers or cores, dali_threads or cores, epochs,
-                             precision), json_out, compare_to)
+    tables.train(
+        bench_train(
+            data, model, res, batch, device, images, workers or cores, dali_threads or cores, epochs, precision
+        ),
+        json_out,
+        compare_to,
+    )
 
 
 @bench_app.command("infer")
 @one_line_errors
-def bench_infer_cmd(ckpt: Optional[Path] = typer.Option(None, help="a stage 1/2 checkpoint (else a random model)"),
-                    data: Optional[Path] = typer.Option(None, help="a converted dataset: its test split"),
-                    model: str = typer.Option("RN50"), res: int = typer.Option(224), batch: int = typer.Option(512),
-                    device: str = _DEVICE, images: int = typer.Option(4096), repeats: int = typer.Option(3),
-                    precision: str = _PRECISION, json_out: Optional[Path] = _JSON, compare_to: Optional[Path] = _COMPARE):
+def bench_infer_cmd(
+    ckpt: Optional[Path] = typer.Option(None, help="a stage 1/2 checkpoint (else a random model)"),
+    data: Optional[Path] = typer.Option(None, help="a converted dataset: its test split"),
+    model: str = typer.Option("RN50"),
+    res: int = typer.Option(224),
+    batch: int = typer.Option(512),
+    device: str = _DEVICE,
+    images: int = typer.Option(4096),
+    repeats: int = typer.Option(3),
+    precision: str = _PRECISION,
+    json_out: Optional[Path] = _JSON,
+    compare_to: Optional[Path] = _COMPARE,
+):
     """The predict path (prepare, encode, adapter, eq. 6) on test images in memory: img/s."""
     from ecvl_fast.bench.device import bench_infer
 

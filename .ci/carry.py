@@ -9,6 +9,7 @@ Python already has (the machine's own torchvision, pillow, ...), so carried whee
 shadow a build matched to the machine's torch. Standard library only: it runs before anything
 is installed.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,8 +24,13 @@ LIST = Path(__file__).with_name("gpu-carry.txt")
 # whatever setuptools is importable, and one older than 70.1 has no bdist_wheel without `wheel`
 # (the rehearsal's fresh venv failed exactly so).
 ALWAYS = {"setuptools"}
-PLATFORMS = ["manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64",
-             "manylinux1_x86_64"]
+PLATFORMS = [
+    "manylinux_2_28_x86_64",
+    "manylinux_2_27_x86_64",
+    "manylinux_2_17_x86_64",
+    "manylinux2014_x86_64",
+    "manylinux1_x86_64",
+]
 
 
 def requirements(torchvision: str) -> list[str]:
@@ -47,8 +53,21 @@ def wheels(folder: Path) -> dict[str, tuple[str, str]]:
 
 def download(dest: Path, python: str, torchvision: str) -> int:
     dest.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:", "--python-version",
-           python, "--implementation", "cp", "-d", str(dest)] + sum((["--platform", p] for p in PLATFORMS), [])
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "-q",
+        "--no-deps",
+        "--only-binary=:all:",
+        "--python-version",
+        python,
+        "--implementation",
+        "cp",
+        "-d",
+        str(dest),
+    ] + sum((["--platform", p] for p in PLATFORMS), [])
     return subprocess.call(cmd + requirements(torchvision))
 
 
@@ -71,8 +90,23 @@ def install(folder: Path, target: Path, leave_out: list[str]) -> int:
     if not todo:
         return 0
     print(f"carry: installing {len(todo)} wheels into {target}")
-    return subprocess.call([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
-                            "--no-cache-dir", "--upgrade", "--target", str(target)] + todo)
+    return subprocess.call(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--no-index",
+            "--no-deps",
+            "--no-compile",
+            "--no-cache-dir",
+            "--upgrade",
+            "--target",
+            str(target),
+        ]
+        + todo
+    )
 
 
 def compare(a: Path, b: Path) -> int:
@@ -83,7 +117,10 @@ def compare(a: Path, b: Path) -> int:
         if va == vb:
             same += 1
         else:
-            print(f"  {name:18s} {a.name}: {'-'.join(va) if va else 'missing':40s} {b.name}: {'-'.join(vb) if vb else 'missing'}")
+            print(
+                f"  {name:18s} {a.name}: {'-'.join(va) if va else 'missing':40s} "
+                f"{b.name}: {'-'.join(vb) if vb else 'missing'}"
+            )
     print(f"  {same} wheels identical in both sets (pure Python, or one ABI-independent build)")
     return 0 if set(wa) == set(wb) else 1
 

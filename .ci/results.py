@@ -4,6 +4,7 @@ so a check cut short still returns what finished. Standard library only.
   results.py FILE NAME RC SECONDS [STEP_JSON]     add a step (rc "skip": not run), with its JSON
   results.py FILE --files OUT                     fail unless OUT holds at most 8 files, none deeper than 2 folders
 """
+
 import json
 import os
 import sys

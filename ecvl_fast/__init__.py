@@ -2,6 +2,7 @@
 
 Importing this package is cheap: ffcv, DALI and open_clip load only where they are used.
 """
+
 __version__ = "0.1.0"
 
 

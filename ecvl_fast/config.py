@@ -3,6 +3,7 @@
 Sources, later ones winning: the defaults here, a TOML file (`--config`), `--set section.key=value`.
 An unknown section or key, or a value of the wrong type, is an error before any work starts.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -19,14 +20,18 @@ from ecvl_fast import EcvlError
 class DataCfg:
     path: str = "data/mnist-lt"
     res: int = 224
-    load_res: int = 0  # evaluation's Resize(S) before CenterCrop(res), and the decode size; 0 = res (<= 64 px) or res * 8/7
+    load_res: int = (
+        0  # evaluation's Resize(S) before CenterCrop(res), and the decode size; 0 = res (<= 64 px) or res * 8/7
+    )
     batch_size: int = 256  # global: split evenly over DDP ranks
     workers: int = 2  # ffcv reader threads
     dali_threads: int = 0  # DALI's thread pool; 0 = 2 x workers (its per-operator waits overlap)
     prefetch: int = 2  # batches a feeder thread builds ahead of the step (0 = synchronous)
     eval_split: str = "test"
     tte_views: int = 1  # test-time ensembling (LIFT): 1 = plain; 2 + mirror; up to 10 with shifted crops and theirs
-    tte_crops: str = "shifted"  # "shifted" (views cut from the prepared image) or "five": LIFT's Resize(res + 24/224 res)
+    tte_crops: str = (
+        "shifted"  # "shifted" (views cut from the prepared image) or "five": LIFT's Resize(res + 24/224 res)
+    )
     #                             then FiveCrop(res) from the whole image (tte_views 5, or 1 for none)
 
 
@@ -86,7 +91,9 @@ class Stage2Cfg:
     peft: str = "none"  # a light module in the frozen image tower: "adaptformer", "lora" (ViT), "bitfit";
     #                     "auto": LIFT's default for the tower (AdaptFormer on a ViT, BitFit on a ResNet)
     peft_dim: int = 0  # its bottleneck / rank; 0 = LIFT's rule, 2^floor(log2(K / (2 x blocks)))
-    head: str = "prompt"  # "prompt": the fixed class text features at ce_scale; "cosine": a trained cosine head from them
+    head: str = (
+        "prompt"  # "prompt": the fixed class text features at ce_scale; "cosine": a trained cosine head from them
+    )
     head_scale: float = 25.0  # the cosine head's scale (LIFT's)
     sampling: str = "balanced"  # "balanced" (eq. 12, BALLAD) or "instance" (LIFT: the logit-adjusted loss balances)
     optimizer: str = "adamw"  # "adamw" or "sgd" (momentum 0.9; LIFT: lr 0.01, weight decay 5e-4)
@@ -109,11 +116,15 @@ class RunCfg:
     stop_grace_s: float = 60.0  # after SIGTERM/SIGUSR1, leave anyway after this long (a dead peer)
     report_to: str = ""  # also write the scalars to "tensorboard" (<run folder>/tb), "wandb" (offline with
     #                    WANDB_MODE=offline), or both: "tensorboard,wandb" or "all" (open_clip's --report-to)
-    lines_per_epoch: int = 20  # when stdout is not a terminal: about this many progress lines per epoch (0: epoch lines only)
+    lines_per_epoch: int = (
+        20  # when stdout is not a terminal: about this many progress lines per epoch (0: epoch lines only)
+    )
     best_metric: str = "all"  # the val metric that picks best.pt: "all", "macro_f1", "few", "medium" or "many"
     report: str = "last"  # the checkpoint the final report (metrics.json) evaluates: "last" or "best" (on val)
     limit_steps: int = 0  # train at most this many steps per epoch (0: the whole epoch); `train --trial` sets it
-    limit_eval: int = 0  # evaluate at most this many images per split, a seeded subset (0: all); `train --trial` sets it
+    limit_eval: int = (
+        0  # evaluate at most this many images per split, a seeded subset (0: all); `train --trial` sets it
+    )
     precision: str = "auto"  # "auto" (bf16 on CUDA, fp32 on CPU), "bf16", "fp16" (+ GradScaler) or "fp32"
 
 
@@ -163,11 +174,23 @@ CHOICES = {
 
 
 # Lower bounds per setting: below them a run would train nothing, or fail after the work began.
-AT_LEAST = {("data", "batch_size"): 1, ("data", "res"): 1, ("stage1", "epochs"): 0, ("stage2", "epochs"): 1,
-            ("stage1", "accum_steps"): 1, ("stage2", "accum_steps"): 1, ("aug", "lol_levels"): 1,
-            ("run", "log_every"): 1, ("stage2", "logit_adjust"): 0.0, ("data", "tte_views"): 1, ("stage2", "views"): 1,
-            ("stage2", "peft_dim"): 0, ("run", "lines_per_epoch"): 0, ("run", "limit_steps"): 0,
-            ("run", "limit_eval"): 0}
+AT_LEAST = {
+    ("data", "batch_size"): 1,
+    ("data", "res"): 1,
+    ("stage1", "epochs"): 0,
+    ("stage2", "epochs"): 1,
+    ("stage1", "accum_steps"): 1,
+    ("stage2", "accum_steps"): 1,
+    ("aug", "lol_levels"): 1,
+    ("run", "log_every"): 1,
+    ("stage2", "logit_adjust"): 0.0,
+    ("data", "tte_views"): 1,
+    ("stage2", "views"): 1,
+    ("stage2", "peft_dim"): 0,
+    ("run", "lines_per_epoch"): 0,
+    ("run", "limit_steps"): 0,
+    ("run", "limit_eval"): 0,
+}
 AT_MOST = {("data", "tte_views"): 10, ("stage2", "views"): 2}
 POSITIVE = {("stage1", "lr"), ("stage2", "lr"), ("stage2", "head_scale")}
 
@@ -188,14 +211,18 @@ def _coerce(where: str, typ, value):
 
 REMOVED = {
     ("aug", "randaug"): "stage 1 has no momentum bank, so it has no memory-driven RandAugment; "
-                        "stage 2 has it (stage2.randaug)",
+    "stage 2 has it (stage2.randaug)",
 }
 
 
 # Old spellings still read (a saved run's config.toml, a checkpoint's config): (section, key) ->
 # the setting it now is, as a function of the old value.
 RENAMED = {
-    ("run", "tensorboard"): lambda on: ("run", "report_to", "tensorboard" if _coerce("run.tensorboard", bool, on) else ""),
+    ("run", "tensorboard"): lambda on: (
+        "run",
+        "report_to",
+        "tensorboard" if _coerce("run.tensorboard", bool, on) else "",
+    ),
 }
 
 
@@ -253,20 +280,28 @@ def check_together(cfg: Config) -> Config:
     """The settings that only make sense together (each one alone is checked by _merge)."""
     a, fixed = cfg.aug, cfg.stage2.randaug_m
     if a.m_source == "lol" and (a.m_scope, a.m_direction) != ("class", "easy"):
-        raise EcvlError(f'aug.m_source = "lol" gives one M per class that rises as the class is learned: '
-                        f'set aug.m_scope = "class" and aug.m_direction = "easy" (not {a.m_scope!r}, {a.m_direction!r})')
+        raise EcvlError(
+            f'aug.m_source = "lol" gives one M per class that rises as the class is learned: '
+            f'set aug.m_scope = "class" and aug.m_direction = "easy" (not {a.m_scope!r}, {a.m_direction!r})'
+        )
     if fixed > 1:
         raise EcvlError(f"stage2.randaug_m={fixed}: a fixed M lies in [0, 1] (< 0: the memory)")
     if cfg.data.tte_crops == "five" and cfg.data.tte_views not in (1, 5):
-        raise EcvlError(f'data.tte_crops = "five" averages LIFT\'s five crops: data.tte_views = 5 (or 1 for none), '
-                        f'not {cfg.data.tte_views}')
+        raise EcvlError(
+            f'data.tte_crops = "five" averages LIFT\'s five crops: data.tte_views = 5 (or 1 for none), '
+            f"not {cfg.data.tte_views}"
+        )
     s = cfg.stage2
     if not s.adapter and s.peft == "none" and s.head == "prompt":
-        raise EcvlError("stage 2 would train nothing: stage2.adapter = false with stage2.peft = \"none\" and "
-                        "stage2.head = \"prompt\"; set one of them")
+        raise EcvlError(
+            'stage 2 would train nothing: stage2.adapter = false with stage2.peft = "none" and '
+            'stage2.head = "prompt"; set one of them'
+        )
     if s.views == 1 and (s.dcvl_weight > 0 or (s.randaug and a.m_source == "dcvl")):
-        raise EcvlError("stage2.views = 1: L_DCVL (eq. 11) compares two views of each image; set stage2.views = 2, "
-                        "or stage2.dcvl_weight = 0 with an aug.m_source other than \"dcvl\"")
+        raise EcvlError(
+            "stage2.views = 1: L_DCVL (eq. 11) compares two views of each image; set stage2.views = 2, "
+            'or stage2.dcvl_weight = 0 with an aug.m_source other than "dcvl"'
+        )
     return cfg
 
 
@@ -294,8 +329,12 @@ TRIAL = {"limit_steps": 3, "epochs": 2, "limit_eval": 64}
 def trial(cfg: Config) -> Config:
     """`cfg` as a quick trial: at most TRIAL's steps per epoch, epochs per stage and images per
     evaluated split, in <run.out>-trial (a real run's folder is never touched)."""
-    r = dataclasses.replace(cfg.run, out=f"{cfg.run.out.rstrip('/')}-trial", limit_steps=TRIAL["limit_steps"],
-                            limit_eval=TRIAL["limit_eval"])
+    r = dataclasses.replace(
+        cfg.run,
+        out=f"{cfg.run.out.rstrip('/')}-trial",
+        limit_steps=TRIAL["limit_steps"],
+        limit_eval=TRIAL["limit_eval"],
+    )
     s1 = dataclasses.replace(cfg.stage1, epochs=min(cfg.stage1.epochs, TRIAL["epochs"]))
     s2 = dataclasses.replace(cfg.stage2, epochs=min(cfg.stage2.epochs, TRIAL["epochs"]))
     return dataclasses.replace(cfg, run=r, stage1=s1, stage2=s2)

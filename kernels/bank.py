@@ -4,6 +4,7 @@ All state lives in torch tensors on one device (CUDA on GPU, CPU otherwise). The
 them in place at the end of each epoch. The loader is handed the bank and asks it for M once per
 epoch (`magnitudes`), so the values written at the end of epoch t are the ones used in epoch t+1.
 """
+
 from __future__ import annotations
 
 from typing import Callable
@@ -20,8 +21,17 @@ NORMS, SCOPES, DIRECTIONS = (CHOICES["aug", key] for key in ("m_norm", "m_scope"
 
 
 class MomentumBank:
-    def __init__(self, labels, beta: float = 0.97, device: str | torch.device = "cpu", norm: str = "bcl",
-                 scope: str = "sample", direction: str = "hard", fixed=None, lol: tuple[int, float] | None = None):
+    def __init__(
+        self,
+        labels,
+        beta: float = 0.97,
+        device: str | torch.device = "cpu",
+        norm: str = "bcl",
+        scope: str = "sample",
+        direction: str = "hard",
+        fixed=None,
+        lol: tuple[int, float] | None = None,
+    ):
         """`labels`: every train sample's class (the rule for never-seen samples needs them).
         `norm`: eq. 9 as BCL computes it ("bcl"), or the EMA's percentile rank ("rank", see `_rank`).
         `scope` "class": one M per class, its rank by mean EMA (`kernels.cpu.class_scope`).
@@ -32,8 +42,11 @@ class MomentumBank:
         `lol` = (levels, accept): Ahn et al.'s level-of-learning rule instead of eqs. 8-9 (the
         recorded values are then correctness, `kernels.cpu.lol_update`); scope and direction are
         per class and "easy" by construction."""
-        for value, known, what in ((norm, NORMS, "M normalisation"), (scope, SCOPES, "M scope"),
-                                   (direction, DIRECTIONS, "M direction")):
+        for value, known, what in (
+            (norm, NORMS, "M normalisation"),
+            (scope, SCOPES, "M scope"),
+            (direction, DIRECTIONS, "M direction"),
+        ):
             if value not in known:
                 raise EcvlError(f"unknown {what} {value!r}; choose one of {', '.join(known)}")
         self.beta, self.norm, self.scope, self.direction = float(beta), norm, scope, direction
@@ -63,8 +76,10 @@ class MomentumBank:
         the indices must already be on the bank's device (the loader hands them over there), since
         copying them here from pageable host memory would block every step."""
         if canonical_device(indices.device) != self.device:
-            raise EcvlError(f"sample indices on {indices.device}, the momentum bank on {self.device}: "
-                            "move them with the batch (a copy here would sync every step)")
+            raise EcvlError(
+                f"sample indices on {indices.device}, the momentum bank on {self.device}: "
+                "move them with the batch (a copy here would sync every step)"
+            )
         idx = indices.detach().to(torch.int64).contiguous()
         val = losses.detach().to(torch.float32).contiguous()
         self._k.accumulate(*self._args(self.loss_sum, self.loss_count, idx, val))
@@ -118,8 +133,13 @@ class MomentumBank:
         return self.m.cpu().numpy().copy()
 
     def state_dict(self) -> dict:
-        return {"ema": self.ema.cpu(), "seen": self.seen.cpu(), "m": self.m.cpu(), "level": self.level.cpu(),
-                "beta": torch.tensor(self.beta)}
+        return {
+            "ema": self.ema.cpu(),
+            "seen": self.seen.cpu(),
+            "m": self.m.cpu(),
+            "level": self.level.cpu(),
+            "beta": torch.tensor(self.beta),
+        }
 
     def partial_state(self, all_reduce: Callable[[torch.Tensor], None] | None = None) -> dict:
         """This epoch's per-sample loss sums and counts so far, summed over DDP ranks: what a
@@ -146,7 +166,9 @@ class MomentumBank:
         return tuple(self._view(t) for t in tensors)
 
     def _view(self, t: torch.Tensor):
-        own = any(t is s for s in (self.loss_sum, self.loss_count, self.ema, self.seen, self.m, self.labels, self.level))
+        own = any(
+            t is s for s in (self.loss_sum, self.loss_count, self.ema, self.seen, self.m, self.labels, self.level)
+        )
         if not own:
             return t if self.device.type == "cuda" else t.numpy()
         if id(t) not in self._views:

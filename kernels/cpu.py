@@ -4,6 +4,7 @@ State per sample i: loss_sum[i], loss_count[i] (this epoch), ema[i], seen[i] (ha
 labels[i]. The per-sample arithmetic of eqs. 8-9 lives in `formulas.py`; `kernels/cuda.py` holds
 the numba.cuda twins, compiled from the same formulas.
 """
+
 import numpy as np
 from numba import njit
 

@@ -5,6 +5,7 @@ Tensors are viewed through `__cuda_array_interface__` (no copy), and every launc
 current stream so the kernels order correctly against the training step and the DALI feed.
 Only `first_nonfinite` syncs with the host (once per epoch, to raise a clear error).
 """
+
 import math
 
 import numpy as np
@@ -222,7 +223,8 @@ def lol_update(loss_sum, loss_count, labels, level, m, levels: int, accept: floa
 
 def accumulate(loss_sum, loss_count, indices, losses):
     _accumulate[_blocks(indices.shape[0]), THREADS, _stream()](
-        view(loss_sum), view(loss_count), view(indices), view(losses))
+        view(loss_sum), view(loss_count), view(indices), view(losses)
+    )
 
 
 def first_nonfinite(loss_sum, loss_count) -> int:
@@ -235,7 +237,8 @@ def first_nonfinite(loss_sum, loss_count) -> int:
 
 def end_epoch(ema, seen, loss_sum, loss_count, beta):
     _end_epoch[_blocks(ema.shape[0]), THREADS, _stream()](
-        view(ema), view(seen), view(loss_sum), view(loss_count), float(beta))
+        view(ema), view(seen), view(loss_sum), view(loss_count), float(beta)
+    )
 
 
 def normalise(ema, seen, labels, m, num_classes: int):

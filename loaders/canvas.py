@@ -11,6 +11,7 @@ fills; the crop boxes (loaders/draws.py) are drawn inside it, so the random-resi
 every edge, and an image smaller than the canvas (CIFAR's 32 px) is enlarged by DALI's linear
 filter, never by the area filter's nearest-neighbour-like upscale.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -49,10 +50,11 @@ def _decode_one(imdecode_c, resize_c):
     top-left, repeat the last row and column past its edge. Plain loops: numba compiles them fast,
     and compiles them anew for every loader, as ffcv does its decoders (a compiled function shared
     by loaders running in threads races in numba's dispatcher)."""
+
     def one(data, jpg, height, width, short, side, temp, small, out):
         if jpg:
             imdecode_c(data, temp, height, width, height, width, 0, 0, 1, 1, False, False)
-            image = temp[:3 * height * width].reshape(height, width, 3)
+            image = temp[: 3 * height * width].reshape(height, width, 3)
         else:
             image = data.reshape(height, width, 3)
         lo, hi = min(height, width), max(height, width)
@@ -65,7 +67,7 @@ def _decode_one(imdecode_c, resize_c):
         h, w = (new_hi, new_lo) if height > width else (new_lo, new_hi)
         src = image
         if new_lo != lo or new_hi != hi:
-            src = small[:h * w * 3].reshape(h, w, 3)
+            src = small[: h * w * 3].reshape(h, w, 3)
             resize_c(image, 0, height, 0, width, src)
         for y in range(side):  # past the image's edge, its edge: a filter reaching there sees the image
             sy = min(y, h - 1)
@@ -73,6 +75,7 @@ def _decode_one(imdecode_c, resize_c):
                 sx = min(x, w - 1)
                 for c in range(3):
                     out[y, x, c] = src[sy, sx, c]
+
     return one
 
 
@@ -104,10 +107,18 @@ def canvas_decoder(short: int, side: int):
                 destination, temp_storage, small_storage = my_storage
                 for dst_ix in my_range(len(batch_indices)):
                     field = metadata[batch_indices[dst_ix]]
-                    one(mem_read(field["data_ptr"], storage_state), field["mode"] == jpg, np.int64(field["height"]),
-                        np.int64(field["width"]), lo_max, hi_max, temp_storage[dst_ix], small_storage[dst_ix],
-                        destination[dst_ix])
-                return destination[:len(batch_indices)]
+                    one(
+                        mem_read(field["data_ptr"], storage_state),
+                        field["mode"] == jpg,
+                        np.int64(field["height"]),
+                        np.int64(field["width"]),
+                        lo_max,
+                        hi_max,
+                        temp_storage[dst_ix],
+                        small_storage[dst_ix],
+                        destination[dst_ix],
+                    )
+                return destination[: len(batch_indices)]
 
             decode.is_parallel = True
             return decode

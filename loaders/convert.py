@@ -4,6 +4,7 @@ Each split becomes one .beton with fields image (RGB), label and index (the samp
 per-sample state such as the momentum loss can be addressed whatever order the loader uses).
 Everything is written into a temporary folder beside `--out` and renamed when complete.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -109,8 +110,11 @@ def _probe(path: str, max_pixels: int = 0) -> tuple[str, int, int] | tuple[str, 
     try:
         with Image.open(path) as im:
             if max_pixels and im.width * im.height > max_pixels:
-                return ("bad", f"{im.width} x {im.height} = {im.width * im.height / 1e6:.1f} megapixels, over "
-                               f"--max-pixels {max_pixels:,}")
+                return (
+                    "bad",
+                    f"{im.width} x {im.height} = {im.width * im.height / 1e6:.1f} megapixels, over "
+                    f"--max-pixels {max_pixels:,}",
+                )
             w, h = im.width, im.height
             sources.rgb(im)
             return ("ok", w, h)
@@ -118,8 +122,7 @@ def _probe(path: str, max_pixels: int = 0) -> tuple[str, int, int] | tuple[str, 
         return ("bad", first_line(e))
 
 
-def check_images(split: sources.Split, workers: int, skip_bad: bool, name: str, max_res: int = 0,
-                 max_pixels: int = 0):
+def check_images(split: sources.Split, workers: int, skip_bad: bool, name: str, max_res: int = 0, max_pixels: int = 0):
     """Decode every file once, so a corrupt image (or one too large to decode, PIL's decompression
     bomb limit) is named before ffcv's workers see it.
 
@@ -133,8 +136,7 @@ def check_images(split: sources.Split, workers: int, skip_bad: bool, name: str, 
         results = pool.map(functools.partial(_probe, max_pixels=max_pixels), split.paths, chunksize=64)
     bad = [(p, r[1]) for p, r in zip(split.paths, results) if r[0] == "bad"]
     if bad and not skip_bad:
-        raise EcvlError(f"{bad[0][0]}: corrupt or unreadable image in {name} ({bad[0][1]}); "
-                        f"pass --skip-bad to skip it")
+        raise EcvlError(f"{bad[0][0]}: corrupt or unreadable image in {name} ({bad[0][1]}); pass --skip-bad to skip it")
     good = np.asarray([r[0] == "ok" for r in results])
     sides = [max(r[1], r[2]) for r in results if r[0] == "ok"]
     over = sum(s > max_res for s in sides) if max_res else 0
@@ -176,7 +178,8 @@ def write_beton(path: Path, split: sources.Split, largest: int, o: ConvertOption
     }
     with _progress(f"writing {path.name}: {len(split)} images, longest side {side} px"):
         DatasetWriter(str(path), fields, page_size=page, num_workers=o.workers).from_indexed_dataset(
-            _Rows(split), chunksize=256)
+            _Rows(split), chunksize=256
+        )
 
 
 @contextlib.contextmanager
@@ -263,7 +266,7 @@ def _remove_killed_temps(parent: Path, prefix: str) -> None:
     """Temp folders a killed convert into the same --out left (`prefix` + its pid): removed, with one line."""
     for p in Path(parent).glob(f"{prefix}*"):
         try:
-            pid = int(p.name[len(prefix):].split("-")[0])
+            pid = int(p.name[len(prefix) :].split("-")[0])
             os.kill(pid, 0)
             continue  # its writer still runs
         except ProcessLookupError:
@@ -281,8 +284,10 @@ def _write_all(src: sources.Source, tmp: Path, o: ConvertOptions) -> dict:
         split, largest, bad, over = check_images(src.splits[name], o.workers, o.skip_bad, name, o.max_res, o.max_pixels)
         src.splits[name], skipped[name] = split, bad
         if over:
-            print(f"{name}: {over} images larger than {o.max_res} px on their longest side are shrunk to it "
-                  f"(--max-res sets the side; 0 keeps every image's own size)")
+            print(
+                f"{name}: {over} images larger than {o.max_res} px on their longest side are shrunk to it "
+                f"(--max-res sets the side; 0 keeps every image's own size)"
+            )
         largest_side = max(largest_side, largest)
         if name == "train":
             counts = _check_source(src)
@@ -290,16 +295,24 @@ def _write_all(src: sources.Source, tmp: Path, o: ConvertOptions) -> dict:
         write_beton(tmp / f"{name}.beton", split, largest, o)
         seconds[name], images[name] = time.perf_counter() - t0, len(split)
     return {
-        "dataset": o.dataset, "ecvl_fast_version": __version__,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "source": src.origin,
-        "classes": src.classes, "num_classes": len(src.classes),
+        "dataset": o.dataset,
+        "ecvl_fast_version": __version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "source": src.origin,
+        "classes": src.classes,
+        "num_classes": len(src.classes),
         "train_counts": counts.tolist(),
         "groups": shot_groups(counts, o.many_threshold, o.few_threshold),
         "thresholds": {"many": o.many_threshold, "few": o.few_threshold},
-        "images": images, "skipped": {k: len(v) for k, v in skipped.items()},
+        "images": images,
+        "skipped": {k: len(v) for k, v in skipped.items()},
         "skipped_files": {k: v for k, v in skipped.items() if v},
-        "imbalance": src.info.get("imbalance"), "seed": o.seed, "source_info": src.info, "format": o.format,
-        "max_res": o.max_res, "max_side": largest_side if not o.max_res else min(largest_side, o.max_res),
+        "imbalance": src.info.get("imbalance"),
+        "seed": o.seed,
+        "source_info": src.info,
+        "format": o.format,
+        "max_res": o.max_res,
+        "max_side": largest_side if not o.max_res else min(largest_side, o.max_res),
         "write_seconds": seconds,
         "sha256": {f"{n}.beton": sha256(tmp / f"{n}.beton") for n in src.splits},
         "options": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(o).items()},

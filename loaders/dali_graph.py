@@ -4,6 +4,7 @@ over the ops, flip, CLIP normalisation; and how one batch is fed to it.
 The same definition runs on CPU (`device_id=None`) and GPU (`device_id=local_rank`, images fed
 as CUDA tensors); the per-sample parameters are always CPU argument inputs.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -39,8 +40,7 @@ def apply_slot(leaf, x, p):
     return out
 
 
-def build_pipeline(spec: AugSpec, batch_size: int, *, device_id: int | None = None, threads: int = 2,
-                   seed: int = 0):
+def build_pipeline(spec: AugSpec, batch_size: int, *, device_id: int | None = None, threads: int = 2, seed: int = 0):
     """One graph; the views of a batch travel through it side by side as one batch of views * B.
 
     Folding views into the batch halves the number of operator launches per image, which is what
@@ -53,14 +53,23 @@ def build_pipeline(spec: AugSpec, batch_size: int, *, device_id: int | None = No
             raise  # DALI is there but lacks one of its own dependencies: say which
         from ecvl_fast import EcvlError
 
-        raise EcvlError("the data path needs NVIDIA DALI for your CUDA major: pip install 'ecvl-fast[dali-cuda13]' "
-                        "(driver for CUDA 13) or 'ecvl-fast[dali-cuda12]' (CUDA 12; nvidia-smi shows the version)") from None
+        raise EcvlError(
+            "the data path needs NVIDIA DALI for your CUDA major: pip install 'ecvl-fast[dali-cuda13]' "
+            "(driver for CUDA 13) or 'ecvl-fast[dali-cuda12]' (CUDA 12; nvidia-smi shows the version)"
+        ) from None
 
     gpu = device_id is not None
 
-    @pipeline_def(batch_size=batch_size * spec.views, num_threads=threads, device_id=device_id, seed=seed,
-                  enable_conditionals=spec.randaug, exec_async=False, exec_pipelined=False,
-                  prefetch_queue_depth=1)
+    @pipeline_def(
+        batch_size=batch_size * spec.views,
+        num_threads=threads,
+        device_id=device_id,
+        seed=seed,
+        enable_conditionals=spec.randaug,
+        exec_async=False,
+        exec_pipelined=False,
+        prefetch_queue_depth=1,
+    )
     def pipe():
         x = fn.external_source(name="images", device="gpu" if gpu else "cpu", layout="HWC")
         # The crop (a random-resized one, or evaluation's centre crop) on the canvas, resized to res:
@@ -74,8 +83,15 @@ def build_pipeline(spec: AugSpec, batch_size: int, *, device_id: int | None = No
         # mirror-symmetric (signed shears, translations, rotations), so flip-then-RA and
         # RA-then-flip give the same distribution of views.
         flip = fn.external_source(name="flip")
-        return fn.crop_mirror_normalize(x, crop=(spec.res, spec.res), mirror=flip, mean=CLIP_MEAN,
-                                        std=CLIP_STD, dtype=types.FLOAT, output_layout="HWC")
+        return fn.crop_mirror_normalize(
+            x,
+            crop=(spec.res, spec.res),
+            mirror=flip,
+            mean=CLIP_MEAN,
+            std=CLIP_STD,
+            dtype=types.FLOAT,
+            output_layout="HWC",
+        )
 
     p = pipe()
     p.build()

@@ -1,6 +1,7 @@
 """The threaded loader: FFCV (or in-memory) batches through the DALI graph, built ahead of the
 step in a feeder thread, and on GPU handed over on the feeder's own CUDA stream (DEVELOPERS.md,
 "The GPU data path")."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -25,8 +26,20 @@ class AugmentedLoader:
     `_gpu_batch`); each batch carries an event the consumer's stream waits on (`_handed_over`).
     """
 
-    def __init__(self, loader, spec: AugSpec, memory=None, *, device="cpu", seed: int = 0, rank: int = 0,
-                 world: int = 1, threads: int = 2, prefetch: int = 2, dtype=None):
+    def __init__(
+        self,
+        loader,
+        spec: AugSpec,
+        memory=None,
+        *,
+        device="cpu",
+        seed: int = 0,
+        rank: int = 0,
+        world: int = 1,
+        threads: int = 2,
+        prefetch: int = 2,
+        dtype=None,
+    ):
         import torch
 
         self.loader, self.spec, self.memory, self.seed, self.rank, self.world = loader, spec, memory, seed, rank, world
@@ -38,8 +51,9 @@ class AugmentedLoader:
         # High priority: the next batch's augmentation is scheduled ahead of the step's queued kernels
         self.stream = torch.cuda.Stream(self.device, priority=-1) if gpu else None
         self.dtype = dtype or (torch.bfloat16 if gpu else torch.float32)  # the step's compute dtype (on GPU)
-        self.pipe = build_pipeline(spec, loader.batch_size, device_id=self.device.index if gpu else None,
-                                   threads=threads, seed=seed)
+        self.pipe = build_pipeline(
+            spec, loader.batch_size, device_id=self.device.index if gpu else None, threads=threads, seed=seed
+        )
 
     def __len__(self) -> int:
         return len(self.loader)
@@ -76,8 +90,14 @@ class AugmentedLoader:
         for step, (images, labels, idx) in enumerate(self.loader, first):
             local = step * b + np.arange(len(labels))
             sizes = getattr(self.loader, "sizes", None)  # each image's size on the canvas (loaders/canvas.py)
-            draws = batch_draws(self.spec, local * self.world + self.rank, self.seed, epoch,
-                                None if sizes is None else sizes[idx.numpy()], images.shape[1])
+            draws = batch_draws(
+                self.spec,
+                local * self.world + self.rank,
+                self.seed,
+                epoch,
+                None if sizes is None else sizes[idx.numpy()],
+                images.shape[1],
+            )
             mi = m[idx.numpy()] if m is not None else np.zeros(len(idx), np.float32)
             if gpu:
                 if previous is not None:

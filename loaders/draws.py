@@ -7,6 +7,7 @@ Per sample and slot j < k: an op index, u_j, zeta_j and a sign; the op is applie
 u_j < M_i (probability M_i) at strength M_i * zeta_j. A skipped op is dispatched as index 0
 (identity), so each slot needs one dispatch and no separate "apply?" branch.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -49,7 +50,7 @@ def uniforms(seed: int, epoch: int, positions: np.ndarray, streams: int) -> np.n
     key = _splitmix(_splitmix(np.array([seed], np.uint64)) ^ np.array([epoch], np.uint64))
     with np.errstate(over="ignore"):
         ctr = np.asarray(positions, np.uint64)[:, None] * np.uint64(streams) + np.arange(streams, dtype=np.uint64)
-    return (_splitmix(ctr ^ key) >> np.uint64(11)).astype(np.float64) * 2.0 ** -53
+    return (_splitmix(ctr ^ key) >> np.uint64(11)).astype(np.float64) * 2.0**-53
 
 
 def crop_boxes(r: np.ndarray, scale, ratio=(3 / 4, 4 / 3), aspect=None):
@@ -63,7 +64,7 @@ def crop_boxes(r: np.ndarray, scale, ratio=(3 / 4, 4 / 3), aspect=None):
     tries = (r.shape[1] - 2) // 2
     a = np.ones((len(r), 1)) if aspect is None else np.asarray(aspect, np.float64).reshape(-1, 1)
     area = scale[0] + r[:, :tries] * (scale[1] - scale[0])
-    q = np.exp(np.log(ratio[0]) + r[:, tries:2 * tries] * (np.log(ratio[1]) - np.log(ratio[0])))
+    q = np.exp(np.log(ratio[0]) + r[:, tries : 2 * tries] * (np.log(ratio[1]) - np.log(ratio[0])))
     w, h = np.sqrt(area * q / a), np.sqrt(area * a / q)
     ok = (w <= 1) & (h <= 1)
     first, rows, fits = np.argmax(ok, axis=1), np.arange(len(r)), ok.any(1)
@@ -93,9 +94,16 @@ def five_crop_boxes(heights, widths, resize: int, res: int) -> np.ndarray:
     hs = np.where(h <= w, resize, np.floor(resize * h / lo))
     ws = np.where(w <= h, resize, np.floor(resize * w / lo))
     zero = np.zeros_like(hs)
-    corners = [(zero, zero), (zero, ws - res), (hs - res, zero), (hs - res, ws - res),
-               (np.round((hs - res) / 2), np.round((ws - res) / 2))]
-    return np.stack([np.stack([t / hs, l / ws, (t + res) / hs, (l + res) / ws], 1) for t, l in corners]).astype(np.float32)
+    corners = [
+        (zero, zero),
+        (zero, ws - res),
+        (hs - res, zero),
+        (hs - res, ws - res),
+        (np.round((hs - res) / 2), np.round((ws - res) / 2)),
+    ]
+    return np.stack(
+        [np.stack([t / hs, left / ws, (t + res) / hs, (left + res) / ws], 1) for t, left in corners]
+    ).astype(np.float32)
 
 
 def on_canvas(box: np.ndarray, sizes: np.ndarray, side: int) -> np.ndarray:
@@ -107,8 +115,9 @@ def on_canvas(box: np.ndarray, sizes: np.ndarray, side: int) -> np.ndarray:
 CROP_STREAMS = 2 * 10 + 2
 
 
-def batch_draws(spec: AugSpec, positions: np.ndarray, seed: int, epoch: int, sizes: np.ndarray | None = None,
-                side: int = 1) -> list[dict]:
+def batch_draws(
+    spec: AugSpec, positions: np.ndarray, seed: int, epoch: int, sizes: np.ndarray | None = None, side: int = 1
+) -> list[dict]:
     """Every random number one batch needs, per view, for samples at these epoch positions, and
     each view's crop box on the canvas. `sizes`: each image's (height, width) on the `side`-pixel
     canvas (loaders/canvas.py); default: every image fills it."""
@@ -119,7 +128,7 @@ def batch_draws(spec: AugSpec, positions: np.ndarray, seed: int, epoch: int, siz
     r = uniforms(seed, epoch, np.asarray(positions), per_view * spec.views)
     views = []
     for v in range(spec.views):
-        rv = r[:, v * per_view:(v + 1) * per_view]
+        rv = r[:, v * per_view : (v + 1) * per_view]
         d = {"flip": (rv[:, CROP_STREAMS] < 0.5).astype(np.int32) * int(spec.train)}  # eval: no flip
         if spec.train:
             box = crop_boxes(rv[:, :CROP_STREAMS], spec.crop_scale, aspect=aspect)
@@ -129,7 +138,7 @@ def batch_draws(spec: AugSpec, positions: np.ndarray, seed: int, epoch: int, siz
             box = five_crop_boxes(sizes[:, 0], sizes[:, 1], spec.eval_resize or spec.res, spec.res)[v]
         d["box"] = on_canvas(box, sizes, side)
         if spec.randaug:
-            ra = rv[:, CROP_STREAMS + 1:].T.reshape(4, k, -1)
+            ra = rv[:, CROP_STREAMS + 1 :].T.reshape(4, k, -1)
             d["op"] = np.minimum((ra[0] * len(OPS)).astype(np.int32), len(OPS) - 1)
             d["u"] = ra[1].astype(np.float32)
             d["zeta"] = ra[2].astype(np.float32)

@@ -8,6 +8,7 @@ All three are one TraversalOrder that we shard ourselves (rank::world over a lis
 multiple of world), so every DDP rank gets the same number of batches. Build a loader once and
 reuse it: ffcv compiles its pipeline on the first epoch.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -21,15 +22,26 @@ from ecvl_fast.loaders import canvas
 ORDERS = ("random", "balanced", "sequential")
 
 
-def epoch_indices(order: str, labels: np.ndarray, num_classes: int, seed: int, epoch: int,
-                  rank: int = 0, world: int = 1, limit: int = 0) -> np.ndarray:
+def epoch_indices(
+    order: str,
+    labels: np.ndarray,
+    num_classes: int,
+    seed: int,
+    epoch: int,
+    rank: int = 0,
+    world: int = 1,
+    limit: int = 0,
+) -> np.ndarray:
     """The sample indices one rank reads in one epoch. `limit` > 0: at most that many over all
     ranks (a quick trial): the epoch's first ones in a training order; in `sequential` order
     the same seeded subset every epoch, in file order."""
     n = len(labels)
     if order == "sequential":  # eval: no trimming, every sample exactly once overall
-        chosen = np.arange(n) if not 0 < limit < n else \
-            np.sort(np.random.default_rng([seed, 0x5EED]).choice(n, limit, replace=False))
+        chosen = (
+            np.arange(n)
+            if not 0 < limit < n
+            else np.sort(np.random.default_rng([seed, 0x5EED]).choice(n, limit, replace=False))
+        )
         return chosen[rank::world]
     if order == "random":
         full = np.random.default_rng([seed, epoch]).permutation(n)
@@ -77,8 +89,6 @@ def reader_threads(workers: int) -> tuple[int, str | None]:
     return cores, f"note: data.workers = {workers}, and this machine has {cores} cores: reading with {cores} threads"
 
 
-
-
 def _quiet_numba_finalizer() -> None:
     """ffcv's compiled pipelines make numba print a harmless KeyError from a weakref finalizer at
     exit (seen with ffcv 1.0.2 and numba 0.68); drop exactly that report and pass everything else on. Installed once."""
@@ -117,8 +127,19 @@ def image_sizes(path: Path) -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(meta["height"], np.int64), np.asarray(meta["width"], np.int64)
 
 
-def make_loader(path: Path, order: str, batch_size: int, load_res: int, *, workers: int = 2,
-                seed: int = 0, num_classes: int | None = None, rank: int = 0, world: int = 1, limit: int = 0):
+def make_loader(
+    path: Path,
+    order: str,
+    batch_size: int,
+    load_res: int,
+    *,
+    workers: int = 2,
+    seed: int = 0,
+    num_classes: int | None = None,
+    rank: int = 0,
+    world: int = 1,
+    limit: int = 0,
+):
     """An ffcv Loader yielding (images uint8 [B,S,S,3] on a canvas, labels int64 [B], indices int64 [B]);
     `loader.sizes[index]` is each image's (height, width) on the canvas (loaders/canvas.py), its
     short side resized to at most `load_res`. `limit`: images per epoch at most (`epoch_indices`)."""
@@ -147,14 +168,22 @@ def make_loader(path: Path, order: str, batch_size: int, load_res: int, *, worke
             skip = resume_offset(self.loader, epoch)
             # ffcv trims an epoch to whole batches by the full epoch's length; a shortened one
             # must be trimmed here, or its remainder would come out as one extra, partial batch.
-            return full[:len(full) // batch_size * batch_size][skip:] if skip else full
+            return full[: len(full) // batch_size * batch_size][skip:] if skip else full
 
     int_pipe = lambda: [IntDecoder(), ToTensor(), Squeeze(1)]  # noqa: E731
     loader = Loader(
-        str(path), batch_size=batch_size, num_workers=workers, order=OrderOption.SEQUENTIAL,
-        drop_last=order != "sequential", seed=seed,
-        pipelines={"image": [canvas.canvas_decoder(load_res, side), ToTensor()],
-                   "label": int_pipe(), "index": int_pipe()})
+        str(path),
+        batch_size=batch_size,
+        num_workers=workers,
+        order=OrderOption.SEQUENTIAL,
+        drop_last=order != "sequential",
+        seed=seed,
+        pipelines={
+            "image": [canvas.canvas_decoder(load_res, side), ToTensor()],
+            "label": int_pipe(),
+            "index": int_pipe(),
+        },
+    )
     loader.traversal_order = Order(loader)
     loader.first_traversal_order = loader.traversal_order.sample_order(0)
     loader.sizes = canvas.sizes(heights, widths, load_res, side)

@@ -7,6 +7,7 @@ available (ffcv's `allocation_query.py`), and refills a slot as soon as a later 
 So a consumer sees ffcv's memory semantics: a batch is only valid until the next one is taken,
 and a non-blocking copy out of it must be finished by then.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -16,8 +17,19 @@ from ecvl_fast.loaders.ffcv_loader import epoch_indices, resume_offset
 
 
 class HeldLoader:
-    def __init__(self, images: np.ndarray, labels: np.ndarray, order: str, batch_size: int, *, seed: int = 0,
-                 rank: int = 0, world: int = 1, slots: int = 3, limit: int = 0):
+    def __init__(
+        self,
+        images: np.ndarray,
+        labels: np.ndarray,
+        order: str,
+        batch_size: int,
+        *,
+        seed: int = 0,
+        rank: int = 0,
+        world: int = 1,
+        slots: int = 3,
+        limit: int = 0,
+    ):
         self.images, self.labels, self.limit = images, np.asarray(labels, np.int64), limit
         self.order, self.batch_size, self.seed, self.rank, self.world = order, batch_size, seed, rank, world
         self.num_classes = int(self.labels.max()) + 1
@@ -25,13 +37,22 @@ class HeldLoader:
         self.resume_at = None
         pin = torch.cuda.is_available()
         shape = (batch_size, *images.shape[1:])
-        self._slots = [tuple(t.pin_memory() if pin else t for t in (
-            torch.empty(shape, dtype=torch.uint8), torch.empty(batch_size, dtype=torch.int64),
-            torch.empty(batch_size, dtype=torch.int64))) for _ in range(slots)]
+        self._slots = [
+            tuple(
+                t.pin_memory() if pin else t
+                for t in (
+                    torch.empty(shape, dtype=torch.uint8),
+                    torch.empty(batch_size, dtype=torch.int64),
+                    torch.empty(batch_size, dtype=torch.int64),
+                )
+            )
+            for _ in range(slots)
+        ]
 
     def _indices(self, epoch: int) -> np.ndarray:
-        return epoch_indices(self.order, self.labels, self.num_classes, self.seed, epoch, self.rank, self.world,
-                             self.limit)
+        return epoch_indices(
+            self.order, self.labels, self.num_classes, self.seed, epoch, self.rank, self.world, self.limit
+        )
 
     def __len__(self) -> int:
         n = len(self._indices(self.next_epoch))
@@ -42,8 +63,8 @@ class HeldLoader:
         skip = resume_offset(self, self.next_epoch) // self.batch_size
         self.next_epoch += 1
         for s in range(skip, len(self)):
-            ix = idx[s * self.batch_size:(s + 1) * self.batch_size]
-            images, labels, index = (t[:len(ix)] for t in self._slots[s % len(self._slots)])
+            ix = idx[s * self.batch_size : (s + 1) * self.batch_size]
+            images, labels, index = (t[: len(ix)] for t in self._slots[s % len(self._slots)])
             images.copy_(torch.from_numpy(self.images[ix]))
             labels.copy_(torch.from_numpy(self.labels[ix]))
             index.copy_(torch.from_numpy(ix))

@@ -9,6 +9,7 @@ and the drawn sign is -1 (eq. 10 draws s = M_i * zeta). Ranges follow RandAugmen
 2020, as in torchvision's `_augmentation_space`): rotate 30 deg, shear 0.3, translate 150/331 of
 the side, enhance factors 1 +/- 0.9, posterize 8..4 bits, solarize threshold 256..0.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -38,8 +39,10 @@ class Op:
 
 # --- DALI implementations (imported lazily: this module must not pull DALI in on import) ---
 
+
 def _d():
     from nvidia.dali import fn, math, types
+
     return fn, math, types
 
 
@@ -78,10 +81,15 @@ def affine_matrices(op_idx: np.ndarray, v: np.ndarray, size: int) -> np.ndarray:
     rot = op_idx == OP_INDEX["rotate"]
     t, c = -np.radians(v[rot]), size / 2.0
     cos, sin = np.cos(t), np.sin(t)
-    mat[rot] = np.stack([np.stack([cos, sin, c - c * cos - c * sin], 1),
-                         np.stack([-sin, cos, c + c * sin - c * cos], 1)], 1)
-    for name, (row, col), scale in (("shear_x", (0, 1), 1.0), ("shear_y", (1, 0), 1.0),
-                                    ("translate_x", (0, 2), size), ("translate_y", (1, 2), size)):
+    mat[rot] = np.stack(
+        [np.stack([cos, sin, c - c * cos - c * sin], 1), np.stack([-sin, cos, c + c * sin - c * cos], 1)], 1
+    )
+    for name, (row, col), scale in (
+        ("shear_x", (0, 1), 1.0),
+        ("shear_y", (1, 0), 1.0),
+        ("translate_x", (0, 2), size),
+        ("translate_y", (1, 2), size),
+    ):
         sel = op_idx == OP_INDEX[name]
         mat[sel, row, col] = v[sel] * scale
     return mat
@@ -104,8 +112,9 @@ def d_auto_contrast(x, p):
     hi = _f(fn.reductions.max(x, axes=(0, 1), keep_dims=True))
     flat = _f(hi == lo)
     if x.device == "cpu":  # one fused pass; its mean/stddev arguments must live on the host
-        return fn.normalize(x, mean=lo * (1.0 - flat), stddev=(hi - lo) / 255.0 + flat * (1.0 - (hi - lo) / 255.0),
-                            dtype=types.UINT8)
+        return fn.normalize(
+            x, mean=lo * (1.0 - flat), stddev=(hi - lo) / 255.0 + flat * (1.0 - (hi - lo) / 255.0), dtype=types.UINT8
+        )
     scale = 255.0 / (hi - lo + flat)
     return _u8((x - lo) * (scale + flat * (1.0 - scale)) + lo * flat)
 
@@ -154,6 +163,7 @@ def d_sharpness(x, p):
 
 
 # --- PIL reference implementations ---
+
 
 def _pil_affine(img, coeffs):
     return img.transform(img.size, Image.AFFINE, coeffs, Image.NEAREST, fillcolor=(FILL,) * 3)

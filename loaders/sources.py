@@ -3,6 +3,7 @@
 A split holds labels plus either decoded uint8 images (small sets: MNIST, CIFAR pickles) or
 file paths (image trees, OLTR split files). Nothing here imports ffcv.
 """
+
 from __future__ import annotations
 
 import gzip
@@ -131,8 +132,7 @@ def _cifar_batch(path: Path, label_key: str) -> Split:
 
 
 def _concat(splits: list[Split]) -> Split:
-    return Split(labels=np.concatenate([s.labels for s in splits]),
-                 images=np.concatenate([s.images for s in splits]))
+    return Split(labels=np.concatenate([s.labels for s in splits]), images=np.concatenate([s.images for s in splits]))
 
 
 def read_cifar_pickles(root: Path, num_classes: int) -> tuple[list[str], Split, Split]:
@@ -202,7 +202,9 @@ def read_split_file(path: Path, root: Path, num_classes: int | None = None) -> S
 
 def _folder_class_name(rel: str) -> str:
     """Places-style name from a path: drop split/letter folders, keep the scene words."""
-    parts = [p for p in Path(rel).parts[:-1] if len(p) > 1 and p not in {"train", "val", "test", "data_256", "data_large"}]
+    parts = [
+        p for p in Path(rel).parts[:-1] if len(p) > 1 and p not in {"train", "val", "test", "data_256", "data_large"}
+    ]
     return " ".join(parts).replace("_", " ") or Path(rel).parent.name
 
 
@@ -215,8 +217,7 @@ def _names_from_paths(split: Split, root: Path) -> list[str]:
     return [n if n is not None else f"class {i}" for i, n in enumerate(names)]
 
 
-def load_split_list(kind: str, root: Path, split_files: dict[str, Path | None],
-                    classes_file: Path | None) -> Source:
+def load_split_list(kind: str, root: Path, split_files: dict[str, Path | None], classes_file: Path | None) -> Source:
     """ImageNet-LT / Places-LT / any OLTR-format list (`relative/path label` lines)."""
     if not root.is_dir():
         raise EcvlError(f"{root}: no such image root")
@@ -228,6 +229,7 @@ def load_split_list(kind: str, root: Path, split_files: dict[str, Path | None],
         classes = [ln.strip() for ln in classes_file.read_text().splitlines() if ln.strip()]
     elif kind == "imagenet-lt":
         from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
+
         classes = list(IMAGENET_CLASSNAMES)
     else:
         classes = None
@@ -238,14 +240,20 @@ def load_split_list(kind: str, root: Path, split_files: dict[str, Path | None],
     for name in ("val", "test"):
         if split_files.get(name) is not None:
             splits[name] = read_split_file(split_files[name], root, len(classes))
-    return Source(classes=classes, splits=splits, origin=str(root),
-                  info={"split_files": {k: str(v) for k, v in split_files.items() if v}})
+    return Source(
+        classes=classes,
+        splits=splits,
+        origin=str(root),
+        info={"split_files": {k: str(v) for k, v in split_files.items() if v}},
+    )
 
 
 def load_cifar_lt(num_classes: int, source: Path, imbalance: float, seed: int) -> Source:
     """CIFAR-10/100 from the python pickles or a `train/<class>`, `test/<class>` tree, made long-tailed."""
     if source is None:
-        raise EcvlError(f"cifar{num_classes}-lt needs --source: the CIFAR python pickles folder or a train/, test/ image tree")
+        raise EcvlError(
+            f"cifar{num_classes}-lt needs --source: the CIFAR python pickles folder or a train/, test/ image tree"
+        )
     if not source.exists():
         raise EcvlError(f"{source}: no such CIFAR source")
     if (source / "train").is_dir():
@@ -256,8 +264,12 @@ def load_cifar_lt(num_classes: int, source: Path, imbalance: float, seed: int) -
     else:
         classes, train, test = read_cifar_pickles(source, num_classes)
     keep = long_tail_indices(train.labels, num_classes, imbalance, seed)
-    return Source(classes=classes, splits={"train": train.subset(keep), "test": test},
-                  origin=str(source), info={"imbalance": imbalance, "seed": seed})
+    return Source(
+        classes=classes,
+        splits={"train": train.subset(keep), "test": test},
+        origin=str(source),
+        info={"imbalance": imbalance, "seed": seed},
+    )
 
 
 def load_folder(root: Path) -> Source:
@@ -299,8 +311,9 @@ def _first_names(words: Path, wnids: list[str]) -> list[str]:
     return [names[w] for w in wnids]
 
 
-def load_tiny_imagenet_lt(root: Path | None, imbalance: float, seed: int, wnids_file: Path | None = None,
-                          val_per_class: int = 0) -> Source:
+def load_tiny_imagenet_lt(
+    root: Path | None, imbalance: float, seed: int, wnids_file: Path | None = None, val_per_class: int = 0
+) -> Source:
     """Tiny-ImageNet (`train/<wnid>/images/*.JPEG`, `val/images` + `val/val_annotations.txt`,
     `wnids.txt`, `words.txt`), made long-tailed: the CIFAR-LT profile over the classes of
     `wnids.txt` (or the subset in `wnids_file`, in its order); the validation split, all of it
@@ -334,17 +347,29 @@ def load_tiny_imagenet_lt(root: Path | None, imbalance: float, seed: int, wnids_
     if val_per_class > 0:
         splits["val"] = train.subset(held_out_indices(train.labels, keep, val_per_class, seed))
     splits["test"] = _tiny_val(root, set(listed), label_of)
-    return Source(classes=_first_names(root / "words.txt", wnids), splits=splits, origin=str(root),
-                  info={"imbalance": imbalance, "seed": seed, "wnids": wnids, "val_per_class": val_per_class,
-                        "ignored_train_folders": len(ignored), "ignored_train_folder_names": ignored})
+    return Source(
+        classes=_first_names(root / "words.txt", wnids),
+        splits=splits,
+        origin=str(root),
+        info={
+            "imbalance": imbalance,
+            "seed": seed,
+            "wnids": wnids,
+            "val_per_class": val_per_class,
+            "ignored_train_folders": len(ignored),
+            "ignored_train_folder_names": ignored,
+        },
+    )
 
 
 def carve_val(train: Split, per_class: int, seed: int) -> tuple[Split, Split]:
     """(train, val): per class, up to `per_class` train images moved to a val split, seeded, each
     class keeping at least one in train (a 4-image class gives 3 at most)."""
     rng = np.random.default_rng([seed, 2])
-    val = [rng.permutation(np.flatnonzero(train.labels == c))[:max(0, min(per_class, int((train.labels == c).sum()) - 1))]
-           for c in range(int(train.labels.max()) + 1)]
+    val = [
+        rng.permutation(np.flatnonzero(train.labels == c))[: max(0, min(per_class, int((train.labels == c).sum()) - 1))]
+        for c in range(int(train.labels.max()) + 1)
+    ]
     val = np.sort(np.concatenate(val)).astype(np.int64)
     rest = np.setdiff1d(np.arange(len(train)), val)
     return train.subset(rest), train.subset(val)

@@ -2,6 +2,7 @@
 pipeline, one sample at a time in torch DataLoader workers. Tests compare against it; the
 loader benchmark uses it as the peer.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -41,8 +42,10 @@ def reference_view(img: np.ndarray, m: float, d: dict, spec: AugSpec) -> torch.T
 
 def reference_batch(images: np.ndarray, m: np.ndarray, draws: list[dict], spec: AugSpec) -> list[torch.Tensor]:
     """The reference for a whole batch with the DALI pipeline's draws (for the tests)."""
-    return [torch.stack([reference_view(im, float(mi), _sample(d, j), spec)
-                         for j, (im, mi) in enumerate(zip(images, m))]) for d in draws]
+    return [
+        torch.stack([reference_view(im, float(mi), _sample(d, j), spec) for j, (im, mi) in enumerate(zip(images, m))])
+        for d in draws
+    ]
 
 
 class ReferenceDataset(torch.utils.data.Dataset):

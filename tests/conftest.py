@@ -1,5 +1,6 @@
 """Tiny generated datasets: fake CIFAR pickles, image trees and OLTR split files; two torchrun
 agents acting as two nodes; finding a torchrun worker to kill."""
+
 import os
 import subprocess
 import sys
@@ -78,10 +79,34 @@ def two_nodes(cli_args: list[str], port: int, cwds=(None, None)) -> list[tuple[i
     """`ecvl-fast CLI_ARGS` under two torchrun agents, one process each, as node ranks 0 and 1 of a
     static rendezvous on 127.0.0.1 (gloo over loopback). (returncode, stdout, stderr) per node."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
-    procs = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(r),
-                               "--nproc-per-node", "1", "--master-addr", "127.0.0.1", "--master-port", str(port),
-                               "-m", "ecvl_fast.cli", *cli_args], cwd=cwds[r], env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for r in range(2)]
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nnodes",
+                "2",
+                "--node-rank",
+                str(r),
+                "--nproc-per-node",
+                "1",
+                "--master-addr",
+                "127.0.0.1",
+                "--master-port",
+                str(port),
+                "-m",
+                "ecvl_fast.cli",
+                *cli_args,
+            ],
+            cwd=cwds[r],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for r in range(2)
+    ]
     outs = [p.communicate(timeout=600) for p in procs]
     return [(p.returncode, *o) for p, o in zip(procs, outs)]
 

@@ -1,5 +1,6 @@
 """Shared by the pipeline tests and their GPU twins: test images, one batch through the pipeline,
 and one op through its DALI leaf, on the CPU (`device_id=None`) or a GPU."""
+
 import numpy as np
 import torch
 
@@ -12,7 +13,9 @@ def images(n=32, size=40, seed=0):
     """Half smooth gradients, half uniform noise (flat and busy histograms for the tonal ops)."""
     rng = np.random.default_rng(seed)
     half = n // 2
-    return np.concatenate([fake_images(half, seed, size), rng.integers(0, 256, (n - half, size, size, 3), dtype=np.uint8)])
+    return np.concatenate(
+        [fake_images(half, seed, size), rng.integers(0, 256, (n - half, size, size, 3), dtype=np.uint8)]
+    )
 
 
 def run(spec, imgs, m, draws, device_id=None):
@@ -30,8 +33,9 @@ def run_leaf(op_name, imgs, strengths, signs, device_id=None):
     from nvidia.dali import fn, pipeline_def
 
     n, size = len(imgs), imgs.shape[1]
-    leaf, v, mat = slot_inputs(np.full(n, OP_INDEX[op_name]), np.asarray(strengths, np.float32),
-                               np.asarray(signs, np.float32), size)
+    leaf, v, mat = slot_inputs(
+        np.full(n, OP_INDEX[op_name]), np.asarray(strengths, np.float32), np.asarray(signs, np.float32), size
+    )
     gpu = device_id is not None
 
     @pipeline_def(batch_size=n, num_threads=1, device_id=device_id)

@@ -2,6 +2,7 @@
 README and run on a small folder of photos (only epochs change), and every packaged preset trained
 for one step with its own model and resolution (only the data, the batch and the epochs change;
 random weights, as no test downloads any)."""
+
 import json
 import re
 import shlex
@@ -52,7 +53,7 @@ def test_the_readme_commands_for_your_own_images_run_as_written(tmp_path):
     blocks = code_blocks(section)
     commands = [line for line in blocks[1].splitlines() if line.startswith("ecvl-fast ")]
     assert [c.split()[1] for c in commands] == ["convert", "train", "train", "predict"]
-    assert commands[1].endswith(" --trial") and commands[2] == commands[1][:-len(" --trial")]
+    assert commands[1].endswith(" --trial") and commands[2] == commands[1][: -len(" --trial")]
     photos(tmp_path / "mydata" / "train", [48, 14, 6])  # more than the starter's batch of 64
     photos(tmp_path / "mydata" / "test", [3, 3, 3], seed=1)
     Image.open(tmp_path / "mydata" / "test" / "class1" / "000.jpg").save(tmp_path / "photo.jpg")
@@ -60,8 +61,9 @@ def test_the_readme_commands_for_your_own_images_run_as_written(tmp_path):
         args = shlex.split(command)[1:]
         if args[0] == "train":
             args += ["--epochs", "1"]
-        done = subprocess.run([str(BIN / "ecvl-fast"), *args], cwd=tmp_path, capture_output=True, text=True,
-                              timeout=600)
+        done = subprocess.run(
+            [str(BIN / "ecvl-fast"), *args], cwd=tmp_path, capture_output=True, text=True, timeout=600
+        )
         assert done.returncode == 0, f"{command}\n{done.stdout[-1500:]}\n{done.stderr[-3000:]}"
         if args[0] == "train":
             assert "model ecvl-small-rn at 64 px" in done.stdout and "Traceback" not in done.stderr
@@ -102,8 +104,21 @@ def one_step(preset: str, data, out, capsys) -> None:
     from ecvl_fast.config import load_config
     from ecvl_fast.experiments.presets import resolve
 
-    args = ["train", "--config", preset, "--set", f"data.path={data}", "--batch-size", "8", "--epochs", "1",
-            "--pretrained", "none", "--out", str(out)]
+    args = [
+        "train",
+        "--config",
+        preset,
+        "--set",
+        f"data.path={data}",
+        "--batch-size",
+        "8",
+        "--epochs",
+        "1",
+        "--pretrained",
+        "none",
+        "--out",
+        str(out),
+    ]
     assert main(args) == 0, capsys.readouterr().err[-3000:]
     printed = capsys.readouterr().out
     assert "stage 2 done" in printed and (out / "stage2" / "metrics.json").is_file()

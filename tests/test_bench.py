@@ -1,4 +1,5 @@
 """`ecvl-fast bench step|augment|train|infer` on CPU with the tiny model: the JSON schema and --compare."""
+
 import json
 
 import pytest
@@ -18,8 +19,10 @@ def run_bench(tmp_path, args):
 
 
 def test_bench_step(tmp_path):
-    r, _ = run_bench(tmp_path, ["bench", "step", "--model", "ecvl-tiny-vit", "--res", "32", "--batch", "8", "--steps", "2",
-                     "--repeats", "2"])
+    r, _ = run_bench(
+        tmp_path,
+        ["bench", "step", "--model", "ecvl-tiny-vit", "--res", "32", "--batch", "8", "--steps", "2", "--repeats", "2"],
+    )
     for stage in ("stage1", "stage2", "lift"):
         s = r[stage]
         assert s["img_s"] > 0 and s["img_s_total"] == s["img_s"] and s["world_size"] == 1
@@ -31,11 +34,30 @@ def test_bench_step(tmp_path):
 
 
 def test_bench_augment_train_infer_and_compare(tmp_path, capsys):
-    r, _ = run_bench(tmp_path, ["bench", "augment", "--res", "32", "--batch", "32", "--images", "128", "--repeats", "1"])
-    assert r["dali_img_s"] > 0 and r["peer_img_s"] > 0 and r["ratio"] == pytest.approx(r["dali_img_s"] / r["peer_img_s"])
+    r, _ = run_bench(
+        tmp_path, ["bench", "augment", "--res", "32", "--batch", "32", "--images", "128", "--repeats", "1"]
+    )
+    assert (
+        r["dali_img_s"] > 0 and r["peer_img_s"] > 0 and r["ratio"] == pytest.approx(r["dali_img_s"] / r["peer_img_s"])
+    )
     assert "synthetic" in r["source"] and r["config"]["views"] == 2 and r["config"]["k"] == 2
-    r, path = run_bench(tmp_path, ["bench", "train", "--model", "ecvl-tiny-vit", "--res", "32", "--batch", "32",
-                        "--images", "128", "--epochs", "1"])
+    r, path = run_bench(
+        tmp_path,
+        [
+            "bench",
+            "train",
+            "--model",
+            "ecvl-tiny-vit",
+            "--res",
+            "32",
+            "--batch",
+            "32",
+            "--images",
+            "128",
+            "--epochs",
+            "1",
+        ],
+    )
     for feeder in ("dali", "peer"):
         assert r[feeder]["img_s"] > 0 and 0 <= r[feeder]["data_stall"] < 1
     assert r["model_only_step_ms"] > 0 and r["ratio"] == pytest.approx(r["dali"]["img_s"] / r["peer"]["img_s"])
@@ -45,9 +67,51 @@ def test_bench_augment_train_infer_and_compare(tmp_path, capsys):
     rows = {k: ratio for k, _, _, ratio in compare(r, old)}
     assert rows["dali.img_s"] == pytest.approx(2.0) and rows["peer.img_s"] == pytest.approx(1.0)
     capsys.readouterr()
-    assert main(["bench", "infer", "--device", "cpu", "--model", "ecvl-tiny-vit", "--res", "32", "--images", "128",
-                 "--batch", "64", "--compare", str(tmp_path / "old.json")]) == 0
-    r, _ = run_bench(tmp_path, ["bench", "infer", "--model", "ecvl-tiny-vit", "--res", "32", "--images", "128", "--batch", "64"])
+    assert (
+        main(
+            [
+                "bench",
+                "infer",
+                "--device",
+                "cpu",
+                "--model",
+                "ecvl-tiny-vit",
+                "--res",
+                "32",
+                "--images",
+                "128",
+                "--batch",
+                "64",
+                "--compare",
+                str(tmp_path / "old.json"),
+            ]
+        )
+        == 0
+    )
+    r, _ = run_bench(
+        tmp_path, ["bench", "infer", "--model", "ecvl-tiny-vit", "--res", "32", "--images", "128", "--batch", "64"]
+    )
     assert r["img_s"] > 0 and r["config"]["images"] == 128
-    assert main(["bench", "step", "--device", "cpu", "--compare", str(tmp_path / "missing.json"), "--model",
-                 "ecvl-tiny-vit", "--res", "32", "--batch", "4", "--steps", "1", "--repeats", "1"]) == 2
+    assert (
+        main(
+            [
+                "bench",
+                "step",
+                "--device",
+                "cpu",
+                "--compare",
+                str(tmp_path / "missing.json"),
+                "--model",
+                "ecvl-tiny-vit",
+                "--res",
+                "32",
+                "--batch",
+                "4",
+                "--steps",
+                "1",
+                "--repeats",
+                "1",
+            ]
+        )
+        == 2
+    )

@@ -1,6 +1,7 @@
 """Every `ecvl-fast` command is run by some test: the ones no other test file runs are smoke-tested
 here at the smallest size that still exercises them (exit 0, and they write what they say).
 `demo` runs in test_ablate.py, as the first half of the ablation test."""
+
 import json
 import re
 from pathlib import Path
@@ -24,15 +25,37 @@ def test_every_command_is_run_by_a_test():
     source = "\n".join(p.read_text() for p in Path(__file__).parent.glob("test_*.py"))
     paths = list(command_paths(typer.main.get_command(app)))
     assert ("bench", "loader") in paths and ("train",) in paths
-    missing = [" ".join(p) for p in paths
-               if not re.search(r'\[\s*"' + r'",\s*"'.join(p) + r'"', source)]  # ["bench", "loader" ... or [..., "train"
+    missing = [
+        " ".join(p) for p in paths if not re.search(r'\[\s*"' + r'",\s*"'.join(p) + r'"', source)
+    ]  # ["bench", "loader" ... or [..., "train"
     assert not missing, f"commands no test runs: {missing}"
 
 
 def test_bench_loader_kernels_convert(tmp_path, mnist):
     out = tmp_path / "loader.json"
-    assert main(["bench", "loader", "--data", str(mnist), "--res", "32", "--batch", "32", "--min-images", "64",
-                 "--kernels-n", "2000", "--repeats", "1", "--json", str(out)]) == 0
+    assert (
+        main(
+            [
+                "bench",
+                "loader",
+                "--data",
+                str(mnist),
+                "--res",
+                "32",
+                "--batch",
+                "32",
+                "--min-images",
+                "64",
+                "--kernels-n",
+                "2000",
+                "--repeats",
+                "1",
+                "--json",
+                str(out),
+            ]
+        )
+        == 0
+    )
     r = json.loads(out.read_text())
     assert r["ffcv_dali_img_s"] > 0 and r["torchvision_img_s"] > 0 and r["kernels"]["n"] == 2000
     assert abs(r["ratio"] - r["ffcv_dali_img_s"] / r["torchvision_img_s"]) < 1e-9
@@ -58,8 +81,10 @@ def test_demo_pins_kernels_and_threads():
     import subprocess
     import sys
 
-    code = ("import os; [os.environ.pop(k, None) for k in ('ATEN_CPU_CAPABILITY', 'OMP_NUM_THREADS')]; "
-            "from ecvl_fast.experiments.demo import pin_numerics; first = pin_numerics(); import torch; "
-            "print(first, torch.backends.cpu.get_cpu_capability(), torch.get_num_threads(), pin_numerics())")
+    code = (
+        "import os; [os.environ.pop(k, None) for k in ('ATEN_CPU_CAPABILITY', 'OMP_NUM_THREADS')]; "
+        "from ecvl_fast.experiments.demo import pin_numerics; first = pin_numerics(); import torch; "
+        "print(first, torch.backends.cpu.get_cpu_capability(), torch.get_num_threads(), pin_numerics())"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.stdout.split() == ["True", "AVX2", "2", "False"], out.stderr[-2000:]

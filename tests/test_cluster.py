@@ -1,8 +1,10 @@
 """A node that cannot see the run folder. (Two torchrun agents as two nodes matching one process:
 test_train.py's DDP test.)"""
+
 import time
 
 from conftest import TINY, two_nodes
+
 
 def config(tmp_path, mnist, epochs):
     path = tmp_path / "tiny.toml"

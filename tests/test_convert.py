@@ -1,4 +1,5 @@
 """`ecvl-fast convert`: profiles, round-trips, shot groups and every bad input."""
+
 import json
 import pickle
 import sys
@@ -67,8 +68,11 @@ def test_cifar_pickles_round_trip(tmp_path, cifar10_dir, fmt):
 def test_split_files_and_image_tree(tmp_path, split_dataset):
     root, train, test = split_dataset
     out = tmp_path / "lt"
-    meta = convert(ConvertOptions("list", out, root=root, train_split=train, test_split=test, workers=1,
-                                  many_threshold=20, few_threshold=10))
+    meta = convert(
+        ConvertOptions(
+            "list", out, root=root, train_split=train, test_split=test, workers=1, many_threshold=20, few_threshold=10
+        )
+    )
     assert meta["train_counts"] == [30, 12, 5]
     assert meta["groups"] == {"many": [0], "medium": [1], "few": [2]}
     assert meta["classes"] == ["c00", "c01", "c02"]
@@ -103,12 +107,16 @@ def test_bad_inputs(tmp_path, split_dataset, capsys, cifar10_dir):
     root, train, test = split_dataset
     base = ["convert", "list", "--root", str(root), "--test-split", str(test), "--workers", "1"]
     out = tmp_path / "out"
-    assert "no such CIFAR source" in cli_error(["convert", "cifar10-lt", "--out", str(out), "--source", str(tmp_path / "nope")], capsys)
+    assert "no such CIFAR source" in cli_error(
+        ["convert", "cifar10-lt", "--out", str(out), "--source", str(tmp_path / "nope")], capsys
+    )
     bad = tmp_path / "bad.txt"
     bad.write_text(train.read_text() + "just-one-field\n")
     assert f"{bad}:48" in cli_error(base + ["--out", str(out), "--train-split", str(bad)], capsys)
     bad.write_text(train.read_text().replace(" 2\n", " 7\n", 1))
-    assert "out of range" in cli_error(base + ["--out", str(out), "--train-split", str(bad), "--classes", str(_classes(tmp_path))], capsys)
+    assert "out of range" in cli_error(
+        base + ["--out", str(out), "--train-split", str(bad), "--classes", str(_classes(tmp_path))], capsys
+    )
     bad.write_text("".join(ln + "\n" for ln in train.read_text().splitlines() if not ln.endswith(" 1")))
     assert "class 1" in cli_error(base + ["--out", str(out), "--train-split", str(bad)], capsys)
     (cifar10_dir / "test_batch").write_bytes(b"not a pickle")
@@ -127,8 +135,20 @@ def test_corrupt_image_fails_or_is_skipped(tmp_path, split_dataset, capsys):
     root, train, test = split_dataset
     victim = sorted((root / "train" / "c00").glob("*.png"))[3]
     victim.write_bytes(victim.read_bytes()[:40])
-    args = ["convert", "list", "--root", str(root), "--train-split", str(train), "--test-split", str(test),
-            "--workers", "1", "--out", str(tmp_path / "out")]
+    args = [
+        "convert",
+        "list",
+        "--root",
+        str(root),
+        "--train-split",
+        str(train),
+        "--test-split",
+        str(test),
+        "--workers",
+        "1",
+        "--out",
+        str(tmp_path / "out"),
+    ]
     assert victim.name in cli_error(args, capsys)
     assert not (tmp_path / "out").exists()
     assert main(args + ["--skip-bad"]) == 0
@@ -142,9 +162,12 @@ def test_corrupt_image_fails_or_is_skipped(tmp_path, split_dataset, capsys):
 def test_import_does_not_load_ffcv_or_dali():
     import subprocess
 
-    code = ("import ecvl_fast, ecvl_fast.cli, ecvl_fast.loaders.convert, ecvl_fast.training.loop, ecvl_fast.experiments.evaluate, sys, "
-            "ecvl_fast.serving.predict, ecvl_fast.bench.device, ecvl_fast.experiments.ablate, ecvl_fast.experiments.demo, ecvl_fast.loaders.held; "
-            "bad = [m for m in sys.modules if m.split('.')[0] in ('ffcv', 'nvidia')]; assert not bad, bad")
+    code = (
+        "import ecvl_fast, ecvl_fast.cli, ecvl_fast.loaders.convert, ecvl_fast.training.loop, "
+        "ecvl_fast.experiments.evaluate, sys, ecvl_fast.serving.predict, ecvl_fast.bench.device, "
+        "ecvl_fast.experiments.ablate, ecvl_fast.experiments.demo, ecvl_fast.loaders.held; "
+        "bad = [m for m in sys.modules if m.split('.')[0] in ('ffcv', 'nvidia')]; assert not bad, bad"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
@@ -168,15 +191,32 @@ def write_tiny_imagenet(root, per_class=40, val_per_class=3, wnids=("n001", "n00
             lines.append(f"{name}\t{w}\t0\t0\t15\t15")
     (root / "val" / "val_annotations.txt").write_text("\n".join(lines) + "\n")
     (root / "wnids.txt").write_text("\n".join(wnids))  # no newline after the last, as in the real file
-    (root / "words.txt").write_text("".join(f"{w}\tname{c}, other name\n" for c, w in enumerate(wnids)) + "n999\tspare\n")
+    (root / "words.txt").write_text(
+        "".join(f"{w}\tname{c}, other name\n" for c, w in enumerate(wnids)) + "n999\tspare\n"
+    )
     return root
 
 
 def test_tiny_imagenet_lt(tmp_path, capsys):
     src = write_tiny_imagenet(tmp_path / "tin")
     out = tmp_path / "out"
-    assert main(["convert", "tiny-imagenet-lt", "--source", str(src), "--out", str(out), "--imbalance", "10",
-                 "--workers", "1"]) == 0
+    assert (
+        main(
+            [
+                "convert",
+                "tiny-imagenet-lt",
+                "--source",
+                str(src),
+                "--out",
+                str(out),
+                "--imbalance",
+                "10",
+                "--workers",
+                "1",
+            ]
+        )
+        == 0
+    )
     meta = json.loads((out / "meta.json").read_text())
     assert meta["train_counts"] == sources.long_tail_counts(40, 4, 10) == [40, 18, 8, 4]
     assert meta["classes"] == ["name0", "name1", "name2", "name3"] and meta["images"]["test"] == 12
@@ -185,13 +225,47 @@ def test_tiny_imagenet_lt(tmp_path, capsys):
     assert np.bincount(labels).tolist() == [3, 3, 3, 3]
     sub = tmp_path / "half.txt"
     sub.write_text("n003\nn001\n")
-    assert main(["convert", "tiny-imagenet-lt", "--source", str(src), "--out", str(tmp_path / "half"), "--imbalance", "1",
-                 "--wnids", str(sub), "--workers", "1"]) == 0
+    assert (
+        main(
+            [
+                "convert",
+                "tiny-imagenet-lt",
+                "--source",
+                str(src),
+                "--out",
+                str(tmp_path / "half"),
+                "--imbalance",
+                "1",
+                "--wnids",
+                str(sub),
+                "--workers",
+                "1",
+            ]
+        )
+        == 0
+    )
     half = json.loads((tmp_path / "half" / "meta.json").read_text())
     assert half["classes"] == ["name2", "name0"] and half["train_counts"] == [40, 40] and half["images"]["test"] == 6
     # --val-per-class: a val split from the train images the profile left out; train unchanged
-    assert main(["convert", "tiny-imagenet-lt", "--source", str(src), "--out", str(tmp_path / "val"), "--imbalance",
-                 "10", "--workers", "1", "--val-per-class", "5"]) == 0
+    assert (
+        main(
+            [
+                "convert",
+                "tiny-imagenet-lt",
+                "--source",
+                str(src),
+                "--out",
+                str(tmp_path / "val"),
+                "--imbalance",
+                "10",
+                "--workers",
+                "1",
+                "--val-per-class",
+                "5",
+            ]
+        )
+        == 0
+    )
     with_val = json.loads((tmp_path / "val" / "meta.json").read_text())
     assert with_val["train_counts"] == meta["train_counts"] and with_val["images"]["val"] == 15
     train_px, _, _ = read_all(tmp_path / "val" / "train.beton", 16)
@@ -199,13 +273,29 @@ def test_tiny_imagenet_lt(tmp_path, capsys):
     assert np.bincount(val_labels).tolist() == [0, 5, 5, 5]  # class 0 kept all 40 of its images
     assert not {v.tobytes() for v in val_px} & {t.tobytes() for t in train_px}
 
+
 def test_a_val_split_carved_from_train_for_any_source(tmp_path, capsys):
     """--val-per-class on a folder: up to N train images per class move to a val split, seeded, each
     class keeping one in train; recorded in meta.json. A source with a val split of its own refuses."""
     root = tmp_path / "imgs"
     write_tree(root / "train", [6, 3, 2]), write_tree(root / "test", [2, 2, 2], seed=5)
-    assert main(["convert", "folder", "--source", str(root), "--out", str(tmp_path / "d"), "--val-per-class", "2",
-                 "--workers", "1"]) == 0
+    assert (
+        main(
+            [
+                "convert",
+                "folder",
+                "--source",
+                str(root),
+                "--out",
+                str(tmp_path / "d"),
+                "--val-per-class",
+                "2",
+                "--workers",
+                "1",
+            ]
+        )
+        == 0
+    )
     meta = json.loads((tmp_path / "d" / "meta.json").read_text())
     assert meta["train_counts"] == [4, 1, 1] and meta["images"] == {"train": 6, "val": 5, "test": 6}
     assert meta["source_info"]["val_carved_from_train"] == {"per_class": 2, "seed": 0}
@@ -214,14 +304,26 @@ def test_a_val_split_carved_from_train_for_any_source(tmp_path, capsys):
     assert np.bincount(val_labels).tolist() == [2, 2, 1]
     assert not {v.tobytes() for v in val_px} & {t.tobytes() for t in train_px}
     write_tree(root / "val", [1, 1, 1], seed=7)
-    assert "already has a val split" in cli_error(["convert", "folder", "--source", str(root), "--out",
-                                                   str(tmp_path / "e"), "--val-per-class", "2"], capsys)
+    assert "already has a val split" in cli_error(
+        ["convert", "folder", "--source", str(root), "--out", str(tmp_path / "e"), "--val-per-class", "2"], capsys
+    )
 
 
 def test_tiny_imagenet_bad_inputs(tmp_path, capsys):
     src = write_tiny_imagenet(tmp_path / "tin", per_class=6)
     out = tmp_path / "out"
-    args = ["convert", "tiny-imagenet-lt", "--source", str(src), "--out", str(out), "--workers", "1", "--imbalance", "2"]
+    args = [
+        "convert",
+        "tiny-imagenet-lt",
+        "--source",
+        str(src),
+        "--out",
+        str(out),
+        "--workers",
+        "1",
+        "--imbalance",
+        "2",
+    ]
     sub = tmp_path / "sub.txt"
     sub.write_text("n001\nn777\n")
     assert "n777 is not in" in cli_error(args + ["--wnids", str(sub)], capsys)
@@ -239,6 +341,7 @@ def test_tiny_imagenet_bad_inputs(tmp_path, capsys):
     assert json.loads((out / "meta.json").read_text())["skipped"]["train"] == 1
     ann.unlink()
     assert "val_annotations.txt: no such annotation file" in cli_error(args + ["--overwrite"], capsys)
-    assert "no such Tiny-ImageNet folder" in cli_error(["convert", "tiny-imagenet-lt", "--source", str(tmp_path / "no"),
-                                                        "--out", str(tmp_path / "o2")], capsys)
+    assert "no such Tiny-ImageNet folder" in cli_error(
+        ["convert", "tiny-imagenet-lt", "--source", str(tmp_path / "no"), "--out", str(tmp_path / "o2")], capsys
+    )
     assert not (tmp_path / "o2").exists() and not list(tmp_path.glob(".o2.tmp-*"))

@@ -2,6 +2,7 @@
 is known: the random-resized crop is cut from the whole stored image (a 4:3 photo shows its sides),
 evaluation is torchvision's Resize(S) + CenterCrop(res) to the pixel, a 32 px image is enlarged
 bilinearly, and predict prepares an image as eval does."""
+
 import numpy as np
 import pytest
 import torch
@@ -28,7 +29,7 @@ def banded(w: int, h: int) -> np.ndarray:
     """A 4:3 photo: grey, with a red band down its left sixth and a blue one down its right sixth,
     both outside its centre square."""
     img = np.full((h, w, 3), GREY, np.uint8)
-    img[:, : w // 6], img[:, w - w // 6:] = RED, BLUE
+    img[:, : w // 6], img[:, w - w // 6 :] = RED, BLUE
     return img
 
 
@@ -51,7 +52,12 @@ def photos(tmp_path_factory):
         (root / "src" / "test" / f"c{c}").mkdir(parents=True)
         for i in range(8):
             Image.fromarray(banded(96, 72)).save(root / "src" / "train" / f"c{c}" / f"{i}.png")
-    tests = {"exact": smooth(85, 64), "large": smooth(120, 90, 1), "tall": smooth(60, 80, 2), "small": smooth(40, 30, 3)}
+    tests = {
+        "exact": smooth(85, 64),
+        "large": smooth(120, 90, 1),
+        "tall": smooth(60, 80, 2),
+        "small": smooth(40, 30, 3),
+    }
     for i, (name, img) in enumerate(tests.items()):
         Image.fromarray(img).save(root / "src" / "test" / f"c{i % 2}" / f"{i}-{name}.png")
     convert(ConvertOptions("folder", root / "data", source=root / "src", workers=1))
@@ -65,8 +71,9 @@ def test_the_random_crop_reaches_every_edge_of_a_4_3_photo(photos):
     data, _ = photos
     loader = make_loader(data / "train.beton", "random", 8, 32, workers=1)
     seen = {"red": 0, "blue": 0}
-    aug = AugmentedLoader(loader, AugSpec(res=32, train=True, views=2, randaug=False, crop_scale=(0.08, 1.0)),
-                          prefetch=0)
+    aug = AugmentedLoader(
+        loader, AugSpec(res=32, train=True, views=2, randaug=False, crop_scale=(0.08, 1.0)), prefetch=0
+    )
     for epoch in range(4):
         aug.epoch = epoch
         for views, _, _ in aug:
@@ -150,7 +157,14 @@ def test_the_canvas_fit_follows_torchvision_resize():
     passes the 4/3 S canvas; never enlarged."""
     side = canvas_side(64, 1000)
     h, w = fitted([90, 80, 30, 64, 50, 400], [120, 60, 40, 85, 400, 100], 64, side)
-    assert side == 86 and list(zip(h.tolist(), w.tolist())) == [(64, 85), (80, 60), (30, 40), (64, 85), (10, 86), (86, 21)]
+    assert side == 86 and list(zip(h.tolist(), w.tolist())) == [
+        (64, 85),
+        (80, 60),
+        (30, 40),
+        (64, 85),
+        (10, 86),
+        (86, 21),
+    ]
 
 
 def test_five_crop_views_are_lifts(photos):

@@ -1,6 +1,7 @@
 """Faults a user meets, black-box through the CLI: a run that diverges never saves a non-finite
 state, one writer per run folder, broken checkpoints in one line, huge images, runs that would
 train nothing, a full disk, Ctrl-C, a moved run folder, a model that collapsed."""
+
 import errno
 import json
 import os
@@ -28,8 +29,9 @@ from ecvl_fast.run.lifecycle import EXIT_INTERRUPTED, RunLock
 def tiny(tmp_path, mnist, name, *sets, epochs=1):
     path = tmp_path / f"{name}.toml"
     path.write_text(TINY.format(epochs=epochs, loss="prompt-ce"))
-    return ["train", "--config", str(path), "--set", f"data.path={mnist}",
-            "--set", f"run.out={tmp_path / name}"] + sum((["--set", s] for s in sets), [])
+    return ["train", "--config", str(path), "--set", f"data.path={mnist}", "--set", f"run.out={tmp_path / name}"] + sum(
+        (["--set", s] for s in sets), []
+    )
 
 
 def one_line_error(args, capsys, code=2):
@@ -49,21 +51,26 @@ def finished(tmp_path_factory, mnist):
 
 
 def test_settings_and_data_that_would_train_nothing_are_refused_before_any_work(tmp_path, mnist, capsys):
-    for setting, says in (("stage2.epochs=0", "stage2.epochs must be at least 1"),
-                          ("stage1.epochs=-3", "stage1.epochs must be at least 0"),
-                          ("stage1.lr=-1e-3", "stage1.lr must be a finite number greater than 0"),
-                          ("stage2.lr=nan", "stage2.lr must be a finite number greater than 0"),
-                          ("stage2.lr=inf", "stage2.lr must be a finite number greater than 0, not inf"),
-                          ("stage2.lr=1e400", "stage2.lr must be a finite number greater than 0, not inf"),
-                          ("data.batch_size=0", "data.batch_size must be at least 1"),
-                          ("data.batch_size=5000", "988 train images, fewer than one batch")):
+    for setting, says in (
+        ("stage2.epochs=0", "stage2.epochs must be at least 1"),
+        ("stage1.epochs=-3", "stage1.epochs must be at least 0"),
+        ("stage1.lr=-1e-3", "stage1.lr must be a finite number greater than 0"),
+        ("stage2.lr=nan", "stage2.lr must be a finite number greater than 0"),
+        ("stage2.lr=inf", "stage2.lr must be a finite number greater than 0, not inf"),
+        ("stage2.lr=1e400", "stage2.lr must be a finite number greater than 0, not inf"),
+        ("data.batch_size=0", "data.batch_size must be at least 1"),
+        ("data.batch_size=5000", "988 train images, fewer than one batch"),
+    ):
         assert says in one_line_error(tiny(tmp_path, mnist, "none", setting), capsys), setting
     assert "--epochs: stage2.epochs must be at least 1, not 0" in one_line_error(  # the flag typed, not its key
-        tiny(tmp_path, mnist, "none") + ["--epochs", "0"], capsys)
+        tiny(tmp_path, mnist, "none") + ["--epochs", "0"], capsys
+    )
     assert "stage 1 trains ecvl-small-rn's BatchNorm layers, which need at least 2" in one_line_error(
-        tiny(tmp_path, mnist, "none", "data.batch_size=1", "model.name=ecvl-small-rn"), capsys)
+        tiny(tmp_path, mnist, "none", "data.batch_size=1", "model.name=ecvl-small-rn"), capsys
+    )
     assert "unknown open_clip model 'RN5O' (did you mean RN50" in one_line_error(
-        tiny(tmp_path, mnist, "none", "model.name=RN5O"), capsys)
+        tiny(tmp_path, mnist, "none", "model.name=RN5O"), capsys
+    )
     assert not (tmp_path / "none").exists()  # a refused run leaves no empty folder behind
     # one class: nothing to tell apart
     root = tmp_path / "one"
@@ -71,7 +78,8 @@ def test_settings_and_data_that_would_train_nothing_are_refused_before_any_work(
     assert main(["convert", "folder", "--source", str(root), "--out", str(tmp_path / "one-data")]) == 0
     capsys.readouterr()
     assert "1 class; a classifier needs at least two" in one_line_error(
-        tiny(tmp_path, tmp_path / "one-data", "one-run"), capsys)
+        tiny(tmp_path, tmp_path / "one-data", "one-run"), capsys
+    )
 
 
 def test_a_class_folder_linking_back_into_the_tree_is_refused(tmp_path, capsys):
@@ -98,8 +106,10 @@ def test_a_diverged_run_resumes_from_a_healthy_checkpoint_with_a_lower_lr(tmp_pa
     assert main(tiny(tmp_path, mnist, "nan", "stage1.lr=2e-3", "run.checkpoint_every=1")) == 0
     out = capsys.readouterr().out
     healthy = (tmp_path / "nan" / "healthy.pt").is_file()
-    assert ("diverged before any healthy checkpoint: starting over with stage1.lr (100.0 -> 0.002)" in out
-            or "diverged: resuming its last healthy checkpoint (healthy.pt, epoch 1, step" in out), out
+    assert (
+        "diverged before any healthy checkpoint: starting over with stage1.lr (100.0 -> 0.002)" in out
+        or "diverged: resuming its last healthy checkpoint (healthy.pt, epoch 1, step" in out
+    ), out
     metrics = json.loads((tmp_path / "nan" / "metrics.json").read_text())
     assert np.isfinite(metrics["all"]) and np.isfinite(metrics["macro_f1"]) and healthy
     assert load_config(tmp_path / "nan" / "config.toml").stage1.lr == 2e-3
@@ -121,7 +131,10 @@ def test_predict_and_export_refuse_nonfinite_weights(tmp_path, finished, capsys)
     torch.save(state, bad)
     image = tmp_path / "x.png"
     Image.fromarray(np.zeros((28, 28, 3), np.uint8)).save(image)
-    for args in (["predict", "--ckpt", str(bad), str(image)], ["export", "--ckpt", str(bad), "--out", str(tmp_path / "e.pt")]):
+    for args in (
+        ["predict", "--ckpt", str(bad), str(image)],
+        ["export", "--ckpt", str(bad), "--out", str(tmp_path / "e.pt")],
+    ):
         err = one_line_error(args, capsys)
         assert f"non-finite weights (model.{name})" in err, err
     assert not (tmp_path / "e.pt").exists()
@@ -154,8 +167,9 @@ def test_one_writer_per_run_folder(tmp_path, mnist, capsys):
     """A second command into a folder a live run holds is refused at once, naming the holder; a
     lock left by a dead process, or by another node that stopped beating, is taken over."""
     args = tiny(tmp_path, mnist, "run", epochs=50)
-    first = subprocess.Popen([sys.executable, "-m", "ecvl_fast.cli", *args], stdout=subprocess.DEVNULL,
-                             stderr=subprocess.PIPE, text=True)
+    first = subprocess.Popen(
+        [sys.executable, "-m", "ecvl_fast.cli", *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
     lock = tmp_path / "run" / ".lock"
     try:
         deadline = time.time() + 120
@@ -197,11 +211,20 @@ def test_a_lock_naming_a_reused_pid_is_taken_over(tmp_path, finished, capsys):
     try:
         days_ago = time.time() - 3 * 86400
         lock = folder / ".lock"
-        lock.write_text(json.dumps({"pid": sleeper.pid, "host": socket.gethostname(),
-                                    "since": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(days_ago))}))
+        lock.write_text(
+            json.dumps(
+                {
+                    "pid": sleeper.pid,
+                    "host": socket.gethostname(),
+                    "since": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(days_ago)),
+                }
+            )
+        )
         assert main(moved) == 0  # a fresh heartbeat, but the process is younger than the lock
-        assert f"taking over a stale lock (pid {sleeper.pid} runs, but started after the lock was taken: a reused " \
-               "pid)" in capsys.readouterr().out
+        assert (
+            f"taking over a stale lock (pid {sleeper.pid} runs, but started after the lock was taken: a reused "
+            "pid)" in capsys.readouterr().out
+        )
         lock.write_text(json.dumps({"pid": sleeper.pid, "host": socket.gethostname(), "started": time.time()}))
         assert "in use by pid" in one_line_error(moved, capsys)  # alive, started before the lock: held
         os.utime(lock, (days_ago, days_ago))  # held still with an old heartbeat: a stopped (Ctrl-Z) writer
@@ -218,27 +241,31 @@ def test_a_tampered_export_or_dataset_is_refused_in_one_line(tmp_path, finished,
 
     folder, _ = finished  # a ResNet's BatchNorm counters are 0-dim int64 tensors: digested too
     assert digest({"n": torch.tensor(3)}) != digest({"n": torch.tensor(4)}) != digest({"n": torch.tensor(4.0)})
-    assert "/proc/m.pt: " in one_line_error(["export", "--ckpt", str(folder / "best.pt"), "--out", "/proc/m.pt"], capsys)
+    assert "/proc/m.pt: " in one_line_error(
+        ["export", "--ckpt", str(folder / "best.pt"), "--out", "/proc/m.pt"], capsys
+    )
     assert main(["export", "--ckpt", str(folder / "best.pt"), "--out", str(tmp_path / "m.pt")]) == 0
     image = tmp_path / "x.png"
     Image.fromarray(np.zeros((28, 28, 3), np.uint8)).save(image)
     assert main(["predict", "--ckpt", str(tmp_path / "m.pt"), str(image)]) == 0
     assert "an exported classifier (ecvl-fast export), which predict and the Python API read" in one_line_error(
-        ["eval", "--ckpt", str(tmp_path / "m.pt"), "--data", str(mnist)], capsys)
+        ["eval", "--ckpt", str(tmp_path / "m.pt"), "--data", str(mnist)], capsys
+    )
     raw = bytearray((tmp_path / "m.pt").read_bytes())
     middle = len(raw) // 2
-    raw[middle:middle + 50] = bytes(255 - b for b in raw[middle:middle + 50])
+    raw[middle : middle + 50] = bytes(255 - b for b in raw[middle : middle + 50])
     (tmp_path / "m.pt").write_bytes(bytes(raw))
     capsys.readouterr()
     assert "do not match the digest written at export" in one_line_error(
-        ["predict", "--ckpt", str(tmp_path / "m.pt"), str(image)], capsys)
+        ["predict", "--ckpt", str(tmp_path / "m.pt"), str(image)], capsys
+    )
     data = tmp_path / "data"
     shutil.copytree(mnist, data)
     assert main(["verify", str(data)]) == 0 and "match meta.json's sha256" in capsys.readouterr().out
     beton = data / "train.beton"
     raw = bytearray(beton.read_bytes())
     middle = len(raw) // 2
-    raw[middle:middle + 4096] = np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes()
+    raw[middle : middle + 4096] = np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes()
     beton.write_bytes(bytes(raw))  # same size: only the content changed (and the mtime)
     for args in (["verify", str(data)], tiny(tmp_path, data, "t")):
         assert "train.beton does not match the sha256 meta.json recorded" in one_line_error(args, capsys)
@@ -249,7 +276,7 @@ def test_config_toml_round_trips_hostile_strings(tmp_path, mnist, capsys):
     read back as they were, and the dry run prints no injected key."""
     from ecvl_fast.config import config_toml
 
-    hostile = str(tmp_path / 'a"b') + '\n[run]\nseed = 5\n\\ \u00e9'
+    hostile = str(tmp_path / 'a"b') + "\n[run]\nseed = 5\n\\ \u00e9"
     cfg = load_config(None, [f"run.out={hostile}", f"data.path={mnist}", "model.name=ecvl-tiny-vit", "data.res=32"])
     (tmp_path / "c.toml").write_text(config_toml(cfg))
     again = load_config(tmp_path / "c.toml")
@@ -299,8 +326,9 @@ def test_odd_inputs_that_used_to_get_through(tmp_path, finished, mnist, capsys):
     images, _, _ = next(iter(make_loader(tmp_path / name / "train.beton", "sequential", 2, 64, workers=1)))
     want = np.round(ramp / 257)
     assert np.abs(images[0, :32, :64, 0].numpy() - want).max() <= 1 and images[0, :32, :64].numpy().max() == 255
-    err = one_line_error(["convert", "folder", "--source", str(root), "--out", str(tmp_path / "big"),
-                          "--max-pixels", "1000"], capsys)
+    err = one_line_error(
+        ["convert", "folder", "--source", str(root), "--out", str(tmp_path / "big"), "--max-pixels", "1000"], capsys
+    )
     assert "64 x 32 = 0.0 megapixels, over --max-pixels 1,000" in err and "--skip-bad" in err
 
 
@@ -310,13 +338,15 @@ def test_eval_leaves_a_held_run_folder_alone_and_checks_its_folder_first(tmp_pat
     src, _ = finished
     folder = tmp_path / "run"
     shutil.copytree(src, folder)
-    (folder / ".lock").write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
-                                              "started": time.time() - 5}))
+    (folder / ".lock").write_text(
+        json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": time.time() - 5})
+    )
     err = one_line_error(["eval", "--ckpt", str(folder / "last.pt")], capsys)
     assert f"is being written by a running train (pid {os.getpid()}" in err and "--out" in err
     assert not (folder / "eval-test").exists()
     assert "the report cannot be written there" in one_line_error(
-        ["eval", "--ckpt", str(folder / "last.pt"), "--out", "/proc/ecvl-fast-report"], capsys)
+        ["eval", "--ckpt", str(folder / "last.pt"), "--out", "/proc/ecvl-fast-report"], capsys
+    )
     assert main(["eval", "--ckpt", str(folder / "last.pt"), "--out", str(tmp_path / "report")]) == 0
     assert (tmp_path / "report" / "metrics.json").is_file()
 
@@ -338,7 +368,7 @@ def test_a_huge_image_is_shrunk_when_converted(tmp_path, capsys):
     Image.new("RGB", (8000, 8000), (200, 30, 30)).save(root / "train" / "c00" / "huge.png")
     assert main(["convert", "folder", "--source", str(root), "--out", str(tmp_path / "d")]) == 0
     meta = json.loads((tmp_path / "d" / "meta.json").read_text())
-    assert meta["max_side"] == 512 and (tmp_path / "d" / "train.beton").stat().st_size < 20 * 2 ** 20
+    assert meta["max_side"] == 512 and (tmp_path / "d" / "train.beton").stat().st_size < 20 * 2**20
     assert "1 images larger than 512 px on their longest side are shrunk" in capsys.readouterr().out
     (root / "train" / "c00" / "huge.png").unlink()
     assert main(["convert", "folder", "--source", str(root), "--out", str(tmp_path / "e"), "--max-res", "0"]) == 0
@@ -367,8 +397,9 @@ def test_a_full_disk_for_real(tmp_path, mnist, capsys):
     try:
         path = tmp_path / "t.toml"
         path.write_text(TINY.format(epochs=1, loss="prompt-ce"))
-        err = one_line_error(["train", "--config", str(path), "--set", f"data.path={mnist}",
-                              "--set", f"run.out={mnt / 'run'}"], capsys)
+        err = one_line_error(
+            ["train", "--config", str(path), "--set", f"data.path={mnist}", "--set", f"run.out={mnt / 'run'}"], capsys
+        )
         assert "no space left" in err
         assert not list((mnt / "run").glob(".*.tmp"))
     finally:
@@ -378,8 +409,17 @@ def test_a_full_disk_for_real(tmp_path, mnist, capsys):
 def test_metrics_files_keep_every_class_and_refuse_an_old_format(tmp_path):
     from ecvl_fast.evaluation.reports import metrics_file, read_metrics
 
-    metrics = {"many": 0.5, "medium": None, "few": 0.25, "all": 0.4, "macro_f1": 0.3, "head_tail_gap": 0.25,
-               "per_class": [0.5, 0.25, 1.0], "num_images": 9, "predicted_classes": 3}
+    metrics = {
+        "many": 0.5,
+        "medium": None,
+        "few": 0.25,
+        "all": 0.4,
+        "macro_f1": 0.3,
+        "head_tail_gap": 0.25,
+        "per_class": [0.5, 0.25, 1.0],
+        "num_images": 9,
+        "predicted_classes": 3,
+    }
     saved = metrics_file(metrics, ["missile", "cat", "missile"], {"split": "test"})  # ImageNet names a class twice
     assert list(saved["per_class"]) == ["missile (0)", "cat", "missile (2)"]
     (tmp_path / "metrics.json").write_text(json.dumps(saved))

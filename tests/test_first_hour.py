@@ -1,6 +1,7 @@
 """A researcher's first hour: presets by name from anywhere, --version, --dry-run, the short flags,
 one command from an image folder to a model, predict and the Python API, artifacts a person can
 read, warnings that mean something, and the help text."""
+
 import json
 import subprocess
 import sys
@@ -14,8 +15,9 @@ from ecvl_fast.cli import main
 
 
 def cli(*args, cwd):
-    return subprocess.run([sys.executable, "-m", "ecvl_fast.cli", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "ecvl_fast.cli", *args], cwd=cwd, capture_output=True, text=True, timeout=300
+    )
 
 
 def test_version_presets_by_name_and_dry_run_from_outside_the_tree(tmp_path, mnist):
@@ -23,21 +25,41 @@ def test_version_presets_by_name_and_dry_run_from_outside_the_tree(tmp_path, mni
     --dry-run prints the plan and writes nothing."""
     done = cli("--version", cwd=tmp_path)
     assert done.returncode == 0 and done.stdout.strip() == f"ecvl-fast {__version__}"
-    done = cli("train", "--config", "cifar100-lt", "--dry-run", "--set", f"data.path={mnist}", "--out", "plan",
-               cwd=tmp_path)
+    done = cli(
+        "train", "--config", "cifar100-lt", "--dry-run", "--set", f"data.path={mnist}", "--out", "plan", cwd=tmp_path
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     out = done.stdout
     assert 'name = "RN50-quickgelu"' in out and "10 classes" in out and "400 ... 4 train images per class" in out
     assert "stage 1, 50 epochs" in out and "stage 2, 300 epochs" in out and ": start;" in out
     assert "in all:" in out and not (tmp_path / "plan").exists()
     done = cli("ablate", "--config", "no-such-preset", cwd=tmp_path)
-    assert done.returncode == 2 and "no such file or preset (presets: cifar100-lt, imagenet-lt, lift-cifar100-lt, " \
-                                   "lift-imagenet-lt, lift-places-lt, mnist-demo, places-lt, starter)" in done.stderr
+    assert (
+        done.returncode == 2
+        and "no such file or preset (presets: cifar100-lt, imagenet-lt, lift-cifar100-lt, "
+        "lift-imagenet-lt, lift-places-lt, mnist-demo, places-lt, starter)"
+        in done.stderr
+    )
 
 
 def test_short_flags_map_to_their_settings(tmp_path, mnist, capsys):
-    args = ["--model", "ecvl-tiny-vit", "--epochs", "3", "--lr", "0.25", "--batch-size", "32", "--precision", "fp32",
-            "--out", str(tmp_path / "o"), "--set", f"data.path={mnist}", "--dry-run"]
+    args = [
+        "--model",
+        "ecvl-tiny-vit",
+        "--epochs",
+        "3",
+        "--lr",
+        "0.25",
+        "--batch-size",
+        "32",
+        "--precision",
+        "fp32",
+        "--out",
+        str(tmp_path / "o"),
+        "--set",
+        f"data.path={mnist}",
+        "--dry-run",
+    ]
     assert main(["train", "--stage", "2", *args]) == 2  # stage 2 alone: from a stage-1 run there is none of
     assert "--stage 2 starts from the stage-1 checkpoint" in capsys.readouterr().err
     assert main(["train", "--stage", "2", *args, "--set", "stage2.init=none"]) == 0  # from model.pretrained
@@ -62,8 +84,26 @@ def test_from_an_image_folder_to_a_model_and_a_prediction(tmp_path, monkeypatch,
     assert main(["convert", "folder", "--source", str(root), "--out", "data/mine"]) == 0
     out = capsys.readouterr().out
     assert "writing train.beton: 56 images" in out and "\r" not in out  # one line per phase, not bars
-    assert main(["train", "--config", "starter", "--set", "data.path=data/mine", "--model", "ecvl-tiny-vit",
-                 "--set", "data.res=32", "--epochs", "1", "--batch-size", "16"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--config",
+                "starter",
+                "--set",
+                "data.path=data/mine",
+                "--model",
+                "ecvl-tiny-vit",
+                "--set",
+                "data.res=32",
+                "--epochs",
+                "1",
+                "--batch-size",
+                "16",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     run = tmp_path / "runs" / "mine-ecvl-tiny-vit"
     assert f"stage 1: run folder {run.relative_to(tmp_path)}" in out
@@ -75,8 +115,9 @@ def test_from_an_image_folder_to_a_model_and_a_prediction(tmp_path, monkeypatch,
     saved = json.loads((run / "stage2" / "metrics.json").read_text())
     assert (saved["split"], saved["stage"], saved["run"], saved["units"]) == ("test", 2, run.name, "percent")
     assert saved["checkpoint"].endswith("stage2/last.pt") and list(saved["per_class"]) == ["c00", "c01", "c02"]
-    assert 0 <= saved["all"] <= 100 and saved["all"] == pytest.approx(100 * sum(
-        saved["per_class"][c] * n for c, n in zip(("c00", "c01", "c02"), (3, 3, 3))) / 900)
+    assert 0 <= saved["all"] <= 100 and saved["all"] == pytest.approx(
+        100 * sum(saved["per_class"][c] * n for c, n in zip(("c00", "c01", "c02"), (3, 3, 3))) / 900
+    )
     memory = [r for r in records if r["kind"] == "memory"]
     assert memory and set(memory[-1]["m_by_group"]["medium"]) == {"p10", "p25", "p50", "p75", "p90", "seen"}
     caplog.clear()

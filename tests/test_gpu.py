@@ -3,6 +3,7 @@ on a GPU, and a short stage-2 run fed by DALI. Each GPU test has a CPU twin here
 test_pipeline.py, which runs everywhere; the GPU ones carry the `gpu` marker and skip without CUDA
 (and without DALI where they need it). `.ci/gpu-check.sh` selects them with `-m gpu`.
 """
+
 import json
 import time
 from pathlib import Path
@@ -45,7 +46,9 @@ def fixed_batch(device, n=64):
     """A learnable toy problem: class c is a constant image of brightness c/9, normalised like CLIP."""
     g = torch.Generator().manual_seed(0)
     labels = torch.arange(n) % 10
-    x = (labels.float() / 9 * 255)[:, None, None, None].expand(n, 3, 32, 32) + torch.randn(n, 3, 32, 32, generator=g) * 8
+    x = (labels.float() / 9 * 255)[:, None, None, None].expand(n, 3, 32, 32) + torch.randn(
+        n, 3, 32, 32, generator=g
+    ) * 8
     mean, std = torch.tensor(CLIP_MEAN)[:, None, None], torch.tensor(CLIP_STD)[:, None, None]
     x = ((x - mean) / std).contiguous(memory_format=torch.channels_last)
     if device.type == "cuda":
@@ -54,8 +57,12 @@ def fixed_batch(device, n=64):
 
 
 def run_steps(device_name: str, loss: str, steps: int = 30):
-    cfg = Config(data=DataCfg(res=32), model=ModelCfg(name="ecvl-tiny-vit"), run=RunCfg(device=device_name),
-                 stage1=Stage1Cfg(epochs=1, lr=2e-3, loss=loss, warmup_epochs=0.1))
+    cfg = Config(
+        data=DataCfg(res=32),
+        model=ModelCfg(name="ecvl-tiny-vit"),
+        run=RunCfg(device=device_name),
+        stage1=Stage1Cfg(epochs=1, lr=2e-3, loss=loss, warmup_epochs=0.1),
+    )
     d = D.setup(device_name)
     run = build_run(cfg, d, {"classes": CLASSES}, steps_per_epoch=steps)
     images, labels = fixed_batch(d.device)
@@ -103,12 +110,19 @@ def test_predict_normalises_with_one_copy_per_device(device_name):
 
 
 def stage2_run(device_name: str, n: int = 64):
-    cfg = Config(data=DataCfg(res=32), model=ModelCfg(name="ecvl-tiny-vit"), run=RunCfg(device=device_name),
-                 stage2=Stage2Cfg(init="none", lr=1e-2, epochs=2))
+    cfg = Config(
+        data=DataCfg(res=32),
+        model=ModelCfg(name="ecvl-tiny-vit"),
+        run=RunCfg(device=device_name),
+        stage2=Stage2Cfg(init="none", lr=1e-2, epochs=2),
+    )
     d = D.setup(device_name)
     labels = np.arange(n) % 10
-    meta = {"classes": CLASSES, "train_labels": labels,
-            "groups": {"many": [0, 1, 2], "medium": [3, 4, 5, 6], "few": [7, 8, 9]}}
+    meta = {
+        "classes": CLASSES,
+        "train_labels": labels,
+        "groups": {"many": [0, 1, 2], "medium": [3, 4, 5, 6], "few": [7, 8, 9]},
+    }
     return build_run(cfg, d, meta, steps_per_epoch=20, stage=2)
 
 
@@ -126,7 +140,9 @@ def test_stage2_step_feeds_the_momentum_bank(device_name):
     assert not any(p.requires_grad for p in run.net.parameters())
     run.bank.end_epoch()
     m, seen = run.bank.m.cpu(), run.bank.seen.cpu().bool()
-    assert seen.all() and m.mean().item() == pytest.approx(0.5, abs=1e-4) and run.bank.m.device.type == run.d.device.type
+    assert (
+        seen.all() and m.mean().item() == pytest.approx(0.5, abs=1e-4) and run.bank.m.device.type == run.d.device.type
+    )
 
 
 @pytest.mark.gpu
@@ -174,8 +190,12 @@ def held_batches(device_name: str, slow: bool, n: int = 96, batch: int = 16):
     imgs = fake_images(n, 7, 32)
     labels = np.arange(n) % 10
     device = torch.device(device_name)
-    loader = AugmentedLoader(HeldLoader(imgs, labels, "sequential", batch, slots=2),
-                             AugSpec(res=32, train=False, randaug=False), device=device, prefetch=2)
+    loader = AugmentedLoader(
+        HeldLoader(imgs, labels, "sequential", batch, slots=2),
+        AugSpec(res=32, train=False, randaug=False),
+        device=device,
+        prefetch=2,
+    )
     got, index = [], []
     for views, y, idx in loader:
         if slow:  # a long step: ffcv would be refilling slots meanwhile
@@ -205,8 +225,13 @@ def test_stage2_epochs_fed_by_dali(device_name, tmp_path):
     run = stage2_run(device_name, n=128)
     imgs = fake_images(128, 3, 32)
     labels = run.meta["train_labels"]
-    loader = AugmentedLoader(HeldLoader(imgs, labels, "balanced", 32), AugSpec(res=32, views=2, k=2), run.bank,
-                             device=run.d.device, prefetch=2)
+    loader = AugmentedLoader(
+        HeldLoader(imgs, labels, "balanced", 32),
+        AugSpec(res=32, views=2, k=2),
+        run.bank,
+        device=run.d.device,
+        prefetch=2,
+    )
     log, ms = RunLog(tmp_path, True, 2, 2, interactive=False), []
     for epoch in range(2):
         stats = train_epoch(run, loader, epoch, log)
@@ -224,22 +249,34 @@ def memory_dataset(folder, monkeypatch, train: int = 160, test: int = 40):
     ffcv Loaders (the GPU check machine has no ffcv)."""
     from ecvl_fast.loaders import ffcv_loader
 
-    splits = {"train": (fake_images(train, 5, 32), np.arange(train) % 10),
-              "test": (fake_images(test, 6, 32), np.arange(test) % 10)}
+    splits = {
+        "train": (fake_images(train, 5, 32), np.arange(train) % 10),
+        "test": (fake_images(test, 6, 32), np.arange(test) % 10),
+    }
     counts = np.bincount(splits["train"][1], minlength=10)
     folder.mkdir(parents=True)
-    (folder / "meta.json").write_text(json.dumps({
-        "classes": CLASSES, "train_counts": counts.tolist(), "sha256": {},
-        "groups": {"many": [0, 1, 2], "medium": [3, 4, 5, 6], "few": [7, 8, 9]},
-        "images": {name: len(y) for name, (_, y) in splits.items()}}))
+    (folder / "meta.json").write_text(
+        json.dumps(
+            {
+                "classes": CLASSES,
+                "train_counts": counts.tolist(),
+                "sha256": {},
+                "groups": {"many": [0, 1, 2], "medium": [3, 4, 5, 6], "few": [7, 8, 9]},
+                "images": {name: len(y) for name, (_, y) in splits.items()},
+            }
+        )
+    )
     for name in splits:
         (folder / f"{name}.beton").touch()  # eval_loader checks that the split is there
     split = lambda path: splits[Path(path).stem]  # noqa: E731
     monkeypatch.setattr(ffcv_loader, "read_labels", lambda path: split(path)[1])
-    monkeypatch.setattr(ffcv_loader, "make_loader", lambda path, order, batch_size, load_res, *, workers=2, seed=0,
-                        num_classes=None, rank=0, world=1, limit=0: HeldLoader(*split(path), order, batch_size,
-                                                                                 seed=seed, rank=rank, world=world,
-                                                                                 limit=limit))
+    monkeypatch.setattr(
+        ffcv_loader,
+        "make_loader",
+        lambda path, order, batch_size, load_res, *, workers=2, seed=0, num_classes=None, rank=0, world=1, limit=0: (
+            HeldLoader(*split(path), order, batch_size, seed=seed, rank=rank, world=world, limit=limit)
+        ),
+    )
     return folder
 
 
@@ -255,9 +292,12 @@ def test_train_main_stage2_evaluates_checkpoints_and_resumes(device_name, tmp_pa
     from ecvl_fast.config import DataCfg
 
     data = memory_dataset(tmp_path / "data", monkeypatch)
-    cfg = Config(data=DataCfg(path=str(data), res=32, batch_size=32, workers=1),
-                 model=ModelCfg(name="ecvl-tiny-vit"), stage2=Stage2Cfg(init="none", lr=1e-2, epochs=2),
-                 run=RunCfg(device=device_name, out=str(tmp_path / "run"), log_every=2))
+    cfg = Config(
+        data=DataCfg(path=str(data), res=32, batch_size=32, workers=1),
+        model=ModelCfg(name="ecvl-tiny-vit"),
+        stage2=Stage2Cfg(init="none", lr=1e-2, epochs=2),
+        run=RunCfg(device=device_name, out=str(tmp_path / "run"), log_every=2),
+    )
     real = RunLog.epoch_end
 
     def preempted_after_first_epoch(self, epoch, *a):

@@ -1,4 +1,5 @@
 """Kernels against plain numpy references, with the JIT on and off, and the CUDA twins on a GPU."""
+
 import numpy as np
 import pytest
 import torch
@@ -63,8 +64,10 @@ def run_cpu(n, batches, beta, epochs, jit, labels):
 
 def random_batches(rng, n, n_batches, size, coverage=1.0):
     pool = rng.choice(n, size=max(1, int(n * coverage)), replace=False)
-    return [(rng.choice(pool, size=size).astype(np.int64), rng.gamma(2.0, 1.0, size).astype(np.float32))
-            for _ in range(n_batches)]
+    return [
+        (rng.choice(pool, size=size).astype(np.int64), rng.gamma(2.0, 1.0, size).astype(np.float32))
+        for _ in range(n_batches)
+    ]
 
 
 @pytest.mark.parametrize("jit", [True, False], ids=["jit", "nojit"])
@@ -140,8 +143,9 @@ def ref_class_scope(ema, seen, labels, num_classes, m):
     if not s.any():
         return m.copy()
     present = np.array([(s & (labels == c)).any() for c in range(num_classes)])
-    means = np.array([ema[s & (labels == c)].astype(np.float64).mean() if present[c] else 0.0
-                      for c in range(num_classes)])
+    means = np.array(
+        [ema[s & (labels == c)].astype(np.float64).mean() if present[c] else 0.0 for c in range(num_classes)]
+    )
     per_class = np.full(num_classes, 0.5)
     order = [c for c in np.argsort(means, kind="stable") if present[c]]
     for r, c in enumerate(order):
@@ -188,9 +192,13 @@ def test_bank_scope_direction_and_frequency_control():
     rng = np.random.default_rng(5)
     labels = np.r_[np.zeros(40), np.ones(20), np.full(10, 2), np.full(5, 3), np.full(5, 4)].astype(np.int64)
     batches = random_batches(rng, len(labels), 4, 32, coverage=0.8)
-    kinds = {"plain": {}, "easy": {"direction": "easy"}, "class": {"scope": "class"},
-             "class-easy": {"scope": "class", "direction": "easy"},
-             "freq": {"fixed": frequency_magnitudes(labels, "hard")}}
+    kinds = {
+        "plain": {},
+        "easy": {"direction": "easy"},
+        "class": {"scope": "class"},
+        "class-easy": {"scope": "class", "direction": "easy"},
+        "freq": {"fixed": frequency_magnitudes(labels, "hard")},
+    }
     banks = {name: MomentumBank(labels, beta=0.9, **kw) for name, kw in kinds.items()}
     assert banks["easy"].magnitudes().tolist() == [0.0] * len(labels)  # nothing seen: no augmentation
     for _ in range(2):
@@ -207,8 +215,9 @@ def test_bank_scope_direction_and_frequency_control():
     np.testing.assert_allclose(m["class-easy"], 1 - by_class, atol=1e-6)
     # the control: rank of 1/n_c over classes, rarest 1; classes 3 and 4 tie (5 each): class order
     np.testing.assert_allclose(m["freq"], np.array([0, 0.25, 0.5, 0.75, 1.0])[labels], atol=1e-6)
-    np.testing.assert_allclose(frequency_magnitudes(labels, "easy"), np.array([1, 0.75, 0.5, 0, 0.25])[labels],
-                               atol=1e-6)
+    np.testing.assert_allclose(
+        frequency_magnitudes(labels, "easy"), np.array([1, 0.75, 0.5, 0, 0.25])[labels], atol=1e-6
+    )
     assert banks["freq"].seen.sum() > 0  # the EMA is kept, M is not touched by it
     with pytest.raises(EcvlError, match="unknown M scope"):
         MomentumBank(labels, scope="batch")
@@ -352,8 +361,10 @@ def test_cuda_bank_options_match_cpu_bank(options):
 def test_cuda_lol_bank_matches_cpu_bank():
     rng = np.random.default_rng(4)
     labels = rng.integers(0, 300, 5000)
-    batches = [(idx, (rng.random(512) < 0.3 + 0.6 * (labels[idx] % 2)).astype(np.float32))
-               for idx, _ in random_batches(rng, 5000, 20, 512, coverage=0.6)]
+    batches = [
+        (idx, (rng.random(512) < 0.3 + 0.6 * (labels[idx] % 2)).astype(np.float32))
+        for idx, _ in random_batches(rng, 5000, 20, 512, coverage=0.6)
+    ]
     banks = [MomentumBank(labels, device=d, lol=(10, 0.6)) for d in ("cpu", "cuda")]
     for _ in range(3):
         for bank in banks:
@@ -381,7 +392,8 @@ rng = np.random.default_rng(3)
 n, k = 300, 6
 labels = rng.integers(0, k, n)
 labels[labels == 5] = 4  # class 5: no samples
-cpu_state = [np.zeros(n, np.float32), np.zeros(n, np.int32), np.zeros(n, np.float32), np.zeros(n, np.uint8), np.zeros(n, np.float32)]
+cpu_state = [np.zeros(n, np.float32), np.zeros(n, np.int32), np.zeros(n, np.float32), np.zeros(n, np.uint8),
+                 np.zeros(n, np.float32)]
 sim_state = [a.copy() for a in cpu_state]
 for epoch in range(3):
     idx = rng.choice(np.flatnonzero(labels != 3), 200).astype(np.int64)  # class 3 never seen

@@ -2,6 +2,7 @@
 evaluation -> run -> method, loaders, kernels -> config), no module imports the CLI, no import
 cycle (imports inside functions count), every allowed-value list has one home, and the device
 check's smoke step imports every module."""
+
 import ast
 from pathlib import Path
 
@@ -9,9 +10,20 @@ import ecvl_fast
 
 ROOT = Path(ecvl_fast.__file__).resolve().parent.parent
 # where each part lives: a lower layer never imports a higher one
-LAYERS = {"ecvl_fast": 0, "ecvl_fast.config": 0, "ecvl_fast.kernels": 1, "ecvl_fast.loaders": 1,
-          "ecvl_fast.method": 1, "ecvl_fast.run": 2, "ecvl_fast.evaluation": 3, "ecvl_fast.training": 4,
-          "ecvl_fast.serving": 5, "ecvl_fast.bench": 6, "ecvl_fast.experiments": 6, "ecvl_fast.cli": 7}
+LAYERS = {
+    "ecvl_fast": 0,
+    "ecvl_fast.config": 0,
+    "ecvl_fast.kernels": 1,
+    "ecvl_fast.loaders": 1,
+    "ecvl_fast.method": 1,
+    "ecvl_fast.run": 2,
+    "ecvl_fast.evaluation": 3,
+    "ecvl_fast.training": 4,
+    "ecvl_fast.serving": 5,
+    "ecvl_fast.bench": 6,
+    "ecvl_fast.experiments": 6,
+    "ecvl_fast.cli": 7,
+}
 FOLDERS = {"ecvl_fast.kernels": ROOT / "kernels", "ecvl_fast.loaders": ROOT / "loaders"}
 
 
@@ -64,7 +76,7 @@ def test_no_import_cycle():
         state[m] = "open"
         for n in sorted(edges[m]):
             if state.get(n) == "open":
-                cycle.append(path[path.index(n):] + [n])
+                cycle.append(path[path.index(n) :] + [n])
             elif n not in state:
                 visit(n, path + [n])
         state[m] = "done"
@@ -83,9 +95,13 @@ def test_every_allowed_value_list_has_one_home():
     from ecvl_fast.method.rows import DEFAULT_ROWS, ROWS
     from ecvl_fast.run.precision import DTYPES
 
-    assert (bank.NORMS, bank.SCOPES, bank.DIRECTIONS) == tuple(CHOICES["aug", k] for k in ("m_norm", "m_scope", "m_direction"))
-    assert all(a is CHOICES["aug", k] for a, k in ((bank.NORMS, "m_norm"), (bank.SCOPES, "m_scope"),
-                                                    (bank.DIRECTIONS, "m_direction")))
+    assert (bank.NORMS, bank.SCOPES, bank.DIRECTIONS) == tuple(
+        CHOICES["aug", k] for k in ("m_norm", "m_scope", "m_direction")
+    )
+    assert all(
+        a is CHOICES["aug", k]
+        for a, k in ((bank.NORMS, "m_norm"), (bank.SCOPES, "m_scope"), (bank.DIRECTIONS, "m_direction"))
+    )
     assert set(CHOICES["run", "precision"]) == {"auto", *DTYPES}
     assert {r.aug["m_source"] for r in ROWS.values()} <= set(CHOICES["aug", "m_source"])
     assert set(DEFAULT_ROWS) <= set(ROWS)
@@ -108,8 +124,18 @@ def test_the_smoke_step_imports_every_module():
     sys.modules.pop("smoke", None)
     spec.loader.exec_module(smoke)
     ours = {m for m in modules() if m not in ("ecvl_fast.kernels.cuda",)}
-    missing = {m for m in ours if not m.endswith(("__init__",)) and m.count(".") > 0 and m not in smoke.MODULES
-               and not any(m == k for k in LAYERS if k.count(".") == 1 and k not in ("ecvl_fast.config", "ecvl_fast.cli"))}
-    missing -= {"ecvl_fast.loaders.convert", "ecvl_fast.loaders.ffcv_loader", "ecvl_fast.loaders.sources",
-                "ecvl_fast.kernels.formulas"}  # need ffcv, or are imported by what the smoke step imports
+    missing = {
+        m
+        for m in ours
+        if not m.endswith(("__init__",))
+        and m.count(".") > 0
+        and m not in smoke.MODULES
+        and not any(m == k for k in LAYERS if k.count(".") == 1 and k not in ("ecvl_fast.config", "ecvl_fast.cli"))
+    }
+    missing -= {
+        "ecvl_fast.loaders.convert",
+        "ecvl_fast.loaders.ffcv_loader",
+        "ecvl_fast.loaders.sources",
+        "ecvl_fast.kernels.formulas",
+    }  # need ffcv, or are imported by what the smoke step imports
     assert not missing, f"modules the device check's smoke step does not import: {sorted(missing)}"

@@ -1,6 +1,7 @@
 """Runs that survive a cluster: the same command resumes (mid-epoch after SIGTERM, exactly), a
 changed config is refused, --restart keeps the old run, checkpoints on a step cadence, SLURM
 without torchrun is refused, a batch job gets plain epoch lines, and log.jsonl is appended to."""
+
 import json
 import signal
 import subprocess
@@ -42,8 +43,12 @@ def signal_mid_epoch(args, folder: Path, epoch: int, sig=signal.SIGTERM):
     """Run `ecvl-fast train ARGS` in a subprocess (stdout a pipe, as in a batch job) and send `sig`
     once it has logged a step early in `epoch` (1-based). Returns the finished process."""
     # the test's own thread settings: the first part of the run must compute as the in-process rest does
-    proc = subprocess.Popen([sys.executable, "-m", "ecvl_fast.cli", "train", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ecvl_fast.cli", "train", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     target = (epoch - 1) * STEPS + 2
     try:
         while proc.poll() is None:
@@ -108,8 +113,12 @@ def test_changed_config_is_refused_and_restart_keeps_the_old_run(tmp_path, mnist
     assert {p.name: p.stat().st_mtime_ns for p in folder.iterdir()} == stamp  # nothing in the folder changed
     # operational settings may change on resume: a finished run is still found
     assert training.main(load_config(path, sets + ["run.log_every=3", "data.workers=2"])) == first
-    assert cli_main(["train", "--restart", "--config", str(path)]
-                    + sum((["--set", s] for s in sets + ["stage1.lr=1e-3"]), [])) == 0
+    assert (
+        cli_main(
+            ["train", "--restart", "--config", str(path)] + sum((["--set", s] for s in sets + ["stage1.lr=1e-3"]), [])
+        )
+        == 0
+    )
     kept = list(folder.glob("previous-*"))
     assert len(kept) == 1 and read_metrics(kept[0] / "metrics.json") == first
     assert load_config(folder / "config.toml").stage1.lr == 1e-3
@@ -173,9 +182,11 @@ def test_sigusr1_and_sigterm_set_the_stop_flag_and_are_restored():
 def test_the_stop_watchdog_leaves_only_when_the_run_cannot():
     """After a signal the watchdog exits the process (status 75) once stop_grace_s passes, unless
     the run has left its block by then (then it stands down)."""
-    code = ("import os, signal, time; from ecvl_fast.run.lifecycle import StopSignal\n"
-            "with StopSignal(grace_s=1.0):\n    os.kill(os.getpid(), signal.SIGTERM); time.sleep(0.05)\n"
-            "time.sleep(1.5); print('survived')\n"
-            "with StopSignal(grace_s=1.0):\n    os.kill(os.getpid(), signal.SIGTERM); time.sleep(10)\n")
+    code = (
+        "import os, signal, time; from ecvl_fast.run.lifecycle import StopSignal\n"
+        "with StopSignal(grace_s=1.0):\n    os.kill(os.getpid(), signal.SIGTERM); time.sleep(0.05)\n"
+        "time.sleep(1.5); print('survived')\n"
+        "with StopSignal(grace_s=1.0):\n    os.kill(os.getpid(), signal.SIGTERM); time.sleep(10)\n"
+    )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.stdout.strip() == "survived" and done.returncode == EXIT_PREEMPTED, done.stderr[-2000:]

@@ -1,6 +1,7 @@
 """LIFT's ingredients (issue 24): the light modules, the cosine head, test-time ensembling,
 post-hoc tau chosen on val, the rows in `ablate` (two-stage and single-stage), and export/predict
 carrying all of it."""
+
 import copy
 import json
 import shutil
@@ -16,7 +17,15 @@ from ecvl_fast.cli import main
 from ecvl_fast.config import ModelCfg, load_config, trained_scale
 from ecvl_fast.method import peft
 from ecvl_fast.method import stage2 as two
-from ecvl_fast.method.model import ClipNet, CosineHead, Scorer, adapted_features, build_clip, tte_views, zero_shot_logits
+from ecvl_fast.method.model import (
+    ClipNet,
+    CosineHead,
+    Scorer,
+    adapted_features,
+    build_clip,
+    tte_views,
+    zero_shot_logits,
+)
 
 from conftest import TINY
 
@@ -27,8 +36,15 @@ def tower(name: str):
     return clip.eval()
 
 
-@pytest.mark.parametrize("name, module", [("ecvl-tiny-vit", "adaptformer"), ("ecvl-tiny-vit", "lora"),
-                                          ("ecvl-tiny-vit", "bitfit"), ("ecvl-small-rn", "bitfit")])
+@pytest.mark.parametrize(
+    "name, module",
+    [
+        ("ecvl-tiny-vit", "adaptformer"),
+        ("ecvl-tiny-vit", "lora"),
+        ("ecvl-tiny-vit", "bitfit"),
+        ("ecvl-small-rn", "bitfit"),
+    ],
+)
 def test_light_module_starts_as_the_frozen_tower_and_trains_only_itself(name, module):
     clip = tower(name)
     x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
@@ -49,7 +65,7 @@ def test_light_module_starts_as_the_frozen_tower_and_trains_only_itself(name, mo
     opt.step()
     changed = {k for k, v in tuned.visual.state_dict().items() if not torch.equal(v, before[k])}
     param_names = {k for k, _ in tuned.visual.named_parameters()}
-    assert changed & trainable and (changed & param_names) <= trainable, (changed - trainable)
+    assert changed & trainable and (changed & param_names) <= trainable, changed - trainable
     assert not any(p.grad is not None for p in clip.parameters())  # the original was never touched
 
 
@@ -57,7 +73,9 @@ def test_light_module_that_does_not_apply_is_one_line():
     for module in ("adaptformer", "lora"):
         with pytest.raises(EcvlError, match="ViT's attention blocks.*ModifiedResNet.*bitfit"):
             peft.apply(tower("ecvl-small-rn").visual, module, 10, tower="ecvl-small-rn")
-    assert peft.bottleneck(1000, 12) == 32 and peft.bottleneck(10, 2) == 2 and peft.bottleneck(3, 12) == 1  # LIFT's rule
+    assert (
+        peft.bottleneck(1000, 12) == 32 and peft.bottleneck(10, 2) == 2 and peft.bottleneck(3, 12) == 1
+    )  # LIFT's rule
 
 
 def test_cosine_head_starts_from_the_text_features_logits():
@@ -112,8 +130,26 @@ def test_lift_rows_single_stage_from_pretrained_weights(tmp_path, mnist, pretrai
     cfg = tmp_path / "tiny.toml"
     cfg.write_text(TINY.format(epochs=0, loss="prompt-ce") + "[stage2]\nepochs = 1\nlr = 1e-2\n")
     out = tmp_path / "abl"
-    assert main(["ablate", "--config", str(cfg), "--seeds", "0", "--rows", "lift,lift+ra,lift+freq", "--pretrained",
-                 str(pretrained), "--set", f"data.path={mnist}", "--set", f"run.out={out}"]) == 0
+    assert (
+        main(
+            [
+                "ablate",
+                "--config",
+                str(cfg),
+                "--seeds",
+                "0",
+                "--rows",
+                "lift,lift+ra,lift+freq",
+                "--pretrained",
+                str(pretrained),
+                "--set",
+                f"data.path={mnist}",
+                "--set",
+                f"run.out={out}",
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "lift = LIFT (light module, cosine head, LA loss)" in printed  # the row described once
     assert "(adaptformer in the image tower, cosine head)" in printed  # "auto", resolved
@@ -143,9 +179,20 @@ def lift_run(tmp_path_factory, mnist, pretrained):
     tmp = tmp_path_factory.mktemp("lift")
     cfg = tmp / "tiny.toml"
     cfg.write_text(TINY.format(epochs=0, loss="prompt-ce") + "[stage2]\nepochs = 1\nlr = 1e-2\n")
-    sets = [f"data.path={mnist}", f"run.out={tmp / 'run'}", f"model.pretrained={pretrained}", "stage2.adapter=false",
-            "stage2.peft=lora", "stage2.head=cosine", "stage2.logit_adjust=1", "stage2.optimizer=sgd",
-            "data.tte_views=3", "stage2.randaug=false", "stage2.dcvl_weight=0", "stage2.views=1"]
+    sets = [
+        f"data.path={mnist}",
+        f"run.out={tmp / 'run'}",
+        f"model.pretrained={pretrained}",
+        "stage2.adapter=false",
+        "stage2.peft=lora",
+        "stage2.head=cosine",
+        "stage2.logit_adjust=1",
+        "stage2.optimizer=sgd",
+        "data.tte_views=3",
+        "stage2.randaug=false",
+        "stage2.dcvl_weight=0",
+        "stage2.views=1",
+    ]
     assert main(["train", "--config", str(cfg), *[a for s in sets for a in ("--set", s)]]) == 0
     return tmp, tmp / "run" / "stage2" / "last.pt"
 
@@ -167,8 +214,10 @@ def test_export_and_predict_carry_the_head_module_and_ensembling(lift_run, mnist
     exported = torch.load(tmp / "model.pt", weights_only=True)
     assert (exported["peft"], exported["tte_views"], exported["logit_scale"]) == ("lora", 3, 25.0)
     torch.testing.assert_close(exported["class_weights"], F.normalize(state["head"]["weight"], dim=-1))
-    preds = {n: run_predict(ckpt if n == "ckpt" else tmp / n, [], folder, top_k=10, device="cpu")
-             for n in ("ckpt", "model.pt", "model.onnx")}
+    preds = {
+        n: run_predict(ckpt if n == "ckpt" else tmp / n, [], folder, top_k=10, device="cpu")
+        for n in ("ckpt", "model.pt", "model.onnx")
+    }
     one_view = run_predict(ckpt, [], folder, top_k=10, device="cpu", views=1)
     classes = state["classes"]
 

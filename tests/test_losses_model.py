@@ -1,4 +1,5 @@
 """Losses against naive references (forward and gradient); zero-shot against open_clip's classifier."""
+
 import math
 
 import pytest
@@ -133,9 +134,11 @@ def test_losses_stay_fp32_under_bf16_autocast():
     txt = F.normalize(torch.randn(10, 64, generator=g), dim=-1)
     z2 = F.normalize(torch.randn(32, 64, generator=g), dim=-1)
     labels = torch.arange(32) % 10
-    calls = {"clip": lambda: losses.clip_loss(img, txt[labels], labels, 100.0)["loss"],
-             "prompt_ce": lambda: losses.prompt_ce_loss(img, txt, labels, 100.0)["loss"],
-             "dcvl": lambda: losses.dcvl_loss(img, z2, 0.2)["loss"]}
+    calls = {
+        "clip": lambda: losses.clip_loss(img, txt[labels], labels, 100.0)["loss"],
+        "prompt_ce": lambda: losses.prompt_ce_loss(img, txt, labels, 100.0)["loss"],
+        "dcvl": lambda: losses.dcvl_loss(img, z2, 0.2)["loss"],
+    }
     for name, call in calls.items():
         plain = call()
         (grad_plain,) = torch.autograd.grad(plain, img)
@@ -181,5 +184,6 @@ def test_logit_adjusted_loss_matches_a_hand_computation():
     for a, b in zip(torch.autograd.grad(ours["loss"], (img, txt)), torch.autograd.grad(by_hand, (img, txt))):
         torch.testing.assert_close(a, b)
     assert losses.log_prior(counts, 0.0) is None
-    torch.testing.assert_close(losses.prompt_ce_loss(img, txt, labels, 100.0, None)["loss"],
-                               naive_prompt_ce(img, txt, labels, 100.0))
+    torch.testing.assert_close(
+        losses.prompt_ce_loss(img, txt, labels, 100.0, None)["loss"], naive_prompt_ce(img, txt, labels, 100.0)
+    )

@@ -1,4 +1,5 @@
 """The paper's presets, one step each as packaged (tests/test_as_written.py holds the others)."""
+
 import pytest
 
 from test_as_written import PAPER, one_step, tiny_photos  # noqa: F401  (the fixture, built once here)

@@ -1,4 +1,5 @@
 """The DALI memory-driven RandAugment: op parity with PIL, M semantics, and the loader end to end."""
+
 import numpy as np
 import pytest
 import torch
@@ -45,7 +46,9 @@ def test_equalize_matches_opencv():
 
     imgs = images(4, 32)
     out = run_leaf("equalize", imgs, np.ones(4), np.ones(4))
-    ref = np.stack([np.stack([cv2.equalizeHist(np.ascontiguousarray(im[..., c])) for c in range(3)], -1) for im in imgs])
+    ref = np.stack(
+        [np.stack([cv2.equalizeHist(np.ascontiguousarray(im[..., c])) for c in range(3)], -1) for im in imgs]
+    )
     assert np.abs(out.astype(int) - ref.astype(int)).max() <= 1
 
 
@@ -70,8 +73,11 @@ def test_m_one_applies_k_ops_and_rate_tracks_m():
         assert np.array_equal(leaf[m == 1.0], drawn[m == 1.0])  # M = 1: all k drawn ops run
         assert not leaf[m == 0.0].any()  # M = 0: nothing runs
         strength = m * d["zeta"][j]
-        assert np.allclose(np.abs(v[(m == 1.0) & (d["op"][j] == OP_INDEX["rotate"])]),
-                           30 * strength[(m == 1.0) & (d["op"][j] == OP_INDEX["rotate"])], atol=1e-4)
+        assert np.allclose(
+            np.abs(v[(m == 1.0) & (d["op"][j] == OP_INDEX["rotate"])]),
+            30 * strength[(m == 1.0) & (d["op"][j] == OP_INDEX["rotate"])],
+            atol=1e-4,
+        )
         applied = d["u"][j] < m
         assert np.array_equal(leaf != 0, applied & (drawn != 0))  # skipped ops run as identity
         for level in (0.1, 0.5, 0.9):
@@ -83,7 +89,9 @@ def test_strength_grows_with_m():
     imgs = images(128, 32)
     spec = AugSpec(res=32, views=1, k=2)
     draws = batch_draws(spec, np.arange(len(imgs)), seed=3, epoch=0)
-    base = run(AugSpec(res=32, views=1, randaug=False), imgs, np.zeros(128), [{k: draws[0][k] for k in ("flip", "box")}])[0]
+    base = run(
+        AugSpec(res=32, views=1, randaug=False), imgs, np.zeros(128), [{k: draws[0][k] for k in ("flip", "box")}]
+    )[0]
     change = [np.abs(run(spec, imgs, np.full(128, m), draws)[0] - base).mean() for m in (0.2, 0.5, 0.8, 1.0)]
     assert all(a < b for a, b in zip(change, change[1:])), change
 
@@ -120,12 +128,17 @@ def test_loader_end_to_end(mnist, order):
     labels = read_labels(path)
     m = torch.rand(len(labels))
     train = order != "sequential"
-    loader = AugmentedLoader(make_loader(path, order, 64, 36, num_classes=10),
-                             AugSpec(res=32, train=train, views=2 if train else 1), Magnitudes(m))
+    loader = AugmentedLoader(
+        make_loader(path, order, 64, 36, num_classes=10),
+        AugSpec(res=32, train=train, views=2 if train else 1),
+        Magnitudes(m),
+    )
     for epoch in range(2):
         seen = []
         for views, y, idx in loader:
-            assert all(v.shape == (len(y), 3, 32, 32) and v.is_contiguous(memory_format=torch.channels_last) for v in views)
+            assert all(
+                v.shape == (len(y), 3, 32, 32) and v.is_contiguous(memory_format=torch.channels_last) for v in views
+            )
             assert torch.equal(y, torch.from_numpy(labels[idx.numpy()]))
             seen.append(idx)
         seen = torch.cat(seen)
@@ -166,8 +179,9 @@ def test_prefetching_loader_yields_the_synchronous_batches(mnist, order):
     runs = []
     for prefetch in (0, 2):
         bank = Magnitudes(torch.zeros(n))
-        loader = AugmentedLoader(make_loader(path, order, 64, 32, num_classes=10, seed=3), spec, bank, seed=3,
-                                 prefetch=prefetch)
+        loader = AugmentedLoader(
+            make_loader(path, order, 64, 32, num_classes=10, seed=3), spec, bank, seed=3, prefetch=prefetch
+        )
         epochs = []
         for epoch in range(2):
             epochs.append([(torch.cat(v), y, i) for v, y, i in loader])

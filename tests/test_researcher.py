@@ -2,6 +2,7 @@
 trial, best.pt by a chosen val metric and the report on it, the artifacts (percent everywhere,
 summary.csv, the confusion matrix, top-5, precision and recall, the trackers), and weights that
 cannot be fetched."""
+
 import csv
 import glob
 import json
@@ -17,7 +18,6 @@ import pytest
 from conftest import TINY
 from ecvl_fast.cli import main
 from ecvl_fast.config import load_config
-from ecvl_fast.training import loop as training
 
 
 @pytest.fixture(scope="module")
@@ -36,8 +36,9 @@ def with_val(tmp_path_factory, mnist):
 def tiny(tmp_path, data, out, *sets):
     path = tmp_path / "tiny.toml"
     path.write_text(TINY.format(epochs=2, loss="prompt-ce") + "[stage2]\nepochs = 3\nlr = 1e-2\n")
-    return ["--config", str(path), "--set", f"data.path={data}", "--out", str(tmp_path / out)] + \
-        sum((["--set", s] for s in sets), [])
+    return ["--config", str(path), "--set", f"data.path={data}", "--out", str(tmp_path / out)] + sum(
+        (["--set", s] for s in sets), []
+    )
 
 
 def wandb_history(folder) -> list[dict]:
@@ -50,11 +51,11 @@ def wandb_history(folder) -> list[dict]:
     raw, pos, part, records = open(path, "rb").read(), 7, b"", []
     while pos + 7 <= len(raw):
         left = 32768 - pos % 32768
-        _, n, kind = struct.unpack("<IHB", raw[pos:pos + 7]) if left >= 7 else (0, 0, 0)
+        _, n, kind = struct.unpack("<IHB", raw[pos : pos + 7]) if left >= 7 else (0, 0, 0)
         if kind == 0:  # a block's zero padding
             pos += left
             continue
-        part, pos = part + raw[pos + 7:pos + 7 + n], pos + 7 + n
+        part, pos = part + raw[pos + 7 : pos + 7 + n], pos + 7 + n
         if kind in (1, 4):  # a whole record, or a record's last piece
             records.append(part)
             part = b""
@@ -72,8 +73,16 @@ def test_a_day_of_stage_two_best_on_few_reported_with_every_artifact(tmp_path, w
     trackers, three progress lines per epoch in a piped log."""
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
-    args = tiny(tmp_path, with_val, "day", "stage2.init=none", "run.best_metric=few", "run.report=best",
-                "run.report_to=all", "run.lines_per_epoch=3")
+    args = tiny(
+        tmp_path,
+        with_val,
+        "day",
+        "stage2.init=none",
+        "run.best_metric=few",
+        "run.report=best",
+        "run.report_to=all",
+        "run.lines_per_epoch=3",
+    )
     assert main(["train", "--stage", "2", *args]) == 0
     out, run = capsys.readouterr().out, tmp_path / "day" / "stage2"
     # progress: a line every 5 of 15 steps (timm's form) and the epoch line, each epoch
@@ -90,8 +99,17 @@ def test_a_day_of_stage_two_best_on_few_reported_with_every_artifact(tmp_path, w
     with open(run / "summary.csv") as f:
         rows = list(csv.DictReader(f))
     assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
-    assert list(rows[0]) == ["epoch", "train_loss", "lr", "img_s", "val_all", "val_many", "val_medium", "val_few",
-                             "val_macro_f1"]
+    assert list(rows[0]) == [
+        "epoch",
+        "train_loss",
+        "lr",
+        "img_s",
+        "val_all",
+        "val_many",
+        "val_medium",
+        "val_few",
+        "val_macro_f1",
+    ]
     for r, e in zip(rows, epochs):
         assert float(r["val_few"]) == pytest.approx(e["val_groups"]["few"], rel=1e-5)
         assert float(r["lr"]) == pytest.approx(e["lr"], rel=1e-5)
@@ -178,11 +196,15 @@ def test_trial_dry_run_estimate_and_refusals(tmp_path, mnist, with_val, capsys):
     # a tracker that is not installed: refused before any work, leaving nothing behind
     sys.modules["wandb"] = None  # as if not installed
     try:
-        assert main(["train", "--stage", "2", *tiny(tmp_path, mnist, "nowb", "stage2.init=none",
-                                                     "run.report_to=wandb")]) == 2
+        assert (
+            main(["train", "--stage", "2", *tiny(tmp_path, mnist, "nowb", "stage2.init=none", "run.report_to=wandb")])
+            == 2
+        )
     finally:
         del sys.modules["wandb"]
-    assert "run.report_to = \"wandb\" needs the wandb package: pip install 'ecvl-fast[wandb]'" in capsys.readouterr().err
+    assert (
+        "run.report_to = \"wandb\" needs the wandb package: pip install 'ecvl-fast[wandb]'" in capsys.readouterr().err
+    )
     assert not (tmp_path / "nowb").exists()
 
 
@@ -204,9 +226,26 @@ def test_weights_that_cannot_be_fetched_are_one_line_at_once(tmp_path, mnist):
     once, with the way out, and leaves no folder behind."""
     base = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "XDG_CACHE_HOME": str(tmp_path / "cache")}
     for env in ({"HF_HUB_OFFLINE": "1"}, {"HF_ENDPOINT": "http://127.0.0.1:9"}):
-        done = subprocess.run([sys.executable, "-m", "ecvl_fast.cli", "train", "--config", "lift-cifar100-lt",
-                               "--set", f"data.path={mnist}", "--set", "run.device=cpu", "--out", str(tmp_path / "lift")],
-                              env={**base, **env}, capture_output=True, text=True, timeout=120)
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "ecvl_fast.cli",
+                "train",
+                "--config",
+                "lift-cifar100-lt",
+                "--set",
+                f"data.path={mnist}",
+                "--set",
+                "run.device=cpu",
+                "--out",
+                str(tmp_path / "lift"),
+            ],
+            env={**base, **env},
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert done.returncode == 2, done.stderr[-2000:]
         (line,) = done.stderr.strip().splitlines()
         assert "model.pretrained = 'openai': ViT-B-16-quickgelu's weights are not in the local cache" in line

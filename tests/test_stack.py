@@ -1,5 +1,6 @@
 """Fitting the user's stack: precision (bf16 / fp16 with a scaler / fp32), exact gradient
 accumulation, and `export` to a slim .pt and ONNX that `predict` reads like a checkpoint."""
+
 import numpy as np
 import pytest
 import torch
@@ -26,9 +27,14 @@ def batch(n=64, seed=0):
 
 
 def stage_run(stage, loss="prompt-ce", accum=1, prec="fp32", n=64, aug=AugCfg(), dcvl_weight=1.0, tau=0.0, labels=None):
-    cfg = Config(data=DataCfg(res=32), model=ModelCfg(name="ecvl-tiny-vit"), run=RunCfg(device="cpu", precision=prec), aug=aug,
-                 stage1=Stage1Cfg(lr=2e-3, loss=loss, warmup_epochs=0.0, accum_steps=accum),
-                 stage2=Stage2Cfg(init="none", lr=1e-2, accum_steps=accum, dcvl_weight=dcvl_weight, logit_adjust=tau))
+    cfg = Config(
+        data=DataCfg(res=32),
+        model=ModelCfg(name="ecvl-tiny-vit"),
+        run=RunCfg(device="cpu", precision=prec),
+        aug=aug,
+        stage1=Stage1Cfg(lr=2e-3, loss=loss, warmup_epochs=0.0, accum_steps=accum),
+        stage2=Stage2Cfg(init="none", lr=1e-2, accum_steps=accum, dcvl_weight=dcvl_weight, logit_adjust=tau),
+    )
     meta = {"classes": CLASSES, "train_labels": np.arange(n) % 10 if labels is None else labels}
     return build_run(cfg, D.Dist(0, 0, 1, torch.device("cpu")), meta, steps_per_epoch=10, stage=stage)
 
@@ -74,8 +80,12 @@ def test_ce_memory_records_each_samples_prompt_ce():
     runs["ce"].stage2.adapter.load_state_dict(start)
     with torch.no_grad():
         run = runs["ce"]
-        ce = [F.cross_entropy(100.0 * adapted_features(run.net(v)[0], run.stage2.adapter) @ run.text.T, y, reduction="none")
-              for v in views]
+        ce = [
+            F.cross_entropy(
+                100.0 * adapted_features(run.net(v)[0], run.stage2.adapter) @ run.text.T, y, reduction="none"
+            )
+            for v in views
+        ]
     terms = {src: train_step(r, views, y, torch.arange(64)) for src, r in runs.items()}
     torch.testing.assert_close(runs["ce"].bank.loss_sum, (ce[0] + ce[1]) / 2, rtol=1e-5, atol=1e-6)
     assert runs["ce"].bank.loss_count.tolist() == [1] * 64
@@ -97,7 +107,9 @@ def test_lol_memory_records_the_share_of_right_views():
     views = [x, x.flip(-1)]
     run = stage_run(2, aug=AugCfg(m_source="lol", m_scope="class", m_direction="easy"), dcvl_weight=0.0)
     with torch.no_grad():
-        right = [((adapted_features(run.net(v)[0], run.stage2.adapter) @ run.text.T).argmax(1) == y).float() for v in views]
+        right = [
+            ((adapted_features(run.net(v)[0], run.stage2.adapter) @ run.text.T).argmax(1) == y).float() for v in views
+        ]
     assert set(train_step(run, views, y, torch.arange(64))) == {"loss", "ce"}
     torch.testing.assert_close(run.bank.loss_sum, (right[0] + right[1]) / 2)
     assert run.bank.lol == (10, 0.6)
@@ -160,7 +172,7 @@ def test_export_pt_and_onnx_predict_like_the_checkpoint(tmp_path, mnist):
     from ecvl_fast.loaders.ffcv_loader import make_loader
 
     path = tmp_path / "tiny.toml"
-    path.write_text(TINY.format(epochs=1, loss="prompt-ce") + "[stage2]\nepochs = 1\nlr = 1e-2\ninit = \"none\"\n")
+    path.write_text(TINY.format(epochs=1, loss="prompt-ce") + '[stage2]\nepochs = 1\nlr = 1e-2\ninit = "none"\n')
     sets = [f"data.path={mnist}", f"run.out={tmp_path / 'run'}"]
     training.main(load_config(path, sets), stage=2)  # an adapter on the random encoders
     ckpt = tmp_path / "run" / "stage2" / "last.pt"
@@ -173,8 +185,10 @@ def test_export_pt_and_onnx_predict_like_the_checkpoint(tmp_path, mnist):
     assert cli_main(["export", "--ckpt", str(ckpt), "--out", str(tmp_path / "model.onnx"), "--format", "onnx"]) == 0
     from ecvl_fast.serving.predict import run_predict
 
-    preds = {name: run_predict(tmp_path / name if name != "ckpt" else ckpt, [], folder, top_k=10, device="cpu")
-             for name in ("ckpt", "model.pt", "model.onnx")}
+    preds = {
+        name: run_predict(tmp_path / name if name != "ckpt" else ckpt, [], folder, top_k=10, device="cpu")
+        for name in ("ckpt", "model.pt", "model.onnx")
+    }
     ref, classes = preds["ckpt"], torch.load(ckpt, weights_only=True)["classes"]
     for name, tol in (("model.pt", 1e-4), ("model.onnx", 1e-3)):
         assert [p.classes[0] for p in preds[name]] == [p.classes[0] for p in ref], name
@@ -183,17 +197,26 @@ def test_export_pt_and_onnx_predict_like_the_checkpoint(tmp_path, mnist):
             assert max(abs(pa[c] - pb[c]) for c in classes) < tol, name
     # slimmer by at least the text tower and the training state
     state = torch.load(ckpt, weights_only=True)
-    text_tower = sum(v.numel() * v.element_size() for k, v in state["model"].items() if not k.startswith("clip.visual."))
-    opt = sum(t.numel() * t.element_size() for s in state["optimizer"]["state"].values() for t in s.values()
-              if isinstance(t, torch.Tensor))
+    text_tower = sum(
+        v.numel() * v.element_size() for k, v in state["model"].items() if not k.startswith("clip.visual.")
+    )
+    opt = sum(
+        t.numel() * t.element_size()
+        for s in state["optimizer"]["state"].values()
+        for t in s.values()
+        if isinstance(t, torch.Tensor)
+    )
     saved = ckpt.stat().st_size - (tmp_path / "model.pt").stat().st_size
     assert saved >= text_tower + opt - 10 * 512 * 4  # less the class text features it keeps
     exported = torch.load(tmp_path / "model.pt", weights_only=True)
     assert "optimizer" not in exported and "momentum" not in exported and exported["classes"] == classes
     assert exported["logit_scale"] == 100.0  # what prompt CE trained at (stage2.ce_scale), not the model's own
     # an export written before LIFT's settings (text_features; no light module, no test-time views) loads
-    old = {k: v for k, v in exported.items()
-           if k not in ("class_weights", "peft", "peft_dim", "tte_views", "tte_crops", "quick_gelu", "digest")}
+    old = {
+        k: v
+        for k, v in exported.items()
+        if k not in ("class_weights", "peft", "peft_dim", "tte_views", "tte_crops", "quick_gelu", "digest")
+    }
     torch.save({**old, "text_features": exported["class_weights"]}, tmp_path / "old.pt")
     again = run_predict(tmp_path / "old.pt", [], folder, top_k=10, device="cpu")
     assert [p.probs for p in again] == [p.probs for p in preds["model.pt"]]

@@ -1,4 +1,5 @@
 """Stage 1 end to end on tiny real data: loss falls, resume equivalence, DDP (gloo), bad input."""
+
 import json
 
 import numpy as np
@@ -15,7 +16,6 @@ from ecvl_fast.evaluation.reports import read_metrics
 from ecvl_fast.loaders.convert import ConvertOptions, convert
 
 from conftest import TINY, two_nodes
-
 
 
 def tiny_config(tmp_path, mnist, name, epochs=3, loss="prompt-ce"):
@@ -111,18 +111,43 @@ def test_elastic_restart_on_two_nodes_resumes_and_matches_one_process(stage1_pai
     single = training.main(load_config(path, stage2 + [f"run.out={tmp / 'single'}"]), stage=2)
     run = tmp / "elastic"
     args = ["train", "--config", str(path), "--stage", "2"] + sum(
-        (["--set", s] for s in stage2 + [f"run.out={run}", "run.checkpoint_every=5"]), [])
+        (["--set", s] for s in stage2 + [f"run.out={run}", "run.checkpoint_every=5"]), []
+    )
     env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
     with open(tmp / "torchrun.txt", "w+") as log:  # a file, not a pipe nobody reads while we wait
-        agents = [subprocess.Popen(
-            [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
-             "--max-restarts", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint", "127.0.0.1:29561",
-             "--rdzv-id", "elastic", "-m", "ecvl_fast.cli", *args], env=env, stdout=log, stderr=log)
-            for _ in range(2)]
+        agents = [
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "torch.distributed.run",
+                    "--nnodes",
+                    "2",
+                    "--nproc-per-node",
+                    "1",
+                    "--max-restarts",
+                    "1",
+                    "--rdzv-backend",
+                    "c10d",
+                    "--rdzv-endpoint",
+                    "127.0.0.1:29561",
+                    "--rdzv-id",
+                    "elastic",
+                    "-m",
+                    "ecvl_fast.cli",
+                    *args,
+                ],
+                env=env,
+                stdout=log,
+                stderr=log,
+            )
+            for _ in range(2)
+        ]
         deadline = time.monotonic() + 300
         while not (run / "stage2" / "last.pt").exists():  # the main rank renames it into place when complete
-            assert all(a.poll() is None for a in agents) and time.monotonic() < deadline, \
-                (tmp / "torchrun.txt").read_text()[-3000:]
+            assert all(a.poll() is None for a in agents) and time.monotonic() < deadline, (
+                tmp / "torchrun.txt"
+            ).read_text()[-3000:]
             time.sleep(0.02)
         os.kill(worker_pid(agents[1].pid, 0), signal.SIGKILL)
         codes = [a.wait(timeout=300) for a in agents]
@@ -155,13 +180,36 @@ def test_resume_with_another_process_count_logs_the_epochs_loss(stage1_pair):
 
     tmp, path, _, _ = stage1_pair
     run = tmp / "regrouped"
-    sets = [f"data.path={load_config(tmp / 'single' / 'config.toml').data.path}", f"run.out={run}", "run.checkpoint_every=5"]
+    sets = [
+        f"data.path={load_config(tmp / 'single' / 'config.toml').data.path}",
+        f"run.out={run}",
+        "run.checkpoint_every=5",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
     with open(tmp / "regrouped.txt", "w+") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-                                 "29583", "-m", "ecvl_fast.cli", "train", "--stage", "1", "--config", str(path)]
-                                + sum((["--set", s] for s in sets), []), env=env, stdout=log, stderr=log,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nproc-per-node",
+                "2",
+                "--master-port",
+                "29583",
+                "-m",
+                "ecvl_fast.cli",
+                "train",
+                "--stage",
+                "1",
+                "--config",
+                str(path),
+            ]
+            + sum((["--set", s] for s in sets), []),
+            env=env,
+            stdout=log,
+            stderr=log,
+            start_new_session=True,
+        )
         deadline = time.monotonic() + 300
         while not (run / "last.pt").exists():
             assert proc.poll() is None and time.monotonic() < deadline, (tmp / "regrouped.txt").read_text()[-3000:]
@@ -170,8 +218,9 @@ def test_resume_with_another_process_count_logs_the_epochs_loss(stage1_pair):
         for pid in [p for p in workers if p] + [proc.pid]:  # the workers may sit in process groups of their own
             os.kill(pid, signal.SIGKILL)
         proc.wait()
-        while any(p and os.path.exists(f"/proc/{p}") and "zombie" not in open(f"/proc/{p}/status").read()
-                  for p in workers):
+        while any(
+            p and os.path.exists(f"/proc/{p}") and "zombie" not in open(f"/proc/{p}/status").read() for p in workers
+        ):
             time.sleep(0.02)
     stopped = ckpt_io.load(run / "last.pt")["position"]
     assert stopped["epoch"] == 0 and stopped["step"] in (5, 10)
@@ -210,7 +259,9 @@ def test_foreign_beton_and_wrong_checkpoint(tmp_path, mnist, capsys, split_datas
     shutil.copytree(mnist, data)
     shutil.copyfile(data / "test.beton", data / "train.beton")
     assert "train.beton does not match the sha256 meta.json recorded" in cli_error(
-        ["eval", "--zero-shot", "--data", str(data), "--set", "model.name=ecvl-tiny-vit", "--set", "data.res=32"], capsys)
+        ["eval", "--zero-shot", "--data", str(data), "--set", "model.name=ecvl-tiny-vit", "--set", "data.res=32"],
+        capsys,
+    )
     (data / "train.beton").write_bytes(b"\0" * 100)
     assert "train.beton" in cli_error(["eval", "--zero-shot", "--data", str(data)], capsys)
     junk = tmp_path / "junk.pt"
@@ -250,8 +301,22 @@ def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path, mnist, monkeypatch):
 
 def test_zero_shot_eval_writes_report(tmp_path, mnist):
     out = tmp_path / "zs"
-    args = ["eval", "--zero-shot", "--data", str(mnist), "--out", str(out), "--set", "model.name=ecvl-tiny-vit",
-            "--set", "data.res=32", "--set", "model.templates=openai", "--set", "run.device=cpu"]
+    args = [
+        "eval",
+        "--zero-shot",
+        "--data",
+        str(mnist),
+        "--out",
+        str(out),
+        "--set",
+        "model.name=ecvl-tiny-vit",
+        "--set",
+        "data.res=32",
+        "--set",
+        "model.templates=openai",
+        "--set",
+        "run.device=cpu",
+    ]
     assert cli_main(args) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["num_images"] == 1000 and len(metrics["per_class"]) == 10
@@ -278,7 +343,9 @@ def test_stage2_trains_adapter_with_memory_driven_randaugment(tmp_path, mnist, t
     assert min(m[seen].min().item(), 1 - m[seen].max().item()) < 1e-5  # the most extreme sample sits at 0 or 1
     assert m[seen].std() > 0.05 and (~seen).any()
     assert (run / "m_by_group.png").stat().st_size > 1000
-    groups = [json.loads(line)["m_by_group"] for line in (run / "log.jsonl").read_text().splitlines() if "m_by_group" in line]
+    groups = [
+        json.loads(line)["m_by_group"] for line in (run / "log.jsonl").read_text().splitlines() if "m_by_group" in line
+    ]
     assert len(groups) == 3 and set(groups[-1]) == {"many", "medium", "few"}
     assert groups[-1]["few"]["seen"] == 1.0 and groups[-1]["many"]["seen"] < 1.0  # balanced sampling
     assert stage2 != stage1 and stage2["num_images"] == 1000
@@ -334,8 +401,24 @@ def test_predict_matches_eval_and_handles_bad_input(tmp_path, mnist, capsys, tin
     for i in range(n):
         Image.fromarray(test.images[i]).save(folder / f"{i:04d}.png")
     out = tmp_path / "preds.csv"
-    assert cli_main(["predict", "--ckpt", str(ckpt), "--folder", str(folder), "--top-k", "3", "--out", str(out),
-                     "--device", "cpu"]) == 0
+    assert (
+        cli_main(
+            [
+                "predict",
+                "--ckpt",
+                str(ckpt),
+                "--folder",
+                str(folder),
+                "--top-k",
+                "3",
+                "--out",
+                str(out),
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     rows = out.read_text().splitlines()
     assert rows[0] == "path,class1,prob1,class2,prob2,class3,prob3" and len(rows) == n + 1
     state = ckpt_io.load(ckpt)
@@ -350,13 +433,18 @@ def test_predict_matches_eval_and_handles_bad_input(tmp_path, mnist, capsys, tin
     # Bad inputs: an unreadable image is named and skipped, or refused with --strict.
     (folder / "broken.png").write_bytes(b"not an image")
     capsys.readouterr()
-    assert cli_main(["predict", "--ckpt", str(ckpt), "--folder", str(folder), "--device", "cpu", "--out", str(out)]) == 0
+    assert (
+        cli_main(["predict", "--ckpt", str(ckpt), "--folder", str(folder), "--device", "cpu", "--out", str(out)]) == 0
+    )
     assert "broken.png" in capsys.readouterr().err and len(out.read_text().splitlines()) == n + 1
-    assert "broken.png: unreadable image" in cli_error(["predict", "--ckpt", str(ckpt), "--device", "cpu", "--strict",
-                                                         str(folder / "broken.png")], capsys)
+    assert "broken.png: unreadable image" in cli_error(
+        ["predict", "--ckpt", str(ckpt), "--device", "cpu", "--strict", str(folder / "broken.png")], capsys
+    )
     weights = tmp_path / "w.pt"
     torch.save({"state_dict": state["model"]}, weights)
-    assert "not an ecvl-fast checkpoint" in cli_error(["predict", "--ckpt", str(weights), str(folder / "0000.png")], capsys)
+    assert "not an ecvl-fast checkpoint" in cli_error(
+        ["predict", "--ckpt", str(weights), str(folder / "0000.png")], capsys
+    )
     assert "no such folder" in cli_error(["predict", "--ckpt", str(ckpt), "--folder", str(tmp_path / "none")], capsys)
 
 
@@ -364,10 +452,17 @@ def test_fixed_magnitude_replaces_the_memory(tmp_path, mnist, monkeypatch, tiny_
     from ecvl_fast.loaders import dali_loader
 
     fed, real_feed = [], dali_loader.feed
-    monkeypatch.setattr(dali_loader, "feed", lambda p, spec, images, m, draws: (
-        fed.append(np.asarray(m).copy()) if spec.randaug else None, real_feed(p, spec, images, m, draws))[1])
+    monkeypatch.setattr(
+        dali_loader,
+        "feed",
+        lambda p, spec, images, m, draws: (
+            fed.append(np.asarray(m).copy()) if spec.randaug else None,
+            real_feed(p, spec, images, m, draws),
+        )[1],
+    )
     with pytest.raises(EcvlError, match="a fixed M lies in"):
         training.main(stage2_config(tmp_path, mnist, tiny_stage1[0], "fixed", ["stage2.randaug_m=1.5"]), stage=2)
-    training.main(stage2_config(tmp_path, mnist, tiny_stage1[0], "fixed", ["stage2.epochs=1", "stage2.randaug_m=0.5"]),
-                  stage=2)
+    training.main(
+        stage2_config(tmp_path, mnist, tiny_stage1[0], "fixed", ["stage2.epochs=1", "stage2.randaug_m=0.5"]), stage=2
+    )
     assert len(fed) == 15 and all((m == 0.5).all() for m in fed)

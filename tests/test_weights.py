@@ -1,6 +1,7 @@
 """OpenAI's CLIP weights were trained with QuickGELU, and open_clip builds `RN50` and `ViT-B-16`
 with GELU: every way of pointing at OpenAI's weights builds QuickGELU towers, and the weights load
 into them. Files are written here with random values, in both of OpenAI's forms."""
+
 import json
 from pathlib import Path
 

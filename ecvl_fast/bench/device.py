@@ -10,6 +10,7 @@
 Times are medians over repeats, measured with CUDA events on GPU. Under torchrun each rank
 reports its own img/s and rank 0 adds the total. `--compare OLD.json` prints new/old ratios.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -50,13 +51,21 @@ class Timer:
             self.seconds = time.perf_counter() - self.t0
 
 
-def _cfg(model: str, res: int, batch: int, device: str, compile: bool, world: int = 1, precision: str = "auto") -> Config:
-    return Config(data=DataCfg(res=res, batch_size=batch * world), model=ModelCfg(name=model, compile=compile),
-                  stage1=Stage1Cfg(loss="prompt-ce"), stage2=Stage2Cfg(init="none"),
-                  run=RunCfg(device=device, precision=precision))
+def _cfg(
+    model: str, res: int, batch: int, device: str, compile: bool, world: int = 1, precision: str = "auto"
+) -> Config:
+    return Config(
+        data=DataCfg(res=res, batch_size=batch * world),
+        model=ModelCfg(name=model, compile=compile),
+        stage1=Stage1Cfg(loss="prompt-ce"),
+        stage2=Stage2Cfg(init="none"),
+        run=RunCfg(device=device, precision=precision),
+    )
 
 
-def synthetic_batch(n: int, res: int, classes: int, device: torch.device, dt: torch.dtype = torch.float32, seed: int = 0):
+def synthetic_batch(
+    n: int, res: int, classes: int, device: torch.device, dt: torch.dtype = torch.float32, seed: int = 0
+):
     from ecvl_fast.run import precision
 
     g = torch.Generator().manual_seed(seed)
@@ -78,22 +87,41 @@ def _with_totals(d: D.Dist, r: dict, keys: tuple[str, ...]) -> dict:
     return r
 
 
-def bench_step(model: str, res: int, batch: int, device: str, compile: bool = False, steps: int = 10,
-               repeats: int = 3, classes: int = 100, precision: str = "auto") -> dict:
+def bench_step(
+    model: str,
+    res: int,
+    batch: int,
+    device: str,
+    compile: bool = False,
+    steps: int = 10,
+    repeats: int = 3,
+    classes: int = 100,
+    precision: str = "auto",
+) -> dict:
     """Both stages' train steps, model only: stage 1; stage 2 (two views, frozen encoders + adapter);
     and `lift`, stage 2 with LIFT's settings (one view, a light module inside the frozen image tower
     and a cosine head, so the tower's backward runs too; method/rows.py's LIFT)."""
     from ecvl_fast.training.loop import build_run, train_step
 
     d = D.setup(device)
-    out = {"machine": machine_info(), "config": dict(model=model, res=res, batch_per_device=batch, compile=compile,
-                                                     steps=steps, repeats=repeats, device=str(d.device),
-                                                     precision=precision)}
+    out = {
+        "machine": machine_info(),
+        "config": dict(
+            model=model,
+            res=res,
+            batch_per_device=batch,
+            compile=compile,
+            steps=steps,
+            repeats=repeats,
+            device=str(d.device),
+            precision=precision,
+        ),
+    }
     for name, stage in (("stage1", 1), ("stage2", 2), ("lift", 2)):
         cfg = _cfg(model, res, batch, device, compile, d.world_size, precision)
         if name == "lift":
             cfg = dataclasses.replace(cfg, stage2=dataclasses.replace(cfg.stage2, **LIFT))
-        run = build_run(cfg, d, _meta(np.arange(batch) % classes), steps_per_epoch=10 ** 6, stage=stage)
+        run = build_run(cfg, d, _meta(np.arange(batch) % classes), steps_per_epoch=10**6, stage=stage)
         x, y, idx = synthetic_batch(batch, res, classes, d.device, run.amp)
         views = x if cfg.stage2.views == 1 or stage == 1 else [x, x.flip(-1)]
         if d.device.type == "cuda":
@@ -108,11 +136,20 @@ def bench_step(model: str, res: int, batch: int, device: str, compile: bool = Fa
             times.append(t.seconds / steps)
         step_s = statistics.median(times)
         trained = run.stage2.trained().values() if stage == 2 else run.net.parameters()
-        out[name] = _with_totals(d, {
-            "img_s": batch / step_s, "step_ms": 1e3 * step_s, "first_step_s": first.seconds,
-            "peak_device_mem_gb": torch.cuda.max_memory_allocated(d.device) / 2 ** 30 if d.device.type == "cuda" else None,
-            "trained_params": sum(p.numel() for p in trained if p.requires_grad),
-            "encoder_forwards_s": batch * (1 if isinstance(views, torch.Tensor) else len(views)) / step_s}, ("img_s",))
+        out[name] = _with_totals(
+            d,
+            {
+                "img_s": batch / step_s,
+                "step_ms": 1e3 * step_s,
+                "first_step_s": first.seconds,
+                "peak_device_mem_gb": torch.cuda.max_memory_allocated(d.device) / 2**30
+                if d.device.type == "cuda"
+                else None,
+                "trained_params": sum(p.numel() for p in trained if p.requires_grad),
+                "encoder_forwards_s": batch * (1 if isinstance(views, torch.Tensor) else len(views)) / step_s,
+            },
+            ("img_s",),
+        )
     return out
 
 
@@ -142,17 +179,40 @@ def _peer_loader(images, labels, m, spec, batch: int, workers: int, seed: int = 
     from ecvl_fast.loaders.torch_reference import ReferenceDataset
 
     ds = ReferenceDataset(images, labels, m, spec, seed=seed)
-    return torch.utils.data.DataLoader(ds, batch_size=batch, shuffle=False, num_workers=workers,
-                                       persistent_workers=workers > 0, drop_last=True, pin_memory=torch.cuda.is_available())
+    return torch.utils.data.DataLoader(
+        ds,
+        batch_size=batch,
+        shuffle=False,
+        num_workers=workers,
+        persistent_workers=workers > 0,
+        drop_last=True,
+        pin_memory=torch.cuda.is_available(),
+    )
 
 
-def _dali_loader(images, labels, bank, spec, batch: int, device: torch.device, threads: int, prefetch: int = 2,
-                 dtype: torch.dtype | None = None):
+def _dali_loader(
+    images,
+    labels,
+    bank,
+    spec,
+    batch: int,
+    device: torch.device,
+    threads: int,
+    prefetch: int = 2,
+    dtype: torch.dtype | None = None,
+):
     from ecvl_fast.loaders.dali_loader import AugmentedLoader
     from ecvl_fast.loaders.held import HeldLoader
 
-    return AugmentedLoader(HeldLoader(images, labels, "random", batch), spec, bank, device=device,
-                           threads=threads, prefetch=prefetch, dtype=dtype)
+    return AugmentedLoader(
+        HeldLoader(images, labels, "random", batch),
+        spec,
+        bank,
+        device=device,
+        threads=threads,
+        prefetch=prefetch,
+        dtype=dtype,
+    )
 
 
 def uniform_m(n: int, seed: int = 0) -> np.ndarray:
@@ -177,8 +237,9 @@ def _img_s(loader, device: torch.device, passes: int) -> float:
     return n / (time.perf_counter() - t0)
 
 
-def bench_augment(data: Path | None, res: int, batch: int, device: str, n: int, workers: int, threads: int,
-                  repeats: int = 3) -> dict:
+def bench_augment(
+    data: Path | None, res: int, batch: int, device: str, n: int, workers: int, threads: int, repeats: int = 3
+) -> dict:
     from ecvl_fast.kernels.bank import StaticMagnitudes
     from ecvl_fast.loaders.draws import AugSpec
 
@@ -189,18 +250,31 @@ def bench_augment(data: Path | None, res: int, batch: int, device: str, n: int, 
     peer = _peer_loader(images, labels, torch.from_numpy(m).share_memory_(), spec, batch, workers)
     pairs = [(_img_s(dali, d.device, 1), _img_s(peer, d.device, 1)) for _ in range(repeats)]
     ratios = sorted(a / b for a, b in pairs)
-    return {"machine": machine_info(), "source": source,
-            "config": dict(res=res, batch=batch, views=2, k=2, images=len(labels), peer_workers=workers,
-                           dali_threads=threads, device=str(d.device)),
-            "dali_img_s": statistics.median(a for a, _ in pairs), "peer_img_s": statistics.median(b for _, b in pairs),
-            "ratio": ratios[len(ratios) // 2], "pairs": pairs}
+    return {
+        "machine": machine_info(),
+        "source": source,
+        "config": dict(
+            res=res,
+            batch=batch,
+            views=2,
+            k=2,
+            images=len(labels),
+            peer_workers=workers,
+            dali_threads=threads,
+            device=str(d.device),
+        ),
+        "dali_img_s": statistics.median(a for a, _ in pairs),
+        "peer_img_s": statistics.median(b for _, b in pairs),
+        "ratio": ratios[len(ratios) // 2],
+        "pairs": pairs,
+    }
 
 
 def _stage2_run(model: str, res: int, batch: int, device: str, labels: np.ndarray, d: D.Dist, precision: str = "auto"):
     from ecvl_fast.training.loop import build_run
 
     cfg = _cfg(model, res, batch, device, False, d.world_size, precision)
-    return build_run(cfg, d, _meta(labels), steps_per_epoch=10 ** 6, stage=2)
+    return build_run(cfg, d, _meta(labels), steps_per_epoch=10**6, stage=2)
 
 
 def _train_pass(run, loader, d: D.Dist) -> tuple[float, int]:
@@ -217,8 +291,18 @@ def _train_pass(run, loader, d: D.Dist) -> tuple[float, int]:
     return t.seconds, n
 
 
-def bench_train(data: Path | None, model: str, res: int, batch: int, device: str, n: int, workers: int,
-                threads: int, epochs: int = 2, precision: str = "auto") -> dict:
+def bench_train(
+    data: Path | None,
+    model: str,
+    res: int,
+    batch: int,
+    device: str,
+    n: int,
+    workers: int,
+    threads: int,
+    epochs: int = 2,
+    precision: str = "auto",
+) -> dict:
     """Stage 2 epochs (adapter + L_DCVL + memory-driven RA) fed by DALI, then by the PIL peer."""
     from ecvl_fast.loaders.draws import AugSpec
     from ecvl_fast.training.loop import train_step
@@ -228,8 +312,10 @@ def bench_train(data: Path | None, model: str, res: int, batch: int, device: str
     run = _stage2_run(model, res, batch, device, labels, d, precision)
     run.bank.m.copy_(torch.from_numpy(uniform_m(len(labels))))  # both feeders read this M
     spec = AugSpec(res=res, views=2, k=2)
-    feeders = {"dali": _dali_loader(images, labels, run.bank, spec, batch, d.device, threads, dtype=run.amp),
-               "peer": _peer_loader(images, labels, run.bank.m.cpu().share_memory_(), spec, batch, workers)}
+    feeders = {
+        "dali": _dali_loader(images, labels, run.bank, spec, batch, d.device, threads, dtype=run.amp),
+        "peer": _peer_loader(images, labels, run.bank.m.cpu().share_memory_(), spec, batch, workers),
+    }
     x, y, idx = synthetic_batch(batch, res, int(labels.max()) + 1, d.device, run.amp)
     steps = len(feeders["dali"])
 
@@ -242,10 +328,21 @@ def bench_train(data: Path | None, model: str, res: int, batch: int, device: str
 
     model_only()  # warm-up
     step_s = [model_only()]
-    out = {"machine": machine_info(), "source": source,
-           "config": dict(model=model, res=res, batch=batch, images=len(labels), epochs=epochs, peer_workers=workers,
-                          dali_threads=threads, device=str(d.device), precision=precision),
-           }
+    out = {
+        "machine": machine_info(),
+        "source": source,
+        "config": dict(
+            model=model,
+            res=res,
+            batch=batch,
+            images=len(labels),
+            epochs=epochs,
+            peer_workers=workers,
+            dali_threads=threads,
+            device=str(d.device),
+            precision=precision,
+        ),
+    }
     walls = {}
     for name, loader in feeders.items():
         _train_pass(run, loader, d)  # warm-up epoch (JIT, worker start-up)
@@ -255,14 +352,31 @@ def bench_train(data: Path | None, model: str, res: int, batch: int, device: str
     out["model_only_step_ms"] = 1e3 * min(step_s)
     for name, (wall, imgs) in walls.items():
         compute = min(step_s) * (imgs // batch)
-        out[name] = _with_totals(d, {"img_s": imgs / wall, "epoch_s": wall, "step_ms": 1e3 * wall / (imgs // batch),
-                                     "data_stall": max(0.0, 1 - compute / wall)}, ("img_s",))
+        out[name] = _with_totals(
+            d,
+            {
+                "img_s": imgs / wall,
+                "epoch_s": wall,
+                "step_ms": 1e3 * wall / (imgs // batch),
+                "data_stall": max(0.0, 1 - compute / wall),
+            },
+            ("img_s",),
+        )
     out["ratio"] = out["dali"]["img_s"] / out["peer"]["img_s"]
     return out
 
 
-def bench_infer(ckpt: Path | None, data: Path | None, model: str, res: int, batch: int, device: str, n: int,
-                repeats: int = 3, precision: str = "auto") -> dict:
+def bench_infer(
+    ckpt: Path | None,
+    data: Path | None,
+    model: str,
+    res: int,
+    batch: int,
+    device: str,
+    n: int,
+    repeats: int = 3,
+    precision: str = "auto",
+) -> dict:
     """The predict path on test images held in memory: prepare (resize, normalise), encode, classify."""
     from ecvl_fast.evaluation.metrics import predict_logits
     from ecvl_fast.serving.classifier import load_checkpoint, to_input
@@ -287,7 +401,7 @@ def bench_infer(ckpt: Path | None, data: Path | None, model: str, res: int, batc
     images, _, source = held_images(data, res, n, split="test")
     held = torch.from_numpy(images)
     held = held.pin_memory() if dev.type == "cuda" else held  # as a loader would hand them over
-    batches = [held[i:i + batch] for i in range(0, len(held) - batch + 1, batch)]
+    batches = [held[i : i + batch] for i in range(0, len(held) - batch + 1, batch)]
 
     def one_pass():
         for b in batches:
@@ -300,10 +414,20 @@ def bench_infer(ckpt: Path | None, data: Path | None, model: str, res: int, batc
             one_pass()
         times.append(t.seconds)
     done = len(batches) * batch
-    return {"machine": machine_info(), "source": source, "checkpoint": str(ckpt) if ckpt else None,
-            "config": dict(model=model if ckpt is None else cfg.model.name, res=res, batch=batch, images=done,
-                           device=str(dev), precision=precision),
-            "img_s": done / statistics.median(times)}
+    return {
+        "machine": machine_info(),
+        "source": source,
+        "checkpoint": str(ckpt) if ckpt else None,
+        "config": dict(
+            model=model if ckpt is None else cfg.model.name,
+            res=res,
+            batch=batch,
+            images=done,
+            device=str(dev),
+            precision=precision,
+        ),
+        "img_s": done / statistics.median(times),
+    }
 
 
 def compare(new: dict, old: dict, prefix: str = "") -> list[tuple[str, float, float, float]]:
@@ -312,7 +436,11 @@ def compare(new: dict, old: dict, prefix: str = "") -> list[tuple[str, float, fl
     for k, v in new.items():
         if isinstance(v, dict) and isinstance(old.get(k), dict):
             rows += compare(v, old[k], f"{prefix}{k}.")
-        elif (k.endswith("img_s") or k.endswith("img_s_total") or k == "ratio") and isinstance(v, (int, float)) \
-                and isinstance(old.get(k), (int, float)) and old[k]:
+        elif (
+            (k.endswith("img_s") or k.endswith("img_s_total") or k == "ratio")
+            and isinstance(v, (int, float))
+            and isinstance(old.get(k), (int, float))
+            and old[k]
+        ):
             rows.append((prefix + k, float(v), float(old[k]), float(v) / float(old[k])))
     return rows

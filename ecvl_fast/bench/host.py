@@ -1,5 +1,6 @@
 """`ecvl-fast bench loader`: the data path against its torchvision peer, and the kernels against
 numpy, all measured in one run so the ratios compare like with like on a noisy machine."""
+
 from __future__ import annotations
 
 import time
@@ -46,8 +47,9 @@ def bench_dali(b: LoaderBench):
     path = b.data / "train.beton"
     m = torch.rand(len(read_labels(path)), generator=torch.Generator().manual_seed(0))
     loader = make_loader(path, "random", b.batch, default_load_res(b.res), workers=b.workers)
-    aug = AugmentedLoader(loader, AugSpec(res=b.res, views=b.views, k=b.k), StaticMagnitudes(m.numpy()),
-                          threads=b.dali_threads)
+    aug = AugmentedLoader(
+        loader, AugSpec(res=b.res, views=b.views, k=b.k), StaticMagnitudes(m.numpy()), threads=b.dali_threads
+    )
     return lambda: _timed(lambda: aug, b.min_images)
 
 
@@ -64,8 +66,9 @@ def bench_reference(b: LoaderBench):
     imgs, labels = np.concatenate(imgs), np.concatenate(labels)
     m = torch.rand(len(labels), generator=torch.Generator().manual_seed(0)).share_memory_()
     ds = ReferenceDataset(imgs, labels, m, AugSpec(res=b.res, views=b.views, k=b.k))
-    dl = torch.utils.data.DataLoader(ds, batch_size=b.batch, shuffle=True, num_workers=b.workers,
-                                     persistent_workers=True, drop_last=True)
+    dl = torch.utils.data.DataLoader(
+        ds, batch_size=b.batch, shuffle=True, num_workers=b.workers, persistent_workers=True, drop_last=True
+    )
     return lambda: _timed(lambda: dl, b.min_images)
 
 
@@ -77,13 +80,18 @@ def bench_kernels(n: int = 1_280_000, batch: int = 512, seed: int = 0) -> dict:
     idx = rng.permutation(n).astype(np.int64)
     loss = rng.gamma(2.0, 1.0, n).astype(np.float32)
     labels = rng.integers(0, 1000, n)
-    state = [np.zeros(n, np.float32), np.zeros(n, np.int32), np.zeros(n, np.float32),
-             np.zeros(n, np.uint8), np.zeros(n, np.float32)]
+    state = [
+        np.zeros(n, np.float32),
+        np.zeros(n, np.int32),
+        np.zeros(n, np.float32),
+        np.zeros(n, np.uint8),
+        np.zeros(n, np.float32),
+    ]
 
     def numba_epoch():
         s, c, ema, seen, m = state
         for j in range(0, n, batch):
-            cpu.accumulate(s, c, idx[j:j + batch], loss[j:j + batch])
+            cpu.accumulate(s, c, idx[j : j + batch], loss[j : j + batch])
         assert cpu.first_nonfinite(s, c) == -1
         cpu.end_epoch(ema, seen, s, c, 0.97)
         cpu.normalise(ema, seen, labels, m, 1000)
@@ -91,8 +99,8 @@ def bench_kernels(n: int = 1_280_000, batch: int = 512, seed: int = 0) -> dict:
     def numpy_epoch():
         s, c, ema, seen, m = (a.copy() for a in state)
         for j in range(0, n, batch):
-            np.add.at(s, idx[j:j + batch], loss[j:j + batch])
-            np.add.at(c, idx[j:j + batch], 1)
+            np.add.at(s, idx[j : j + batch], loss[j : j + batch])
+            np.add.at(c, idx[j : j + batch], 1)
         hit = c > 0
         assert np.isfinite(s[hit]).all()
         lt = s[hit] / c[hit]
@@ -126,7 +134,7 @@ def bench_kernels_cuda(n: int = 1_280_000, batch: int = 512, seed: int = 0) -> d
 
     def epoch():
         for j in range(0, n, batch):
-            bank.record(idx[j:j + batch], loss[j:j + batch])
+            bank.record(idx[j : j + batch], loss[j : j + batch])
         bank.end_epoch()
         torch.cuda.synchronize()
 
@@ -135,14 +143,19 @@ def bench_kernels_cuda(n: int = 1_280_000, batch: int = 512, seed: int = 0) -> d
     epoch()
     record_only = time.perf_counter()
     for j in range(0, n, batch):
-        bank.record(idx[j:j + batch], loss[j:j + batch])
+        bank.record(idx[j : j + batch], loss[j : j + batch])
     torch.cuda.synchronize()
     t_record = time.perf_counter() - record_only
     t1 = time.perf_counter()
     bank.end_epoch()
     torch.cuda.synchronize()
-    return {"cuda_s": record_only - t0, "record_s": t_record, "end_epoch_s": time.perf_counter() - t1,
-            "n": n, "device": torch.cuda.get_device_name(0)}
+    return {
+        "cuda_s": record_only - t0,
+        "record_s": t_record,
+        "end_epoch_s": time.perf_counter() - t1,
+        "n": n,
+        "device": torch.cuda.get_device_name(0),
+    }
 
 
 def run_loader_bench(b: LoaderBench, kernels_n: int = 1_280_000, repeats: int = 3) -> dict:
@@ -150,12 +163,18 @@ def run_loader_bench(b: LoaderBench, kernels_n: int = 1_280_000, repeats: int = 
     dali, ref = bench_dali(b), bench_reference(b)
     pairs = [(dali(), ref()) for _ in range(repeats)]
     ratios = sorted(d / r for d, r in pairs)
-    return {"config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(b).items()},
-            "machine": describe(), "date": time.strftime("%Y-%m-%d"), "pairs": pairs,
-            "ffcv_dali_img_s": float(np.median([d for d, _ in pairs])),
-            "torchvision_img_s": float(np.median([r for _, r in pairs])),
-            "ratio": ratios[len(ratios) // 2], "ratio_min": ratios[0], "ratio_max": ratios[-1],
-            "kernels": bench_kernels(kernels_n)}
+    return {
+        "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(b).items()},
+        "machine": describe(),
+        "date": time.strftime("%Y-%m-%d"),
+        "pairs": pairs,
+        "ffcv_dali_img_s": float(np.median([d for d, _ in pairs])),
+        "torchvision_img_s": float(np.median([r for _, r in pairs])),
+        "ratio": ratios[len(ratios) // 2],
+        "ratio_min": ratios[0],
+        "ratio_max": ratios[-1],
+        "kernels": bench_kernels(kernels_n),
+    }
 
 
 def bench_convert(per_class: int = 5000, workers: int = 2) -> dict:
@@ -176,11 +195,13 @@ def bench_convert(per_class: int = 5000, workers: int = 2) -> dict:
         for fmt in ("raw", "jpg"):
             meta = convert(ConvertOptions("cifar10-lt", Path(tmp) / fmt, source=src, format=fmt, workers=workers))
             n, secs = sum(meta["images"].values()), sum(meta["write_seconds"].values())
-            out[fmt] = {"images": n, "seconds": secs, "img_s": n / secs,
-                        "bytes": sum((Path(tmp) / fmt / f"{s}.beton").stat().st_size for s in meta["images"])}
+            out[fmt] = {
+                "images": n,
+                "seconds": secs,
+                "img_s": n / secs,
+                "bytes": sum((Path(tmp) / fmt / f"{s}.beton").stat().st_size for s in meta["images"]),
+            }
     return out
-
-
 
 
 def bench_ops(res: int, batch: int = 128, seconds: float = 2.0, threads: int = 2) -> dict:
@@ -211,11 +232,16 @@ def bench_ops(res: int, batch: int = 128, seconds: float = 2.0, threads: int = 2
             n += batch
         return n / (time.perf_counter() - t)
 
-    rates = {"crop + normalise only": rate(plain, np.zeros(batch, np.float32)),
-             "RA graph, M = 0": rate(spec, np.zeros(batch, np.float32)),
-             "RA graph, M ~ U(0,1)": rate(spec, rng.random(batch).astype(np.float32))}
+    rates = {
+        "crop + normalise only": rate(plain, np.zeros(batch, np.float32)),
+        "RA graph, M = 0": rate(spec, np.zeros(batch, np.float32)),
+        "RA graph, M ~ U(0,1)": rate(spec, rng.random(batch).astype(np.float32)),
+    }
     rates |= {f"only {op.name}": rate(spec, np.ones(batch, np.float32), only=i) for i, op in enumerate(ro.OPS)}
     base = rates["RA graph, M = 0"]
-    return {"machine": machine_info(), "config": {"res": res, "batch": batch, "views": 2, "threads": threads,
-                                                  "seconds": seconds},
-            "img_s": rates, "added_us_per_image": {k: 1e6 * (1 / v - 1 / base) for k, v in rates.items()}}
+    return {
+        "machine": machine_info(),
+        "config": {"res": res, "batch": batch, "views": 2, "threads": threads, "seconds": seconds},
+        "img_s": rates,
+        "added_us_per_image": {k: 1e6 * (1 / v - 1 / base) for k, v in rates.items()},
+    }

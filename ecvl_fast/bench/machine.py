@@ -1,4 +1,5 @@
 """The machine a benchmark ran on: what every benchmark's JSON records, and its one-line form."""
+
 from __future__ import annotations
 
 import os
@@ -20,10 +21,18 @@ def machine_info() -> dict:
     from ecvl_fast import __version__
 
     dali = next((v for v in map(version, ("nvidia-dali-cuda130", "nvidia-dali-cuda120")) if v), None)
-    return {"date": time.strftime("%Y-%m-%d"), "ecvl_fast": __version__, "commit": _commit(), "cpus": os.cpu_count(),
-            "torch": torch.__version__, "cuda": torch.version.cuda,
-            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-            "dali": dali, "ffcv": version("ffcv"), "numba": version("numba")}
+    return {
+        "date": time.strftime("%Y-%m-%d"),
+        "ecvl_fast": __version__,
+        "commit": _commit(),
+        "cpus": os.cpu_count(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "dali": dali,
+        "ffcv": version("ffcv"),
+        "numba": version("numba"),
+    }
 
 
 def _commit() -> str | None:
@@ -33,10 +42,15 @@ def _commit() -> str | None:
 
     root = Path(__file__).resolve().parents[2]
     try:
-        head = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, timeout=10)
-        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10)
+        head = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10
+        )
+        dirty = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
     except (OSError, subprocess.SubprocessError):
         return None
     return head.stdout.strip() + ("+" * bool(dirty.stdout.strip())) if head.returncode == 0 else None

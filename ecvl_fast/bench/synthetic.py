@@ -2,6 +2,7 @@
 
 Used by the tests and by `ecvl-fast bench convert` (no dataset ships with the package but MNIST-5k).
 """
+
 import pickle
 from pathlib import Path
 
@@ -16,7 +17,7 @@ def fake_images(n: int, seed: int, size: int = 32) -> np.ndarray:
     slope = rng.uniform(-80, 80, (n, 1, 1, 3)).astype(np.float32)
     out = np.empty((n, size, size, 3), np.uint8)
     for i in range(0, n, 256):  # float32 in chunks: the uint8 result is the only full-size array
-        out[i:i + 256] = np.clip(base[i:i + 256] + slope[i:i + 256] * ramp + 64, 0, 255)
+        out[i : i + 256] = np.clip(base[i : i + 256] + slope[i : i + 256] * ramp + 64, 0, 255)
     return out
 
 
@@ -32,7 +33,8 @@ def write_cifar10(root: Path, per_class_train: int = 50, per_class_test: int = 5
         (root / f"data_batch_{i}").write_bytes(pickle.dumps(batch))
     test_labels = np.repeat(np.arange(10), per_class_test)
     test = fake_images(len(test_labels), 2)
-    (root / "test_batch").write_bytes(pickle.dumps(
-        {"data": test.transpose(0, 3, 1, 2).reshape(len(test), -1), "labels": test_labels.tolist()}))
+    (root / "test_batch").write_bytes(
+        pickle.dumps({"data": test.transpose(0, 3, 1, 2).reshape(len(test), -1), "labels": test_labels.tolist()})
+    )
     (root / "batches.meta").write_bytes(pickle.dumps({"label_names": names}))
     return root

@@ -1,5 +1,6 @@
 """Evaluation: per-class accuracy, many/medium/few/all, macro-F1 and the head-tail gap; the eval
 loop over a split; M's quantiles per shot group."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -56,8 +57,11 @@ def shot_metrics(preds: np.ndarray, labels: np.ndarray, meta: dict) -> dict:
     precision = np.where(predicted > 0, np.diag(cm) / np.maximum(predicted, 1), np.nan)
     out = {"all": float((preds == labels).mean()) if len(labels) else float("nan")}
     top = min(TOP, k)
-    out["top5"] = float((best[:, :top] == np.asarray(labels)[:, None]).any(1).mean()) \
-        if best.shape[1] >= top and len(labels) else None
+    out["top5"] = (
+        float((best[:, :top] == np.asarray(labels)[:, None]).any(1).mean())
+        if best.shape[1] >= top and len(labels)
+        else None
+    )
     for group, classes in meta["groups"].items():
         accs = per_class[classes] if classes else np.array([])
         accs = accs[~np.isnan(accs)]
@@ -83,8 +87,9 @@ def predict_logits(scorer, images: torch.Tensor, dt: torch.dtype | None = None) 
 
 
 @torch.no_grad()
-def split_logits(scorer, loader, d: D.Dist, dt: torch.dtype | None = None,
-                 top: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def split_logits(
+    scorer, loader, d: D.Dist, dt: torch.dtype | None = None, top: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
     """(logits [N, K], labels) over the whole eval split, gathered from every rank, each sample once;
     `top` > 0: each image's `top` best classes [N, top] instead, so a split's K logits per image
     never leave their rank."""
@@ -96,8 +101,11 @@ def split_logits(scorer, loader, d: D.Dist, dt: torch.dtype | None = None,
         outs.append((_best(logits, top) if top else logits).cpu())  # sync point
         labels.append(y.cpu()), index.append(idx.cpu())
     k = scorer.weights.shape[0]
-    empty = (np.zeros((0, min(top, k)), np.int64) if top else np.zeros((0, k), np.float32),
-             np.zeros(0, np.int64), np.zeros(0, np.int64))
+    empty = (
+        np.zeros((0, min(top, k)), np.int64) if top else np.zeros((0, k), np.float32),
+        np.zeros(0, np.int64),
+        np.zeros(0, np.int64),
+    )
     arrays = [torch.cat(a).numpy() if a else e for a, e in zip((outs, labels, index), empty)]
     out, y, i = D.gather_arrays(*arrays)
     _, first = np.unique(i, return_index=True)
@@ -121,5 +129,3 @@ def m_quantiles(bank, labels: np.ndarray, groups: dict[str, list[int]]) -> dict:
             q = np.quantile(m[sel], QUANTILES).round(4).tolist()
             out[group] = {**dict(zip(QUANTILE_NAMES, q)), "seen": round(float(seen[sel].mean()), 4)}
     return out
-
-

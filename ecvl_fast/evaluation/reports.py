@@ -1,5 +1,6 @@
 """What a person reads: metrics.json, the console tables and the plots of a run (per class,
 curves, M by shot group) and of an ablation (its table, paired differences and bars)."""
+
 from __future__ import annotations
 
 import json
@@ -111,11 +112,20 @@ def metrics_file(metrics: dict, classes: list[str], context: dict) -> dict:
     names = unique_names(classes)
     extra = {}
     if "per_class_precision" in metrics:  # recall is per_class: a class's accuracy
-        extra = {"per_class_precision": dict(zip(names, map(pct, metrics["per_class_precision"]))),
-                 "per_class_recall": dict(zip(names, map(pct, metrics["per_class"])))}
-    return {**context, "units": "percent", **{k: pct(metrics[k]) for k in METRICS}, "top5": pct(metrics.get("top5")),
-            "per_class": dict(zip(names, map(pct, metrics["per_class"]))), **extra,
-            "num_images": metrics["num_images"], "predicted_classes": metrics["predicted_classes"]}
+        extra = {
+            "per_class_precision": dict(zip(names, map(pct, metrics["per_class_precision"]))),
+            "per_class_recall": dict(zip(names, map(pct, metrics["per_class"]))),
+        }
+    return {
+        **context,
+        "units": "percent",
+        **{k: pct(metrics[k]) for k in METRICS},
+        "top5": pct(metrics.get("top5")),
+        "per_class": dict(zip(names, map(pct, metrics["per_class"]))),
+        **extra,
+        "num_images": metrics["num_images"],
+        "predicted_classes": metrics["predicted_classes"],
+    }
 
 
 def read_metrics(path: Path) -> dict:
@@ -125,9 +135,13 @@ def read_metrics(path: Path) -> dict:
     if saved.get("units") != "percent":
         raise EcvlError(f"{path}: written by an older ecvl-fast (fractions, no units); pass --restart to redo the run")
     frac = lambda v: None if v is None else v / 100  # noqa: E731
-    return {**{k: frac(saved[k]) for k in METRICS}, "top5": frac(saved.get("top5")),
-            "per_class": [frac(v) for v in saved["per_class"].values()],
-            "num_images": saved["num_images"], "predicted_classes": saved["predicted_classes"]}
+    return {
+        **{k: frac(saved[k]) for k in METRICS},
+        "top5": frac(saved.get("top5")),
+        "per_class": [frac(v) for v in saved["per_class"].values()],
+        "num_images": saved["num_images"],
+        "predicted_classes": saved["predicted_classes"],
+    }
 
 
 def _plot(metrics: dict, meta: dict, path: Path, title: str) -> None:
@@ -189,18 +203,33 @@ def plot_curves(log_path: Path, path: Path, title: str) -> None:
     if plt is None:
         return
     fig, (ax, low) = plt.subplots(2, 1, figsize=(7, 5.5), sharex=True, height_ratios=(3, 1))
-    ax.plot([r["step"] for r in steps], [r["loss"] for r in steps], color="tab:blue", alpha=0.4, lw=1,
-            label="loss (logged steps)")
+    ax.plot(
+        [r["step"] for r in steps],
+        [r["loss"] for r in steps],
+        color="tab:blue",
+        alpha=0.4,
+        lw=1,
+        label="loss (logged steps)",
+    )
     per_epoch = max(r["step"] for r in steps) / max(r["epoch"] for r in epochs) if epochs else 0  # steps per epoch
     if epochs:
-        ax.plot([r["epoch"] * per_epoch for r in epochs], [r["train_loss"] for r in epochs], "o-", color="tab:blue",
-                label="loss (epoch mean)")
+        ax.plot(
+            [r["epoch"] * per_epoch for r in epochs],
+            [r["train_loss"] for r in epochs],
+            "o-",
+            color="tab:blue",
+            label="loss (epoch mean)",
+        )
     ax.set_ylabel("training loss")
     scored = [(r["epoch"] * per_epoch, epoch_val(r)) for r in epochs if epoch_val(r) is not None]
     if scored:
         right = ax.twinx()
-        for key, style in (("all", ("s-", "black")), ("many", ("^--", "tab:green")), ("medium", ("v--", "tab:orange")),
-                           ("few", ("o--", "tab:red"))):
+        for key, style in (
+            ("all", ("s-", "black")),
+            ("many", ("^--", "tab:green")),
+            ("medium", ("v--", "tab:orange")),
+            ("few", ("o--", "tab:red")),
+        ):
             pts = [(x, 100 * v[key]) for x, v in scored if v.get(key) is not None]
             if pts:
                 right.plot(*zip(*pts), style[0], color=style[1], ms=4, label=f"val {key}")
@@ -228,7 +257,9 @@ def plot_m_by_group(log_path: Path, path: Path, title: str = "") -> None:
         return
     fig, ax = plt.subplots(figsize=(6, 4))
     for group, color in (("many", "tab:blue"), ("medium", "tab:orange"), ("few", "tab:red")):
-        pts = [(r["epoch"], [r["m_by_group"][group][n] for n in QUANTILE_NAMES]) for r in rows if group in r["m_by_group"]]
+        pts = [
+            (r["epoch"], [r["m_by_group"][group][n] for n in QUANTILE_NAMES]) for r in rows if group in r["m_by_group"]
+        ]
         if not pts:
             continue
         x, q = np.array([p[0] for p in pts]), np.array([p[1] for p in pts])
@@ -245,44 +276,63 @@ def plot_m_by_group(log_path: Path, path: Path, title: str = "") -> None:
     plt.close(fig)
 
 
-
-
-
 def print_ablation(result: dict) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    t = Table(title=f"{result['model']} on {Path(result['data']).name}: mean ± std over seeds "
-                    f"{', '.join(map(str, result['seeds']))} (%)")
+    t = Table(
+        title=f"{result['model']} on {Path(result['data']).name}: mean ± std over seeds "
+        f"{', '.join(map(str, result['seeds']))} (%)"
+    )
     t.add_column("row")
     for k in METRICS:
         t.add_column(k, justify="right")
     for row in result["rows"]:
-        cells = [EMPTY if row[k] is None else f"{100 * row[k]['mean']:.2f} ± {100 * row[k]['std']:.2f}" for k in METRICS]
+        cells = [
+            EMPTY if row[k] is None else f"{100 * row[k]['mean']:.2f} ± {100 * row[k]['std']:.2f}" for k in METRICS
+        ]
         t.add_row(row["label"], *cells)
     console = Console(width=max(120, Console().width))
     console.print(t)
     val = [(row["label"], row["val"]) for row in result["rows"] if row.get("val")]
     if val:
-        print("val split (last epoch, mean over seeds; choose on these): " + "; ".join(
-            f"{label} " + " ".join(f"{k} {100 * v:.2f}" for k, v in scores.items()) for label, scores in val))
+        print(
+            "val split (last epoch, mean over seeds; choose on these): "
+            + "; ".join(
+                f"{label} " + " ".join(f"{k} {100 * v:.2f}" for k, v in scores.items()) for label, scores in val
+            )
+        )
     if result.get("paired"):
-        t = Table(title="paired by seed: row minus BALLAD, and minus its no-memory control (points; per seed, mean ± std)")
+        t = Table(
+            title="paired by seed: row minus BALLAD, and minus its no-memory control (points; per seed, mean ± std)"
+        )
         for col in ("row", "minus", *PAIRED):
             t.add_column(col, justify="left" if col in ("row", "minus") else "right")
         for e in result["paired"]:
-            t.add_row(LABELS[e["row"]], LABELS[e["against"]], *(
-                EMPTY if e[k] is None else
-                " ".join(f"{100 * v:+.2f}" for v in e[k]["per_seed"]) + f"  ({100 * e[k]['mean']:+.2f} ± {100 * e[k]['std']:.2f})"
-                for k in PAIRED))
+            t.add_row(
+                LABELS[e["row"]],
+                LABELS[e["against"]],
+                *(
+                    EMPTY
+                    if e[k] is None
+                    else " ".join(f"{100 * v:+.2f}" for v in e[k]["per_seed"])
+                    + f"  ({100 * e[k]['mean']:+.2f} ± {100 * e[k]['std']:.2f})"
+                    for k in PAIRED
+                ),
+            )
         console.print(t)
         skipped = sorted({k for e in result["paired"] for k in e.get("skipped", ())})
         if skipped:
-            print(f"paired differences skipped for {', '.join(skipped)}: the shot group is empty in this dataset "
-                  f"({EMPTY} in the tables, null in ablation.json)")
-    print("rows (each described in ecvl_fast/method/rows.py): " + "; ".join(
-        f"{r['name']} = {r['label']}" for r in result["rows"]) + ". Every row starts from the same stage-1 encoders "
-        "and trains the same number of steps.")
+            print(
+                f"paired differences skipped for {', '.join(skipped)}: the shot group is empty in this dataset "
+                f"({EMPTY} in the tables, null in ablation.json)"
+            )
+    print(
+        "rows (each described in ecvl_fast/method/rows.py): "
+        + "; ".join(f"{r['name']} = {r['label']}" for r in result["rows"])
+        + ". Every row starts from the same stage-1 encoders "
+        "and trains the same number of steps."
+    )
 
 
 def plot_rows(result: dict, path: Path) -> None:
@@ -294,7 +344,9 @@ def plot_rows(result: dict, path: Path) -> None:
         return
 
     rows = result["rows"]
-    groups = [g for g in ("many", "medium", "few", "all", "macro_f1") if any(row[g] for row in rows)]  # empty groups left out
+    groups = [
+        g for g in ("many", "medium", "few", "all", "macro_f1") if any(row[g] for row in rows)
+    ]  # empty groups left out
     width = 0.8 / max(1, len(rows))
     colours = plt.get_cmap("tab20" if len(rows) > 10 else "tab10").colors  # no colour twice
     fig, ax = plt.subplots(figsize=(8 + 3 * (len(rows) > 6), 4))

@@ -9,6 +9,7 @@ Zero-shot (eq. 6) comes first when `model.pretrained` gives weights; it has no r
 is evaluated once. A row whose metrics.json exists beside the same config.toml is reused, so an
 interrupted ablation continues where it stopped, and rows added later train only themselves.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -25,6 +26,7 @@ from ecvl_fast.method.rows import DEFAULT_ROWS, LABELS, ROWS, other_control
 from ecvl_fast.run.files import atomic_write
 from ecvl_fast.run.lifecycle import finished
 from ecvl_fast.run.logs import epoch_val, read_log
+
 
 def _with(cfg: Config, section: str, **values) -> Config:
     return dataclasses.replace(cfg, **{section: dataclasses.replace(getattr(cfg, section), **values)})
@@ -97,8 +99,10 @@ def _ablation(cfg: Config, seeds: list[int], log, main: bool, rows: tuple[str, .
             print(f"ablation done: {out / 'ablation.json'}, {out / 'ablation.png'}")
     except Exception as e:  # every row is trained and saved: never lose them to the summary
         folders = sorted({str(out / f"seed{s}" / r) for r in rows for s in per_seed.get(r, {})})
-        raise EcvlError(f"writing the ablation summary failed ({first_line(e)}); the trained rows are "
-                        f"kept in {', '.join(folders)}: run the same command again to summarise them") from None
+        raise EcvlError(
+            f"writing the ablation summary failed ({first_line(e)}); the trained rows are "
+            f"kept in {', '.join(folders)}: run the same command again to summarise them"
+        ) from None
     return result
 
 
@@ -120,8 +124,11 @@ def _zero_shot(cfg: Config, folder: Path) -> dict:
     saved = folder / "metrics.json"
     if saved.is_file():  # evaluated already: what its metrics.json says it evaluated is this
         said = json.loads(saved.read_text())
-        if (said.get("checkpoint"), said.get("data"), said.get("split")) == \
-                (f"{cfg.model.name} {cfg.model.pretrained}", cfg.data.path, cfg.data.eval_split):
+        if (said.get("checkpoint"), said.get("data"), said.get("split")) == (
+            f"{cfg.model.name} {cfg.model.pretrained}",
+            cfg.data.path,
+            cfg.data.eval_split,
+        ):
             return read_metrics(saved)
     return run_eval(cfg, None, None, cfg.data.eval_split, folder)
 
@@ -132,18 +139,30 @@ def summarise(per_seed: dict[str, dict[int, dict]], cfg: Config, seeds: list[int
         stats = {}
         for k in METRICS:
             vals = [r[k] for r in runs.values() if r[k] is not None]
-            stats[k] = {"mean": float(np.mean(vals)), "std": float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0} \
-                if vals else None
+            stats[k] = (
+                {"mean": float(np.mean(vals)), "std": float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0}
+                if vals
+                else None
+            )
         vals = [r["val"] for r in runs.values() if r.get("val")]
         if len(vals) == len(runs):  # validation means, for choosing a row without the test split
-            stats["val"] = {k: float(np.mean([v[k] for v in vals])) for k in ("few", "all", "macro_f1")
-                            if all(v.get(k) is not None for v in vals)}
-        rows.append({"name": name, "label": LABELS[name], "seeds": list(runs), "per_seed": list(runs.values()),
-                     **stats})
-    return {"data": cfg.data.path, "model": cfg.model.name, "pretrained": cfg.model.pretrained,
-            "seeds": seeds, "config": cfg.to_dict(), "rows": rows, "paired": paired(per_seed, seeds)}
-
-
+            stats["val"] = {
+                k: float(np.mean([v[k] for v in vals]))
+                for k in ("few", "all", "macro_f1")
+                if all(v.get(k) is not None for v in vals)
+            }
+        rows.append(
+            {"name": name, "label": LABELS[name], "seeds": list(runs), "per_seed": list(runs.values()), **stats}
+        )
+    return {
+        "data": cfg.data.path,
+        "model": cfg.model.name,
+        "pretrained": cfg.model.pretrained,
+        "seeds": seeds,
+        "config": cfg.to_dict(),
+        "rows": rows,
+        "paired": paired(per_seed, seeds),
+    }
 
 
 def paired(per_seed: dict[str, dict[int, dict]], seeds: list[int]) -> list[dict]:
@@ -168,8 +187,11 @@ def paired(per_seed: dict[str, dict[int, dict]], seeds: list[int]) -> list[dict]
                     entry["skipped"].append(k)
                     continue
                 d = [a - b for a, b in pairs]
-                entry[k] = {"per_seed": d, "mean": float(np.mean(d)),
-                            "std": float(np.std(d, ddof=1)) if len(d) > 1 else 0.0}
+                entry[k] = {
+                    "per_seed": d,
+                    "mean": float(np.mean(d)),
+                    "std": float(np.std(d, ddof=1)) if len(d) > 1 else 0.0,
+                }
             out.append(entry)
     return out
 
@@ -182,5 +204,3 @@ def parse_seeds(text: str) -> list[int]:
     if not seeds or len(set(seeds)) != len(seeds):
         raise EcvlError(f"--seeds {text!r}: expected distinct integers, e.g. 0,1,2")
     return seeds
-
-

@@ -1,4 +1,5 @@
 """`make demo` / `ecvl-fast demo`: the ablation on the embedded MNIST-LT with the packaged recipe."""
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -1,5 +1,6 @@
 """`ecvl-fast eval`: a checkpoint (with its own config) or a zero-shot model on a converted split,
 with test-time ensembling and post-hoc logit adjustment (tau given, or chosen on the val split)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -49,15 +50,23 @@ def _check_report_folder(where: Path, out: Path | None, ckpt: Path | None) -> No
     if os.environ.get("RANK", "0") != "0":  # under torchrun, before the process group: the main rank checks
         return
     if out is None and ckpt is not None and (holder := held_by(ckpt.parent)):
-        raise EcvlError(f"{ckpt.parent} is being written by a running train ({holder}): pass --out DIR for "
-                        f"this evaluation's report")
+        raise EcvlError(
+            f"{ckpt.parent} is being written by a running train ({holder}): pass --out DIR for this evaluation's report"
+        )
     reason = writable(where)
     if reason:
         raise EcvlError(f"{where}: the report cannot be written there ({reason}); pass --out DIR")
 
 
-def run_eval(cfg: Config, data: Path | None, ckpt: Path | None, split: str, out: Path | None,
-             tau: float | str = 0.0, views: int | None = None) -> dict:
+def run_eval(
+    cfg: Config,
+    data: Path | None,
+    ckpt: Path | None,
+    split: str,
+    out: Path | None,
+    tau: float | str = 0.0,
+    views: int | None = None,
+) -> dict:
     """`tau`: post-hoc logit adjustment, a number, or "auto": chosen on the val split first (then
     `split` is read once). `views`: test-time views (default: the config's data.tte_views)."""
     state = None
@@ -74,29 +83,48 @@ def run_eval(cfg: Config, data: Path | None, ckpt: Path | None, split: str, out:
             ckpt_io.check(state, ckpt, model_name=cfg.model.name, num_classes=len(meta["classes"]))
             ckpt_io.check_classes(state, ckpt, meta["classes"], cfg.data.path)
         if tau == "auto" and "val" not in meta["images"]:
-            raise EcvlError(f"--tau auto chooses tau on the val split, and {cfg.data.path} has none "
-                            "(convert with --val-per-class N)")
+            raise EcvlError(
+                f"--tau auto chooses tau on the val split, and {cfg.data.path} has none "
+                "(convert with --val-per-class N)"
+            )
         trained = cfg.stage2.logit_adjust if state is not None and state.get("stage") == 2 else 0.0
         if trained and tau != "auto" and tau > 0 and d.main:
-            print(f"note: this model was trained with the logit-adjusted loss (tau {trained:g}); --tau {tau:g} "
-                  "adjusts its logits a second time ('--tau auto' lets the val split decide, 0 included)")
+            print(
+                f"note: this model was trained with the logit-adjusted loss (tau {trained:g}); --tau {tau:g} "
+                "adjusts its logits a second time ('--tau auto' lets the val split decide, 0 included)"
+            )
         torch.manual_seed(cfg.run.seed)  # a model without weights to load is the same one every time
         scorer = load_classifier(cfg, state, meta["classes"], d.device, views)
         dt = precision.dtype(cfg.run.precision, d.device)
         context = {}
         if tau == "auto":
-            tau, scores = choose_tau(*split_logits(scorer, eval_loader(cfg, d, "val", views), d, dt), meta["train_counts"])
+            tau, scores = choose_tau(
+                *split_logits(scorer, eval_loader(cfg, d, "val", views), d, dt), meta["train_counts"]
+            )
             context = {"tau_val_scores": {f"{t:g}": round(100 * s, 4) for t, s in scores.items()}}
             if d.main:
-                print(f"tau {tau:g}: the best mean per-class accuracy on the val split "
-                      f"({100 * scores[tau]:.2f}%, tau 0: {100 * scores[0.0]:.2f}%)")
+                print(
+                    f"tau {tau:g}: the best mean per-class accuracy on the val split "
+                    f"({100 * scores[tau]:.2f}%, tau 0: {100 * scores[0.0]:.2f}%)"
+                )
         logits, labels = split_logits(scorer, eval_loader(cfg, d, split, views), d, dt)
         metrics = shot_metrics(ranked(adjusted(logits, meta["train_counts"], tau)), labels, meta)
         if d.main:
-            metrics = write_report(metrics, meta, where,
-                                   f"{cfg.model.name} {'zero-shot' if ckpt is None else ckpt.name}, {split}",
-                                   {"split": split, "stage": state["stage"] if state else 0, "run": where.name,
-                                    "posthoc_tau": tau, "tte_views": cfg.data.tte_views if views is None else views,
-                                    "tte_crops": cfg.data.tte_crops, "data": cfg.data.path, **context,
-                                    "checkpoint": str(ckpt) if ckpt else f"{cfg.model.name} {cfg.model.pretrained}"})
+            metrics = write_report(
+                metrics,
+                meta,
+                where,
+                f"{cfg.model.name} {'zero-shot' if ckpt is None else ckpt.name}, {split}",
+                {
+                    "split": split,
+                    "stage": state["stage"] if state else 0,
+                    "run": where.name,
+                    "posthoc_tau": tau,
+                    "tte_views": cfg.data.tte_views if views is None else views,
+                    "tte_crops": cfg.data.tte_crops,
+                    "data": cfg.data.path,
+                    **context,
+                    "checkpoint": str(ckpt) if ckpt else f"{cfg.model.name} {cfg.model.pretrained}",
+                },
+            )
         return metrics

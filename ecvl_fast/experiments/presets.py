@@ -1,5 +1,6 @@
 """Packaged presets by name (`--config cifar100-lt` from any directory after a pip install), and
 the dry run: what a `train` or `ablate` command would do, printed before any work."""
+
 from __future__ import annotations
 
 import json
@@ -55,9 +56,14 @@ def data_summary(cfg: Config) -> dict:
 
     meta = load_meta(Path(cfg.data.path))
     counts = meta["train_counts"]
-    return {"classes": len(meta["classes"]), "images": meta["images"], "max_per_class": max(counts),
-            "min_per_class": min(counts), "groups": {g: len(c) for g, c in meta["groups"].items()},
-            "steps_per_epoch": steps_per_epoch(cfg, meta["images"]["train"])}
+    return {
+        "classes": len(meta["classes"]),
+        "images": meta["images"],
+        "max_per_class": max(counts),
+        "min_per_class": min(counts),
+        "groups": {g: len(c) for g, c in meta["groups"].items()},
+        "steps_per_epoch": steps_per_epoch(cfg, meta["images"]["train"]),
+    }
 
 
 def model_check(cfg: Config, light: bool = False) -> str:
@@ -71,8 +77,10 @@ def model_check(cfg: Config, light: bool = False) -> str:
     if light:
         two.add_light_module(cfg, net, 2)
     check_forward(net, tokenizer(["a photo of a cat.", "a photo of a dog."]), cfg.data.res, cfg.model.name)
-    return (f"model {cfg.model.name} at {cfg.data.res} px: one forward on a dummy batch passed; "
-            f"{activation_line(cfg.model)}")
+    return (
+        f"model {cfg.model.name} at {cfg.data.res} px: one forward on a dummy batch passed; "
+        f"{activation_line(cfg.model)}"
+    )
 
 
 TIMED_STEPS = 2  # steps timed per stage for the dry run's estimate (after one untimed)
@@ -95,12 +103,15 @@ def seconds_per_image(cfg: Config, stage: int, classes: int) -> tuple[float, str
 
     d = D.setup(cfg.run.device)
     batch = cfg.data.batch_size if d.device.type == "cuda" else min(cfg.data.batch_size, CPU_TIMED_BATCH)
-    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, batch_size=max(2, batch)),
-                              model=dataclasses.replace(cfg.model, pretrained="none"),
-                              stage2=dataclasses.replace(cfg.stage2, init="none"))
+    cfg = dataclasses.replace(
+        cfg,
+        data=dataclasses.replace(cfg.data, batch_size=max(2, batch)),
+        model=dataclasses.replace(cfg.model, pretrained="none"),
+        stage2=dataclasses.replace(cfg.stage2, init="none"),
+    )
     batch = cfg.data.batch_size
     meta = {"classes": [f"class {i}" for i in range(classes)], "train_labels": np.arange(batch) % classes}
-    run = build_run(cfg, d, meta, steps_per_epoch=10 ** 6, stage=stage)
+    run = build_run(cfg, d, meta, steps_per_epoch=10**6, stage=stage)
     x, y, idx = synthetic_batch(batch, cfg.data.res, classes, d.device, run.amp)
     views = x if stage == 1 else [x] * cfg.stage2.views
     times = []
@@ -130,8 +141,10 @@ def check_stage2_init(cfg: Config, stages: list[int]) -> None:
     if 2 in stages and 1 not in stages and not stage2_from_pretrained(cfg):
         init = Path(cfg.stage2.init or Path(cfg.run.out) / "best.pt")
         if not init.is_file():
-            raise EcvlError(f"--stage 2 starts from the stage-1 checkpoint {init}, and there is none: run stage 1 "
-                            f"first (train without --stage), or set stage2.init to a checkpoint")
+            raise EcvlError(
+                f"--stage 2 starts from the stage-1 checkpoint {init}, and there is none: run stage 1 "
+                f"first (train without --stage), or set stage2.init to a checkpoint"
+            )
 
 
 def dry_run(cfg: Config, runs: list[tuple[str, int, Config, Path]], origins: dict | None = None) -> dict:
@@ -145,13 +158,17 @@ def dry_run(cfg: Config, runs: list[tuple[str, int, Config, Path]], origins: dic
     data = data_summary(cfg)
     light = any(stage == 2 and run_cfg.stage2.peft != "none" for _, stage, run_cfg, _ in runs)
     check = model_check(cfg, light)
-    print("# resolved config, each value with where it came from (default, recipe, dataset, the config file, a "
-          "flag or --set); each run's own differ only as listed below")
+    print(
+        "# resolved config, each value with where it came from (default, recipe, dataset, the config file, a "
+        "flag or --set); each run's own differ only as listed below"
+    )
     print(annotated_toml(cfg, origins or {}))
-    print(f"data {cfg.data.path}: {data['classes']} classes; images {json.dumps(data['images'])}; "
-          f"{data['max_per_class']} ... {data['min_per_class']} train images per class; shot groups "
-          f"many {data['groups']['many']} / medium {data['groups']['medium']} / few {data['groups']['few']} classes; "
-          f"{data['steps_per_epoch']} steps per epoch at batch {cfg.data.batch_size}")
+    print(
+        f"data {cfg.data.path}: {data['classes']} classes; images {json.dumps(data['images'])}; "
+        f"{data['max_per_class']} ... {data['min_per_class']} train images per class; shot groups "
+        f"many {data['groups']['many']} / medium {data['groups']['medium']} / few {data['groups']['few']} classes; "
+        f"{data['steps_per_epoch']} steps per epoch at batch {cfg.data.batch_size}"
+    )
     print(check)
     threads, note = reader_threads(cfg.data.workers)
     if note:
@@ -167,13 +184,30 @@ def dry_run(cfg: Config, runs: list[tuple[str, int, Config, Path]], origins: dic
             timed[key] = seconds_per_image(run_cfg, stage, data["classes"])
         run_s = batches * timed[key][0] if left else 0.0
         total, seconds = total + batches * views, seconds + run_s
-        plan.append({"run": name, "stage": stage, "folder": str(folder), "epochs": epochs, "status": status,
-                     "images": batches * views, "estimate_s": round(run_s, 1)})
-        print(f"{name}: stage {stage}, {epochs} epochs, {folder}: {status}; {batches * views:,} images"
-              + (f", about {duration(run_s)}" if left else ""))
+        plan.append(
+            {
+                "run": name,
+                "stage": stage,
+                "folder": str(folder),
+                "epochs": epochs,
+                "status": status,
+                "images": batches * views,
+                "estimate_s": round(run_s, 1),
+            }
+        )
+        print(
+            f"{name}: stage {stage}, {epochs} epochs, {folder}: {status}; {batches * views:,} images"
+            + (f", about {duration(run_s)}" if left else "")
+        )
     how = "; ".join(sorted({m for _, m in timed.values()}))
-    print(f"in all: {total:,} images through the encoders (views counted)"
-          + (f"; about {duration(seconds)} of training in one process on this machine (an estimate: {how}, scaled to "
-             f"the images; reading, augmentation and evaluation not counted)" if timed else "")
-          + "; dry run, nothing written")
+    print(
+        f"in all: {total:,} images through the encoders (views counted)"
+        + (
+            f"; about {duration(seconds)} of training in one process on this machine (an estimate: {how}, scaled to "
+            f"the images; reading, augmentation and evaluation not counted)"
+            if timed
+            else ""
+        )
+        + "; dry run, nothing written"
+    )
     return {"data": data, "runs": plan, "images": total, "estimate_s": round(seconds, 1)}

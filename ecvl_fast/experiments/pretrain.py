@@ -1,4 +1,5 @@
 """`ecvl-fast pretrain`'s last step: a stage-1 run's CLIP weights as a file `model.pretrained` names."""
+
 from __future__ import annotations
 
 from pathlib import Path

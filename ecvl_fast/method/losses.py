@@ -3,6 +3,7 @@
 Inputs are L2-normalised features. Distributed callers gather features with
 `ecvl_fast.run.dist.gather_with_grad` first; nothing here communicates.
 """
+
 from __future__ import annotations
 
 import functools
@@ -16,19 +17,24 @@ def fp32(loss):
     matmuls would run in bf16, whose 8-bit mantissa rounds logits at scale 100 (eq. 6, BALLAD's CE)
     or 1/0.2 to steps of 0.5 to 0.03: coarse targets for a loss that compares them. The features
     are [B, D] and the matmuls [B, K] or [2B, 2B], so fp32 costs little next to the encoders."""
+
     @functools.wraps(loss)
     def wrapper(*args, **kwargs):
         first = next(a for a in args if isinstance(a, torch.Tensor))
         with torch.autocast(first.device.type, enabled=False):
-            args = [a.float() if isinstance(a, torch.Tensor) and a.is_floating_point() and a.element_size() < 4 else a
-                    for a in args]  # fp16/bf16 up; fp32 and fp64 (the parity tests) as they are
+            args = [
+                a.float() if isinstance(a, torch.Tensor) and a.is_floating_point() and a.element_size() < 4 else a
+                for a in args
+            ]  # fp16/bf16 up; fp32 and fp64 (the parity tests) as they are
             return loss(*args, **kwargs)
+
     return wrapper
 
 
 @fp32
-def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, labels: torch.Tensor,
-              scale, rows: slice | None = None) -> dict[str, torch.Tensor]:
+def clip_loss(
+    image_features: torch.Tensor, text_features: torch.Tensor, labels: torch.Tensor, scale, rows: slice | None = None
+) -> dict[str, torch.Tensor]:
     """eqs. 4-5: symmetric image<->text contrastive loss over the batch.
 
     The text of sample j is its class prompt, so every pair (i, j) with y_i == y_j is a positive:
@@ -48,8 +54,13 @@ def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, labels:
 
 
 @fp32
-def prompt_ce_loss(image_features: torch.Tensor, class_text_features: torch.Tensor, labels: torch.Tensor,
-                   scale: float = 100.0, adjust: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+def prompt_ce_loss(
+    image_features: torch.Tensor,
+    class_text_features: torch.Tensor,
+    labels: torch.Tensor,
+    scale: float = 100.0,
+    adjust: torch.Tensor | None = None,
+) -> dict[str, torch.Tensor]:
     """BALLAD's phase A: cross-entropy of image features against all K class prompts.
     `adjust` [K]: tau * log(class prior), added to the logits inside the loss only: the
     logit-adjusted loss (Menon et al., ICLR 2021, eq. 10; LIFT uses tau = 1).
@@ -71,8 +82,9 @@ def log_prior(train_counts, tau: float, device=None) -> torch.Tensor | None:
 
 
 @fp32
-def dcvl_loss(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.2,
-              rows: slice | None = None) -> dict[str, torch.Tensor]:
+def dcvl_loss(
+    z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.2, rows: slice | None = None
+) -> dict[str, torch.Tensor]:
     """eq. 11, the two-view contrastive loss, as NT-Xent (BCL's form, temperature 0.2).
 
     Each view's positive is the other view of its image; the other 2B - 2 views are negatives.

@@ -1,4 +1,5 @@
 """The CLIP dual encoder (open_clip), class prompts, and zero-shot classification (eq. 6)."""
+
 from __future__ import annotations
 
 import contextlib
@@ -39,8 +40,15 @@ def check_name(name: str):
         import difflib
 
         close = difflib.get_close_matches(name, oc.list_models(), n=3)
-        raise EcvlError(f"unknown open_clip model {name!r} (" + (f"did you mean {', '.join(close)}?" if close else
-                        "e.g. RN50-quickgelu, ViT-B-16-quickgelu, ecvl-small-rn, ecvl-tiny-vit") + ")")
+        raise EcvlError(
+            f"unknown open_clip model {name!r} ("
+            + (
+                f"did you mean {', '.join(close)}?"
+                if close
+                else "e.g. RN50-quickgelu, ViT-B-16-quickgelu, ecvl-small-rn, ecvl-tiny-vit"
+            )
+            + ")"
+        )
     return oc
 
 
@@ -55,8 +63,10 @@ def check_forward(net: nn.Module, tokens: torch.Tensor, res: int, name: str) -> 
         with torch.no_grad():
             net(torch.zeros(2, 3, res, res, device=device), tokens[:2])
     except Exception as e:
-        raise EcvlError(f"model {name} cannot take data.res = {res} px images ({first_line(e)}); "
-                        f"choose another data.res or model.name") from None
+        raise EcvlError(
+            f"model {name} cannot take data.res = {res} px images ({first_line(e)}); "
+            f"choose another data.res or model.name"
+        ) from None
     finally:
         net.train(was)
 
@@ -98,7 +108,11 @@ def activation(cfg: ModelCfg) -> tuple[bool, str]:
     if Path(p).is_file() and is_torchscript(p):
         return True, f"{p} is OpenAI's TorchScript format"
     quick_name = f"{cfg.name}-quickgelu"
-    hint = f" (OpenAI's weights as a state dict: use model.name = {quick_name!r})" if quick_name in oc.list_models() else ""
+    hint = (
+        f" (OpenAI's weights as a state dict: use model.name = {quick_name!r})"
+        if quick_name in oc.list_models()
+        else ""
+    )
     return False, f"a state dict cannot say, so the model name decides{hint}"
 
 
@@ -198,11 +212,15 @@ def check_weights_reachable(name: str, tag: str) -> None:
     try:
         if offline:
             raise OSError("HF_HUB_OFFLINE is set")
-        socket.create_connection((host.hostname, host.port or (443 if host.scheme == "https" else 80)), timeout=5).close()
+        socket.create_connection(
+            (host.hostname, host.port or (443 if host.scheme == "https" else 80)), timeout=5
+        ).close()
     except OSError as e:
-        raise EcvlError(f"model.pretrained = {tag!r}: {name}'s weights are not in the local cache and {host.hostname} "
-                        f"cannot be reached ({first_line(e)}); pass a local weights file, --set "
-                        f"model.pretrained=/path/to/weights (fetched from {where} on a machine with a network)") from None
+        raise EcvlError(
+            f"model.pretrained = {tag!r}: {name}'s weights are not in the local cache and {host.hostname} "
+            f"cannot be reached ({first_line(e)}); pass a local weights file, --set "
+            f"model.pretrained=/path/to/weights (fetched from {where} on a machine with a network)"
+        ) from None
 
 
 def _load_torchscript(model, path: str) -> None:
@@ -237,9 +255,11 @@ def random_weights_warning(cfg: ModelCfg) -> str | None:
     """A warning for training a model larger than the built-in small ones from random weights."""
     if cfg.pretrained not in ("", "none") or cfg.name in BUILT_IN:
         return None
-    return (f"warning: {cfg.name} trains from random weights (model.pretrained = \"none\"): CLIP's accuracy comes "
-            f"from its pretraining, so expect a weak model; set model.pretrained to an open_clip weights file, or "
-            f"use a built-in small model ({', '.join(BUILT_IN)})")
+    return (
+        f'warning: {cfg.name} trains from random weights (model.pretrained = "none"): CLIP\'s accuracy comes '
+        f"from its pretraining, so expect a weak model; set model.pretrained to an open_clip weights file, or "
+        f"use a built-in small model ({', '.join(BUILT_IN)})"
+    )
 
 
 def prompt_tokens(tokenizer, classnames: list[str], kind: str = "single") -> torch.Tensor:
@@ -259,8 +279,11 @@ def encode_text(clip, tokens: torch.Tensor, n: int | None = None) -> torch.Tenso
     nothing it returns; a class prompt is ~10 of the 77 positions, so this is the same features at a
     fraction of the cost. Other text towers (no causal mask, another pooling) run as they are.
     `n`: `used_length` of these prompts or of a set they are drawn from (default: computed here)."""
-    if getattr(clip, "attn_mask", None) is None or getattr(clip, "text_pool_type", None) != "argmax" \
-            or not hasattr(clip, "token_embedding"):
+    if (
+        getattr(clip, "attn_mask", None) is None
+        or getattr(clip, "text_pool_type", None) != "argmax"
+        or not hasattr(clip, "token_embedding")
+    ):
         return clip.encode_text(tokens)
     n = used_length(tokens) if n is None else n
     tokens = tokens[:, :n]
@@ -346,8 +369,8 @@ def tte_views(images: torch.Tensor, views: int) -> list[torch.Tensor]:
     if views > 2:
         grow = max(1, round(res * 24 / 224))
         big = F.interpolate(images, size=(res + grow, res + grow), mode="bilinear", align_corners=False)
-        corners = [big[..., y:y + res, x:x + res] for y in (0, grow) for x in (0, grow)]
-        out += (corners + [c.flip(-1) for c in corners])[:views - 2]
+        corners = [big[..., y : y + res, x : x + res] for y in (0, grow) for x in (0, grow)]
+        out += (corners + [c.flip(-1) for c in corners])[: views - 2]
     return out
 
 
@@ -358,7 +381,7 @@ def tte_split(crops: str, views: int) -> tuple[int, int]:
     if crops != "five":
         return views, 1
     if views not in (1, 5):
-        raise EcvlError(f"{views} test-time views: LIFT's five crops (data.tte_crops = \"five\") are 5, or 1 for none")
+        raise EcvlError(f'{views} test-time views: LIFT\'s five crops (data.tte_crops = "five") are 5, or 1 for none')
     return 1, views
 
 
@@ -369,8 +392,14 @@ class Scorer(nn.Module):
     scale), averaged over test-time views: `views` cut from each image [N, C, H, W], or the views
     of an input prepared with them [N, V, C, H, W] (`tte_split`)."""
 
-    def __init__(self, net: ClipNet, weights: torch.Tensor, adapter: nn.Module | None = None,
-                 scale: float | None = None, views: int = 1):
+    def __init__(
+        self,
+        net: ClipNet,
+        weights: torch.Tensor,
+        adapter: nn.Module | None = None,
+        scale: float | None = None,
+        views: int = 1,
+    ):
         super().__init__()
         self.net, self.adapter, self.scale, self.views = net, adapter, scale, views
         self.register_buffer("weights", weights.detach().float())
@@ -378,8 +407,7 @@ class Scorer(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         scale = self.net.logit_scale if self.scale is None else self.scale
         inputs = images.unbind(1) if images.dim() == 5 else tte_views(images, self.views)
-        logits = [zero_shot_logits(adapted_features(self.net(x)[0], self.adapter), self.weights, scale)
-                  for x in inputs]
+        logits = [zero_shot_logits(adapted_features(self.net(x)[0], self.adapter), self.weights, scale) for x in inputs]
         return logits[0] if len(logits) == 1 else torch.stack(logits).mean(0)
 
 
@@ -388,8 +416,9 @@ class StageTwo(nn.Module):
     tower, the residual adapter (eq. 7), a cosine head; any of them may be absent. Returns the
     adapted, normalised features and the class weights they are scored against."""
 
-    def __init__(self, net: ClipNet, text: torch.Tensor, adapter: Adapter | None, head: CosineHead | None,
-                 chunks: int = 1):
+    def __init__(
+        self, net: ClipNet, text: torch.Tensor, adapter: Adapter | None, head: CosineHead | None, chunks: int = 1
+    ):
         super().__init__()
         self.net, self.adapter, self.head, self.chunks = net, adapter, head, chunks
         self.register_buffer("text", text.detach().float())

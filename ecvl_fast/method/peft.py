@@ -16,6 +16,7 @@ Every added up-projection starts at zero, so before the first step the tower com
 what the frozen one does. The bottleneck width, unless set, is LIFT's rule: the power of two at
 or below K / (2 x blocks), at least 1.
 """
+
 from __future__ import annotations
 
 import math
@@ -85,9 +86,23 @@ class LoRAAttention(nn.Module):
         weight = m.in_proj_weight + torch.cat([delta[0], torch.zeros_like(delta[0]), delta[1]])
         q, k, v = (t.transpose(0, 1) for t in (query, key, value)) if m.batch_first else (query, key, value)
         out, _ = F.multi_head_attention_forward(
-            q, k, v, m.embed_dim, m.num_heads, weight, m.in_proj_bias, m.bias_k, m.bias_v, m.add_zero_attn,
-            m.dropout, m.out_proj.weight, m.out_proj.bias, training=self.training, need_weights=False,
-            attn_mask=attn_mask)
+            q,
+            k,
+            v,
+            m.embed_dim,
+            m.num_heads,
+            weight,
+            m.in_proj_bias,
+            m.bias_k,
+            m.bias_v,
+            m.add_zero_attn,
+            m.dropout,
+            m.out_proj.weight,
+            m.out_proj.bias,
+            training=self.training,
+            need_weights=False,
+            attn_mask=attn_mask,
+        )
         return (out.transpose(0, 1) if m.batch_first else out), None
 
 
@@ -100,8 +115,10 @@ def _is_vit(visual: nn.Module) -> bool:
 
 def _vit_blocks(visual: nn.Module, module: str, tower: str) -> nn.ModuleList:
     if not _is_vit(visual):
-        raise EcvlError(f"stage2.peft = {module!r} adds to a ViT's attention blocks, and {tower}'s image tower is "
-                        f"{type(visual).__name__}, not an open_clip ViT: use \"bitfit\" (or \"none\")")
+        raise EcvlError(
+            f"stage2.peft = {module!r} adds to a ViT's attention blocks, and {tower}'s image tower is "
+            f'{type(visual).__name__}, not an open_clip ViT: use "bitfit" (or "none")'
+        )
     return visual.transformer.resblocks
 
 

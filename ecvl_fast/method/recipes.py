@@ -10,6 +10,7 @@ preset's own settings, the command line. A preset may not set a key of its recip
 row and a preset of the same name cannot differ. A saved run's config.toml stays the full, flat,
 resolved config.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -38,24 +39,38 @@ RECIPES = {
     # for the momentum (Zhu et al. 2022)
     "ecvl": Recipe(
         {"stage2": {"randaug": True, "dcvl_weight": 1.0}, "aug": PAPER_MEMORY},
-        {"data": {"res": 224,  # CLIP RN50's input size; BALLAD: RandomResizedCrop(224, scale 0.5-1) + flip
-                  "batch_size": 512,  # BALLAD phase A batch (global, split over GPUs)
-                  "workers": 8},
-         "model": {"name": "RN50-quickgelu",  # OpenAI trained CLIP with QuickGELU; open_clip's "RN50" has GELU
-                   "pretrained": "openai",  # open_clip tag; a local file where there is no network
-                   "templates": "openai"},  # evaluation prompts: open_clip's 80 ImageNet templates, averaged
-         "aug": {"k": 2,  # RandAugment ops per sample (eq. 10)
-                 "beta": 0.97,  # EMA momentum of the per-sample loss (eq. 8; BCL's official value)
-                 "crop_min_scale": 0.5},  # BALLAD's RandomResizedCrop scale
-         "stage1": {"epochs": 50,  # BALLAD phase A
-                    "loss": "prompt-ce",  # BALLAD phase A: CE of image features against all class prompts, scale 100
-                    "lr": 1e-5,  # BALLAD phase A learning rate, here with AdamW (the paper's optimiser)
-                    "weight_decay": 0.1, "warmup_epochs": 1.0},
-         "stage2": {"epochs": 300,  # the paper's; with beta 0.97 the first epoch's loss weighs 0.97^299 ~ 1e-4 in M
-                    "lr": 1e-3,  # AdamW (the paper); BALLAD's SGD uses 0.2
-                    "ratio": 0.2,  # eq. 7's lambda, BALLAD's adapter ratio
-                    "temperature": 0.2},  # L_DCVL's NT-Xent temperature (BCL)
-         "run": {"log_every": 50}}),
+        {
+            "data": {
+                "res": 224,  # CLIP RN50's input size; BALLAD: RandomResizedCrop(224, scale 0.5-1) + flip
+                "batch_size": 512,  # BALLAD phase A batch (global, split over GPUs)
+                "workers": 8,
+            },
+            "model": {
+                "name": "RN50-quickgelu",  # OpenAI trained CLIP with QuickGELU; open_clip's "RN50" has GELU
+                "pretrained": "openai",  # open_clip tag; a local file where there is no network
+                "templates": "openai",
+            },  # evaluation prompts: open_clip's 80 ImageNet templates, averaged
+            "aug": {
+                "k": 2,  # RandAugment ops per sample (eq. 10)
+                "beta": 0.97,  # EMA momentum of the per-sample loss (eq. 8; BCL's official value)
+                "crop_min_scale": 0.5,
+            },  # BALLAD's RandomResizedCrop scale
+            "stage1": {
+                "epochs": 50,  # BALLAD phase A
+                "loss": "prompt-ce",  # BALLAD phase A: CE of image features against all class prompts, scale 100
+                "lr": 1e-5,  # BALLAD phase A learning rate, here with AdamW (the paper's optimiser)
+                "weight_decay": 0.1,
+                "warmup_epochs": 1.0,
+            },
+            "stage2": {
+                "epochs": 300,  # the paper's; with beta 0.97 the first epoch's loss weighs 0.97^299 ~ 1e-4 in M
+                "lr": 1e-3,  # AdamW (the paper); BALLAD's SGD uses 0.2
+                "ratio": 0.2,  # eq. 7's lambda, BALLAD's adapter ratio
+                "temperature": 0.2,
+            },  # L_DCVL's NT-Xent temperature (BCL)
+            "run": {"log_every": 50},
+        },
+    ),
     # LIFT (Shi et al., "Long-Tail Learning with Foundation Model: Heavy Fine-Tuning Hurts", ICML 2024,
     # arXiv 2309.10019; code shijxcs/LIFT, configs/model/clip_vit_b16_peft.yaml): a light module in the
     # frozen image tower instead of the adapter ("auto": AdaptFormer on a ViT, BitFit on a ResNet; a
@@ -66,18 +81,36 @@ RECIPES = {
     # code: the cosine head scores the joint (projected) image features, where LIFT's scores the 768-d
     # ones before the projection; LIFT steps its cosine schedule per epoch, this trainer per step
     "lift": Recipe(
-        {"stage2": {"adapter": False, "peft": "auto", "head": "cosine", "head_scale": 25.0, "logit_adjust": 1.0,
-                    "sampling": "instance", "dcvl_weight": 0.0, "randaug": False, "optimizer": "sgd", "lr": 0.01,
-                    "weight_decay": 5e-4, "views": 1},
-         "aug": {**PAPER_MEMORY, "crop_min_scale": 0.08},
-         "data": {"tte_views": 5, "tte_crops": "five"}},
-        {"data": {"res": 224, "batch_size": 128, "workers": 8},  # LIFT's batch
-         "model": {"name": "ViT-B-16-quickgelu",  # OpenAI trained CLIP with QuickGELU
-                   "pretrained": "openai",
-                   "templates": "single"},  # "a photo of a {}.": LIFT's head initialisation prompt
-         "stage1": {"epochs": 0},  # one stage: stage 2 starts from model.pretrained
-         "stage2": {"epochs": 10, "warmup_epochs": 0.0},  # LIFT's (its cosine schedule has no warm-up)
-         "run": {"log_every": 50}}),
+        {
+            "stage2": {
+                "adapter": False,
+                "peft": "auto",
+                "head": "cosine",
+                "head_scale": 25.0,
+                "logit_adjust": 1.0,
+                "sampling": "instance",
+                "dcvl_weight": 0.0,
+                "randaug": False,
+                "optimizer": "sgd",
+                "lr": 0.01,
+                "weight_decay": 5e-4,
+                "views": 1,
+            },
+            "aug": {**PAPER_MEMORY, "crop_min_scale": 0.08},
+            "data": {"tte_views": 5, "tte_crops": "five"},
+        },
+        {
+            "data": {"res": 224, "batch_size": 128, "workers": 8},  # LIFT's batch
+            "model": {
+                "name": "ViT-B-16-quickgelu",  # OpenAI trained CLIP with QuickGELU
+                "pretrained": "openai",
+                "templates": "single",
+            },  # "a photo of a {}.": LIFT's head initialisation prompt
+            "stage1": {"epochs": 0},  # one stage: stage 2 starts from model.pretrained
+            "stage2": {"epochs": 10, "warmup_epochs": 0.0},  # LIFT's (its cosine schedule has no warm-up)
+            "run": {"log_every": 50},
+        },
+    ),
 }
 
 # Where `convert` writes each dataset the presets name (README, "Reproducing the paper", for the sources)
@@ -116,5 +149,7 @@ def check_own(recipe: str | None, own: dict, where: str) -> None:
         return
     clash = [f"{s}.{k}" for s, keys in RECIPES[recipe].row.items() for k in keys if k in (own.get(s) or {})]
     if clash:
-        raise EcvlError(f"{where}: sets {', '.join(clash)}, which recipe {recipe!r} declares (method/recipes.py); "
-                        f"a variant of the method is a new recipe, or a --set on the command line")
+        raise EcvlError(
+            f"{where}: sets {', '.join(clash)}, which recipe {recipe!r} declares (method/recipes.py); "
+            f"a variant of the method is a new recipe, or a --set on the command line"
+        )

@@ -1,6 +1,7 @@
 """Stage 2's trained parts, built from the config in one place for training, resuming, eval,
 predict and export: a light module in the frozen image tower (method/peft.py), eq. 7's adapter
 and a cosine head (LIFT), and the classifier they evaluate as."""
+
 from __future__ import annotations
 
 import torch
@@ -31,16 +32,20 @@ def load(st: StageTwo, state: dict) -> None:
     for name in ("adapter", "head"):
         module, saved = getattr(st, name), state.get(name)
         if (module is None) != (saved is None):
-            raise EcvlError(f"the checkpoint {'has a' if saved is not None else 'has no'} stage-2 {name}, and its "
-                            f"config {'asks for none' if module is None else 'asks for one'}")
+            raise EcvlError(
+                f"the checkpoint {'has a' if saved is not None else 'has no'} stage-2 {name}, and its "
+                f"config {'asks for none' if module is None else 'asks for one'}"
+            )
         if module is not None:
             module.load_state_dict(saved)
 
 
 def state(st: StageTwo) -> dict:
     """What a stage-2 checkpoint holds beside the net: the adapter's and the head's weights."""
-    return {"adapter": None if st.adapter is None else st.adapter.state_dict(),
-            "head": None if st.head is None else st.head.state_dict()}
+    return {
+        "adapter": None if st.adapter is None else st.adapter.state_dict(),
+        "head": None if st.head is None else st.head.state_dict(),
+    }
 
 
 def scorer(cfg: Config, st: StageTwo, views: int | None = None) -> Scorer:
@@ -48,5 +53,10 @@ def scorer(cfg: Config, st: StageTwo, views: int | None = None) -> Scorer:
     features at the scale prompt CE trained them at (eq. 6 with stage2.ce_scale); `views` test-time
     views (default data.tte_views)."""
     weights = st.text if st.head is None else st.head.weights().detach()
-    return Scorer(st.net, weights, st.adapter, trained_scale(cfg, 2) if st.head is None else st.head.scale,
-                  tte_split(cfg.data.tte_crops, cfg.data.tte_views if views is None else views)[0])
+    return Scorer(
+        st.net,
+        weights,
+        st.adapter,
+        trained_scale(cfg, 2) if st.head is None else st.head.scale,
+        tte_split(cfg.data.tte_crops, cfg.data.tte_views if views is None else views)[0],
+    )

@@ -1,4 +1,5 @@
 """Checkpoints: written to a temp file and renamed, read back with `weights_only=True`."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -25,14 +26,23 @@ def load(path: Path, *, model_name: str | None = None, num_classes: int | None =
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise EcvlError(f"{path}: not a readable ecvl-fast checkpoint, truncated or foreign "
-                        f"({first_line(e)}){elsewhere(path)}") from None
+        raise EcvlError(
+            f"{path}: not a readable ecvl-fast checkpoint, truncated or foreign ({first_line(e)}){elsewhere(path)}"
+        ) from None
     if isinstance(ckpt, dict) and str(ckpt.get("format", "")).startswith("ecvl-fast-classifier"):
-        raise EcvlError(f"{path}: an exported classifier (ecvl-fast export), which predict and the Python API read; "
-                        f"this command needs a training checkpoint (last.pt or best.pt in a run folder)")
+        raise EcvlError(
+            f"{path}: an exported classifier (ecvl-fast export), which predict and the Python API read; "
+            f"this command needs a training checkpoint (last.pt or best.pt in a run folder)"
+        )
     if not isinstance(ckpt, dict) or any(k not in ckpt for k in REQUIRED):
-        raise EcvlError((f"{path}: not an ecvl-fast checkpoint (missing {[k for k in REQUIRED if k not in ckpt]})"
-                         if isinstance(ckpt, dict) else f"{path}: not an ecvl-fast checkpoint") + elsewhere(path))
+        raise EcvlError(
+            (
+                f"{path}: not an ecvl-fast checkpoint (missing {[k for k in REQUIRED if k not in ckpt]})"
+                if isinstance(ckpt, dict)
+                else f"{path}: not an ecvl-fast checkpoint"
+            )
+            + elsewhere(path)
+        )
     bad = nonfinite(ckpt)
     if bad:
         raise EcvlError(f"{path}: holds non-finite weights ({bad}); a run that diverged{elsewhere(path)}")
@@ -69,8 +79,10 @@ def check_classes(ckpt: dict, path: Path, classes: list[str], data) -> None:
     saved = ckpt.get("classes")
     if saved is not None and list(saved) != list(classes):
         i = next(i for i, (a, b) in enumerate(zip(saved, classes)) if a != b)
-        raise EcvlError(f"{path}: its classes are not {data}'s: class {i} is {saved[i]!r} in the checkpoint and "
-                        f"{classes[i]!r} in the data; evaluating would file its scores under the wrong names")
+        raise EcvlError(
+            f"{path}: its classes are not {data}'s: class {i} is {saved[i]!r} in the checkpoint and "
+            f"{classes[i]!r} in the data; evaluating would file its scores under the wrong names"
+        )
 
 
 def rng_state() -> dict:

@@ -1,4 +1,5 @@
 """Distributed setup, read from torchrun's environment in one place, and the one gather helper."""
+
 from __future__ import annotations
 
 import os
@@ -27,13 +28,15 @@ class Dist:
 
 
 def resolve_device(device: str = "auto", local_rank: int = 0) -> torch.device:
-    """"auto": this rank's GPU where CUDA is available, else the CPU; "cpu" or "cuda" as asked."""
+    """ "auto": this rank's GPU where CUDA is available, else the CPU; "cpu" or "cuda" as asked."""
     use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
     return torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
 
 
-SRUN_FORM = ("srun --ntasks-per-node=1 torchrun --nnodes=$SLURM_NNODES --nproc-per-node=$GPUS_PER_NODE "
-             "--rdzv-backend=c10d --rdzv-endpoint=$MASTER_ADDR:29500 -m ecvl_fast.cli train ...")
+SRUN_FORM = (
+    "srun --ntasks-per-node=1 torchrun --nnodes=$SLURM_NNODES --nproc-per-node=$GPUS_PER_NODE "
+    "--rdzv-backend=c10d --rdzv-endpoint=$MASTER_ADDR:29500 -m ecvl_fast.cli train ..."
+)
 
 
 def check_launcher(env=os.environ) -> None:
@@ -41,8 +44,10 @@ def check_launcher(env=os.environ) -> None:
     all writing the same folder: refuse, showing the form that works (docs/cluster.md)."""
     tasks = int(env.get("SLURM_NTASKS", "1") or 1)
     if tasks > 1 and not {"WORLD_SIZE", "RANK", "LOCAL_RANK"} & set(env):
-        raise EcvlError(f"SLURM_NTASKS={tasks} but no torchrun variables: each task would train alone as rank 0. "
-                        f"Start one torchrun per node: {SRUN_FORM}")
+        raise EcvlError(
+            f"SLURM_NTASKS={tasks} but no torchrun variables: each task would train alone as rank 0. "
+            f"Start one torchrun per node: {SRUN_FORM}"
+        )
 
 
 def setup(device: str = "auto", backend: str = "auto") -> Dist:
@@ -55,8 +60,12 @@ def setup(device: str = "auto", backend: str = "auto") -> Dist:
     if use_cuda:
         torch.cuda.set_device(dev)
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group(backend=("nccl" if use_cuda else "gloo") if backend == "auto" else backend,
-                                store=attempt_store(rank, world), rank=rank, world_size=world)
+        dist.init_process_group(
+            backend=("nccl" if use_cuda else "gloo") if backend == "auto" else backend,
+            store=attempt_store(rank, world),
+            rank=rank,
+            world_size=world,
+        )
     return Dist(rank, local_rank, world, dev)
 
 
@@ -130,7 +139,6 @@ def gather_arrays(*arrays):
     out = [None] * dist.get_world_size()
     dist.all_gather_object(out, arrays)
     return tuple(np.concatenate([o[i] for o in out]) for i in range(len(arrays)))
-
 
 
 def all_reduce_max(x: torch.Tensor) -> torch.Tensor:

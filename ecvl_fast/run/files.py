@@ -1,6 +1,7 @@
 """Writing files so that nothing is lost: a temp file of this writer's own, flushed to disk, then
 renamed over the target, then the folder flushed (a power loss leaves the old file or the new one,
 never a torn or empty one). Errors from the disk become one line."""
+
 from __future__ import annotations
 
 import errno
@@ -12,9 +13,13 @@ from ecvl_fast import EcvlError, first_line
 
 TMP_SUFFIX = ".tmp"
 
-DISK_ERRORS = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
-               errno.EROFS: "read-only file system", errno.EACCES: "permission denied",
-               errno.EPERM: "permission denied"}
+DISK_ERRORS = {
+    errno.ENOSPC: "no space left on the device",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EROFS: "read-only file system",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "permission denied",
+}
 
 
 def temp_path(path: Path) -> Path:
@@ -38,8 +43,10 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
         fsync_dir(path.parent)
     except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
         tmp.unlink(missing_ok=True)
-        raise EcvlError(f"{path}: could not write it ({disk_reason(e, path.parent)}); "
-                        f"{'the previous file is intact' if path.exists() else 'nothing was written'}") from None
+        raise EcvlError(
+            f"{path}: could not write it ({disk_reason(e, path.parent)}); "
+            f"{'the previous file is intact' if path.exists() else 'nothing was written'}"
+        ) from None
 
 
 def disk_reason(e: BaseException, folder: Path) -> str:

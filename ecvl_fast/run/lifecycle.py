@@ -12,6 +12,7 @@
 - **Shared filesystem.** Only global rank 0 writes; every rank reads the run folder, so at
   start-up each rank must read back a token rank 0 wrote there.
 """
+
 from __future__ import annotations
 
 import json
@@ -44,9 +45,11 @@ RETUNABLE = {f"stage{s}.{key}" for s in (1, 2) for key in ("lr", "warmup_epochs"
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped on a signal with a checkpoint; run the same command again
 
 # Settings that change how a run executes, not what it computes: a resumed run may change them.
-OPERATIONAL = {"data": {"workers", "dali_threads", "prefetch"}, "dist": {"backend"},
-               "run": {"out", "device", "log_every", "checkpoint_every", "stop_grace_s", "report_to",
-                       "lines_per_epoch", "report"}}  # out: a folder may move
+OPERATIONAL = {
+    "data": {"workers", "dali_threads", "prefetch"},
+    "dist": {"backend"},
+    "run": {"out", "device", "log_every", "checkpoint_every", "stop_grace_s", "report_to", "lines_per_epoch", "report"},
+}  # out: a folder may move
 
 
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, the shell's convention for Ctrl-C
@@ -65,6 +68,7 @@ class Preempted(EcvlError):
 class Position:
     """Where a run continues: `step` is the first step of `epoch` still to run; `carry` holds that
     epoch's running sums (train loss, images) when it stopped mid-epoch."""
+
     epoch: int = 0
     step: int = 0
     best: float = -math.inf
@@ -91,8 +95,11 @@ def config_diff(old: dict, new: dict, stage: int = 2) -> list[str]:
 
 def set_aside(folder: Path) -> Path | None:
     """`--restart`: move what a previous run left in `folder` into `folder/previous-<time>/`."""
-    old = [p for p in folder.iterdir() if not p.name.startswith("previous-") and p.name != LOCK] \
-        if folder.is_dir() else []
+    old = (
+        [p for p in folder.iterdir() if not p.name.startswith("previous-") and p.name != LOCK]
+        if folder.is_dir()
+        else []
+    )
     if not old:
         return None
     dest = folder / time.strftime("previous-%Y%m%d-%H%M%S")
@@ -102,7 +109,9 @@ def set_aside(folder: Path) -> Path | None:
     return dest
 
 
-def start(folder: Path, cfg, epochs: int, d: D.Dist, restart: bool, log, stage: int = 2) -> tuple[Position, dict | None]:
+def start(
+    folder: Path, cfg, epochs: int, d: D.Dist, restart: bool, log, stage: int = 2
+) -> tuple[Position, dict | None]:
     """Decide how this run starts; returns (position, the checkpoint to restore or None)."""
     if restart and d.main:
         moved = set_aside(folder)
@@ -124,20 +133,26 @@ def start(folder: Path, cfg, epochs: int, d: D.Dist, restart: bool, log, stage: 
         D.barrier()
         if not healthy.is_file():
             if d.main:
-                print(f"{folder} diverged before any healthy checkpoint: starting over with {'; '.join(diff)} "
-                      f"(its last checkpoint is kept as {DIVERGED_LAST})")
+                print(
+                    f"{folder} diverged before any healthy checkpoint: starting over with {'; '.join(diff)} "
+                    f"(its last checkpoint is kept as {DIVERGED_LAST})"
+                )
             log("event", {"event": "restarted after divergence", "host": socket.gethostname()})
             return Position(), None
         ckpt = ckpt_io.load(healthy)
         at = ckpt["position"]
         if d.main:
             where = f"epoch {at['epoch'] + 1}" + (f", step {at['step']}" if at["step"] else "")
-            print(f"{folder} diverged: resuming its last healthy checkpoint ({HEALTHY}, {where}) with {'; '.join(diff)}")
+            print(
+                f"{folder} diverged: resuming its last healthy checkpoint ({HEALTHY}, {where}) with {'; '.join(diff)}"
+            )
         diff = []
     if diff:
-        raise EcvlError(f"{folder} holds a run with another config: {'; '.join(diff)}. Re-run with its config "
-                        f"({folder / 'config.toml'}), pass --restart to start over (the old run is kept in "
-                        f"{folder}/previous-*), or choose another run.out")
+        raise EcvlError(
+            f"{folder} holds a run with another config: {'; '.join(diff)}. Re-run with its config "
+            f"({folder / 'config.toml'}), pass --restart to start over (the old run is kept in "
+            f"{folder}/previous-*), or choose another run.out"
+        )
     at = ckpt["position"]
     pos = Position(at["epoch"], at["step"], ckpt["best"], at.get("carry"))
     if done(ckpt, epochs, folder):
@@ -231,8 +246,10 @@ def check_shared_folder(folder: Path, d: D.Dist) -> None:
         path.unlink(missing_ok=True)
     if int(missing):
         where = "" if ok else f" (this is rank {d.rank} on {socket.gethostname()})"
-        raise EcvlError(f"{int(missing)} rank(s) cannot read {folder}, which rank 0 writes: run.out (and the data) "
-                        f"must be on a filesystem every node shares{where}")
+        raise EcvlError(
+            f"{int(missing)} rank(s) cannot read {folder}, which rank 0 writes: run.out (and the data) "
+            f"must be on a filesystem every node shares{where}"
+        )
 
 
 class RunLock:
@@ -249,8 +266,12 @@ class RunLock:
         self.path, self.d, self.active = Path(folder) / LOCK, d, d is None or d.main
         self._stop = threading.Event()
         self.made: Path | None = None
-        self.me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S"),
-                   "started": time.time()}
+        self.me = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "since": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "started": time.time(),
+        }
 
     def __enter__(self):
         refused = None
@@ -311,9 +332,15 @@ class RunLock:
         else:
             why = _stale(holder, age)
         if why is None:
-            who = f"pid {holder.get('pid')} on {holder.get('host')} since {holder.get('since', '?')}" if holder else "another command"
-            raise EcvlError(f"{self.path.parent} is in use by {who}: one run writes to a folder at a time; "
-                            "wait for it, stop it, or choose another run.out")
+            who = (
+                f"pid {holder.get('pid')} on {holder.get('host')} since {holder.get('since', '?')}"
+                if holder
+                else "another command"
+            )
+            raise EcvlError(
+                f"{self.path.parent} is in use by {who}: one run writes to a folder at a time; "
+                "wait for it, stop it, or choose another run.out"
+            )
         print(f"{self.path.parent}: taking over a stale lock ({why})")
         self.path.unlink(missing_ok=True)
 
@@ -370,8 +397,9 @@ def _process_start(pid) -> float | None:
     """When `pid` started, as Unix time (Linux: /proc/PID/stat's starttime after /proc/stat's btime)."""
     try:
         ticks = int(Path(f"/proc/{int(pid)}/stat").read_text().rsplit(")", 1)[1].split()[19])
-        btime = next(int(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
-                     if line.startswith("btime "))
+        btime = next(
+            int(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines() if line.startswith("btime ")
+        )
         return btime + ticks / os.sysconf("SC_CLK_TCK")
     except (OSError, ValueError, IndexError, StopIteration, TypeError):
         return None

@@ -3,6 +3,7 @@ in percent), `summary.csv` (one row per epoch), the console (a bar per epoch tha
 terminal; about `run.lines_per_epoch` lines per epoch when stdout is a file, as in a batch job;
 an epoch line either way), and optionally TensorBoard and Weights & Biases (`run.report_to`).
 Only the main rank writes any of it."""
+
 from __future__ import annotations
 
 import csv
@@ -53,9 +54,18 @@ SUMMARY = ("epoch", "train_loss", "lr", "img_s", "val_all", "val_many", "val_med
 
 
 class RunLog:
-    def __init__(self, folder: Path, main: bool, epochs: int, stage: int, report_to: set[str] = frozenset(),
-                 interactive: bool | None = None, lines_per_epoch: int = 20, name: str = "",
-                 config: dict | None = None):
+    def __init__(
+        self,
+        folder: Path,
+        main: bool,
+        epochs: int,
+        stage: int,
+        report_to: set[str] = frozenset(),
+        interactive: bool | None = None,
+        lines_per_epoch: int = 20,
+        name: str = "",
+        config: dict | None = None,
+    ):
         self.path, self.main, self.epochs, self.stage = folder / "log.jsonl", main, epochs, stage
         self.interactive = sys.stdout.isatty() if interactive is None else interactive
         self.lines = lines_per_epoch
@@ -99,18 +109,31 @@ class RunLog:
         self.done += 1
         pct = lambda v: None if v is None else round(100 * v, 4)  # noqa: E731
         val = None if scores is None else pct(scores["all"])
-        groups = None if scores is None else {g: pct(scores[g]) for g in ("many", "medium", "few")
-                                              if scores.get(g) is not None}
-        record = {"epoch": epoch + 1, **stats, "lr": lr, "units": "percent", "val_all": val, "val_groups": groups,
-                  "val_macro_f1": None if scores is None else pct(scores.get("macro_f1"))}
+        groups = (
+            None
+            if scores is None
+            else {g: pct(scores[g]) for g in ("many", "medium", "few") if scores.get(g) is not None}
+        )
+        record = {
+            "epoch": epoch + 1,
+            **stats,
+            "lr": lr,
+            "units": "percent",
+            "val_all": val,
+            "val_groups": groups,
+            "val_macro_f1": None if scores is None else pct(scores.get("macro_f1")),
+        }
         self("epoch", record)
         if not self.main:
             return
         self._summary(record)
         acc = "-" if val is None else f"{val:.2f}%"
-        print(f"{time.strftime('%Y-%m-%d %H:%M:%S')} stage {self.stage} epoch {epoch + 1}/{self.epochs} "
-              f"loss {stats['train_loss']:.4f} lr {lr:.3g} {stats['img_s']:.0f} img/s val {acc} "
-              f"stage ETA {_clock(self.eta((self.epochs - epoch - 1) * steps * batch))}", flush=True)
+        print(
+            f"{time.strftime('%Y-%m-%d %H:%M:%S')} stage {self.stage} epoch {epoch + 1}/{self.epochs} "
+            f"loss {stats['train_loss']:.4f} lr {lr:.3g} {stats['img_s']:.0f} img/s val {acc} "
+            f"stage ETA {_clock(self.eta((self.epochs - epoch - 1) * steps * batch))}",
+            flush=True,
+        )
 
     def _summary(self, record: dict) -> None:
         """summary.csv beside log.jsonl: one row per epoch (timm's), rewritten from the log so a
@@ -121,15 +144,24 @@ class RunLog:
         for r in read_log(self.path):
             if r.get("kind") == "epoch" and r.get("units") == "percent":
                 groups = r.get("val_groups") or {}
-                rows[r["epoch"]] = [r["epoch"], r["train_loss"], r["lr"], r["img_s"], r.get("val_all"),
-                                    *(groups.get(g) for g in ("many", "medium", "few")), r.get("val_macro_f1")]
+                rows[r["epoch"]] = [
+                    r["epoch"],
+                    r["train_loss"],
+                    r["lr"],
+                    r["img_s"],
+                    r.get("val_all"),
+                    *(groups.get(g) for g in ("many", "medium", "few")),
+                    r.get("val_macro_f1"),
+                ]
 
         def write(tmp: Path) -> None:
             with open(tmp, "w", newline="") as f:
                 w = csv.writer(f)
                 w.writerow(SUMMARY)
                 for epoch in sorted(rows):
-                    w.writerow(["" if v is None else format(v, ".7g") if isinstance(v, float) else v for v in rows[epoch]])
+                    w.writerow(
+                        ["" if v is None else format(v, ".7g") if isinstance(v, float) else v for v in rows[epoch]]
+                    )
 
         atomic_write(self.path.parent / "summary.csv", write)
 
@@ -167,8 +199,15 @@ class Progress:
             from tqdm import tqdm
 
             total = self.steps * batch
-            self.bar = tqdm(total=total, initial=first * batch, unit="img", unit_scale=total >= 100_000, leave=True,
-                            dynamic_ncols=True, desc=f"stage {log.stage} epoch {epoch + 1}/{log.epochs}")
+            self.bar = tqdm(
+                total=total,
+                initial=first * batch,
+                unit="img",
+                unit_scale=total >= 100_000,
+                leave=True,
+                dynamic_ncols=True,
+                desc=f"stage {log.stage} epoch {epoch + 1}/{log.epochs}",
+            )
 
     def __iter__(self):
         batches = iter(self.loader)
@@ -201,17 +240,21 @@ class Progress:
             self.bar.set_postfix_str(f"loss {loss:.4f}, data {100 * data:.0f}%, stage ETA {eta}", refresh=False)
         elif self.log.main and self.wants(step):
             n = len(str(self.steps))
-            print(f"{time.strftime('%Y-%m-%d %H:%M:%S')} stage {self.log.stage} epoch {self.epoch + 1}/{self.log.epochs} "
-                  f"[{step + 1:>{n}}/{self.steps} ({100 * (step + 1) / self.steps:3.0f}%)] loss {loss:.4f} lr {lr:.3g} "
-                  f"{img_s:.0f} img/s data {100 * data:.0f}% stage ETA {eta}", flush=True)
+            print(
+                f"{time.strftime('%Y-%m-%d %H:%M:%S')} stage {self.log.stage} epoch {self.epoch + 1}/{self.log.epochs} "
+                f"[{step + 1:>{n}}/{self.steps} ({100 * (step + 1) / self.steps:3.0f}%)] loss {loss:.4f} lr {lr:.3g} "
+                f"{img_s:.0f} img/s data {100 * data:.0f}% stage ETA {eta}",
+                flush=True,
+            )
 
 
 def _tensorboard(folder: Path):
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
-        raise EcvlError('run.report_to = "tensorboard" needs the tensorboard package: pip install '
-                        "'ecvl-fast[tensorboard]'") from None
+        raise EcvlError(
+            "run.report_to = \"tensorboard\" needs the tensorboard package: pip install 'ecvl-fast[tensorboard]'"
+        ) from None
     return SummaryWriter(str(folder))
 
 
@@ -221,15 +264,23 @@ def _wandb(folder: Path, name: str, stage: int, config: dict | None):
     try:
         import wandb
     except ImportError:
-        raise EcvlError('run.report_to = "wandb" needs the wandb package: pip install \'ecvl-fast[wandb]\'') from None
+        raise EcvlError("run.report_to = \"wandb\" needs the wandb package: pip install 'ecvl-fast[wandb]'") from None
     import hashlib
 
     from ecvl_fast import first_line
 
     run_id = hashlib.sha1(str(folder.resolve()).encode()).hexdigest()[:12]  # the folder's run, across restarts
     try:
-        return wandb.init(dir=str(folder), name=f"{name} stage {stage}", id=run_id, resume="allow",
-                          project="ecvl-fast", config={**(config or {}), "folder": str(folder), "stage": stage})
+        return wandb.init(
+            dir=str(folder),
+            name=f"{name} stage {stage}",
+            id=run_id,
+            resume="allow",
+            project="ecvl-fast",
+            config={**(config or {}), "folder": str(folder), "stage": stage},
+        )
     except Exception as e:  # no API key in a batch job, no network
-        raise EcvlError(f"wandb could not start ({type(e).__name__}: {first_line(e)}): run `wandb login`, or set "
-                        "WANDB_MODE=offline and `wandb sync` later") from None
+        raise EcvlError(
+            f"wandb could not start ({type(e).__name__}: {first_line(e)}): run `wandb login`, or set "
+            "WANDB_MODE=offline and `wandb sync` later"
+        ) from None

@@ -1,6 +1,7 @@
 """Precision is one switch, `run.precision`: "bf16", "fp16", "fp32", or "auto" (bf16 on CUDA,
 fp32 on CPU). bf16 and fp16 run the encoders under autocast (the losses stay fp32, losses.fp32);
 fp16 adds a GradScaler (V100/T4 have no bf16); fp32 runs everything in fp32 (debugging)."""
+
 from __future__ import annotations
 
 import torch

@@ -5,6 +5,7 @@ No ffcv or DALI: images are decoded with PIL and prepared as the eval path prepa
 fitted as on the loader's canvas, evaluation's centre crop, CLIP normalisation), so predictions
 match `eval`'s.
 """
+
 from __future__ import annotations
 
 import json
@@ -19,8 +20,18 @@ from torch import nn
 from ecvl_fast import EcvlError
 from ecvl_fast.config import Config, from_dict, trained_scale
 from ecvl_fast.method import stage2 as two
-from ecvl_fast.method.model import (Adapter, ClipNet, ImageTower, Scorer, build_clip, class_text_features, prompt_tokens,
-                                    set_activation, trained_quick_gelu, tte_split)
+from ecvl_fast.method.model import (
+    Adapter,
+    ClipNet,
+    ImageTower,
+    Scorer,
+    build_clip,
+    class_text_features,
+    prompt_tokens,
+    set_activation,
+    trained_quick_gelu,
+    tte_split,
+)
 from ecvl_fast.run import checkpoint as ckpt_io
 from ecvl_fast.run import precision
 
@@ -73,8 +84,11 @@ def decode(image, load_res: int, res: int, crops: int = 1) -> np.ndarray:
         import cv2
 
         img = cv2.resize(img, (int(fw), int(fh)), interpolation=cv2.INTER_AREA)
-    boxes = centre_boxes([fh], [fw], max(res, load_res), res) if crops == 1 else \
-        five_crop_boxes([fh], [fw], five_crop_resize(res), res)[:, 0]
+    boxes = (
+        centre_boxes([fh], [fw], max(res, load_res), res)
+        if crops == 1
+        else five_crop_boxes([fh], [fw], five_crop_resize(res), res)[:, 0]
+    )
     centres = (np.arange(res) + 0.5) / res
     grids = []
     for y0, x0, y1, x1 in boxes.astype(np.float64):
@@ -83,8 +97,9 @@ def decode(image, load_res: int, res: int, crops: int = 1) -> np.ndarray:
         grids.append(np.stack(np.meshgrid(gx, gy), -1))
     x = torch.from_numpy(np.array(img)).permute(2, 0, 1)[None].float()  # a writable copy
     grid = torch.from_numpy(np.stack(grids).astype(np.float32))
-    out = torch.nn.functional.grid_sample(x.expand(len(grids), -1, -1, -1), grid, mode="bilinear",
-                                          padding_mode="border", align_corners=False)
+    out = torch.nn.functional.grid_sample(
+        x.expand(len(grids), -1, -1, -1), grid, mode="bilinear", padding_mode="border", align_corners=False
+    )
     out = out.permute(0, 2, 3, 1).round().clamp(0, 255).to(torch.uint8).numpy()
     return out[0] if crops == 1 else out
 
@@ -146,15 +161,20 @@ class Model:
             images = [images]
 
         arrays = [decode(im, self.predictor.load_res, self.predictor.res, self.predictor.crops) for im in images]
-        names = [getattr(im, "filename", "") or f"image {i}" if isinstance(im, Image.Image) else str(im)
-                 for i, im in enumerate(images)]
+        names = [
+            getattr(im, "filename", "") or f"image {i}" if isinstance(im, Image.Image) else str(im)
+            for i, im in enumerate(images)
+        ]
         return self._top(np.stack(arrays), names, top_k)
 
     def _top(self, arrays: np.ndarray, names: list[str], top_k: int) -> list[Prediction]:
         p = self.predictor
         probs = p.probs(prepare(arrays, p.res, p.device))
         values, ix = probs.topk(min(top_k, len(p.classes)), dim=1)
-        return [Prediction(name, [p.classes[i] for i in ii], pi) for name, pi, ii in zip(names, values.tolist(), ix.tolist())]
+        return [
+            Prediction(name, [p.classes[i] for i in ii], pi)
+            for name, pi, ii in zip(names, values.tolist(), ix.tolist())
+        ]
 
 
 def load(path: str | Path, device: str = "auto", tte: int | None = None) -> Model:
@@ -207,6 +227,7 @@ class Classifier(nn.Module):
 class Predictor:
     """What `predict` needs of any model file: class names, preprocessing, and probabilities for
     a prepared batch (`ecvl_fast.serving.predict.to_input`)."""
+
     classes: list[str]
     res: int
     load_res: int
@@ -231,8 +252,10 @@ def load_predictor(path: Path, device: torch.device, views: int | None = None) -
         raise
     if isinstance(state, dict) and state.get("format") == FORMAT:
         if "digest" in state and digest(state) != state["digest"]:  # an export from before digests has none
-            raise EcvlError(f"{path}: its weights do not match the digest written at export: the file was changed "
-                            f"or damaged; export it again from its checkpoint ({state.get('source', 'unknown')})")
+            raise EcvlError(
+                f"{path}: its weights do not match the digest written at export: the file was changed "
+                f"or damaged; export it again from its checkpoint ({state.get('source', 'unknown')})"
+            )
         return _exported_predictor(state, device, views)
     return _checkpoint_predictor(path, device, views)
 
@@ -244,8 +267,15 @@ def _checkpoint_predictor(path: Path, device: torch.device, views: int | None) -
     state, cfg = load_checkpoint(path)
     scorer = load_classifier(cfg, state, state["classes"], device, views)
     crops = tte_split(cfg.data.tte_crops, cfg.data.tte_views if views is None else views)[1]
-    return Predictor(state["classes"], cfg.data.res, load_res(cfg),
-                     lambda x: predict_logits(scorer, x).softmax(1).cpu(), device, "checkpoint", crops)
+    return Predictor(
+        state["classes"],
+        cfg.data.res,
+        load_res(cfg),
+        lambda x: predict_logits(scorer, x).softmax(1).cpu(),
+        device,
+        "checkpoint",
+        crops,
+    )
 
 
 def _exported_predictor(d: dict, device: torch.device, views: int | None) -> Predictor:
@@ -287,8 +317,9 @@ def _onnx_predictor(path: Path, views: int | None) -> Predictor:
     meta = json.loads(props["ecvl_fast"])
     fixed = meta.get("tte_views", 1)  # an export from before test-time views has one
     if views not in (None, fixed):
-        raise EcvlError(f"{path}: an ONNX model's test-time views are fixed at export ({fixed}); "
-                        f"export again with --tte {views}")
+        raise EcvlError(
+            f"{path}: an ONNX model's test-time views are fixed at export ({fixed}); export again with --tte {views}"
+        )
 
     def probs(x):
         return torch.from_numpy(session.run(None, {"image": np.ascontiguousarray(x.float().cpu().numpy())})[0])
@@ -297,8 +328,9 @@ def _onnx_predictor(path: Path, views: int | None) -> Predictor:
     return Predictor(meta["classes"], meta["res"], meta["load_res"], probs, torch.device("cpu"), "onnx", crops)
 
 
-def load_classifier(cfg: Config, state: dict | None, classes: list[str], device: torch.device,
-                    views: int | None = None) -> Scorer:
+def load_classifier(
+    cfg: Config, state: dict | None, classes: list[str], device: torch.device, views: int | None = None
+) -> Scorer:
     """A stage 1 or 2 checkpoint's classifier, or the zero-shot model `cfg.model.pretrained` when
     `state` is None; eval, predict and export all use it. `views`: test-time views (default: the
     config's data.tte_views)."""
@@ -314,8 +346,12 @@ def load_classifier(cfg: Config, state: dict | None, classes: list[str], device:
     text = class_text_features(net, prompt_tokens(tokenizer, classes, cfg.model.templates).to(device))
     if not stage2:
         scale = trained_scale(cfg, 1) if state is not None else None  # zero-shot: CLIP's own
-        return Scorer(net, text, scale=scale,
-                      views=tte_split(cfg.data.tte_crops, cfg.data.tte_views if views is None else views)[0]).eval()
+        return Scorer(
+            net,
+            text,
+            scale=scale,
+            views=tte_split(cfg.data.tte_crops, cfg.data.tte_views if views is None else views)[0],
+        ).eval()
     st = two.modules(cfg, net, text)
     two.load(st, state)
     return two.scorer(cfg, st.to(device), views).eval()

@@ -11,6 +11,7 @@ uses for all three kinds of file.
   model's metadata. Needs
   `pip install 'ecvl-fast[onnx]'` (onnx to write, onnxruntime to run).
 """
+
 from __future__ import annotations
 
 import json
@@ -39,15 +40,31 @@ def export(ckpt: Path, out: Path, fmt: str = "pt", views: int | None = None) -> 
     stage2 = state["stage"] == 2
     scale = float(scorer.net.logit_scale if scorer.scale is None else scorer.scale)
     visual = scorer.net.clip.visual
-    meta = {"format": FORMAT, "model_name": cfg.model.name, "classes": state["classes"], "res": cfg.data.res,
-            "load_res": load_res(cfg), "mean": MEAN.flatten().tolist(), "std": STD.flatten().tolist(),
-            "stage": state["stage"], "ratio": cfg.stage2.ratio, "source": str(ckpt), "tte_views": total,
-            "tte_crops": cfg.data.tte_crops,
-            "peft": cfg.stage2.peft if stage2 else "none", "peft_dim": cfg.stage2.peft_dim,
-            "quick_gelu": quick_gelu_of(visual)}
+    meta = {
+        "format": FORMAT,
+        "model_name": cfg.model.name,
+        "classes": state["classes"],
+        "res": cfg.data.res,
+        "load_res": load_res(cfg),
+        "mean": MEAN.flatten().tolist(),
+        "std": STD.flatten().tolist(),
+        "stage": state["stage"],
+        "ratio": cfg.stage2.ratio,
+        "source": str(ckpt),
+        "tte_views": total,
+        "tte_crops": cfg.data.tte_crops,
+        "peft": cfg.stage2.peft if stage2 else "none",
+        "peft_dim": cfg.stage2.peft_dim,
+        "quick_gelu": quick_gelu_of(visual),
+    }
     if fmt == "pt":
-        payload = {**meta, "visual": visual.state_dict(), "logit_scale": scale, "class_weights": scorer.weights.cpu(),
-                   "adapter": None if scorer.adapter is None else scorer.adapter.state_dict()}
+        payload = {
+            **meta,
+            "visual": visual.state_dict(),
+            "logit_scale": scale,
+            "class_weights": scorer.weights.cpu(),
+            "adapter": None if scorer.adapter is None else scorer.adapter.state_dict(),
+        }
         payload["digest"] = digest(payload)
         atomic_write(out, lambda tmp: torch.save(payload, tmp))
     else:
@@ -78,14 +95,19 @@ def _export_onnx(model: Classifier, meta: dict, out: Path) -> None:
 
     def _export(tmp: Path) -> None:
         with torch.no_grad():  # the TorchScript exporter: no onnxscript needed, and it handles open_clip's towers
-            torch.onnx.export(model, (example,), str(tmp), input_names=["image"], output_names=["probs"],
-                              dynamic_axes={"image": {0: "batch"}, "probs": {0: "batch"}}, opset_version=17,
-                              dynamo=False)
+            torch.onnx.export(
+                model,
+                (example,),
+                str(tmp),
+                input_names=["image"],
+                output_names=["probs"],
+                dynamic_axes={"image": {0: "batch"}, "probs": {0: "batch"}},
+                opset_version=17,
+                dynamo=False,
+            )
 
     import warnings
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the legacy exporter's deprecation and tracer notes
         atomic_write(out, write)
-
-

@@ -1,5 +1,6 @@
 """`ecvl-fast predict`: classify image files with a checkpoint or an exported model (the classifier
 in `ecvl_fast.serving.classifier`), print them, and write them as CSV."""
+
 from __future__ import annotations
 
 import csv
@@ -24,12 +25,22 @@ def image_files(images: list[Path], folder: Path | None) -> list[Path]:
         raise EcvlError("no images: pass image files or --folder DIR")
     missing = [p for p in images if not Path(p).is_file()]
     if missing:
-        raise EcvlError(f"{missing[0]}: no such image file" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+        raise EcvlError(
+            f"{missing[0]}: no such image file" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+        )
     return list(images)
 
 
-def run_predict(ckpt: Path, images: list[Path], folder: Path | None = None, top_k: int = 5, strict: bool = False,
-                batch_size: int = 256, device: str = "auto", views: int | None = None) -> list[Prediction]:
+def run_predict(
+    ckpt: Path,
+    images: list[Path],
+    folder: Path | None = None,
+    top_k: int = 5,
+    strict: bool = False,
+    batch_size: int = 256,
+    device: str = "auto",
+    views: int | None = None,
+) -> list[Prediction]:
     """`ckpt`: a stage 1/2 training checkpoint, an exported `.pt`, or an exported `.onnx`;
     `views`: test-time views (default: the model's own)."""
     model = load(ckpt, device, views)

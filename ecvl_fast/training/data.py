@@ -1,4 +1,5 @@
 """Glue from a config to the loaders: a converted dataset, checked, and its train/eval loaders."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -41,8 +42,10 @@ def verify(path: str | Path, meta: dict, force: bool = False) -> dict[str, str]:
             found[split] = "unrecorded"
             continue
         if sha256(folder / name) != want:
-            raise EcvlError(f"{folder / name} does not match the sha256 meta.json recorded when it was written: the "
-                            f"file was changed or damaged; convert the dataset again")
+            raise EcvlError(
+                f"{folder / name} does not match the sha256 meta.json recorded when it was written: the "
+                f"file was changed or damaged; convert the dataset again"
+            )
         stamp[name], found[split], changed = mark, "hashed", True
     for where in _stamps(folder) if changed else ():
         try:
@@ -82,8 +85,9 @@ def open_dataset(path: str | Path, d: Dist | None = None) -> dict:
         import torch
 
         elsewhere = int(D.all_reduce_max(torch.tensor([int(refused is not None)], device=d.device)))
-        refused = refused or ("another rank found a .beton that does not match meta.json: see its error" if elsewhere
-                              else None)
+        refused = refused or (
+            "another rank found a .beton that does not match meta.json: see its error" if elsewhere else None
+        )
     if refused:
         raise EcvlError(refused)
     for split, n in meta["images"].items():
@@ -128,14 +132,38 @@ def train_loader(cfg: Config, d: Dist, meta: dict, order: str, views: int = 1, m
     from ecvl_fast.loaders.draws import AugSpec
     from ecvl_fast.loaders.ffcv_loader import make_loader
 
-    loader = make_loader(Path(cfg.data.path) / "train.beton", order, per_rank_batch(cfg, d), load_res(cfg),
-                         workers=cfg.data.workers, seed=cfg.run.seed, num_classes=len(meta["classes"]),
-                         rank=d.rank, world=d.world_size, limit=cfg.run.limit_steps * cfg.data.batch_size)
-    spec = AugSpec(res=cfg.data.res, train=True, views=views, k=cfg.aug.k, randaug=memory is not None,
-                   crop_scale=(cfg.aug.crop_min_scale, 1.0))
-    return AugmentedLoader(loader, spec, memory, device=d.device, seed=cfg.run.seed, rank=d.rank,
-                           world=d.world_size, threads=dali_threads(cfg), prefetch=cfg.data.prefetch,
-                           dtype=precision.dtype(cfg.run.precision, d.device))
+    loader = make_loader(
+        Path(cfg.data.path) / "train.beton",
+        order,
+        per_rank_batch(cfg, d),
+        load_res(cfg),
+        workers=cfg.data.workers,
+        seed=cfg.run.seed,
+        num_classes=len(meta["classes"]),
+        rank=d.rank,
+        world=d.world_size,
+        limit=cfg.run.limit_steps * cfg.data.batch_size,
+    )
+    spec = AugSpec(
+        res=cfg.data.res,
+        train=True,
+        views=views,
+        k=cfg.aug.k,
+        randaug=memory is not None,
+        crop_scale=(cfg.aug.crop_min_scale, 1.0),
+    )
+    return AugmentedLoader(
+        loader,
+        spec,
+        memory,
+        device=d.device,
+        seed=cfg.run.seed,
+        rank=d.rank,
+        world=d.world_size,
+        threads=dali_threads(cfg),
+        prefetch=cfg.data.prefetch,
+        dtype=precision.dtype(cfg.run.precision, d.device),
+    )
 
 
 def five_crop_resize(res: int) -> int:
@@ -158,10 +186,26 @@ def eval_loader(cfg: Config, d: Dist, split: str, views: int | None = None):
     crops = tte_split(cfg.data.tte_crops, cfg.data.tte_views if views is None else views)[1]
     resize = five_crop_resize(cfg.data.res) if crops > 1 else max(cfg.data.res, load_res(cfg))
     # decoded with the short side at most `resize`: every crop is then at most res, only enlarged
-    loader = make_loader(path, "sequential", per_rank_batch(cfg, d), resize if crops > 1 else load_res(cfg),
-                         workers=cfg.data.workers, seed=cfg.run.seed, rank=d.rank, world=d.world_size,
-                         limit=cfg.run.limit_eval)
+    loader = make_loader(
+        path,
+        "sequential",
+        per_rank_batch(cfg, d),
+        resize if crops > 1 else load_res(cfg),
+        workers=cfg.data.workers,
+        seed=cfg.run.seed,
+        rank=d.rank,
+        world=d.world_size,
+        limit=cfg.run.limit_eval,
+    )
     spec = AugSpec(res=cfg.data.res, train=False, views=crops, randaug=False, eval_resize=resize)
-    return AugmentedLoader(loader, spec, device=d.device, seed=cfg.run.seed, rank=d.rank,
-                           world=d.world_size, threads=dali_threads(cfg), prefetch=cfg.data.prefetch,
-                           dtype=precision.dtype(cfg.run.precision, d.device))
+    return AugmentedLoader(
+        loader,
+        spec,
+        device=d.device,
+        seed=cfg.run.seed,
+        rank=d.rank,
+        world=d.world_size,
+        threads=dali_threads(cfg),
+        prefetch=cfg.data.prefetch,
+        dtype=precision.dtype(cfg.run.precision, d.device),
+    )

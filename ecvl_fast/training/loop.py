@@ -10,6 +10,7 @@ test report. Logging lives in run/logs.py; resuming, signals and the checkpoint 
 The step does autocast -> loss -> backward -> step with no host sync; the loss is read back
 only every `run.log_every` steps (the sync points are marked).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -38,10 +39,23 @@ from ecvl_fast.evaluation.reports import plot_curves, plot_m_by_group, read_metr
 from ecvl_fast.kernels.bank import MomentumBank, StaticMagnitudes, frequency_magnitudes
 from ecvl_fast.run.logs import RunLog
 from ecvl_fast.method import stage2 as two
-from ecvl_fast.method.model import (ClipNet, Scorer, StageTwo, activation_line, build_clip, class_text_features,
-                                    check_forward, check_name, prompt_tokens, quick_gelu_of, set_activation,
-                                    trained_quick_gelu, tte_split, used_length,
-                                    random_weights_warning)
+from ecvl_fast.method.model import (
+    ClipNet,
+    Scorer,
+    StageTwo,
+    activation_line,
+    build_clip,
+    class_text_features,
+    check_forward,
+    check_name,
+    prompt_tokens,
+    quick_gelu_of,
+    set_activation,
+    trained_quick_gelu,
+    tte_split,
+    used_length,
+    random_weights_warning,
+)
 
 
 @dataclass
@@ -71,15 +85,16 @@ class Run:
 
 def lr_lambda(total_steps: int, warmup_steps: int):
     """Linear warm-up, then cosine decay to 0."""
+
     def f(step: int) -> float:
         if step < warmup_steps:
             return (step + 1) / warmup_steps
         return 0.5 * (1 + math.cos(math.pi * (step - warmup_steps) / max(1, total_steps - warmup_steps)))
+
     return f
 
 
-def build_run(cfg: Config, d: D.Dist, meta: dict, steps_per_epoch: int, stage: int = 1,
-              out: Path | None = None) -> Run:
+def build_run(cfg: Config, d: D.Dist, meta: dict, steps_per_epoch: int, stage: int = 1, out: Path | None = None) -> Run:
     """`steps_per_epoch` is the loader's length: train images // global batch (drop_last)."""
     check_together(cfg)  # a config built in code has not been through load_config
     torch.manual_seed(cfg.run.seed)
@@ -93,17 +108,32 @@ def build_run(cfg: Config, d: D.Dist, meta: dict, steps_per_epoch: int, stage: i
     classes = meta["classes"]
     tokens = prompt_tokens(tokenizer, classes, "single")[0]
     net.text_len = used_length(tokens)  # on the host, once: the step's prompts are these or a subset
-    run = Run(cfg, d, meta, net, net, None, None, stage=stage, out=run_folder(cfg, stage, out),
-              tokens=tokens.to(d.device),
-              eval_tokens=prompt_tokens(tokenizer, classes, cfg.model.templates).to(d.device))
+    run = Run(
+        cfg,
+        d,
+        meta,
+        net,
+        net,
+        None,
+        None,
+        stage=stage,
+        out=run_folder(cfg, stage, out),
+        tokens=tokens.to(d.device),
+        eval_tokens=prompt_tokens(tokenizer, classes, cfg.model.templates).to(d.device),
+    )
     if stage == 2:
         _init_stage2(run, meta)
     check_forward(net, run.tokens, cfg.data.res, cfg.model.name)
-    if stage == 1 and cfg.data.batch_size // d.world_size < 2 and \
-            any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in net.modules()):
-        raise EcvlError(f"data.batch_size = {cfg.data.batch_size} is {cfg.data.batch_size // d.world_size} image per "
-                        f"process: stage 1 trains {cfg.model.name}'s BatchNorm layers, which need at least 2; "
-                        f"raise data.batch_size")
+    if (
+        stage == 1
+        and cfg.data.batch_size // d.world_size < 2
+        and any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in net.modules())
+    ):
+        raise EcvlError(
+            f"data.batch_size = {cfg.data.batch_size} is {cfg.data.batch_size // d.world_size} image per "
+            f"process: stage 1 trains {cfg.model.name}'s BatchNorm layers, which need at least 2; "
+            f"raise data.batch_size"
+        )
     trainable = run.stage2 if stage == 2 else net
     params = [p for p in trainable.parameters() if p.requires_grad]
     if stage == 2 and cfg.stage2.optimizer == "sgd":  # LIFT's: momentum 0.9
@@ -136,16 +166,26 @@ def _init_stage2(run: Run, meta: dict) -> None:
     run.text = class_text_features(run.net, run.eval_tokens)
     run.light = two.add_light_module(cfg, run.net, len(meta["classes"]))
     run.stage2 = two.modules(cfg, run.net, run.text).to(run.d.device)
-    run.adjust = losses.log_prior(np.bincount(meta["train_labels"], minlength=len(meta["classes"])),
-                                  cfg.stage2.logit_adjust, run.d.device)
+    run.adjust = losses.log_prior(
+        np.bincount(meta["train_labels"], minlength=len(meta["classes"])), cfg.stage2.logit_adjust, run.d.device
+    )
     a = cfg.aug
     fixed = frequency_magnitudes(meta["train_labels"], a.m_direction) if a.m_source == "frequency" else None
-    run.bank = MomentumBank(meta["train_labels"], beta=a.beta, device=run.d.device, norm=a.m_norm,
-                            scope=a.m_scope, direction=a.m_direction, fixed=fixed,
-                            lol=(a.lol_levels, a.lol_accept) if a.m_source == "lol" else None)
+    run.bank = MomentumBank(
+        meta["train_labels"],
+        beta=a.beta,
+        device=run.d.device,
+        norm=a.m_norm,
+        scope=a.m_scope,
+        direction=a.m_direction,
+        fixed=fixed,
+        lol=(a.lol_levels, a.lol_accept) if a.m_source == "lol" else None,
+    )
 
 
-def stage1_loss(run: Run, images: torch.Tensor, labels: torch.Tensor, cached=None, j: int = 0) -> dict[str, torch.Tensor]:
+def stage1_loss(
+    run: Run, images: torch.Tensor, labels: torch.Tensor, cached=None, j: int = 0
+) -> dict[str, torch.Tensor]:
     """eqs. 4-5 (or BALLAD's prompt CE). `cached`: every micro-batch's (image, text) features,
     computed without gradient; micro-batch `j`'s are replaced by this call's, so the loss sees the
     whole batch's negatives while the gradient flows through micro-batch `j` only."""
@@ -156,13 +196,18 @@ def stage1_loss(run: Run, images: torch.Tensor, labels: torch.Tensor, cached=Non
         return {"loss": terms["loss"], "ce": terms["ce"]}
     img, txt, _ = _features(run, images, labels)
     if cached is not None:
-        img = torch.cat([c[0] for c in cached[:j]] + [img] + [c[0] for c in cached[j + 1:]])
-        txt = torch.cat([c[1] for c in cached[:j]] + [txt] + [c[1] for c in cached[j + 1:]])
+        img = torch.cat([c[0] for c in cached[:j]] + [img] + [c[0] for c in cached[j + 1 :]])
+        txt = torch.cat([c[1] for c in cached[:j]] + [txt] + [c[1] for c in cached[j + 1 :]])
         labels = torch.cat([c[2] for c in cached])
     b, r = labels.shape[0], run.d.rank
     all_labels = D.gather_tensor(labels)
-    return losses.clip_loss(D.gather_with_grad(img), D.gather_with_grad(txt), all_labels,
-                            run.net.logit_scale, rows=slice(r * b, (r + 1) * b) if run.d.enabled else None)
+    return losses.clip_loss(
+        D.gather_with_grad(img),
+        D.gather_with_grad(txt),
+        all_labels,
+        run.net.logit_scale,
+        rows=slice(r * b, (r + 1) * b) if run.d.enabled else None,
+    )
 
 
 def stage2_loss(run: Run, views: list[torch.Tensor], labels: torch.Tensor, idx: torch.Tensor):
@@ -191,8 +236,9 @@ def stage2_loss(run: Run, views: list[torch.Tensor], labels: torch.Tensor, idx: 
     if cfg.dcvl_weight == 0 and source != "dcvl":  # nothing reads L_DCVL
         return {"loss": ce, "ce": ce}
     rows = slice(r * b, (r + 1) * b) if run.d.enabled else None
-    dcvl = losses.dcvl_loss(D.gather_with_grad(adapted[:b]), D.gather_with_grad(adapted[b:2 * b]),
-                            cfg.temperature, rows=rows)
+    dcvl = losses.dcvl_loss(
+        D.gather_with_grad(adapted[:b]), D.gather_with_grad(adapted[b : 2 * b]), cfg.temperature, rows=rows
+    )
     if source == "dcvl":
         run.bank.record(idx, dcvl["per_sample"])  # eq. 8's input (also when its weight is 0); no host sync
     return {"loss": ce + cfg.dcvl_weight * dcvl["loss"], "ce": ce, "dcvl": dcvl["loss"]}
@@ -233,7 +279,7 @@ def _stage1_backward(run: Run, images: torch.Tensor, labels: torch.Tensor) -> di
     total: dict[str, torch.Tensor] = {}
     for j, (x, y) in enumerate(zip(xs, ys)):
         sync = j == len(xs) - 1 or not run.d.enabled
-        with (contextlib.nullcontext() if sync else run.trainable.no_sync()), precision.autocast(run.d.device, run.amp):
+        with contextlib.nullcontext() if sync else run.trainable.no_sync(), precision.autocast(run.d.device, run.amp):
             terms = stage1_loss(run, x, y, cached, j)
             weight = 1.0 if cached is not None else y.shape[0] / n  # the cached form's loss is the whole batch's
             run.scaler.scale(terms["loss"] * weight).backward()
@@ -302,8 +348,9 @@ class EpochMeter:
         return float(D.all_reduce_sum(self.total) / (steps * self.run.d.world_size))
 
 
-def train_epoch(run: Run, loader, epoch: int, log, stop: lifecycle.StopSignal | None = None,
-                pos: lifecycle.Position | None = None) -> dict:
+def train_epoch(
+    run: Run, loader, epoch: int, log, stop: lifecycle.StopSignal | None = None, pos: lifecycle.Position | None = None
+) -> dict:
     """One epoch, from `pos.step` when a stopped run resumes in it. Every `run.log_every` steps
     (a sync point) the ranks check the loss, log, and agree on a stop signal; every
     `run.checkpoint_every` steps the main rank writes a checkpoint that resumes at that step."""
@@ -323,8 +370,13 @@ def train_epoch(run: Run, loader, epoch: int, log, stop: lifecycle.StopSignal | 
         last = step + 1 == steps
         if (step + 1) % every == 0 or last or progress.wants(step):  # every rank alike: a sync point
             meter.check_finite()
-            record = {"epoch": epoch + 1, "step": gstep + 1, "loss": float(terms["loss"]),
-                      "lr": run.sched.get_last_lr()[0], "img_s": meter.img_s()}
+            record = {
+                "epoch": epoch + 1,
+                "step": gstep + 1,
+                "loss": float(terms["loss"]),
+                "lr": run.sched.get_last_lr()[0],
+                "img_s": meter.img_s(),
+            }
             log("step", record)
             progress.show(step, record["loss"], record["lr"], record["img_s"])
             if not last:
@@ -340,8 +392,11 @@ def train_epoch(run: Run, loader, epoch: int, log, stop: lifecycle.StopSignal | 
 def _stop_if_signalled(run: Run, stop, epoch: int, step: int, meter: EpochMeter) -> None:
     if stop is not None and stop.agreed(run.d):  # sync point: a signal reached some rank
         _save_mid_epoch(run, epoch, step, meter)
-        raise lifecycle.Preempted(f"stopped by {stop.name} at epoch {epoch + 1}, step {step}; checkpoint "
-                                  f"{run.out / 'last.pt'} written: run the same command to resume", stop.exit_code)
+        raise lifecycle.Preempted(
+            f"stopped by {stop.name} at epoch {epoch + 1}, step {step}; checkpoint "
+            f"{run.out / 'last.pt'} written: run the same command to resume",
+            stop.exit_code,
+        )
 
 
 def _memory_epoch_end(run: Run, log, epoch: int) -> None:
@@ -349,15 +404,19 @@ def _memory_epoch_end(run: Run, log, epoch: int) -> None:
     per shot group to the log."""
     run.bank.end_epoch(D.all_reduce_sum)
     if run.d.main:
-        log("memory", {"epoch": epoch + 1, "m_by_group": m_quantiles(run.bank, run.meta["train_labels"], run.meta["groups"])})
+        log(
+            "memory",
+            {"epoch": epoch + 1, "m_by_group": m_quantiles(run.bank, run.meta["train_labels"], run.meta["groups"])},
+        )
 
 
 def _save_mid_epoch(run: Run, epoch: int, step: int, meter: EpochMeter) -> None:
     """A checkpoint that resumes at `step` of `epoch`: this epoch's running sums over every rank
     (the loss, the bank's per-sample sums) go with it. Every rank calls it (collectives)."""
     partial = run.bank.partial_state(D.all_reduce_sum) if run.bank is not None else None
-    save_checkpoint(run, lifecycle.Position(epoch, step, run.best, meter.carry()), partial=partial,
-                    window=meter.since_checkpoint())
+    save_checkpoint(
+        run, lifecycle.Position(epoch, step, run.best, meter.carry()), partial=partial, window=meter.since_checkpoint()
+    )
 
 
 def _check_finite(first_bad: torch.Tensor, run: Run) -> None:
@@ -376,8 +435,10 @@ def _last_good(run: Run) -> str:
         return f"no checkpoint written yet; lower {lr} and run again"
     if run.d.main:
         lifecycle.mark_diverged(run.out)
-    return (f"run the same command with a lower {lr}: it resumes from the newest healthy checkpoint "
-            f"({run.out / lifecycle.HEALTHY}), or starts over where there is none; --restart starts over")
+    return (
+        f"run the same command with a lower {lr}: it resumes from the newest healthy checkpoint "
+        f"({run.out / lifecycle.HEALTHY}), or starts over where there is none; --restart starts over"
+    )
 
 
 def _finite_weights(run: Run) -> bool:
@@ -393,14 +454,19 @@ def evaluate_split(run: Run, loader) -> dict:
     if run.stage == 2:
         model = two.scorer(run.cfg, run.stage2)
     else:
-        model = Scorer(run.net, class_text_features(run.net, run.eval_tokens), scale=trained_scale(run.cfg, 1),
-                       views=tte_split(run.cfg.data.tte_crops, run.cfg.data.tte_views)[0])
+        model = Scorer(
+            run.net,
+            class_text_features(run.net, run.eval_tokens),
+            scale=trained_scale(run.cfg, 1),
+            views=tte_split(run.cfg.data.tte_crops, run.cfg.data.tte_views)[0],
+        )
     preds, labels = predict_split(model, loader, run.d, run.amp, top=TOP)
     return shot_metrics(preds, labels, run.meta)
 
 
-def save_checkpoint(run: Run, pos: lifecycle.Position, is_best: bool = False, partial: dict | None = None,
-                    window: float | None = None) -> None:
+def save_checkpoint(
+    run: Run, pos: lifecycle.Position, is_best: bool = False, partial: dict | None = None, window: float | None = None
+) -> None:
     """last.pt (temp file, then rename), resuming at `pos`; best.pt a copy of it at epoch ends.
     A state with non-finite weights is never saved. `window`: the mean loss since the last
     checkpoint; where it is healthy, that checkpoint (the last.pt being replaced) becomes
@@ -416,14 +482,24 @@ def save_checkpoint(run: Run, pos: lifecycle.Position, is_best: bool = False, pa
     last = run.out / "last.pt"
     if healthy and last.is_file():
         atomic_write(run.out / lifecycle.HEALTHY, lambda tmp: shutil.copyfile(last, tmp))
-    payload = {"model": run.net.state_dict(), "optimizer": run.opt.state_dict(),
-               "scheduler": run.sched.state_dict(), "epoch": pos.epoch, "stage": run.stage, "best": pos.best,
-               "position": {"epoch": pos.epoch, "step": pos.step, "carry": pos.carry},
-               "scaler": run.scaler.state_dict(),
-               "rng": ckpt_io.rng_state(), "config": run.cfg.to_dict(), "model_name": run.cfg.model.name,
-               "num_classes": len(run.meta["classes"]), "classes": run.meta["classes"],
-               "quick_gelu": quick_gelu_of(run.net), "health": run.health,
-               "best_epoch": run.best_epoch}
+    payload = {
+        "model": run.net.state_dict(),
+        "optimizer": run.opt.state_dict(),
+        "scheduler": run.sched.state_dict(),
+        "epoch": pos.epoch,
+        "stage": run.stage,
+        "best": pos.best,
+        "position": {"epoch": pos.epoch, "step": pos.step, "carry": pos.carry},
+        "scaler": run.scaler.state_dict(),
+        "rng": ckpt_io.rng_state(),
+        "config": run.cfg.to_dict(),
+        "model_name": run.cfg.model.name,
+        "num_classes": len(run.meta["classes"]),
+        "classes": run.meta["classes"],
+        "quick_gelu": quick_gelu_of(run.net),
+        "health": run.health,
+        "best_epoch": run.best_epoch,
+    }
     if run.stage == 2:
         payload |= {**two.state(run.stage2), "momentum": {**run.bank.state_dict(), **(partial or {})}}
     ckpt_io.save(run.out / "last.pt", payload)
@@ -468,8 +544,11 @@ def main(cfg: Config, stage: int = 1, out: Path | None = None, restart: bool = F
     if stage == 1 and cfg.stage1.epochs == 0:
         raise EcvlError("stage1.epochs = 0: there is no stage 1 to train (stage 2 starts from model.pretrained)")
     folder = run_folder(cfg, stage, out)
-    with D.session(cfg.run.device, cfg.dist.backend) as d, lifecycle.StopSignal(cfg.run.stop_grace_s) as stop, \
-            lifecycle.RunLock(folder, d):
+    with (
+        D.session(cfg.run.device, cfg.dist.backend) as d,
+        lifecycle.StopSignal(cfg.run.stop_grace_s) as stop,
+        lifecycle.RunLock(folder, d),
+    ):
         return _train(cfg, d, stage, folder, restart, stop)
 
 
@@ -483,8 +562,16 @@ def _train(cfg: Config, d: D.Dist, stage: int, folder: Path, restart: bool, stop
     check_trainable(cfg, meta)
     sc = cfg.stage1 if stage == 1 else cfg.stage2
     lifecycle.check_shared_folder(folder, d)
-    log = RunLog(folder, d.main, sc.epochs, stage, reports_to(cfg), lines_per_epoch=cfg.run.lines_per_epoch,
-                 name=run_name(cfg, folder), config=cfg.to_dict())
+    log = RunLog(
+        folder,
+        d.main,
+        sc.epochs,
+        stage,
+        reports_to(cfg),
+        lines_per_epoch=cfg.run.lines_per_epoch,
+        name=run_name(cfg, folder),
+        config=cfg.to_dict(),
+    )
     check_name(cfg.model.name)  # before any word about its weights
     if d.main:
         print(f"stage {stage}: run folder {folder}", flush=True)
@@ -496,15 +583,22 @@ def _train(cfg: Config, d: D.Dist, stage: int, folder: Path, restart: bool, stop
     pos, ckpt = lifecycle.start(folder, cfg, sc.epochs, d, restart, log, stage)
     if pos.finished is not None:
         if d.main:
-            print(f"{folder}: finished already ({sc.epochs} epochs); its metrics.json stands (--restart to train again)")
+            print(
+                f"{folder}: finished already ({sc.epochs} epochs); its metrics.json stands (--restart to train again)"
+            )
         return read_metrics(pos.finished)
     run = build_run(cfg, d, meta, len(meta["train_labels"]) // cfg.data.batch_size, stage, folder)
     if stage == 2 and d.main:
         s = cfg.stage2
-        parts = [f"{run.light} in the image tower"] * (s.peft != "none") + ["adapter"] * s.adapter + \
-            ["cosine head"] * (s.head == "cosine")
-        print(f"stage 2 trains {sum(p.numel() for p in run.stage2.trained().values()):,} parameters "
-              f"({', '.join(parts)})", flush=True)
+        parts = (
+            [f"{run.light} in the image tower"] * (s.peft != "none")
+            + ["adapter"] * s.adapter
+            + ["cosine head"] * (s.head == "cosine")
+        )
+        print(
+            f"stage 2 trains {sum(p.numel() for p in run.stage2.trained().values()):,} parameters ({', '.join(parts)})",
+            flush=True,
+        )
     if stage == 1:
         loader = train_loader(cfg, d, meta, "random")
     else:  # the loader is handed the bank and reads its M each epoch (eq. 10); + momentum row: not
@@ -519,8 +613,10 @@ def _train(cfg: Config, d: D.Dist, stage: int, folder: Path, restart: bool, stop
     loader.epoch = pos.epoch
     val = eval_loader(cfg, d, "val") if "val" in meta["images"] else None
     if val is None and d.main and pos.epoch < sc.epochs:
-        print(f"no val split in {cfg.data.path}: best.pt is the last epoch's (convert with --val-per-class N for one)",
-              flush=True)
+        print(
+            f"no val split in {cfg.data.path}: best.pt is the last epoch's (convert with --val-per-class N for one)",
+            flush=True,
+        )
     for epoch in range(pos.epoch, sc.epochs):
         stats = train_epoch(run, loader, epoch, log, stop, pos)
         scores = evaluate_split(run, val) if val is not None else None
@@ -528,32 +624,49 @@ def _train(cfg: Config, d: D.Dist, stage: int, folder: Path, restart: bool, stop
         log.epoch_end(epoch, stats, run.sched.get_last_lr()[0], scores, len(loader), cfg.data.batch_size)
         if score > run.best:
             run.best_epoch = epoch + 1
-        save_checkpoint(run, lifecycle.Position(epoch + 1, 0, max(run.best, score)), score > run.best,
-                        window=stats["window"])
+        save_checkpoint(
+            run, lifecycle.Position(epoch + 1, 0, max(run.best, score)), score > run.best, window=stats["window"]
+        )
         run.best = max(run.best, score)
         if epoch + 1 < sc.epochs and stop.agreed(d):  # sync point, once per epoch
-            raise lifecycle.Preempted(f"stopped by {stop.name} after epoch {epoch + 1}; checkpoint "
-                                      f"{run.out / 'last.pt'} written: run the same command to resume", stop.exit_code)
+            raise lifecycle.Preempted(
+                f"stopped by {stop.name} after epoch {epoch + 1}; checkpoint "
+                f"{run.out / 'last.pt'} written: run the same command to resume",
+                stop.exit_code,
+            )
     reported = _reported_checkpoint(run, val is not None)
     metrics = evaluate_split(run, eval_loader(cfg, d, cfg.data.eval_split))
     if d.main:
         warn_if_collapsed(metrics, len(meta["classes"]), cfg.data.eval_split)
         title = f"{run_name(cfg, run.out)}: {cfg.model.name} stage {stage}"
         which = f"{reported.name}, epoch {run.best_epoch if reported.name == 'best.pt' else sc.epochs}"
-        metrics = write_report(metrics, meta, run.out, f"{title}, {cfg.data.eval_split} split ({which})",
-                               {"split": cfg.data.eval_split, "stage": stage, "run": run_name(cfg, run.out),
-                                "checkpoint": str(reported), "report": cfg.run.report, "epochs": sc.epochs,
-                                "best_metric": cfg.run.best_metric if val is not None else None,
-                                "best_epoch": run.best_epoch if val is not None else sc.epochs,
-                                "trial": bool(cfg.run.limit_steps or cfg.run.limit_eval)})
+        metrics = write_report(
+            metrics,
+            meta,
+            run.out,
+            f"{title}, {cfg.data.eval_split} split ({which})",
+            {
+                "split": cfg.data.eval_split,
+                "stage": stage,
+                "run": run_name(cfg, run.out),
+                "checkpoint": str(reported),
+                "report": cfg.run.report,
+                "epochs": sc.epochs,
+                "best_metric": cfg.run.best_metric if val is not None else None,
+                "best_epoch": run.best_epoch if val is not None else sc.epochs,
+                "trial": bool(cfg.run.limit_steps or cfg.run.limit_eval),
+            },
+        )
         plot_curves(run.out / "log.jsonl", run.out / "curves.png", title)
         if run.bank is not None:
             plot_m_by_group(run.out / "log.jsonl", run.out / "m_by_group.png", title)
         print(f"stage {stage} done: {run.out} (metrics.json, best.pt, last.pt)", flush=True)
     log.close()
     if stop.agreed(d):  # sync point: a signal during the final evaluation stops what would come next
-        raise lifecycle.Preempted(f"stopped by {stop.name} after stage {stage} finished ({run.out}): run the same "
-                                  "command to continue", stop.exit_code)
+        raise lifecycle.Preempted(
+            f"stopped by {stop.name} after stage {stage} finished ({run.out}): run the same command to continue",
+            stop.exit_code,
+        )
     return metrics
 
 
@@ -590,9 +703,11 @@ def warn_if_collapsed(metrics: dict, k: int, split: str) -> None:
     far too high, too few epochs, random weights): say so rather than report its accuracy quietly."""
     used = metrics["predicted_classes"]
     if used <= 2 < k:
-        print(f"warning: every {split} prediction falls on {used} of {k} classes: the model has collapsed "
-              "(a learning rate far too high, too few epochs, or an encoder trained from random weights)",
-              file=sys.stderr)
+        print(
+            f"warning: every {split} prediction falls on {used} of {k} classes: the model has collapsed "
+            "(a learning rate far too high, too few epochs, or an encoder trained from random weights)",
+            file=sys.stderr,
+        )
 
 
 def check_trainable(cfg: Config, meta: dict) -> None:
@@ -602,11 +717,15 @@ def check_trainable(cfg: Config, meta: dict) -> None:
         raise EcvlError(f"{cfg.data.path}: {k} class; a classifier needs at least two")
     group = cfg.run.best_metric
     if "val" in meta["images"] and group in meta["groups"] and not meta["groups"][group]:
-        raise EcvlError(f"run.best_metric = {group!r}: {cfg.data.path} has no {group}-shot classes to choose best.pt "
-                        f"by; choose all, macro_f1 or a shot group it has")
+        raise EcvlError(
+            f"run.best_metric = {group!r}: {cfg.data.path} has no {group}-shot classes to choose best.pt "
+            f"by; choose all, macro_f1 or a shot group it has"
+        )
     if n < cfg.data.batch_size:  # every epoch drops its last, partial batch: no step at all
-        raise EcvlError(f"{cfg.data.path}: {n} train images, fewer than one batch (data.batch_size = "
-                        f"{cfg.data.batch_size}): nothing would train; lower data.batch_size")
+        raise EcvlError(
+            f"{cfg.data.path}: {n} train images, fewer than one batch (data.batch_size = "
+            f"{cfg.data.batch_size}): nothing would train; lower data.batch_size"
+        )
 
 
 def _memory(cfg: Config, bank: MomentumBank):
