@@ -5,6 +5,7 @@ Every subcommand turns an `EcvlError` into one line on stderr and exit status 2.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import sys
 from pathlib import Path
@@ -15,7 +16,7 @@ import typer
 from ecvl_fast import EcvlError
 from ecvl_fast.bench import tables
 from ecvl_fast.config import trial as as_trial
-from ecvl_fast.loaders.convert import DATASETS, DEFAULT_MAX_PIXELS, DEFAULT_MAX_RES
+from ecvl_fast.loaders.convert import DATASETS, ConvertOptions
 from ecvl_fast.experiments.demo import DEMO_DATA
 from ecvl_fast.experiments.presets import names as preset_names
 from ecvl_fast.method.rows import DEFAULT_ROWS, ROWS
@@ -89,8 +90,11 @@ _TTE = typer.Option(
 
 
 def _views(tte: int | None) -> int | None:
-    if tte is not None and not 1 <= tte <= 10:
-        raise EcvlError(f"--tte {tte}: between 1 (no ensembling) and 10 views")
+    from ecvl_fast.config import AT_LEAST, AT_MOST
+
+    low, high = AT_LEAST["data", "tte_views"], AT_MOST["data", "tte_views"]
+    if tte is not None and not low <= tte <= high:
+        raise EcvlError(f"--tte {tte}: between {low} (no ensembling) and {high} views")
     return tte
 
 
@@ -131,6 +135,10 @@ def one_line_errors(fn):
     return wrapper
 
 
+# convert's defaults, as ConvertOptions declares them (the Python API's and the command's are one)
+_CONVERT = {f.name: f.default for f in dataclasses.fields(ConvertOptions)}
+
+
 def print_convert_summary(meta: dict, out: Path) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -164,28 +172,28 @@ def convert(
     test_split: Optional[Path] = typer.Option(None),
     classes: Optional[Path] = typer.Option(None, help="class names, one per line"),
     wnids: Optional[Path] = typer.Option(None, help="tiny-imagenet-lt: only these wnids (one per line, in this order)"),
-    imbalance: float = typer.Option(100.0, help="imbalance factor IF = n_max / n_min"),
-    seed: int = typer.Option(0),
+    imbalance: float = typer.Option(_CONVERT["imbalance"], help="imbalance factor IF = n_max / n_min"),
+    seed: int = typer.Option(_CONVERT["seed"]),
     val_per_class: int = typer.Option(
-        0,
+        _CONVERT["val_per_class"],
         help="a val split of this many images per class, carved from train (seeded; each "
         "class keeps one); tiny-imagenet-lt takes them from its spare images",
     ),
-    format: str = typer.Option("raw", help="raw | jpg"),
+    format: str = typer.Option(_CONVERT["format"], help="raw | jpg"),
     max_res: int = typer.Option(
-        DEFAULT_MAX_RES, help="longest side kept, in pixels (larger images are shrunk; 0 keeps every size)"
+        _CONVERT["max_res"], help="longest side kept, in pixels (larger images are shrunk; 0 keeps every size)"
     ),
     max_pixels: int = typer.Option(
-        DEFAULT_MAX_PIXELS,
+        _CONVERT["max_pixels"],
         help="refuse (or, with --skip-bad, skip) an image with more pixels, "
         "read from its header before decoding (0: no limit)",
     ),
-    jpeg_quality: int = typer.Option(90),
-    workers: int = typer.Option(2),
-    overwrite: bool = typer.Option(False),
-    skip_bad: bool = typer.Option(False, help="skip corrupt images (counted in meta.json)"),
-    many_threshold: int = typer.Option(100, help="many-shot: more than this many train images"),
-    few_threshold: int = typer.Option(20, help="few-shot: fewer than this many train images"),
+    jpeg_quality: int = typer.Option(_CONVERT["jpeg_quality"]),
+    workers: int = typer.Option(_CONVERT["workers"]),
+    overwrite: bool = typer.Option(_CONVERT["overwrite"]),
+    skip_bad: bool = typer.Option(_CONVERT["skip_bad"], help="skip corrupt images (counted in meta.json)"),
+    many_threshold: int = typer.Option(_CONVERT["many_threshold"], help="many-shot: more than this many train images"),
+    few_threshold: int = typer.Option(_CONVERT["few_threshold"], help="few-shot: fewer than this many train images"),
 ):
     """Write a long-tailed dataset as FFCV .beton files plus meta.json."""
     from ecvl_fast.loaders.convert import ConvertOptions, convert as run_convert

@@ -21,7 +21,7 @@ MODULES = [  # every module of the package (tests/test_layout.py checks the list
     "ecvl_fast.method.losses",
     "ecvl_fast.method.rows",
     "ecvl_fast.method.peft",
-    "ecvl_fast.method.recipes",
+    "ecvl_fast.recipes",
     "ecvl_fast.method.stage2",
     "ecvl_fast.training.loop",
     "ecvl_fast.training.data",

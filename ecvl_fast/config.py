@@ -341,7 +341,7 @@ def trial(cfg: Config) -> Config:
 
 
 def load_config(path: Path | None = None, overrides: list = (), origins: dict | None = None) -> Config:
-    """Defaults, then the TOML file (its `recipe` and `dataset` first: method/recipes.py), then each
+    """Defaults, then the TOML file (its `recipe` and `dataset` first: recipes.py), then each
     override: "section.key=value", or (flag, that) for a short flag (`--epochs`), which its error
     then names. `origins`, when given, gets where each setting that is not a default came from."""
     cfg, origins = Config(), {} if origins is None else origins
@@ -366,8 +366,8 @@ def load_config(path: Path | None = None, overrides: list = (), origins: dict | 
 
 
 def _layered(own: dict, where: str, origins: dict) -> Config:
-    """A TOML file's settings over its recipe's and its dataset's (method/recipes.py)."""
-    from ecvl_fast.method import recipes
+    """A TOML file's settings over its recipe's and its dataset's (recipes.py)."""
+    from ecvl_fast import recipes
 
     recipe, dataset = own.pop("recipe", None), own.pop("dataset", None)
     for name, value in (("recipe", recipe), ("dataset", dataset)):

@@ -224,7 +224,7 @@ def test_every_preset_loads_and_a_row_is_its_recipe(tmp_path, capsys):
     preset that changes its recipe's row is refused; --dry-run says where each value came from."""
     import ecvl_fast
     from ecvl_fast.experiments.ablate import _stage2_cfg
-    from ecvl_fast.method.recipes import RECIPES
+    from ecvl_fast.recipes import RECIPES
 
     presets = sorted((Path(ecvl_fast.__file__).parent / "configs").glob("*.toml"))
     assert {p.stem for p in presets} >= {

@@ -7,7 +7,7 @@ import pytest
 from ecvl_fast.bench.device import compare
 from ecvl_fast.cli import main
 
-MACHINE = {"date", "cpus", "torch", "cuda", "gpu", "dali", "ffcv", "numba"}
+MACHINE = {"date", "ecvl_fast", "commit", "cpus", "torch", "cuda", "gpu", "dali", "ffcv", "numba"}
 
 
 def run_bench(tmp_path, args):

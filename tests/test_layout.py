@@ -13,6 +13,7 @@ ROOT = Path(ecvl_fast.__file__).resolve().parent.parent
 LAYERS = {
     "ecvl_fast": 0,
     "ecvl_fast.config": 0,
+    "ecvl_fast.recipes": 0,
     "ecvl_fast.kernels": 1,
     "ecvl_fast.loaders": 1,
     "ecvl_fast.method": 1,

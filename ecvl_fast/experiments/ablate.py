@@ -3,7 +3,7 @@
 Per seed: stage 1 once, then on those same frozen encoders the stage-2 rows named by `--rows`
 (by default the paper's: ballad, momentum, ecvl). Each row is described, and its settings declared,
 once, in `ecvl_fast.method.rows` (the rows named after a recipe take its settings from
-`ecvl_fast.method.recipes`); every row trains the same number of steps.
+`ecvl_fast.recipes`); every row trains the same number of steps.
 
 Zero-shot (eq. 6) comes first when `model.pretrained` gives weights; it has no randomness, so it
 is evaluated once. A row whose metrics.json exists beside the same config.toml is reused, so an

@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ecvl_fast import EcvlError
-from ecvl_fast.method.recipes import PAPER_MEMORY, RECIPES
+from ecvl_fast.recipes import PAPER_MEMORY, RECIPES
 
 
 @dataclass(frozen=True)
@@ -40,7 +40,7 @@ def memory(**changes) -> dict:
 
 
 def recipe_row(name: str, label: str, control: str | None = None, **changes) -> Row:
-    """The row of a recipe (method/recipes.py), so that `--rows NAME` and a preset of it are one
+    """The row of a recipe (recipes.py), so that `--rows NAME` and a preset of it are one
     method; `changes`: per-section settings over it, for a variant."""
     row = RECIPES[name].row
     part = lambda s: {**row.get(s, {}), **changes.get(s, {})}  # noqa: E731

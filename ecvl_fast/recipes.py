@@ -150,6 +150,6 @@ def check_own(recipe: str | None, own: dict, where: str) -> None:
     clash = [f"{s}.{k}" for s, keys in RECIPES[recipe].row.items() for k in keys if k in (own.get(s) or {})]
     if clash:
         raise EcvlError(
-            f"{where}: sets {', '.join(clash)}, which recipe {recipe!r} declares (method/recipes.py); "
+            f"{where}: sets {', '.join(clash)}, which recipe {recipe!r} declares (recipes.py); "
             f"a variant of the method is a new recipe, or a --set on the command line"
         )
