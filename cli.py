@@ -89,6 +89,14 @@ _TTE = typer.Option(
 )
 
 
+def _trial(cfg, origins: dict):
+    """The config as its quick trial (`config.trial`); the settings it changes are marked --trial."""
+    tried = as_trial(cfg)
+    before, after = cfg.to_dict(), tried.to_dict()
+    origins.update({(s, k): "--trial" for s in after for k in after[s] if after[s][k] != before[s][k]})
+    return tried
+
+
 def _views(tte: int | None) -> int | None:
     from ecvl_fast.config import AT_LEAST, AT_MOST
 
@@ -278,7 +286,7 @@ def train(
     cfg = _config(
         config, overrides, pretrained, _aliases(stages, model, epochs, lr, batch_size, precision, out), origins
     )
-    cfg = as_trial(cfg) if trial else cfg
+    cfg = _trial(cfg, origins) if trial else cfg
     if dry_run:
         from ecvl_fast.experiments.presets import dry_run as plan
 
@@ -408,7 +416,7 @@ def ablate(
     cfg = _config(
         config, overrides, pretrained, _aliases((1, 2), model, epochs, lr, batch_size, precision, out), origins
     )
-    cfg = as_trial(cfg) if trial else cfg
+    cfg = _trial(cfg, origins) if trial else cfg
     seeds, rows = parse_seeds(seeds), parse_rows(rows)
     if dry_run:
         from ecvl_fast.experiments.presets import dry_run as plan

@@ -38,7 +38,7 @@ RECIPES = {
     # where it gives them, BALLAD's official settings otherwise (its phase A and B scripts), BCL's
     # for the momentum (Zhu et al. 2022)
     "ecvl": Recipe(
-        {"stage2": {"randaug": True, "dcvl_weight": 1.0}, "aug": PAPER_MEMORY},
+        {"stage2": {"randaug": True}, "aug": PAPER_MEMORY},
         {
             "data": {
                 "res": 224,  # CLIP RN50's input size; BALLAD: RandomResizedCrop(224, scale 0.5-1) + flip
@@ -48,13 +48,13 @@ RECIPES = {
             "model": {
                 "name": "RN50-quickgelu",  # OpenAI trained CLIP with QuickGELU; open_clip's "RN50" has GELU
                 "pretrained": "openai",  # open_clip tag; a local file where there is no network
-                "templates": "openai",
-            },  # evaluation prompts: open_clip's 80 ImageNet templates, averaged
+                "templates": "openai",  # evaluation prompts: open_clip's 80 ImageNet templates, averaged
+            },
             "aug": {
                 "k": 2,  # RandAugment ops per sample (eq. 10)
                 "beta": 0.97,  # EMA momentum of the per-sample loss (eq. 8; BCL's official value)
-                "crop_min_scale": 0.5,
-            },  # BALLAD's RandomResizedCrop scale
+                "crop_min_scale": 0.5,  # BALLAD's RandomResizedCrop scale
+            },
             "stage1": {
                 "epochs": 50,  # BALLAD phase A
                 "loss": "prompt-ce",  # BALLAD phase A: CE of image features against all class prompts, scale 100
@@ -66,8 +66,9 @@ RECIPES = {
                 "epochs": 300,  # the paper's; with beta 0.97 the first epoch's loss weighs 0.97^299 ~ 1e-4 in M
                 "lr": 1e-3,  # AdamW (the paper); BALLAD's SGD uses 0.2
                 "ratio": 0.2,  # eq. 7's lambda, BALLAD's adapter ratio
-                "temperature": 0.2,
-            },  # L_DCVL's NT-Xent temperature (BCL)
+                "temperature": 0.2,  # L_DCVL's NT-Xent temperature (BCL)
+                "dcvl_weight": 1.0,  # eq. 11's weight (the default)
+            },
             "run": {"log_every": 50},
         },
     ),
@@ -86,7 +87,6 @@ RECIPES = {
                 "adapter": False,
                 "peft": "auto",
                 "head": "cosine",
-                "head_scale": 25.0,
                 "logit_adjust": 1.0,
                 "sampling": "instance",
                 "dcvl_weight": 0.0,
@@ -104,10 +104,10 @@ RECIPES = {
             "model": {
                 "name": "ViT-B-16-quickgelu",  # OpenAI trained CLIP with QuickGELU
                 "pretrained": "openai",
-                "templates": "single",
-            },  # "a photo of a {}.": LIFT's head initialisation prompt
+                "templates": "single",  # "a photo of a {}.": LIFT's head initialisation prompt
+            },
             "stage1": {"epochs": 0},  # one stage: stage 2 starts from model.pretrained
-            "stage2": {"epochs": 10, "warmup_epochs": 0.0},  # LIFT's (its cosine schedule has no warm-up)
+            "stage2": {"epochs": 10, "warmup_epochs": 0.0, "head_scale": 25.0},  # LIFT's (no warm-up)
             "run": {"log_every": 50},
         },
     ),

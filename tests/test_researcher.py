@@ -151,6 +151,23 @@ def test_a_day_of_stage_two_best_on_few_reported_with_every_artifact(tmp_path, w
     history = wandb_history(run)
     assert [h["stage2/val_few"] for h in history if "stage2/val_few" in h] == pytest.approx(few)
     assert {"stage2/loss", "stage2/lr", "stage2/img_s", "stage2/M_few/p50"} <= set().union(*history)
+    # the same finished run, asked for the last checkpoint's report: evaluated again, not reused
+    assert main(["train", "--stage", "2", *args, "--set", "run.report=last"]) == 0
+    last = json.loads((run / "metrics.json").read_text())
+    assert last["report"] == "last" and last["checkpoint"] == str(run / "last.pt")
+    assert "finished already" not in capsys.readouterr().out
+
+
+def test_top5_names_five_classes_best_first_whatever_the_ties():
+    import torch
+
+    from ecvl_fast.evaluation.metrics import _best, ranked
+
+    logits = np.round(np.random.default_rng(0).normal(size=(500, 12)) * 2) / 2  # many equal logits
+    for top in (ranked(logits), _best(torch.tensor(logits), 5).numpy()):
+        assert (top[:, 0] == logits.argmax(1)).all() and all(len(set(row)) == 5 for row in top)
+        fifth = np.sort(logits, 1)[:, -5]
+        assert (np.take_along_axis(logits, top, 1).min(1) >= fifth).all()  # the five best logits
 
 
 def test_a_terminal_gets_a_bar_per_epoch_that_stays(tmp_path, capsys):
@@ -190,6 +207,7 @@ def test_trial_dry_run_estimate_and_refusals(tmp_path, mnist, with_val, capsys):
     for folder in (tmp_path / "real-trial", tmp_path / "real-trial" / "stage2"):
         log = [json.loads(x) for x in (folder / "log.jsonl").read_text().splitlines()]
         assert max(r["step"] for r in log if r["kind"] == "step") == 6  # 2 epochs of 3 steps
+        assert [r["lr"] for r in log if r["kind"] == "step"][-1] < 1e-6  # the schedule fits the trial's steps
         metrics = json.loads((folder / "metrics.json").read_text())
         assert metrics["trial"] is True and metrics["num_images"] == 64 and metrics["epochs"] == 2
         assert metrics["best_metric"] is None  # no val split: best.pt is the last epoch's

@@ -32,15 +32,27 @@ def ranked(logits: np.ndarray, top: int = TOP) -> np.ndarray:
     top = min(top, logits.shape[1])
     part = np.argpartition(-logits, top - 1, axis=1)[:, :top]
     order = np.argsort(-np.take_along_axis(logits, part, 1), axis=1, kind="stable")
-    out = np.take_along_axis(part, order, 1)
-    out[:, 0] = logits.argmax(1)
-    return out
+    return _first(np.take_along_axis(part, order, 1), logits.argmax(1))
 
 
 def _best(logits: torch.Tensor, top: int) -> torch.Tensor:
     """`ranked` on the device."""
-    out = logits.topk(min(top, logits.shape[1]), 1).indices
-    out[:, 0] = logits.argmax(1)
+    return _first(logits.topk(min(top, logits.shape[1]), 1).indices, logits.argmax(1))
+
+
+def _first(out, best):
+    """Each row of `out` (classes by falling logit) with `best` first: swapped with the place it
+    holds where equal logits ranked it later, or in the first place where they left it out."""
+    if isinstance(out, np.ndarray):
+        at, rows, first = (out == best[:, None]).argmax(1), np.arange(len(out)), out[:, 0].copy()
+    else:
+        at, rows, first = (
+            (out == best[:, None]).int().argmax(1),
+            torch.arange(len(out), device=out.device),
+            out[:, 0].clone(),
+        )
+    out[rows, at] = first  # its place, 0 where it is absent
+    out[:, 0] = best
     return out
 
 
@@ -58,9 +70,13 @@ def shot_metrics(preds: np.ndarray, labels: np.ndarray, meta: dict) -> dict:
     out = {"all": float((preds == labels).mean()) if len(labels) else float("nan")}
     top = min(TOP, k)
     out["top5"] = (
-        float((best[:, :top] == np.asarray(labels)[:, None]).any(1).mean())
-        if best.shape[1] >= top and len(labels)
-        else None
+        None
+        if k <= TOP
+        else (
+            float((best[:, :top] == np.asarray(labels)[:, None]).any(1).mean())
+            if best.shape[1] >= top and len(labels)
+            else None
+        )
     )
     for group, classes in meta["groups"].items():
         accs = per_class[classes] if classes else np.array([])

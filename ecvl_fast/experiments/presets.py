@@ -45,7 +45,7 @@ def _status(folder: Path, cfg: Config, epochs: int, stage: int) -> tuple[str, in
     if diff and not retunable(folder, diff):
         return f"refused: another config there ({'; '.join(diff)}); --restart moves it aside", 0
     at = ckpt["position"]
-    if done(ckpt, epochs, folder):
+    if done(ckpt, epochs, folder, cfg.run.report):
         return "reuse (finished)", 0
     return f"resume at epoch {at['epoch'] + 1}" + (f", step {at['step']}" if at["step"] else ""), epochs - at["epoch"]
 
@@ -91,6 +91,23 @@ def seconds_per_image(cfg: Config, stage: int, classes: int) -> tuple[float, str
     """(seconds per training image, how it was measured): real train steps of `stage` at the run's
     model, resolution, precision and stage settings, on synthetic images and random weights (the
     time does not depend on either), on this machine's device; on a CPU at a small batch."""
+    import torch
+
+    from ecvl_fast.run import dist as D
+
+    d = D.setup(cfg.run.device)
+    batch = cfg.data.batch_size if d.device.type == "cuda" else min(cfg.data.batch_size, CPU_TIMED_BATCH)
+    while True:  # the global batch on one GPU may not fit where the run splits it over several: halve it
+        try:
+            return _timed_steps(cfg, d, stage, classes, batch)
+        except torch.OutOfMemoryError:
+            if batch <= CPU_TIMED_BATCH:
+                raise
+            torch.cuda.empty_cache()
+            batch //= 2
+
+
+def _timed_steps(cfg: Config, d, stage: int, classes: int, batch: int) -> tuple[float, str]:
     import dataclasses
     import time
 
@@ -98,11 +115,8 @@ def seconds_per_image(cfg: Config, stage: int, classes: int) -> tuple[float, str
     import torch
 
     from ecvl_fast.bench.device import synthetic_batch
-    from ecvl_fast.run import dist as D
     from ecvl_fast.training.loop import build_run, train_step
 
-    d = D.setup(cfg.run.device)
-    batch = cfg.data.batch_size if d.device.type == "cuda" else min(cfg.data.batch_size, CPU_TIMED_BATCH)
     cfg = dataclasses.replace(
         cfg,
         data=dataclasses.replace(cfg.data, batch_size=max(2, batch)),

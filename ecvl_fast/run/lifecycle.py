@@ -155,7 +155,7 @@ def start(
         )
     at = ckpt["position"]
     pos = Position(at["epoch"], at["step"], ckpt["best"], at.get("carry"))
-    if done(ckpt, epochs, folder):
+    if done(ckpt, epochs, folder, cfg.run.report):
         pos.finished = folder / "metrics.json"
         return pos, None
     log("event", {"event": "resumed", "epoch": pos.epoch + 1, "step": pos.step, "host": socket.gethostname()})
@@ -164,12 +164,19 @@ def start(
     return pos, ckpt
 
 
-def done(ckpt: dict, epochs: int, folder: Path) -> bool:
+def done(ckpt: dict, epochs: int, folder: Path, report: str = "last") -> bool:
     """The one rule for "this run is finished" (train, the dry run and ablate ask it), given that
     its last.pt holds the same config: that checkpoint ends its last epoch, and the final report
-    (metrics.json) was written."""
-    at = ckpt["position"]
-    return at["epoch"] >= epochs and at["step"] == 0 and (folder / "metrics.json").is_file()
+    (metrics.json) was written, on the checkpoint `report` (run.report) names."""
+    import json
+
+    at, metrics = ckpt["position"], folder / "metrics.json"
+    if not (at["epoch"] >= epochs and at["step"] == 0 and metrics.is_file()):
+        return False
+    try:
+        return json.loads(metrics.read_text()).get("report", "last") == report
+    except (OSError, ValueError):
+        return False
 
 
 def finished(folder: Path, cfg, epochs: int, stage: int) -> Path | None:
@@ -182,7 +189,7 @@ def finished(folder: Path, cfg, epochs: int, stage: int) -> Path | None:
         ckpt = ckpt_io.load(last)
     except EcvlError:
         return None
-    if config_diff(ckpt["config"], cfg.to_dict(), stage) or not done(ckpt, epochs, folder):
+    if config_diff(ckpt["config"], cfg.to_dict(), stage) or not done(ckpt, epochs, folder, cfg.run.report):
         return None
     return folder / "metrics.json"
 

@@ -71,8 +71,10 @@ class RunLog:
         self.lines = lines_per_epoch
         self.t0, self.done = time.time(), 0  # this process's start, and epochs it finished
         self.images = 0  # images this process trained (the ETA's pace)
-        self.tb = _tensorboard(folder / "tb") if "tensorboard" in report_to and main else None
-        self.wandb = _wandb(folder, name or folder.name, stage, config) if "wandb" in report_to and main else None
+        self.folder, self.report_to, self.name, self.config = folder, report_to, name or folder.name, config
+        self.tb = self.wandb = None  # opened by open_trackers, once the run is known to train
+        for tracker in sorted(report_to):  # every rank checks, so that none waits alone on a refused one
+            _tracker_module(tracker)
         if main and self.path.is_file() and self.path.stat().st_size:
             with open(self.path, "rb+") as f:  # a killed writer's torn last line: the next record starts afresh
                 f.seek(-1, 2)
@@ -137,21 +139,26 @@ class RunLog:
 
     def _summary(self, record: dict) -> None:
         """summary.csv beside log.jsonl: one row per epoch (timm's), rewritten from the log so a
-        resumed run's rows are its epochs once each."""
+        resumed run's rows are its epochs once each: a resume drops the rows from the epoch it
+        resumes at (a run resumed from an earlier, healthy checkpoint trains those again), a
+        restart all of them."""
         from ecvl_fast.run.files import atomic_write
 
         rows = {}
         for r in read_log(self.path):
-            if r.get("kind") == "epoch" and r.get("units") == "percent":
-                groups = r.get("val_groups") or {}
+            if r.get("kind") == "event":
+                since = r.get("epoch", 1) if r.get("event") == "resumed" else 1
+                rows = {e: row for e, row in rows.items() if e < since}
+            elif r.get("kind") == "epoch":
+                val = {k: None if v is None else 100 * v for k, v in (epoch_val(r) or {}).items()}  # percent
                 rows[r["epoch"]] = [
                     r["epoch"],
                     r["train_loss"],
                     r["lr"],
                     r["img_s"],
-                    r.get("val_all"),
-                    *(groups.get(g) for g in ("many", "medium", "few")),
-                    r.get("val_macro_f1"),
+                    val.get("all"),
+                    *(val.get(g) for g in ("many", "medium", "few")),
+                    val.get("macro_f1"),
                 ]
 
         def write(tmp: Path) -> None:
@@ -165,11 +172,22 @@ class RunLog:
 
         atomic_write(self.path.parent / "summary.csv", write)
 
+    def open_trackers(self) -> None:
+        """TensorBoard and W&B (run.report_to), on the main rank: called once the run is known to
+        train (not for a finished one), after --restart has moved an old run's files aside."""
+        if not self.main:
+            return
+        if "tensorboard" in self.report_to:
+            self.tb = _tensorboard(self.folder / "tb")
+        if "wandb" in self.report_to:
+            self.wandb = _wandb(self.folder, self.name, self.stage, self.config)
+
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
         if self.wandb is not None:
             self.wandb.finish()
+        self.tb = self.wandb = None
 
     def _scalars(self, r: dict):
         """(name, value) of every scalar in a record, as the trackers get them."""
@@ -248,28 +266,38 @@ class Progress:
             )
 
 
-def _tensorboard(folder: Path):
+def _tracker_module(name: str):
+    """The tracker's module, or one line saying which extra installs it."""
     try:
-        from torch.utils.tensorboard import SummaryWriter
+        if name == "tensorboard":
+            from torch.utils.tensorboard import SummaryWriter
+
+            return SummaryWriter
+        import wandb
+
+        return wandb
     except ImportError:
         raise EcvlError(
-            "run.report_to = \"tensorboard\" needs the tensorboard package: pip install 'ecvl-fast[tensorboard]'"
+            f"run.report_to = \"{name}\" needs the {name} package: pip install 'ecvl-fast[{name}]'"
         ) from None
-    return SummaryWriter(str(folder))
+
+
+def _tensorboard(folder: Path):
+    return _tracker_module("tensorboard")(str(folder))
 
 
 def _wandb(folder: Path, name: str, stage: int, config: dict | None):
     """A Weights & Biases run in <run folder>/wandb, resumed by the same id when the run resumes
     (WANDB_MODE=offline works without a network; `wandb sync` uploads it later)."""
-    try:
-        import wandb
-    except ImportError:
-        raise EcvlError("run.report_to = \"wandb\" needs the wandb package: pip install 'ecvl-fast[wandb]'") from None
-    import hashlib
+    import secrets
 
     from ecvl_fast import first_line
 
-    run_id = hashlib.sha1(str(folder.resolve()).encode()).hexdigest()[:12]  # the folder's run, across restarts
+    wandb = _tracker_module("wandb")
+    stamp = folder / ".wandb-id"  # the folder's W&B run, across resumes; --restart moves it aside with the rest
+    if not stamp.is_file():
+        stamp.write_text(secrets.token_hex(6))
+    run_id = stamp.read_text().strip()
     try:
         return wandb.init(
             dir=str(folder),

@@ -32,7 +32,7 @@ from ecvl_fast.run import lifecycle
 from ecvl_fast.method import losses
 from ecvl_fast.run import precision
 from ecvl_fast.config import Config, check_together, reports_to, save_config, stage2_from_pretrained, trained_scale
-from ecvl_fast.training.data import eval_loader, open_dataset, train_loader
+from ecvl_fast.training.data import eval_loader, open_dataset, steps_per_epoch, train_loader
 from ecvl_fast.run.files import atomic_write
 from ecvl_fast.evaluation.metrics import TOP, m_quantiles, predict_split, shot_metrics
 from ecvl_fast.evaluation.reports import plot_curves, plot_m_by_group, read_metrics, write_report
@@ -548,8 +548,9 @@ def main(cfg: Config, stage: int = 1, out: Path | None = None, restart: bool = F
         D.session(cfg.run.device, cfg.dist.backend) as d,
         lifecycle.StopSignal(cfg.run.stop_grace_s) as stop,
         lifecycle.RunLock(folder, d),
+        contextlib.ExitStack() as cleanup,
     ):
-        return _train(cfg, d, stage, folder, restart, stop)
+        return _train(cfg, d, stage, folder, restart, stop, cleanup)
 
 
 def run_folder(cfg: Config, stage: int, out: Path | None = None) -> Path:
@@ -557,7 +558,7 @@ def run_folder(cfg: Config, stage: int, out: Path | None = None) -> Path:
     return Path(out or Path(cfg.run.out) / ("stage2" if stage == 2 else ""))
 
 
-def _train(cfg: Config, d: D.Dist, stage: int, folder: Path, restart: bool, stop) -> dict:
+def _train(cfg: Config, d: D.Dist, stage: int, folder: Path, restart: bool, stop, cleanup) -> dict:
     meta = open_dataset(cfg.data.path, d)
     check_trainable(cfg, meta)
     sc = cfg.stage1 if stage == 1 else cfg.stage2
@@ -587,7 +588,9 @@ def _train(cfg: Config, d: D.Dist, stage: int, folder: Path, restart: bool, stop
                 f"{folder}: finished already ({sc.epochs} epochs); its metrics.json stands (--restart to train again)"
             )
         return read_metrics(pos.finished)
-    run = build_run(cfg, d, meta, len(meta["train_labels"]) // cfg.data.batch_size, stage, folder)
+    log.open_trackers()
+    cleanup.callback(log.close)  # also when the run stops on an error or a signal
+    run = build_run(cfg, d, meta, steps_per_epoch(cfg, len(meta["train_labels"])), stage, folder)
     if stage == 2 and d.main:
         s = cfg.stage2
         parts = (
@@ -689,12 +692,11 @@ def _reported_checkpoint(run: Run, has_val: bool) -> Path:
     last.pt (the weights in hand), or best.pt on val."""
     if run.cfg.run.report == "last" or not has_val:
         return run.out / "last.pt"
-    epochs = (run.cfg.stage1 if run.stage == 1 else run.cfg.stage2).epochs
-    if run.best_epoch != epochs:  # best.pt holds another epoch's weights than those in hand
-        c = ckpt_io.load(run.out / "best.pt")
-        run.net.load_state_dict(c["model"])
-        if run.stage == 2:
-            two.load(run.stage2, c)
+    c = ckpt_io.load(run.out / "best.pt")
+    run.best_epoch = c["epoch"]  # what the file holds (after a resume from an earlier checkpoint, too)
+    run.net.load_state_dict(c["model"])
+    if run.stage == 2:
+        two.load(run.stage2, c)
     return run.out / "best.pt"
 
 
