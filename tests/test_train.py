@@ -387,7 +387,7 @@ def test_predict_matches_eval_and_handles_bad_input(tmp_path, mnist, capsys, tin
 
     from ecvl_fast.run import dist as D
     from ecvl_fast.training.data import eval_loader
-    from ecvl_fast.serving.classifier import load_classifier
+    from ecvl_fast.serving.classifier import load_scorer
     from ecvl_fast.evaluation.metrics import predict_split
     from ecvl_fast.loaders.sources import load_mnist_lt
 
@@ -422,7 +422,7 @@ def test_predict_matches_eval_and_handles_bad_input(tmp_path, mnist, capsys, tin
     rows = out.read_text().splitlines()
     assert rows[0] == "path,class1,prob1,class2,prob2,class3,prob3" and len(rows) == n + 1
     state = ckpt_io.load(ckpt)
-    scorer = load_classifier(cfg, state, state["classes"], torch.device("cpu"))
+    scorer = load_scorer(cfg, state, state["classes"], torch.device("cpu"))
     d = D.Dist(0, 0, 1, torch.device("cpu"))
     ref, _ = predict_split(scorer, eval_loader(cfg, d, "test"), d)
     top1 = [r.split(",")[1] for r in rows[1:]]

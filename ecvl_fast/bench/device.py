@@ -383,10 +383,10 @@ def bench_infer(
 
     dev = D.resolve_device(device)
     if ckpt is not None:
-        from ecvl_fast.serving.classifier import load_classifier
+        from ecvl_fast.serving.classifier import load_scorer
 
         state, cfg = load_checkpoint(ckpt)
-        scorer = load_classifier(cfg, state, state["classes"], dev)
+        scorer = load_scorer(cfg, state, state["classes"], dev)
         res = cfg.data.res
     else:
         from ecvl_fast.method import stage2 as two

@@ -17,7 +17,7 @@ from ecvl_fast.config import Config, from_dict
 from ecvl_fast.training.data import eval_loader, open_dataset
 from ecvl_fast.evaluation.metrics import ranked, shot_metrics, split_logits
 from ecvl_fast.evaluation.reports import write_report
-from ecvl_fast.serving.classifier import load_classifier
+from ecvl_fast.serving.classifier import load_scorer
 
 TAUS = tuple(float(t) for t in np.arange(0, 2.01, 0.25))  # the grid `--tau auto` searches (LIFT's tau is 1)
 
@@ -94,7 +94,7 @@ def run_eval(
                 "adjusts its logits a second time ('--tau auto' lets the val split decide, 0 included)"
             )
         torch.manual_seed(cfg.run.seed)  # a model without weights to load is the same one every time
-        scorer = load_classifier(cfg, state, meta["classes"], d.device, views)
+        scorer = load_scorer(cfg, state, meta["classes"], d.device, views)
         dt = precision.dtype(cfg.run.precision, d.device)
         context = {}
         if tau == "auto":

@@ -4,6 +4,14 @@ images as `eval` does, and classify them; `predict`, `export`, `eval` and `bench
 No ffcv or DALI: images are decoded with PIL and prepared as the eval path prepares them (`decode`:
 fitted as on the loader's canvas, evaluation's centre crop, CLIP normalisation), so predictions
 match `eval`'s.
+
+One model, four wrappers, each for one reader:
+- `Scorer` (method/model.py): prepared images -> logits; `load_scorer` builds it from a checkpoint
+  (or the zero-shot model) for `eval`, `export` and `bench infer`;
+- `Classifier`: a Scorer's softmax, the nn.Module `export` writes and ONNX traces;
+- `Predictor`: what `predict` needs of any model file (class names, preprocessing, probabilities),
+  from `load_predictor`;
+- `Model`: the Python API around a Predictor, from `load(path).classify(images)`.
 """
 
 from __future__ import annotations
@@ -226,7 +234,7 @@ class Classifier(nn.Module):
 @dataclass
 class Predictor:
     """What `predict` needs of any model file: class names, preprocessing, and probabilities for
-    a prepared batch (`ecvl_fast.serving.predict.to_input`)."""
+    a prepared batch (`to_input`, above)."""
 
     classes: list[str]
     res: int
@@ -265,7 +273,7 @@ def _checkpoint_predictor(path: Path, device: torch.device, views: int | None) -
     from ecvl_fast.evaluation.metrics import predict_logits
 
     state, cfg = load_checkpoint(path)
-    scorer = load_classifier(cfg, state, state["classes"], device, views)
+    scorer = load_scorer(cfg, state, state["classes"], device, views)
     crops = tte_split(cfg.data.tte_crops, cfg.data.tte_views if views is None else views)[1]
     return Predictor(
         state["classes"],
@@ -328,7 +336,7 @@ def _onnx_predictor(path: Path, views: int | None) -> Predictor:
     return Predictor(meta["classes"], meta["res"], meta["load_res"], probs, torch.device("cpu"), "onnx", crops)
 
 
-def load_classifier(
+def load_scorer(
     cfg: Config, state: dict | None, classes: list[str], device: torch.device, views: int | None = None
 ) -> Scorer:
     """A stage 1 or 2 checkpoint's classifier, or the zero-shot model `cfg.model.pretrained` when

@@ -29,13 +29,13 @@ def export(ckpt: Path, out: Path, fmt: str = "pt", views: int | None = None) -> 
     """Write the slim classifier of a stage 1 or stage 2 checkpoint; returns what was written.
     `views`: test-time views (default: the checkpoint's data.tte_views)."""
     from ecvl_fast.training.data import load_res
-    from ecvl_fast.serving.classifier import load_classifier
+    from ecvl_fast.serving.classifier import load_scorer
     from ecvl_fast.serving.classifier import MEAN, STD, load_checkpoint
 
     if fmt not in ("pt", "onnx"):
         raise EcvlError(f"--format {fmt}: choose pt or onnx")
     state, cfg = load_checkpoint(ckpt)
-    scorer = load_classifier(cfg, state, state["classes"], torch.device("cpu"), views)
+    scorer = load_scorer(cfg, state, state["classes"], torch.device("cpu"), views)
     total = cfg.data.tte_views if views is None else views
     stage2 = state["stage"] == 2
     scale = float(scorer.net.logit_scale if scorer.scale is None else scorer.scale)
