@@ -6,10 +6,11 @@
 # the no-sync step, the CUDA bank, stage-2 runs fed by DALI), then `bench train` (the only
 # DALI-fed RN50/224 run and the data-stall figure), then the other benchmarks, each under its own
 # timeout and only while the budget lasts.
-# What comes back is a fixed set of 3 files in $OUT (the machine returns at most 8):
+# What comes back is a fixed set of 4 files in $OUT (the machine returns at most 8):
 #   check.log     every step's output, appended as it runs
 #   results.json  per step: exit status, seconds, and its benchmark JSON; rewritten after each step
 #   gpu-tests.xml the tests' JUnit report
+#   summary.json  the headline figures (issue 30's keys): keep as docs/gpu/summary-<device>-<date>.json
 # Run again while the machine is warm, the install is kept: STEPS="bench-train bench-infer" picks steps.
 # Rehearsed offline, every step at a tiny size, by .ci/gpu-rehearse.sh.
 set -uo pipefail
@@ -85,4 +86,5 @@ b step 60 "${M[@]}" --device "$DEV" "${STEP[@]}"
 b infer 90 "${M[@]}" --device "$DEV" "${INFER[@]}"
 b augment 60 --device "$DEV" "${AUG[@]}"
 b kernels 30 "${KN[@]}"
+$PY .ci/results.py "$RESULTS" --summary "$OUT/summary.json"  # docs/gpu/summary-<device>-<date>.json
 log "done"

@@ -57,6 +57,14 @@ need = {"install", "smoke", "gpu-tests", "bench-train", "bench-step", "bench-inf
 bad = [s["name"] for s in steps if s["rc"] != 0] + sorted(need - names)
 sys.exit(f"  failed or missing: {', '.join(bad)}" if bad else 0)
 PY
+echo "== the summary the check wrote"
+python3 - "$OUT/summary.json" <<'PY' || rc=1
+import json, sys
+s = json.load(open(sys.argv[1]))
+print("  " + json.dumps(s))
+empty = [k for k, v in s.items() if v is None]
+sys.exit(f"  no figure for {', '.join(empty)}" if empty else 0)
+PY
 # the CPU twins of the GPU tests, with the same install (gpu-check.sh selected only `-m gpu`)
 (cd "$tmp" && PYTHONPATH=$R/site timeout 600 $PY -m pytest -q -p no:cacheprovider -rs tests/test_gpu.py) || rc=1
 rm -rf "$tmp"

@@ -1,6 +1,9 @@
 """`ecvl-fast bench step|augment|train|infer` on CPU with the tiny model: the JSON schema and --compare."""
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -41,6 +44,7 @@ def test_bench_augment_train_infer_and_compare(tmp_path, capsys):
         r["dali_img_s"] > 0 and r["peer_img_s"] > 0 and r["ratio"] == pytest.approx(r["dali_img_s"] / r["peer_img_s"])
     )
     assert "synthetic" in r["source"] and r["config"]["views"] == 2 and r["config"]["k"] == 2
+    assert r["dali_peer_img_s"] > 0 and r["ratio_dali_peer"] == pytest.approx(r["dali_img_s"] / r["dali_peer_img_s"])
     r, path = run_bench(
         tmp_path,
         [
@@ -92,6 +96,34 @@ def test_bench_augment_train_infer_and_compare(tmp_path, capsys):
         tmp_path, ["bench", "infer", "--model", "ecvl-tiny-vit", "--res", "32", "--images", "128", "--batch", "64"]
     )
     assert r["img_s"] > 0 and r["config"]["images"] == 128
+    # the device check's summary (issue 30's keys), from these benchmarks' JSON as .ci/gpu-check.sh records it
+    ci, results = Path(__file__).resolve().parent.parent / ".ci" / "results.py", tmp_path / "results.json"
+    for name in ("augment", "train", "infer"):
+        subprocess.run([sys.executable, ci, results, f"bench-{name}", "0", "1", tmp_path / f"{name}.json"], check=True)
+    subprocess.run([sys.executable, ci, results, "--summary", tmp_path / "summary.json"], check=True)
+    summary, got = json.loads((tmp_path / "summary.json").read_text()), {}
+    for name in ("augment", "train", "infer"):
+        got[name] = json.loads((tmp_path / f"{name}.json").read_text())
+    assert list(summary) == [
+        "device",
+        "date",
+        "commit",
+        "step_img_s",
+        "augment_img_s",
+        "augment_peer_img_s",
+        "augment_dali_peer_img_s",
+        "train_img_s",
+        "train_stall",
+        "train_peer_img_s",
+        "infer_img_s",
+    ]
+    assert (summary["device"], summary["step_img_s"]) == ("cpu", None)  # no step benchmark in this results file
+    assert summary["augment_dali_peer_img_s"] == got["augment"]["dali_peer_img_s"]
+    assert (summary["train_img_s"], summary["train_stall"]) == (
+        got["train"]["dali"]["img_s_total"],
+        got["train"]["dali"]["data_stall"],
+    )
+    assert summary["infer_img_s"] == got["infer"]["img_s"] and summary["commit"] == got["infer"]["machine"]["commit"]
     assert (
         main(
             [

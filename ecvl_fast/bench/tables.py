@@ -140,8 +140,13 @@ def augment(r: dict, json_out=None, compare_to=None) -> None:
         f"augment: {c['res']} px, 2 views, k=2 ({c['device']}; {r['source']})",
         ("contender", "img/s", "ratio"),
         [
-            ("DALI", f"{r['dali_img_s']:.0f}", f"{r['ratio']:.2f}x"),
+            ("DALI, memory-driven RandAugment", f"{r['dali_img_s']:.0f}", f"{r['ratio']:.2f}x"),
             (f"PIL peer, {c['peer_workers']} workers", f"{r['peer_img_s']:.0f}", "1.00x"),
+            (
+                "DALI's trivial_augment_wide (GPU peer)",
+                f"{r['dali_peer_img_s']:.0f}",
+                f"{r['dali_peer_img_s'] / r['peer_img_s']:.2f}x (ours: {r['ratio_dali_peer']:.2f}x it)",
+            ),
         ],
         r,
         json_out,
