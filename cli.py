@@ -527,10 +527,10 @@ def bench_kernels_cmd(
     json_out: Optional[Path] = typer.Option(None, "--json"),
 ):
     """One epoch of momentum bookkeeping: numba njit vs numpy on CPU, and numba.cuda when a GPU is present."""
-    from ecvl_fast.bench.machine import describe
+    from ecvl_fast.bench.machine import machine_info
     from ecvl_fast.bench.host import bench_kernels, bench_kernels_cuda
 
-    tables.kernels({"machine": describe(), "cpu": bench_kernels(n), "cuda": bench_kernels_cuda(n)}, json_out)
+    tables.kernels({"machine": machine_info(), "cpu": bench_kernels(n), "cuda": bench_kernels_cuda(n)}, json_out)
 
 
 @bench_app.command("convert")
@@ -541,10 +541,10 @@ def bench_convert_cmd(
     json_out: Optional[Path] = typer.Option(None, "--json"),
 ):
     """Convert throughput (images/s) for raw and jpg, on a synthetic CIFAR-10 in the standard pickle format."""
-    from ecvl_fast.bench.machine import describe
+    from ecvl_fast.bench.machine import machine_info
     from ecvl_fast.bench.host import bench_convert
 
-    tables.convert({"machine": describe(), **bench_convert(per_class, workers)}, workers, json_out)
+    tables.convert({"machine": machine_info(), **bench_convert(per_class, workers)}, workers, json_out)
 
 
 _DEVICE = typer.Option("auto", help="auto | cpu | cuda (the local rank's GPU under torchrun)")

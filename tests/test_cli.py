@@ -67,6 +67,9 @@ def test_bench_loader_kernels_convert(tmp_path, mnist):
     assert main(["bench", "convert", "--per-class", "100", "--workers", "1", "--json", str(out)]) == 0
     r = json.loads(out.read_text())
     assert r["raw"]["images"] == r["jpg"]["images"] > 0 and r["raw"]["img_s"] > 0
+    for name in ("loader", "kernels", "convert"):  # every result names the code that made it
+        machine = json.loads((tmp_path / f"{name}.json").read_text())["machine"]
+        assert machine["ecvl_fast"] and "commit" in machine and machine["cpus"] >= 1
     out = tmp_path / "ops.json"
     assert main(["bench", "ops", "--res", "32", "--batch", "16", "--seconds", "0.05", "--json", str(out)]) == 0
     r = json.loads(out.read_text())

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ecvl_fast.bench.machine import describe, machine_info
+from ecvl_fast.bench.machine import machine_info
 from ecvl_fast.training.data import default_load_res
 
 
@@ -165,8 +165,7 @@ def run_loader_bench(b: LoaderBench, kernels_n: int = 1_280_000, repeats: int = 
     ratios = sorted(d / r for d, r in pairs)
     return {
         "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(b).items()},
-        "machine": describe(),
-        "date": time.strftime("%Y-%m-%d"),
+        "machine": machine_info(),
         "pairs": pairs,
         "ffcv_dali_img_s": float(np.median([d for d, _ in pairs])),
         "torchvision_img_s": float(np.median([r for _, r in pairs])),

@@ -51,11 +51,18 @@ def report(
         )
 
 
+def _where(r: dict) -> str:
+    """The machine in a title: the result's own line, or `describe()` of a machine_info block."""
+    from ecvl_fast.bench.machine import describe
+
+    return r["machine"] if isinstance(r["machine"], str) else describe()
+
+
 def loader(r: dict, json_out=None) -> None:
     c, k = r["config"], r["kernels"]
     report(
         f"loader bench: {c['res']} px, batch {c['batch']}, {c['workers']} workers, "
-        f"{c['dali_threads']} DALI threads, 2 views, k=2 ({r['machine']})",
+        f"{c['dali_threads']} DALI threads, 2 views, k=2 ({_where(r)})",
         ("contender", "images/s", "ratio"),
         [
             (
@@ -82,7 +89,7 @@ def kernels(r: dict, json_out=None) -> None:
             ("numba.cuda", f"{r['cuda']['cuda_s'] * 1e3:.2f}", f"{r['cpu']['numpy_s'] / r['cuda']['cuda_s']:.1f}x")
         )
     report(
-        f"momentum kernels, N={r['cpu']['n']:,} ({r['machine']})",
+        f"momentum kernels, N={r['cpu']['n']:,} ({_where(r)})",
         ("implementation", "ms / epoch", "vs numpy"),
         rows,
         r,
@@ -102,7 +109,7 @@ def convert(r: dict, workers: int, json_out=None) -> None:
         for fmt in ("raw", "jpg")
     ]
     report(
-        f"convert cifar10-lt, {workers} workers ({r['machine']})",
+        f"convert cifar10-lt, {workers} workers ({_where(r)})",
         ("format", "images", "seconds", "images/s", "MB"),
         rows,
         r,
