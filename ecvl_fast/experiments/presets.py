@@ -109,12 +109,10 @@ def seconds_per_image(cfg: Config, stage: int, classes: int) -> tuple[float, str
 
 def _timed_steps(cfg: Config, d, stage: int, classes: int, batch: int) -> tuple[float, str]:
     import dataclasses
-    import time
 
     import numpy as np
-    import torch
 
-    from ecvl_fast.bench.device import synthetic_batch
+    from ecvl_fast.bench.device import Timer, synthetic_batch
     from ecvl_fast.training.loop import build_run, train_step
 
     cfg = dataclasses.replace(
@@ -129,12 +127,10 @@ def _timed_steps(cfg: Config, d, stage: int, classes: int, batch: int) -> tuple[
     x, y, idx = synthetic_batch(batch, cfg.data.res, classes, d.device, run.amp)
     views = x if stage == 1 else [x] * cfg.stage2.views
     times = []
-    for _ in range(TIMED_STEPS + 1):
-        t0 = time.perf_counter()
-        train_step(run, views, y, idx)
-        if d.device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
+    for _ in range(TIMED_STEPS + 1):  # the first, untimed: allocations, kernel choices
+        with Timer(d.device) as t:
+            train_step(run, views, y, idx)
+        times.append(t.seconds)
     return min(times[1:]) / batch, f"{TIMED_STEPS} steps of {batch} images timed on {d.device.type}"
 
 

@@ -89,13 +89,11 @@ class RunLog:
         record = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "kind": kind, **record}
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
-        for key, value in self._scalars(record):
-            if self.tb is not None:
-                self.tb.add_scalar(key, value, record.get("step", record.get("epoch", 0)))
-        if self.wandb is not None:
-            scalars = dict(self._scalars(record))
-            if scalars:
-                self.wandb.log(scalars)
+        scalars = dict(self._scalars(record))
+        for key, value in scalars.items() if self.tb is not None else ():
+            self.tb.add_scalar(key, value, record.get("step", record.get("epoch", 0)))
+        if self.wandb is not None and scalars:
+            self.wandb.log(scalars)
 
     def eta(self, images_left: int) -> float:
         """Seconds left in the stage at this process's pace so far (evaluation and checkpoints included)."""
@@ -128,7 +126,7 @@ class RunLog:
         self("epoch", record)
         if not self.main:
             return
-        self._summary(record)
+        self._summary()
         acc = "-" if val is None else f"{val:.2f}%"
         print(
             f"{time.strftime('%Y-%m-%d %H:%M:%S')} stage {self.stage} epoch {epoch + 1}/{self.epochs} "
@@ -137,7 +135,7 @@ class RunLog:
             flush=True,
         )
 
-    def _summary(self, record: dict) -> None:
+    def _summary(self) -> None:
         """summary.csv beside log.jsonl: one row per epoch (timm's), rewritten from the log so a
         resumed run's rows are its epochs once each: a resume drops the rows from the epoch it
         resumes at (a run resumed from an earlier, healthy checkpoint trains those again), a

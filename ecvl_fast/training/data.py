@@ -128,7 +128,6 @@ def steps_per_epoch(cfg: Config, train_images: int) -> int:
 def train_loader(cfg: Config, d: Dist, meta: dict, order: str, views: int = 1, memory=None):
     """Stage 1: `random` order, one view, crop + flip. Stage 2: `balanced`, two views, and with
     `memory` (the momentum bank, or a fixed M) the memory-driven RandAugment reading its M (eq. 10)."""
-    from ecvl_fast.loaders.dali_loader import AugmentedLoader
     from ecvl_fast.loaders.draws import AugSpec
     from ecvl_fast.loaders.ffcv_loader import make_loader
 
@@ -152,6 +151,14 @@ def train_loader(cfg: Config, d: Dist, meta: dict, order: str, views: int = 1, m
         randaug=memory is not None,
         crop_scale=(cfg.aug.crop_min_scale, 1.0),
     )
+    return _augmented(cfg, d, loader, spec, memory)
+
+
+def _augmented(cfg: Config, d: Dist, loader, spec, memory=None):
+    """An ffcv loader through the DALI graph of `spec`, with the run's seed, sharding, threads,
+    prefetch and output dtype: what training and evaluation both read."""
+    from ecvl_fast.loaders.dali_loader import AugmentedLoader
+
     return AugmentedLoader(
         loader,
         spec,
@@ -176,7 +183,6 @@ def eval_loader(cfg: Config, d: Dist, split: str, views: int | None = None):
     "five") each image's five views. `views`: test-time views, over data.tte_views."""
     from ecvl_fast.method.model import tte_split
 
-    from ecvl_fast.loaders.dali_loader import AugmentedLoader
     from ecvl_fast.loaders.draws import AugSpec
     from ecvl_fast.loaders.ffcv_loader import make_loader
 
@@ -198,14 +204,4 @@ def eval_loader(cfg: Config, d: Dist, split: str, views: int | None = None):
         limit=cfg.run.limit_eval,
     )
     spec = AugSpec(res=cfg.data.res, train=False, views=crops, randaug=False, eval_resize=resize)
-    return AugmentedLoader(
-        loader,
-        spec,
-        device=d.device,
-        seed=cfg.run.seed,
-        rank=d.rank,
-        world=d.world_size,
-        threads=dali_threads(cfg),
-        prefetch=cfg.data.prefetch,
-        dtype=precision.dtype(cfg.run.precision, d.device),
-    )
+    return _augmented(cfg, d, loader, spec)
