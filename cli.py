@@ -93,7 +93,9 @@ def _trial(cfg, origins: dict):
     """The config as its quick trial (`config.trial`); the settings it changes are marked --trial."""
     tried = as_trial(cfg)
     before, after = cfg.to_dict(), tried.to_dict()
-    origins.update({(s, k): "--trial" for s in after for k in after[s] if after[s][k] != before[s][k]})
+    changed = {(s, k) for s in after for k in after[s] if after[s][k] != before[s][k]}
+    # the trial's epochs are marked even where they did not change: they hold over an ablate row's own
+    origins.update({key: "--trial" for key in changed | {("stage1", "epochs"), ("stage2", "epochs")}})
     return tried
 
 
@@ -418,12 +420,13 @@ def ablate(
     )
     cfg = _trial(cfg, origins) if trial else cfg
     seeds, rows = parse_seeds(seeds), parse_rows(rows)
+    pinned = frozenset(key for key, origin in origins.items() if origin.startswith("--"))  # over the rows'
     if dry_run:
         from ecvl_fast.experiments.presets import dry_run as plan
 
-        plan(cfg, planned_runs(cfg, seeds, rows), origins)
+        plan(cfg, planned_runs(cfg, seeds, rows, pinned), origins)
         return
-    run_ablation(cfg, seeds, rows=rows)
+    run_ablation(cfg, seeds, rows=rows, pinned=pinned)
 
 
 @app.command()

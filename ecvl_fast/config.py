@@ -33,6 +33,8 @@ class DataCfg:
         "shifted"  # "shifted" (views cut from the prepared image) or "five": LIFT's Resize(res + 24/224 res)
     )
     #                             then FiveCrop(res) from the whole image (tte_views 5, or 1 for none)
+    eval_resize: str = "auto"  # evaluation's Resize(S) when load_res is 0: "auto" (res up to 64 px, else 8/7 res)
+    #                            or "lift+": res + res // 7 (LIFT+'s plain test transform; 256 for 224)
 
 
 @dataclass(frozen=True)
@@ -59,6 +61,15 @@ class AugCfg:
     lol_accept: float = 0.6  # Ahn et al.'s code default (accept_rate)
     lol_levels: int = 10  # their max_d is 30 over 200 epochs; stage 2 here runs 5-10 epochs
     crop_min_scale: float = 0.5  # BALLAD's RandomResizedCrop scale (0.5, 1)
+    # Stage 2's crop. LIFT+'s minimalist augmentation (Shi et al., arXiv 2504.13282): square crops, no
+    # flip, bicubic, the minimum scale rising from crop_min_scale to 1 over stage 2 (1 - sqrt(1 - t^2))
+    crop_schedule: str = "constant"  # "constant" (crop_min_scale) or "lift+" (rising, convex)
+    crop_square: bool = False  # square crops (LIFT+) instead of torchvision's aspect 3/4..4/3
+    flip: bool = True  # a random horizontal flip
+    interp: str = "linear"  # the crop's resize filter: "linear" or "cubic" (LIFT+'s bicubic); evaluation too
+    crop_m: float = 0.0  # the memory-driven crop: each sample's minimum scale is the schedule's value plus
+    #                      crop_m * (M_i - mean M), in [0.01, 1]; > 0: a high-M sample is cropped more gently
+    crop_m_shuffle: bool = False  # its no-memory control: the same per-epoch scales, dealt to samples at random
 
 
 @dataclass(frozen=True)
@@ -90,7 +101,7 @@ class Stage2Cfg:
     adapter: bool = True  # eq. 7's residual adapter on the image features (BALLAD)
     peft: str = "none"  # a light module in the frozen image tower: "adaptformer", "lora" (ViT), "bitfit";
     #                     "auto": LIFT's default for the tower (AdaptFormer on a ViT, BitFit on a ResNet)
-    peft_dim: int = 0  # its bottleneck / rank; 0 = LIFT's rule, 2^floor(log2(K / (2 x blocks)))
+    peft_dim: int = 0  # its bottleneck / rank; 0 = LIFT's rule: 2^floor(log2(K / (2 x blocks))), LoRA K / (4 x blocks)
     head: str = (
         "prompt"  # "prompt": the fixed class text features at ce_scale; "cosine": a trained cosine head from them
     )
@@ -160,6 +171,9 @@ CHOICES = {
     ("aug", "m_direction"): ("hard", "easy"),
     ("data", "eval_split"): ("test", "val"),
     ("data", "tte_crops"): ("shifted", "five"),
+    ("data", "eval_resize"): ("auto", "lift+"),
+    ("aug", "crop_schedule"): ("constant", "lift+"),
+    ("aug", "interp"): ("linear", "cubic"),
     ("stage2", "peft"): ("none", "adaptformer", "lora", "bitfit", "auto"),
     ("stage2", "head"): ("prompt", "cosine"),
     ("stage2", "sampling"): ("balanced", "instance"),
@@ -297,12 +311,21 @@ def check_together(cfg: Config) -> Config:
             'stage 2 would train nothing: stage2.adapter = false with stage2.peft = "none" and '
             'stage2.head = "prompt"; set one of them'
         )
-    if s.views == 1 and (s.dcvl_weight > 0 or (s.randaug and a.m_source == "dcvl")):
+    if not -1 <= a.crop_m <= 1:
+        raise EcvlError(f"aug.crop_m={a.crop_m}: the memory moves a crop's minimum scale by at most 1 (in [-1, 1])")
+    if a.crop_m_shuffle and a.crop_m == 0:
+        raise EcvlError("aug.crop_m_shuffle = true deals out the memory-driven crop's scales: set aug.crop_m too")
+    if s.views == 1 and (s.dcvl_weight > 0 or (reads_memory(cfg) and a.m_source == "dcvl")):
         raise EcvlError(
             "stage2.views = 1: L_DCVL (eq. 11) compares two views of each image; set stage2.views = 2, "
             'or stage2.dcvl_weight = 0 with an aug.m_source other than "dcvl"'
         )
     return cfg
+
+
+def reads_memory(cfg: Config) -> bool:
+    """Stage 2 reads M: the memory-driven RandAugment (eq. 10) or the memory-driven crop."""
+    return cfg.stage2.randaug or cfg.aug.crop_m != 0
 
 
 def trained_scale(cfg: Config, stage: int) -> float | None:

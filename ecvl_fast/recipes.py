@@ -112,6 +112,27 @@ RECIPES = {
         },
     ),
 }
+# LIFT+ (Shi et al., "LIFT+: Lightweight Fine-Tuning for Long-Tail Learning", arXiv 2504.13282; code
+# shijxcs/LIFT-plus, trainer.py and utils/transforms.py): LIFT with less augmentation. Its minimalist
+# crop: square, no flip, bicubic, the minimum scale rising from 0.08 to 1 over training on the convex
+# schedule 1 - sqrt(1 - t^2) (t = epoch / (epochs - 1)); 5 epochs at lr 0.02 (scripts/run_epochs.sh), half
+# LIFT's cost; plain evaluation Resize(res + res // 7) then CenterCrop(res). Kept from LIFT: the light
+# module, the cosine head at 25 from the text, the logit-adjusted loss, FiveCrop after Resize(res + 24).
+# Its LoRA rank rule, K / (4 L), is the light module's own (method/peft.py, `bottleneck`).
+RECIPES["lift+"] = Recipe(
+    {
+        "stage2": {**RECIPES["lift"].row["stage2"], "epochs": 5, "lr": 0.02},
+        "aug": {
+            **RECIPES["lift"].row["aug"],
+            "crop_schedule": "lift+",
+            "crop_square": True,
+            "flip": False,
+            "interp": "cubic",
+        },
+        "data": {**RECIPES["lift"].row["data"], "eval_resize": "lift+"},
+    },
+    {**RECIPES["lift"].schedule, "stage2": {"warmup_epochs": 0.0, "head_scale": 25.0}},  # epochs: the row's
+)
 
 # Where `convert` writes each dataset the presets name (README, "Reproducing the paper", for the sources)
 DATASETS = {

@@ -73,9 +73,18 @@ def build_pipeline(spec: AugSpec, batch_size: int, *, device_id: int | None = No
     def pipe():
         x = fn.external_source(name="images", device="gpu" if gpu else "cpu", layout="HWC")
         # The crop (a random-resized one, or evaluation's centre crop) on the canvas, resized to res:
-        # linear, antialiased where it shrinks
+        # linear (or cubic, spec.interp), antialiased where it shrinks
         start, end = fn.external_source(name="roi_start"), fn.external_source(name="roi_end")
-        x = fn.resize(x, size=[spec.res, spec.res], roi_start=start, roi_end=end, roi_relative=True, antialias=True)
+        interp = types.INTERP_CUBIC if spec.interp == "cubic" else types.INTERP_LINEAR
+        x = fn.resize(
+            x,
+            size=[spec.res, spec.res],
+            roi_start=start,
+            roi_end=end,
+            roi_relative=True,
+            antialias=True,
+            interp_type=interp,
+        )
         for j in range(spec.k if spec.randaug else 0):
             leaf, p = fn.external_source(name=f"leaf{j}"), fn.external_source(name=f"p{j}")
             x = apply_slot(leaf, x, p)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 
 from ecvl_fast.loaders.dali_graph import build_pipeline, feed
-from ecvl_fast.loaders.draws import AugSpec, batch_draws
+from ecvl_fast.loaders.draws import AugSpec, batch_draws, sample_min_scales
 
 
 class AugmentedLoader:
@@ -72,13 +72,17 @@ class AugmentedLoader:
         self.loader.next_epoch, self.loader.resume_at = epoch, (epoch, step)
 
     def __iter__(self):
-        m = self.memory.magnitudes() if self.memory is not None and self.spec.randaug else None
+        spec, epoch = self.spec, self.loader.next_epoch
+        reads = self.memory is not None and (spec.randaug or spec.crop_m != 0)
+        m = self.memory.magnitudes() if reads else None
+        # each sample's minimum crop scale for the epoch, from M over the whole train set
+        lows = sample_min_scales(spec, epoch, m, self.seed) if m is not None and spec.crop_m != 0 else None
         at = getattr(self.loader, "resume_at", None)
-        first = at[1] if at is not None and at[0] == self.loader.next_epoch else 0
-        batches = self._batches(self.loader.next_epoch, m, first)
+        first = at[1] if at is not None and at[0] == epoch else 0
+        batches = self._batches(epoch, m if spec.randaug else None, first, lows)
         return _handed_over(prefetched(batches, self.prefetch) if self.prefetch > 0 else batches)
 
-    def _batches(self, epoch: int, m, first: int = 0):
+    def _batches(self, epoch: int, m, first: int = 0, lows=None):
         """(views, labels, indices, ready event or None) per batch from batch `first` of the epoch;
         runs in the feeder thread."""
         import torch
@@ -97,6 +101,7 @@ class AugmentedLoader:
                 epoch,
                 None if sizes is None else sizes[idx.numpy()],
                 images.shape[1],
+                None if lows is None else lows[idx.numpy()],
             )
             mi = m[idx.numpy()] if m is not None else np.zeros(len(idx), np.float32)
             if gpu:

@@ -26,6 +26,14 @@ class AugSpec:
     randaug: bool = True
     crop_scale: tuple[float, float] = (0.5, 1.0)  # BALLAD's RandomResizedCrop scale
     eval_resize: int = 0  # evaluation: Resize(S) before CenterCrop(res) (or FiveCrop(res), views 5); 0 = res
+    # LIFT+'s minimalist augmentation (Shi et al., arXiv 2504.13282; code shijxcs/LIFT-plus, utils/transforms.py)
+    square: bool = False  # square crops (pixel aspect 1), as LIFT+'s MinimalistRandomResizedCrop
+    flip: bool = True  # a random horizontal flip (training only)
+    interp: str = "linear"  # the resize filter: "linear" or "cubic" (LIFT+'s bicubic)
+    schedule: str = "constant"  # the crop's minimum scale: "constant" (crop_scale[0]) or "lift+" (rising, `min_scale`)
+    epochs: int = 1  # the epochs the schedule spans
+    crop_m: float = 0.0  # the memory-driven crop: each sample's minimum scale moved by crop_m * (M_i - mean M)
+    crop_shuffle: bool = False  # its no-memory control: the same minimum scales, dealt to samples at random
 
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
@@ -53,6 +61,51 @@ def uniforms(seed: int, epoch: int, positions: np.ndarray, streams: int) -> np.n
     return (_splitmix(ctr ^ key) >> np.uint64(11)).astype(np.float64) * 2.0**-53
 
 
+def min_scale(spec: AugSpec, epoch: int) -> float:
+    """The crop's minimum area fraction at `epoch` (0-based). "lift+": LIFT+'s convex schedule,
+    s = 1 - sqrt(1 - t^2) with t = epoch / (epochs - 1), mapped onto [crop_scale[0], 1] (its
+    MinimalistRandomResizedCrop.get_min_scale): the crops grow gentler as training goes on, and the
+    last epoch sees whole (square) images."""
+    lo = spec.crop_scale[0]
+    if spec.schedule == "constant":
+        return lo
+    t = min(1.0, epoch / max(1, spec.epochs - 1))
+    return lo + (1 - np.sqrt(1 - t * t)) * (spec.crop_scale[1] - lo)
+
+
+MIN_AREA = 0.01  # the memory-driven crop never asks for less than 1% of an image
+
+
+def sample_min_scales(spec: AugSpec, epoch: int, m: np.ndarray, seed: int = 0) -> np.ndarray:
+    """[N] each sample's minimum crop scale for the epoch, from M over the whole train set: the
+    schedule's value moved by crop_m * (M_i - mean M), so that the schedule stays the population's
+    mean (before clipping to [MIN_AREA, 1]); crop_m > 0 gives a high-M sample a gentler crop.
+    `crop_shuffle`: the same values dealt to samples by a permutation keyed on (seed, epoch), the
+    no-memory control. Without crop_m, the schedule's value for every sample."""
+    base = min_scale(spec, epoch)
+    m = np.asarray(m, np.float64)
+    if spec.crop_m == 0 or len(m) == 0:
+        return np.full(len(m), base)
+    s = np.clip(base + spec.crop_m * (m - m.mean()), MIN_AREA, spec.crop_scale[1])
+    if spec.crop_shuffle:
+        keys = uniforms(seed, epoch, np.arange(len(s)) + 2**40, 1)[:, 0]  # past any epoch's positions
+        s = s[np.argsort(keys, kind="stable")]
+    return s
+
+
+def square_boxes(r: np.ndarray, lo, hi: float, aspect=None):
+    """LIFT+'s square crops (MinimalistRandomResizedCrop.get_params), from uniforms r[:, 3]: area
+    fraction ~ U(lo, hi), both capped at the largest square's share min(h, w)^2 / (h w); the side
+    sqrt(area) in pixels, placed uniformly. `lo` may be per sample."""
+    a = np.ones(len(r)) if aspect is None else np.asarray(aspect, np.float64).reshape(-1)
+    cap = np.minimum(a, 1 / a)  # the largest square's share of the image
+    lo, hi = np.minimum(lo, cap), np.minimum(hi, cap)
+    area = lo + r[:, 0] * (hi - lo)
+    w, h = np.minimum(1.0, np.sqrt(area / a)), np.minimum(1.0, np.sqrt(area * a))
+    x0, y0 = r[:, -2] * (1 - w), r[:, -1] * (1 - h)
+    return np.stack([y0, x0, y0 + h, x0 + w], 1).astype(np.float32)
+
+
 def crop_boxes(r: np.ndarray, scale, ratio=(3 / 4, 4 / 3), aspect=None):
     """Random-resized-crop boxes (y0, x0, y1, x1), relative to each image, from uniforms r[:, 2T+2].
 
@@ -63,7 +116,8 @@ def crop_boxes(r: np.ndarray, scale, ratio=(3 / 4, 4 / 3), aspect=None):
     """
     tries = (r.shape[1] - 2) // 2
     a = np.ones((len(r), 1)) if aspect is None else np.asarray(aspect, np.float64).reshape(-1, 1)
-    area = scale[0] + r[:, :tries] * (scale[1] - scale[0])
+    lo = np.asarray(scale[0], np.float64).reshape(-1, 1)
+    area = lo + r[:, :tries] * (scale[1] - lo)
     q = np.exp(np.log(ratio[0]) + r[:, tries : 2 * tries] * (np.log(ratio[1]) - np.log(ratio[0])))
     w, h = np.sqrt(area * q / a), np.sqrt(area * a / q)
     ok = (w <= 1) & (h <= 1)
@@ -116,11 +170,18 @@ CROP_STREAMS = 2 * 10 + 2
 
 
 def batch_draws(
-    spec: AugSpec, positions: np.ndarray, seed: int, epoch: int, sizes: np.ndarray | None = None, side: int = 1
+    spec: AugSpec,
+    positions: np.ndarray,
+    seed: int,
+    epoch: int,
+    sizes: np.ndarray | None = None,
+    side: int = 1,
+    lo: np.ndarray | None = None,
 ) -> list[dict]:
     """Every random number one batch needs, per view, for samples at these epoch positions, and
     each view's crop box on the canvas. `sizes`: each image's (height, width) on the `side`-pixel
-    canvas (loaders/canvas.py); default: every image fills it."""
+    canvas (loaders/canvas.py); default: every image fills it. `lo`: each sample's minimum crop
+    scale (`sample_min_scales`); default: the schedule's value at `epoch`."""
     sizes = np.full((len(positions), 2), side) if sizes is None else np.asarray(sizes)
     aspect = sizes[:, 1] / sizes[:, 0]
     k = spec.k
@@ -129,9 +190,13 @@ def batch_draws(
     views = []
     for v in range(spec.views):
         rv = r[:, v * per_view : (v + 1) * per_view]
-        d = {"flip": (rv[:, CROP_STREAMS] < 0.5).astype(np.int32) * int(spec.train)}  # eval: no flip
+        d = {"flip": (rv[:, CROP_STREAMS] < 0.5).astype(np.int32) * int(spec.train and spec.flip)}  # eval: none
         if spec.train:
-            box = crop_boxes(rv[:, :CROP_STREAMS], spec.crop_scale, aspect=aspect)
+            low = min_scale(spec, epoch) if lo is None else lo
+            if spec.square:
+                box = square_boxes(rv[:, :CROP_STREAMS], low, spec.crop_scale[1], aspect=aspect)
+            else:
+                box = crop_boxes(rv[:, :CROP_STREAMS], (low, spec.crop_scale[1]), aspect=aspect)
         elif spec.views == 1:
             box = centre_boxes(sizes[:, 0], sizes[:, 1], spec.eval_resize or spec.res, spec.res)
         else:  # test-time ensembling: view v is LIFT's crop v

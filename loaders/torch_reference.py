@@ -28,7 +28,7 @@ def reference_view(img: np.ndarray, m: float, d: dict, spec: AugSpec) -> torch.T
     pil = Image.fromarray(img)
     y0, x0, y1, x1 = d["box"]  # the crop on the canvas: random-resized, or evaluation's centre crop
     box = (x0 * pil.width, y0 * pil.height, x1 * pil.width, y1 * pil.height)
-    pil = pil.resize((spec.res, spec.res), Image.BILINEAR, box=box)
+    pil = pil.resize((spec.res, spec.res), Image.BICUBIC if spec.interp == "cubic" else Image.BILINEAR, box=box)
     if spec.randaug:
         for j in range(spec.k):
             i, strength = eq10(d["op"][j], d["u"][j], d["zeta"][j], m)

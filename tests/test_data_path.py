@@ -88,9 +88,10 @@ def test_the_random_crop_reaches_every_edge_of_a_4_3_photo(photos):
     assert 3 / 4 - 1e-3 <= (w_px / h_px).min() and (w_px / h_px).max() <= 4 / 3 + 1e-3  # torchvision's pixel ratios
 
 
-def eval_views(data, res: int, resize: int) -> dict[int, np.ndarray]:
+def eval_views(data, res: int, resize: int, interp: str = "linear") -> dict[int, np.ndarray]:
     loader = make_loader(data / "test.beton", "sequential", 4, resize, workers=1)
-    aug = AugmentedLoader(loader, AugSpec(res=res, train=False, randaug=False, eval_resize=resize), prefetch=0)
+    spec = AugSpec(res=res, train=False, randaug=False, eval_resize=resize, interp=interp)
+    aug = AugmentedLoader(loader, spec, prefetch=0)
     views, _, idx = next(iter(aug))
     return dict(zip(idx.tolist(), pixels(views[0])))
 
@@ -150,6 +151,15 @@ def test_a_32px_image_is_enlarged_bilinearly_not_in_blocks(tmp_path, cifar10_dir
         bilinear, nearest = bilinear.permute(1, 2, 0).numpy(), nearest.permute(1, 2, 0).numpy()
         assert np.abs(got[i] - bilinear).max() <= 1.01
         assert np.abs(got[i] - nearest).mean() > 5 * np.abs(got[i] - bilinear).mean()
+    # LIFT+'s bicubic (aug.interp = "cubic") where the crop is enlarged, Resize(36) + CenterCrop(32): predict
+    # prepares the image as eval does, within the small difference of torch's and DALI's cubic kernels
+    from ecvl_fast.serving.classifier import decode
+
+    cubic, linear = eval_views(tmp_path / "c10", 32, 36, "cubic"), eval_views(tmp_path / "c10", 32, 36)
+    for i in idx.tolist()[:2]:
+        prepared = decode(Image.fromarray(images[idx.tolist().index(i)].numpy()), 36, 32, interp="cubic")
+        near, apart = np.abs(prepared - cubic[i]).mean(), np.abs(linear[i] - cubic[i]).mean()
+        assert near < 0.1 * apart
 
 
 def test_the_canvas_fit_follows_torchvision_resize():

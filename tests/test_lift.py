@@ -76,6 +76,7 @@ def test_light_module_that_does_not_apply_is_one_line():
     assert (
         peft.bottleneck(1000, 12) == 32 and peft.bottleneck(10, 2) == 2 and peft.bottleneck(3, 12) == 1
     )  # LIFT's rule
+    assert peft.bottleneck(1000, 12, "lora") == 16 and peft.bottleneck(100, 12, "lora") == 2  # K / (4 L)
 
 
 def test_cosine_head_starts_from_the_text_features_logits():

@@ -330,8 +330,8 @@ def print_ablation(result: dict) -> None:
     print(
         "rows (each described in ecvl_fast/method/rows.py): "
         + "; ".join(f"{r['name']} = {r['label']}" for r in result["rows"])
-        + ". Every row starts from the same stage-1 encoders "
-        "and trains the same number of steps."
+        + ". Every row starts from the same stage-1 encoders and trains the config's stage2.epochs, "
+        "except rows that declare their own budget (LIFT+'s) where the command line does not set it."
     )
 
 

@@ -3,7 +3,8 @@
 Per seed: stage 1 once, then on those same frozen encoders the stage-2 rows named by `--rows`
 (by default the paper's: ballad, momentum, ecvl). Each row is described, and its settings declared,
 once, in `ecvl_fast.method.rows` (the rows named after a recipe take its settings from
-`ecvl_fast.recipes`); every row trains the same number of steps.
+`ecvl_fast.recipes`). Every row trains the config's stage2.epochs, except a row that declares
+its own budget (LIFT+'s 5 epochs at lr 0.02); what the command line sets wins over any row.
 
 Zero-shot (eq. 6) comes first when `model.pretrained` gives weights; it has no randomness, so it
 is evaluated once. A row whose metrics.json exists beside the same config.toml is reused, so an
@@ -19,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from ecvl_fast import EcvlError, first_line
-from ecvl_fast.config import Config
+from ecvl_fast.config import Config, check_together
 from ecvl_fast.evaluation.metrics import METRICS
 from ecvl_fast.evaluation.reports import PAIRED, plot_rows, print_ablation, read_metrics
 from ecvl_fast.method.rows import DEFAULT_ROWS, LABELS, ROWS, other_control
@@ -39,33 +40,49 @@ def _finished(folder: Path, cfg: Config, stage: int) -> dict | None:
     return None if metrics is None else read_metrics(metrics)
 
 
-def _stage2_cfg(cfg: Config, row: str) -> Config:
-    changes = dict(ROWS[row].stage2)
-    if changes.get("peft") == "auto" and cfg.stage2.peft != "none":
-        del changes["peft"]  # a LIFT row keeps the light module the config names
-    cfg = _with(cfg, "stage2", **{**changes, "init": ""})
-    return _with(_with(cfg, "aug", **ROWS[row].aug), "data", **ROWS[row].data)
+def _stage2_cfg(cfg: Config, row: str, pinned: frozenset = frozenset()) -> Config:
+    """The row's settings over `cfg`, except the keys in `pinned` ((section, key) the command line
+    set: `--set aug.crop_m=0.25`, `--epochs`, `--trial`), which keep `cfg`'s values."""
+    r = ROWS[row]
+    parts = {"stage2": {**r.stage2, "init": ""}, "aug": r.aug, "data": r.data}
+    if parts["stage2"].get("peft") == "auto" and cfg.stage2.peft != "none":
+        del parts["stage2"]["peft"]  # a LIFT row keeps the light module the config names
+    for section, values in parts.items():
+        cfg = _with(cfg, section, **{k: v for k, v in values.items() if (section, k) not in pinned})
+    return check_together(cfg)
 
 
-def run_ablation(cfg: Config, seeds: list[int], log=print, rows: tuple[str, ...] = DEFAULT_ROWS) -> dict:
+def run_ablation(
+    cfg: Config, seeds: list[int], log=print, rows: tuple[str, ...] = DEFAULT_ROWS, pinned: frozenset = frozenset()
+) -> dict:
+    """`pinned`: the (section, key) settings the command line set, which win over every row's."""
     from ecvl_fast.run import dist as D
 
     with D.session(cfg.run.device, cfg.dist.backend) as d:  # one process group for every row
-        return _ablation(cfg, seeds, log, d.main, rows)
+        return _ablation(cfg, seeds, log, d.main, rows, pinned)
 
 
-def planned_runs(cfg: Config, seeds: list[int], rows: tuple[str, ...] = DEFAULT_ROWS) -> list[tuple]:
+def planned_runs(
+    cfg: Config, seeds: list[int], rows: tuple[str, ...] = DEFAULT_ROWS, pinned: frozenset = frozenset()
+) -> list[tuple]:
     """(name, stage, config, folder) of every run the ablation holds, in order (for --dry-run)."""
     runs = []
     for seed in seeds:
         base = _with(cfg, "run", seed=seed, out=str(Path(cfg.run.out) / f"seed{seed}"))
         if cfg.stage1.epochs:  # 0: the rows start from model.pretrained
             runs.append((f"seed {seed} stage 1", 1, base, Path(base.run.out)))
-        runs += [(f"seed {seed} {row}", 2, _stage2_cfg(base, row), Path(base.run.out) / row) for row in rows]
+        runs += [(f"seed {seed} {row}", 2, _stage2_cfg(base, row, pinned), Path(base.run.out) / row) for row in rows]
     return runs
 
 
-def _ablation(cfg: Config, seeds: list[int], log, main: bool, rows: tuple[str, ...] = DEFAULT_ROWS) -> dict:
+def _ablation(
+    cfg: Config,
+    seeds: list[int],
+    log,
+    main: bool,
+    rows: tuple[str, ...] = DEFAULT_ROWS,
+    pinned: frozenset = frozenset(),
+) -> dict:
     from ecvl_fast.training import loop as training
 
     out = Path(cfg.run.out)
@@ -84,7 +101,7 @@ def _ablation(cfg: Config, seeds: list[int], log, main: bool, rows: tuple[str, .
                 done = training.main(base, stage=1)
             per_seed.setdefault("stage1", {})[seed] = done
         for row in rows:
-            row_cfg = _stage2_cfg(base, row)
+            row_cfg = _stage2_cfg(base, row, pinned)
             done = _finished(seed_dir / row, row_cfg, stage=2)
             if done is None:
                 log(f"seed {seed}: stage 2, {row}")

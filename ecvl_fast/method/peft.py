@@ -31,9 +31,12 @@ from ecvl_fast.config import CHOICES
 MODULES = CHOICES["stage2", "peft"]
 
 
-def bottleneck(num_classes: int, blocks: int) -> int:
-    """LIFT's default width: 2 ** floor(log2(K / (2 L))), at least 1 (32 for ImageNet-LT on ViT-B)."""
-    return 2 ** max(0, int(math.log2(max(1.0, num_classes / (2 * blocks)))))
+def bottleneck(num_classes: int, blocks: int, module: str = "adaptformer") -> int:
+    """The default width, as LIFT's and LIFT+'s code set it (trainer.py, `build_tuner`): AdaptFormer's
+    bottleneck 2 ** floor(log2(K / (2 L))), LoRA's rank 2 ** floor(log2(K / (4 L))), at least 1
+    (32 and 16 for ImageNet-LT on ViT-B's 12 blocks)."""
+    per_block = 4 if module == "lora" else 2
+    return 2 ** max(0, int(math.log2(max(1.0, num_classes / (per_block * blocks)))))
 
 
 class Bottleneck(nn.Module):
@@ -124,7 +127,7 @@ def _vit_blocks(visual: nn.Module, module: str, tower: str) -> nn.ModuleList:
 
 def apply(visual: nn.Module, module: str, num_classes: int, width: int = 0, tower: str = "this model") -> str:
     """Freeze `visual`, then add `module` to it in place (the added parameters train); returns
-    the module added ("auto" resolved). `width` 0: LIFT's rule."""
+    the module added ("auto" resolved). `width` 0: LIFT's rule for the module (`bottleneck`)."""
     visual.requires_grad_(False)
     if module == "auto":
         module = "adaptformer" if _is_vit(visual) else "bitfit"
@@ -134,7 +137,7 @@ def apply(visual: nn.Module, module: str, num_classes: int, width: int = 0, towe
                 p.requires_grad_(True)
     elif module in ("adaptformer", "lora"):
         blocks = _vit_blocks(visual, module, tower)
-        width = width or bottleneck(num_classes, len(blocks))
+        width = width or bottleneck(num_classes, len(blocks), module)
         for i, block in enumerate(blocks):
             if module == "adaptformer":
                 blocks[i] = AdaptFormerBlock(block, width)

@@ -11,7 +11,10 @@ the rows differ only in the loss and where M comes from.
 - lift:     LIFT's recipe on the same frozen encoders (Shi et al., ICML 2024): a light module in
             the image tower instead of the adapter, a cosine head from the text features, the
             logit-adjusted loss (tau 1), instance sampling; `lift+ra` adds the best memory the
-            ECVL+ study found, and `lift+freq` is its no-memory control (docs/study-lift.md).
+            ECVL+ study found, and `lift+freq` is its no-memory control (docs/study-lift.md);
+- lift+:    LIFT+'s minimalist crop (square, no flip, bicubic, its minimum scale rising over the
+            epochs) at its budget, `lift+10ep` at LIFT's; `lift+mcrop` moves each sample's minimum
+            crop scale by its M, and `lift+mcrop-shuffled` deals the same scales out at random.
 """
 
 from __future__ import annotations
@@ -49,6 +52,10 @@ def recipe_row(name: str, label: str, control: str | None = None, **changes) -> 
 
 LOL = memory(m_source="lol", m_scope="class", m_direction="easy")  # Ahn et al.'s level of learning, per class
 LIFT = RECIPES["lift"].row["stage2"]
+# The memory-driven crop (docs/study-lift.md, "Beyond LIFT"): M is each sample's rank by its CE loss
+# (rank: M spreads evenly over [0, 1]); an EMA at 0.5, since over LIFT+'s 5 epochs one at 0.97 would
+# still hold the first epoch's loss. crop_m, its sign and size, was chosen on the val split.
+MCROP = {**memory(m_source="ce", m_norm="rank", beta=0.5), "crop_m": 0.5}
 
 ROWS = {
     "ballad": recipe_row("ballad", "BALLAD"),
@@ -100,6 +107,12 @@ ROWS = {
         "LIFT + RA, control: M by class size",
         stage2={"randaug": True},
         aug=memory(m_source="frequency", m_direction="easy"),
+    ),
+    "lift+": recipe_row("lift+", "LIFT+ (minimalist crop, 5 epochs at lr 0.02)"),
+    "lift+10ep": recipe_row("lift+", "LIFT+ at LIFT's budget (10 epochs, lr 0.01)", stage2={"epochs": 10, "lr": 0.01}),
+    "lift+mcrop": recipe_row("lift+", "LIFT+, crop scale by M", "lift+mcrop-shuffled", aug=MCROP),
+    "lift+mcrop-shuffled": recipe_row(
+        "lift+", "LIFT+, control: the same crop scales at random", aug={**MCROP, "crop_m_shuffle": True}
     ),
 }
 DEFAULT_ROWS = ("ballad", "momentum", "ecvl")

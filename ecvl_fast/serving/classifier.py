@@ -65,13 +65,14 @@ def _normaliser(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     return _ON_DEVICE[device]
 
 
-def decode(image, load_res: int, res: int, crops: int = 1) -> np.ndarray:
+def decode(image, load_res: int, res: int, crops: int = 1, interp: str = "linear") -> np.ndarray:
     """uint8 [res, res, 3] (or [5, res, res, 3] with LIFT's five crops, `crops` 5) from an image
     file or a PIL image, as the eval pipeline prepares it: the
     image fitted as on the loader's canvas (short side at most load_res, OpenCV's area filter, as
     the ffcv decoder), then evaluation's centre crop (Resize(load_res) + CenterCrop(res)'s pixels)
     resized to res with the linear filter DALI uses (the crop is never larger than res, so no
-    antialiasing applies), edges repeated as on the canvas."""
+    antialiasing applies), edges repeated as on the canvas. `interp` "cubic" (aug.interp, LIFT+'s):
+    PIL's bicubic, within a fraction of a level of DALI's cubic filter where a crop is enlarged."""
     from PIL import Image
 
     from ecvl_fast.loaders.canvas import canvas_side, fitted
@@ -97,6 +98,11 @@ def decode(image, load_res: int, res: int, crops: int = 1) -> np.ndarray:
         if crops == 1
         else five_crop_boxes([fh], [fw], five_crop_resize(res), res)[:, 0]
     )
+    if interp == "cubic":  # PIL's bicubic is within a fraction of a level of DALI's cubic filter
+        pil = Image.fromarray(img)
+        box = lambda b: (b[1] * fw, b[0] * fh, b[3] * fw, b[2] * fh)  # noqa: E731
+        out = np.stack([np.asarray(pil.resize((res, res), Image.BICUBIC, box=box(b))) for b in boxes.astype(float)])
+        return out[0] if crops == 1 else out
     centres = (np.arange(res) + 0.5) / res
     grids = []
     for y0, x0, y1, x1 in boxes.astype(np.float64):
@@ -106,7 +112,11 @@ def decode(image, load_res: int, res: int, crops: int = 1) -> np.ndarray:
     x = torch.from_numpy(np.array(img)).permute(2, 0, 1)[None].float()  # a writable copy
     grid = torch.from_numpy(np.stack(grids).astype(np.float32))
     out = torch.nn.functional.grid_sample(
-        x.expand(len(grids), -1, -1, -1), grid, mode="bilinear", padding_mode="border", align_corners=False
+        x.expand(len(grids), -1, -1, -1),
+        grid,
+        mode="bicubic" if interp == "cubic" else "bilinear",
+        padding_mode="border",
+        align_corners=False,
     )
     out = out.permute(0, 2, 3, 1).round().clamp(0, 255).to(torch.uint8).numpy()
     return out[0] if crops == 1 else out
@@ -168,7 +178,8 @@ class Model:
         if isinstance(images, (str, Path, Image.Image)):
             images = [images]
 
-        arrays = [decode(im, self.predictor.load_res, self.predictor.res, self.predictor.crops) for im in images]
+        p = self.predictor
+        arrays = [decode(im, p.load_res, p.res, p.crops, p.interp) for im in images]
         names = [
             getattr(im, "filename", "") or f"image {i}" if isinstance(im, Image.Image) else str(im)
             for i, im in enumerate(images)
@@ -243,6 +254,7 @@ class Predictor:
     device: torch.device
     kind: str
     crops: int = 1  # views prepared per image (LIFT's five crops: 5)
+    interp: str = "linear"  # the crop's resize filter (aug.interp)
 
 
 def load_predictor(path: Path, device: torch.device, views: int | None = None) -> Predictor:
@@ -283,6 +295,7 @@ def _checkpoint_predictor(path: Path, device: torch.device, views: int | None) -
         device,
         "checkpoint",
         crops,
+        cfg.aug.interp,
     )
 
 
@@ -310,7 +323,7 @@ def _exported_predictor(d: dict, device: torch.device, views: int | None) -> Pre
         with precision.autocast(device, precision.dtype("auto", device)):
             return model(x).float().cpu()
 
-    return Predictor(d["classes"], d["res"], d["load_res"], probs, device, "exported", crops)
+    return Predictor(d["classes"], d["res"], d["load_res"], probs, device, "exported", crops, d.get("interp", "linear"))
 
 
 def _onnx_predictor(path: Path, views: int | None) -> Predictor:
@@ -333,7 +346,16 @@ def _onnx_predictor(path: Path, views: int | None) -> Predictor:
         return torch.from_numpy(session.run(None, {"image": np.ascontiguousarray(x.float().cpu().numpy())})[0])
 
     crops = tte_split(meta.get("tte_crops", "shifted"), fixed)[1]
-    return Predictor(meta["classes"], meta["res"], meta["load_res"], probs, torch.device("cpu"), "onnx", crops)
+    return Predictor(
+        meta["classes"],
+        meta["res"],
+        meta["load_res"],
+        probs,
+        torch.device("cpu"),
+        "onnx",
+        crops,
+        meta.get("interp", "linear"),
+    )
 
 
 def load_scorer(

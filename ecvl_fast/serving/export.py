@@ -53,6 +53,7 @@ def export(ckpt: Path, out: Path, fmt: str = "pt", views: int | None = None) -> 
         "source": str(ckpt),
         "tte_views": total,
         "tte_crops": cfg.data.tte_crops,
+        "interp": cfg.aug.interp,
         "peft": cfg.stage2.peft if stage2 else "none",
         "peft_dim": cfg.stage2.peft_dim,
         "quick_gelu": quick_gelu_of(visual),

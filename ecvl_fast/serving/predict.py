@@ -53,7 +53,8 @@ def run_predict(
 
     for path in files:
         try:
-            pending.append((path, decode(path, model.predictor.load_res, model.predictor.res, model.predictor.crops)))
+            p = model.predictor
+            pending.append((path, decode(path, p.load_res, p.res, p.crops, p.interp)))
         except Exception as e:  # an unreadable or corrupt image
             reason = first_line(e)
             if strict:

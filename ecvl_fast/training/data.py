@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from ecvl_fast import EcvlError
@@ -106,7 +107,12 @@ def default_load_res(res: int) -> int:
 
 
 def load_res(cfg: Config) -> int:
-    return cfg.data.load_res or default_load_res(cfg.data.res)
+    if cfg.data.load_res:
+        return cfg.data.load_res
+    res = cfg.data.res
+    return (
+        res + res // 7 if cfg.data.eval_resize == "lift+" else default_load_res(res)
+    )  # LIFT+'s Resize(res + res // 7)
 
 
 def dali_threads(cfg: Config) -> int:
@@ -125,9 +131,10 @@ def steps_per_epoch(cfg: Config, train_images: int) -> int:
     return min(steps, cfg.run.limit_steps) if cfg.run.limit_steps else steps
 
 
-def train_loader(cfg: Config, d: Dist, meta: dict, order: str, views: int = 1, memory=None):
-    """Stage 1: `random` order, one view, crop + flip. Stage 2: `balanced`, two views, and with
-    `memory` (the momentum bank, or a fixed M) the memory-driven RandAugment reading its M (eq. 10)."""
+def train_loader(cfg: Config, d: Dist, meta: dict, order: str, views: int = 1, memory=None, stage: int = 1):
+    """Stage 1: `random` order, one view, crop + flip. Stage 2: `balanced`, two views, [aug]'s crop
+    (its schedule, shape, flip and filter), and with `memory` (the momentum bank, or a fixed M) the
+    memory-driven RandAugment (eq. 10) and crop reading its M."""
     from ecvl_fast.loaders.draws import AugSpec
     from ecvl_fast.loaders.ffcv_loader import make_loader
 
@@ -148,9 +155,21 @@ def train_loader(cfg: Config, d: Dist, meta: dict, order: str, views: int = 1, m
         train=True,
         views=views,
         k=cfg.aug.k,
-        randaug=memory is not None,
+        randaug=memory is not None and cfg.stage2.randaug,
         crop_scale=(cfg.aug.crop_min_scale, 1.0),
     )
+    if stage == 2:
+        a = cfg.aug
+        spec = dataclasses.replace(
+            spec,
+            square=a.crop_square,
+            flip=a.flip,
+            interp=a.interp,
+            schedule=a.crop_schedule,
+            epochs=cfg.stage2.epochs,
+            crop_m=a.crop_m,
+            crop_shuffle=a.crop_m_shuffle,
+        )
     return _augmented(cfg, d, loader, spec, memory)
 
 
@@ -203,5 +222,5 @@ def eval_loader(cfg: Config, d: Dist, split: str, views: int | None = None):
         world=d.world_size,
         limit=cfg.run.limit_eval,
     )
-    spec = AugSpec(res=cfg.data.res, train=False, views=crops, randaug=False, eval_resize=resize)
+    spec = AugSpec(res=cfg.data.res, train=False, views=crops, randaug=False, eval_resize=resize, interp=cfg.aug.interp)
     return _augmented(cfg, d, loader, spec)

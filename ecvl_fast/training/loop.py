@@ -31,7 +31,15 @@ from ecvl_fast.run import dist as D
 from ecvl_fast.run import lifecycle
 from ecvl_fast.method import losses
 from ecvl_fast.run import precision
-from ecvl_fast.config import Config, check_together, reports_to, save_config, stage2_from_pretrained, trained_scale
+from ecvl_fast.config import (
+    Config,
+    check_together,
+    reads_memory,
+    reports_to,
+    save_config,
+    stage2_from_pretrained,
+    trained_scale,
+)
 from ecvl_fast.training.data import eval_loader, open_dataset, steps_per_epoch, train_loader
 from ecvl_fast.run.files import atomic_write
 from ecvl_fast.evaluation.metrics import TOP, m_quantiles, predict_split, shot_metrics
@@ -225,7 +233,7 @@ def stage2_loss(run: Run, views: list[torch.Tensor], labels: torch.Tensor, idx: 
     scale = cfg.ce_scale if run.stage2.head is None else run.stage2.head.scale
     ce_terms = losses.prompt_ce_loss(adapted, weights, all_labels, scale, run.adjust)
     ce = ce_terms["loss"]
-    if cfg.dcvl_weight == 0 and not cfg.randaug:  # BALLAD's row: no L_DCVL, and no reader of the bank
+    if cfg.dcvl_weight == 0 and not reads_memory(run.cfg):  # BALLAD's row: no L_DCVL, and no reader of the bank
         return {"loss": ce, "ce": ce}
     source = run.cfg.aug.m_source
     if source == "ce":  # ECVL+: how well each sample is classified, mean of its views
@@ -606,7 +614,7 @@ def _train(cfg: Config, d: D.Dist, stage: int, folder: Path, restart: bool, stop
         loader = train_loader(cfg, d, meta, "random")
     else:  # the loader is handed the bank and reads its M each epoch (eq. 10); + momentum row: not
         order = "random" if cfg.stage2.sampling == "instance" else "balanced"
-        loader = train_loader(cfg, d, meta, order, views=cfg.stage2.views, memory=_memory(cfg, run.bank))
+        loader = train_loader(cfg, d, meta, order, views=cfg.stage2.views, memory=_memory(cfg, run.bank), stage=2)
     if d.main:
         run.out.mkdir(parents=True, exist_ok=True)
         atomic_write(run.out / "config.toml", lambda tmp: save_config(cfg, tmp))
@@ -732,7 +740,7 @@ def check_trainable(cfg: Config, meta: dict) -> None:
 
 def _memory(cfg: Config, bank: MomentumBank):
     """What stage 2's RandAugment reads M from: the bank (eq. 9), a fixed M, or nothing (RA off)."""
-    if not cfg.stage2.randaug:
+    if not reads_memory(cfg):
         return None
     if cfg.stage2.randaug_m < 0:
         return bank
