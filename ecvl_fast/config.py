@@ -27,6 +27,7 @@ class DataCfg:
     workers: int = 2  # ffcv reader threads
     dali_threads: int = 0  # DALI's thread pool; 0 = 2 x workers (its per-operator waits overlap)
     prefetch: int = 2  # batches a feeder thread builds ahead of the step (0 = synchronous)
+    dali_queue: int = 0  # batches in DALI at once (its pipelined executor when > 1); 0 = 2 on a GPU, 1 on a CPU
     eval_split: str = "test"
     tte_views: int = 1  # test-time ensembling (LIFT): 1 = plain; 2 + mirror; up to 10 with shifted crops and theirs
     tte_crops: str = (
@@ -195,6 +196,7 @@ AT_LEAST = {
     ("stage2", "epochs"): 1,
     ("stage1", "accum_steps"): 1,
     ("stage2", "accum_steps"): 1,
+    ("data", "dali_queue"): 0,
     ("aug", "lol_levels"): 1,
     ("run", "log_every"): 1,
     ("stage2", "logit_adjust"): 0.0,

@@ -40,12 +40,26 @@ def apply_slot(leaf, x, p):
     return out
 
 
-def build_pipeline(spec: AugSpec, batch_size: int, *, device_id: int | None = None, threads: int = 2, seed: int = 0):
+def build_pipeline(
+    spec: AugSpec, batch_size: int, *, device_id: int | None = None, threads: int = 2, seed: int = 0, queue: int = 1
+):
     """One graph; the views of a batch travel through it side by side as one batch of views * B.
 
     Folding views into the batch halves the number of operator launches per image, which is what
     bounds DALI at small resolutions (see docs/benchmarks.md, "What limits the loader ratio").
+    `queue` > 1: DALI's asynchronous, pipelined executor with that many batches in flight (the loader
+    feeds the next batch before it takes this one's output); 1: one batch at a time.
     """
+    p = define_pipeline(spec, batch_size, device_id=device_id, threads=threads, seed=seed, queue=queue)
+    p.build()
+    return p
+
+
+def define_pipeline(
+    spec: AugSpec, batch_size: int, *, device_id: int | None = None, threads: int = 2, seed: int = 0, queue: int = 1
+):
+    """The graph, not built: no device is needed until it is, so its operators can be counted
+    anywhere (`graph_ops`)."""
     try:
         from nvidia.dali import fn, pipeline_def, types
     except ImportError as e:
@@ -66,9 +80,9 @@ def build_pipeline(spec: AugSpec, batch_size: int, *, device_id: int | None = No
         device_id=device_id,
         seed=seed,
         enable_conditionals=spec.randaug,
-        exec_async=False,
-        exec_pipelined=False,
-        prefetch_queue_depth=1,
+        exec_async=queue > 1,
+        exec_pipelined=queue > 1,
+        prefetch_queue_depth=queue,
     )
     def pipe():
         x = fn.external_source(name="images", device="gpu" if gpu else "cpu", layout="HWC")
@@ -102,9 +116,26 @@ def build_pipeline(spec: AugSpec, batch_size: int, *, device_id: int | None = No
             output_layout="HWC",
         )
 
-    p = pipe()
-    p.build()
-    return p
+    return pipe()
+
+
+def graph_ops(p) -> dict[str, int]:
+    """The operator instances of a defined pipeline, by where they run: "gpu" and "cpu" compute,
+    "splits/merges" (conditionals' re-pointing of samples; they copy nothing), "inputs" (external
+    sources, fed from the host each batch), and "host" (every operator DALI runs on the CPU per
+    batch: cpu compute, its splits and merges, and the inputs)."""
+    p._build_graph()
+    counts = {"gpu": 0, "cpu": 0, "splits/merges": 0, "inputs": 0, "host": 0}
+    for op in p._ops:
+        name, device = getattr(op._op, "schema_name", type(op._op).__name__), op._op.device
+        if name in ("_conditional__Split", "_conditional__Merge"):
+            counts["splits/merges"] += 1
+        elif name == "ExternalSource":
+            counts["inputs"] += 1
+        else:
+            counts["gpu" if device == "gpu" else "cpu"] += 1
+        counts["host"] += device == "cpu"
+    return counts
 
 
 def feed(p, spec: AugSpec, images, m: np.ndarray, draws: list[dict]) -> None:

@@ -4,6 +4,8 @@ step in a feeder thread, and on GPU handed over on the feeder's own CUDA stream 
 
 from __future__ import annotations
 
+from collections import deque
+
 import numpy as np
 
 from ecvl_fast.loaders.dali_graph import build_pipeline, feed
@@ -39,6 +41,7 @@ class AugmentedLoader:
         threads: int = 2,
         prefetch: int = 2,
         dtype=None,
+        queue: int = 2,
     ):
         import torch
 
@@ -51,8 +54,15 @@ class AugmentedLoader:
         # High priority: the next batch's augmentation is scheduled ahead of the step's queued kernels
         self.stream = torch.cuda.Stream(self.device, priority=-1) if gpu else None
         self.dtype = dtype or (torch.bfloat16 if gpu else torch.float32)  # the step's compute dtype (on GPU)
+        self.queue = max(1, queue)  # batches in DALI at once (its prefetch queue; 1: the synchronous executor)
+        self._primed = self.queue == 1  # the pipelined executor's first run takes `queue` batches
         self.pipe = build_pipeline(
-            spec, loader.batch_size, device_id=self.device.index if gpu else None, threads=threads, seed=seed
+            spec,
+            loader.batch_size,
+            device_id=self.device.index if gpu else None,
+            threads=threads,
+            seed=seed,
+            queue=self.queue,
         )
 
     def __len__(self) -> int:
@@ -84,60 +94,107 @@ class AugmentedLoader:
 
     def _batches(self, epoch: int, m, first: int = 0, lows=None):
         """(views, labels, indices, ready event or None) per batch from batch `first` of the epoch;
-        runs in the feeder thread."""
+        runs in the feeder thread.
+
+        With DALI's pipelined executor (`queue` > 1) up to `queue` batches are in DALI at once: batch
+        n + 1 is fed and scheduled before batch n's output is taken, so DALI's host work for the next
+        batch overlaps this batch's device work and the copy out. Every draw is fed with its batch,
+        so the views are those of the synchronous executor, bit for bit. Leaving early drains what
+        is in flight, so the next epoch starts on its own batches."""
         import torch
 
         gpu = self.device.type == "cuda"
         if gpu:  # a new thread starts on cuda:0; under torchrun rank r works on cuda:r
             torch.cuda.set_device(self.device)
-        b, previous = self.loader.batch_size, None
-        for step, (images, labels, idx) in enumerate(self.loader, first):
-            local = step * b + np.arange(len(labels))
-            sizes = getattr(self.loader, "sizes", None)  # each image's size on the canvas (loaders/canvas.py)
-            draws = batch_draws(
-                self.spec,
-                local * self.world + self.rank,
-                self.seed,
-                epoch,
-                None if sizes is None else sizes[idx.numpy()],
-                images.shape[1],
-                None if lows is None else lows[idx.numpy()],
-            )
-            mi = m[idx.numpy()] if m is not None else np.zeros(len(idx), np.float32)
-            if gpu:
-                if previous is not None:
-                    previous.synchronize()  # the last output is copied out before DALI reuses its buffer
-                batch = self._gpu_batch(images, labels, idx, mi, draws)
-                previous = batch[3]
-                yield batch
-            else:
-                feed(self.pipe, self.spec, images.numpy(), mi, draws)
-                views = list(_to_torch(self.pipe.run()[0], self.device).chunk(self.spec.views))
-                yield views, labels.to(torch.int64).clone(), idx.to(torch.int64).clone(), None
+        b, flight = self.loader.batch_size, deque()
+        try:
+            for step, (images, labels, idx) in enumerate(self.loader, first):
+                local = step * b + np.arange(len(labels))
+                sizes = getattr(self.loader, "sizes", None)  # each image's size on the canvas (loaders/canvas.py)
+                draws = batch_draws(
+                    self.spec,
+                    local * self.world + self.rank,
+                    self.seed,
+                    epoch,
+                    None if sizes is None else sizes[idx.numpy()],
+                    images.shape[1],
+                    None if lows is None else lows[idx.numpy()],
+                )
+                mi = m[idx.numpy()] if m is not None else np.zeros(len(idx), np.float32)
+                flight.append(self._feed(images, labels, idx, mi, draws))
+                self._run(len(flight))
+                if len(flight) >= self.queue:
+                    yield self._take(*flight.popleft())
+            if flight and not self._primed:  # an epoch shorter than the queue, the pipeline's first:
+                while len(flight) < self.queue:  # DALI's first run takes `queue` batches; repeat the
+                    self._feed(images, labels, idx, mi, draws)  # last one, and drop what it makes
+                    flight.append(None)
+                self._run(len(flight))
+            while flight:
+                batch = flight.popleft()
+                if batch is None:
+                    self._drop()
+                else:
+                    yield self._take(*batch)
+        finally:
+            while flight:  # left early: what DALI still holds is taken and dropped
+                flight.popleft()
+                self._drop()
 
-    def _gpu_batch(self, images, labels, idx, mi, draws):
-        """One batch on the feeder's stream: host-to-device copies, DALI, the copy out of DALI's
-        buffer into bf16. Returns before the GPU work is done, except for the host copies:
+    def _run(self, fed: int) -> None:
+        """Schedule DALI's run of what was fed. The pipelined executor's first run takes `queue`
+        batches at once (DALI's prefetch), so it waits until that many are fed; later runs take one."""
+        if self._primed:
+            self.pipe.schedule_run()
+        elif fed >= self.queue:
+            self.pipe.schedule_run()
+            self._primed = True
+
+    def _drop(self) -> None:
+        self.pipe.outputs()
+        self.pipe.release_outputs()
+
+    def _feed(self, images, labels, idx, mi, draws):
+        """Feed one batch to DALI; returns what `_take` needs. On GPU the host-to-device copies run
+        on the feeder's stream, and DALI copies the images on it too.
 
         ffcv yields pinned slots it refills as soon as we take a later batch, and a non-blocking
         copy from pinned memory reads it whenever the stream gets there. So we wait for our copies
-        (microseconds for a batch) before returning to ffcv for the next batch.
-        """
+        (microseconds for a batch) before returning to ffcv for the next batch."""
         import torch
 
+        if self.device.type != "cuda":
+            feed(self.pipe, self.spec, images.numpy(), mi, draws)  # DALI copies the batch in
+            return labels.to(torch.int64).clone(), idx.to(torch.int64).clone()
         with torch.cuda.stream(self.stream):
             x = images.to(self.device, non_blocking=True)
-            y = _pinned(labels).to(self.device, non_blocking=True)
-            i = _pinned(idx).to(self.device, non_blocking=True)
+            y = _pinned(labels).to(self.device, non_blocking=True).to(torch.int64)
+            i = _pinned(idx).to(self.device, non_blocking=True).to(torch.int64)
             copied = torch.cuda.Event(blocking=True)  # its wait sleeps instead of spinning a core
             copied.record(self.stream)
             feed(self.pipe, self.spec, x, mi, draws)  # DALI copies `x` on this (current) stream
-            views = list(_to_torch(self.pipe.run()[0], self.device, self.stream, self.dtype).chunk(self.spec.views))
-            y, i = y.to(torch.int64), i.to(torch.int64)
+        copied.synchronize()
+        return y, i
+
+    def _take(self, labels, idx):
+        """The oldest batch in flight out of DALI: its views copied into memory torch owns, then
+        DALI's buffer released. On GPU the copy and the cast to the step's dtype run on the feeder's
+        stream; the buffer is released once they are done (the event a consumer's stream waits on)."""
+        import torch
+
+        gpu = self.device.type == "cuda"
+        out = self.pipe.outputs()[0]
+        if not gpu:
+            views = list(_to_torch(out, self.device).chunk(self.spec.views))
+            self.pipe.release_outputs()
+            return views, labels, idx, None
+        with torch.cuda.stream(self.stream):
+            views = list(_to_torch(out, self.device, self.stream, self.dtype).chunk(self.spec.views))
             ready = torch.cuda.Event(blocking=True)
             ready.record(self.stream)
-        copied.synchronize()
-        return views, y, i, ready
+        ready.synchronize()  # the copy out of DALI's buffer is done before DALI may reuse it
+        self.pipe.release_outputs()
+        return views, labels, idx, ready
 
 
 def _pinned(t):
@@ -206,7 +263,7 @@ def prefetched(batches, depth: int):
 
 def _to_torch(tl, device, stream=None, dtype=None):
     """DALI NHWC float output -> NCHW channels_last (a free permute); `dtype` on GPU. Always a copy
-    in memory torch owns: DALI releases its one output buffer at the next run (prefetch depth 1).
+    in memory torch owns: DALI reuses its output buffer once it is released.
 
     On GPU the copy goes through DALI's `feed_ndarray` on `stream`, which orders it after DALI's
     own work on its internal stream, then converts to the compute dtype on the same stream."""

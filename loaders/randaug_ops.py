@@ -97,7 +97,8 @@ def affine_matrices(op_idx: np.ndarray, v: np.ndarray, size: int) -> np.ndarray:
 
 def _param(p):
     """A leaf's scalar parameter: non-geometric ops carry it in p[0, 0] of the per-sample 2x3
-    block (geometric ops carry their matrix), so one input travels down the dispatch tree."""
+    block (geometric ops carry their matrix), so one input travels down the dispatch tree. The
+    enhance ops' is their factor 1 + v, computed on the host: one DALI op less per slot each."""
     return p[0, 0]
 
 
@@ -136,30 +137,27 @@ def d_posterize(x, p):
 
 
 def d_color(x, p):
-    v = _param(p)
-    return _blend(_gray(x), x, 1.0 + v)
+    return _blend(_gray(x), x, _param(p))  # the factor 1 + v, computed on the host (`slot_inputs`)
 
 
 def d_contrast(x, p):
-    v = _param(p)
+    factor = _param(p)
     fn, math, _ = _d()
     mean = math.floor(fn.reductions.mean(_gray(x), axes=(0, 1, 2)) + 0.5)
     if x.device == "cpu":  # the fused op takes the centre as an argument, which must live on the host
-        return fn.contrast(x, contrast=1.0 + v, contrast_center=mean)
-    return _blend(mean, x, 1.0 + v)
+        return fn.contrast(x, contrast=factor, contrast_center=mean)
+    return _blend(mean, x, factor)
 
 
 def d_brightness(x, p):
-    v = _param(p)
     fn, _, _ = _d()
-    return fn.brightness(x, brightness=1.0 + v)  # one fused pass, rounds and saturates
+    return fn.brightness(x, brightness=_param(p))  # one fused pass, rounds and saturates
 
 
 def d_sharpness(x, p):
-    v = _param(p)
     fn, _, types = _d()
     smooth = _f(fn.filter(x, types.Constant(SMOOTH), border="clamp"))
-    return _blend(smooth, x, 1.0 + v)
+    return _blend(smooth, x, _param(p))
 
 
 # --- PIL reference implementations ---
@@ -208,6 +206,7 @@ OP_INDEX = {op.name: i for i, op in enumerate(OPS)}
 LEAVES = list(dict.fromkeys(op.dali for op in OPS))  # distinct DALI graphs, identity first
 LEAF_OF_OP = np.asarray([LEAVES.index(op.dali) for op in OPS], np.int32)
 GEOMETRIC = {"rotate", "shear_x", "shear_y", "translate_x", "translate_y"}
+ENHANCE = {"color", "contrast", "brightness", "sharpness"}  # PIL's ImageEnhance: the factor 1 + v
 
 
 LO = np.asarray([op.lo for op in OPS], np.float32)
@@ -225,4 +224,6 @@ def slot_inputs(op_idx: np.ndarray, strength: np.ndarray, sign: np.ndarray, size
     v[post] = 256 - 2.0 ** (8 - np.floor(v[post] + 0.5))  # the bit mask d_posterize applies
     geometric = np.isin(op_idx, [OP_INDEX[g] for g in GEOMETRIC])
     mat[~geometric, 0, 0] = v[~geometric]
+    enhance = np.isin(op_idx, [OP_INDEX[e] for e in ENHANCE])
+    mat[enhance, 0, 0] = np.float32(1.0) + v[enhance]  # in float32, as DALI computed 1.0 + v
     return LEAF_OF_OP[op_idx], v, mat

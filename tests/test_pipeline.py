@@ -172,25 +172,27 @@ def test_m_written_after_an_epoch_is_used_next_epoch(mnist):
 
 @pytest.mark.parametrize("order", ["random", "balanced"])
 def test_prefetching_loader_yields_the_synchronous_batches(mnist, order):
-    """A feeder thread two batches ahead gives exactly the batches and views of the synchronous
-    loader, over two epochs with M rewritten between them (M is fixed within an epoch)."""
+    """A feeder thread two batches ahead, and DALI's pipelined executor with two or three batches in
+    flight, give exactly the batches and views of the synchronous loader, over two epochs with M
+    rewritten between them (M is fixed within an epoch)."""
     path = mnist / "train.beton"
     n, spec = len(read_labels(path)), AugSpec(res=32, views=2, k=2)
     runs = []
-    for prefetch in (0, 2):
+    for prefetch, queue in ((0, 1), (2, 1), (0, 2), (2, 3)):
         bank = Magnitudes(torch.zeros(n))
         loader = AugmentedLoader(
-            make_loader(path, order, 64, 32, num_classes=10, seed=3), spec, bank, seed=3, prefetch=prefetch
+            make_loader(path, order, 64, 32, num_classes=10, seed=3), spec, bank, seed=3, prefetch=prefetch, queue=queue
         )
         epochs = []
         for epoch in range(2):
             epochs.append([(torch.cat(v), y, i) for v, y, i in loader])
             bank.m.copy_(torch.rand(n, generator=torch.Generator().manual_seed(epoch)))  # the kernels, at epoch end
         runs.append(epochs)
-    for sync, pre in zip(*runs):
-        assert len(sync) == len(pre) == n // 64
-        for (a, y, i), (b, y2, i2) in zip(sync, pre):
-            assert torch.equal(a, b) and torch.equal(y, y2) and torch.equal(i, i2)
+    for other in runs[1:]:
+        for sync, pre in zip(runs[0], other):
+            assert len(sync) == len(pre) == n // 64
+            for (a, y, i), (b, y2, i2) in zip(sync, pre):
+                assert torch.equal(a, b) and torch.equal(y, y2) and torch.equal(i, i2)
     assert not torch.equal(runs[0][0][0][0], runs[0][1][0][0])
 
 
@@ -206,3 +208,48 @@ def test_prefetching_stops_early_and_surfaces_errors():
     it.close()  # leaving early joins the feeder
     with pytest.raises(ValueError, match="decoder broke"):
         list(prefetched(batches(), 2))
+
+
+def test_the_pipelined_executor_left_early_or_on_a_short_epoch():
+    """DALI's first pipelined run takes `queue` batches: an epoch of one batch (an evaluation split)
+    still comes out whole, and leaving an epoch early drains what is in flight, so the next epoch
+    starts on its own first batch."""
+    from ecvl_fast.bench.synthetic import fake_images
+    from ecvl_fast.loaders.held import HeldLoader
+
+    imgs, labels = fake_images(192, 0, 40), np.arange(192) % 10
+    spec = AugSpec(res=32, train=False, randaug=False)
+    sync = [torch.cat(v) for v, _, _ in AugmentedLoader(HeldLoader(imgs, labels, "sequential", 64), spec, queue=1)]
+    short = AugmentedLoader(HeldLoader(imgs[:64], labels[:64], "sequential", 64), spec, queue=3)
+    for _ in range(2):
+        (views, y, idx), *rest = list(short)
+        assert not rest and torch.equal(views[0], sync[0]) and idx.tolist() == list(range(64))
+    loader = AugmentedLoader(HeldLoader(imgs, labels, "sequential", 64), spec, queue=2, prefetch=0)
+    for views, _, _ in loader:
+        break  # two batches were fed, one taken
+    assert [torch.equal(torch.cat(v), s) for (v, _, _), s in zip(loader, sync)] == [True] * 3
+    assert (loader.pipe.exec_async, loader.pipe.exec_pipelined, loader.pipe.prefetch_queue_depth) == (True, True, 2)
+
+
+def test_the_loader_asks_dali_for_its_executor_settings():
+    """What the loader builds: the pipelined executor with two batches in flight on a GPU, one
+    batch at a time on a CPU (data.dali_queue = 0), or what the config names."""
+    from ecvl_fast.config import load_config
+    from ecvl_fast.training.data import dali_queue
+
+    assert (dali_queue(load_config(None), "cuda"), dali_queue(load_config(None), "cpu")) == (2, 1)
+    assert dali_queue(load_config(None, ["data.dali_queue=3"]), "cpu") == 3
+
+
+def test_the_gpu_graph_traced_without_a_gpu():
+    """Operator instances of the training graph as DALI runs it on a GPU (two views, k = 2), counted
+    from its definition: no GPU is needed until it is built. Before the enhance ops' factor moved to
+    the host (docs/gpu.md), the host ran 89 operators per batch: 32 arithmetic on per-sample scalars."""
+    from ecvl_fast.loaders.dali_graph import define_pipeline, graph_ops
+
+    gpu = graph_ops(define_pipeline(AugSpec(res=32, views=2, k=2), 64, device_id=0))
+    assert gpu == {"gpu": 92, "cpu": 40, "splits/merges": 70, "inputs": 8, "host": 81}
+    cpu = graph_ops(define_pipeline(AugSpec(res=32, views=2, k=2), 64))
+    assert cpu["gpu"] == 0 and cpu["host"] == 200
+    plain = graph_ops(define_pipeline(AugSpec(res=32, views=1, randaug=False), 64, device_id=0))
+    assert plain == {"gpu": 2, "cpu": 0, "splits/merges": 0, "inputs": 4, "host": 3}  # resize, normalise

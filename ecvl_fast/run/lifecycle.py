@@ -46,7 +46,7 @@ EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped on a signal with a checkpoint; run t
 
 # Settings that change how a run executes, not what it computes: a resumed run may change them.
 OPERATIONAL = {
-    "data": {"workers", "dali_threads", "prefetch"},
+    "data": {"workers", "dali_threads", "prefetch", "dali_queue"},
     "dist": {"backend"},
     "run": {"out", "device", "log_every", "checkpoint_every", "stop_grace_s", "report_to", "lines_per_epoch", "report"},
 }  # out: a folder may move

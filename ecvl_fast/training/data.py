@@ -189,7 +189,16 @@ def _augmented(cfg: Config, d: Dist, loader, spec, memory=None):
         threads=dali_threads(cfg),
         prefetch=cfg.data.prefetch,
         dtype=precision.dtype(cfg.run.precision, d.device),
+        queue=dali_queue(cfg, d.device),
     )
+
+
+def dali_queue(cfg: Config, device) -> int:
+    """Batches in DALI at once: on a GPU 2, so that DALI's host work for the next batch overlaps the
+    device work for this one; on a CPU, where DALI does all of it on the same cores, 1."""
+    import torch
+
+    return cfg.data.dali_queue or (2 if torch.device(device).type == "cuda" else 1)
 
 
 def five_crop_resize(res: int) -> int:
