@@ -636,6 +636,33 @@ def bench_train_cmd(
     )
 
 
+@bench_app.command("profile")
+@one_line_errors
+def bench_profile_cmd(
+    data: Optional[Path] = typer.Option(None, help="a converted dataset (else synthetic images)"),
+    model: str = typer.Option("RN50"),
+    res: int = typer.Option(224),
+    batch: int = typer.Option(256),
+    device: str = _DEVICE,
+    images: int = typer.Option(8192),
+    dali_threads: int = typer.Option(0, help="0 = every core"),
+    dali_queue: int = typer.Option(0, help="batches in DALI at once; 0 = 2 on a GPU, 1 on a CPU"),
+    precision: str = _PRECISION,
+    trace: Optional[Path] = typer.Option(None, help="also write torch.profiler's Chrome trace here"),
+    json_out: Optional[Path] = _JSON,
+):
+    """Where a stage-2 step fed by DALI spends its time, per batch: feeding DALI, its output, the copy
+    out, the loop's wait and the step; then the kernels with the most device time (torch.profiler)."""
+    import os
+
+    from ecvl_fast.bench.device import bench_profile
+
+    threads = dali_threads or os.cpu_count() or 1
+    tables.profile(
+        bench_profile(data, model, res, batch, device, images, threads, dali_queue, precision, trace), json_out
+    )
+
+
 @bench_app.command("infer")
 @one_line_errors
 def bench_infer_cmd(

@@ -3,7 +3,8 @@
 # network), in one call, DALI's install included:
 #   bash .ci/gpu-check.sh [PARTS_DIR]     (PARTS_DIR holds p00..p03; see .ci/gpu-prepare.sh)
 # GPU-critical checks first (smoke steps, the `gpu` tests: op parity, the loader's hand-over,
-# the no-sync step, the CUDA bank, stage-2 runs fed by DALI), then `bench train` (the only
+# the no-sync step, the CUDA bank, stage-2 runs fed by DALI), then `bench profile` (per batch: the
+# feeder's DALI time and waits, the copies, the step; the top kernels), then `bench train` (the only
 # DALI-fed RN50/224 run and the data-stall figure), then the other benchmarks, each under its own
 # timeout and only while the budget lasts.
 # What comes back is a fixed set of 4 files in $OUT (the machine returns at most 8):
@@ -75,12 +76,15 @@ if [ "$SIZE" = tiny ]; then  # every benchmark's code path, at the smallest size
   M=(--model ecvl-tiny-vit --res 32) TRAIN=(--batch 16 --images 64 --epochs 1 --workers 1 --dali-threads 1)
   STEP=(--batch 8 --steps 2 --repeats 1) INFER=(--batch 16 --images 64 --repeats 1)
   AUG=(--res 32 --batch 16 --images 64 --repeats 1 --workers 1 --dali-threads 1) KN=(--n 10000)
+  PROF=(--batch 16 --images 64 --dali-threads 1)
 else
   M=(--model RN50 --res 224) TRAIN=(--batch 256 --images 8192 --epochs 2)
   STEP=(--batch 256 --steps 10 --repeats 3) INFER=(--batch 1024 --images 8192)
   AUG=(--res 224 --batch 256 --images 4096 --repeats 3) KN=()
+  PROF=(--batch 256 --images 4096)
 fi
 b() { local name=$1 limit=$2; shift 2; step "bench-$name" "$limit" $PY -m ecvl_fast.cli bench "$name" "$@" --json "$WORK/bench-$name.json"; }
+b profile 90 "${M[@]}" --device "$DEV" "${PROF[@]}"  # first: where the fed step's time goes decides the rest
 b train 110 "${M[@]}" --device "$DEV" "${TRAIN[@]}"
 b step 60 "${M[@]}" --device "$DEV" "${STEP[@]}"
 b infer 90 "${M[@]}" --device "$DEV" "${INFER[@]}"

@@ -112,7 +112,7 @@ def define_pipeline(
             mirror=flip,
             mean=CLIP_MEAN,
             std=CLIP_STD,
-            dtype=types.FLOAT,
+            dtype=types.FLOAT16 if spec.out == "float16" else types.FLOAT,
             output_layout="HWC",
         )
 
@@ -145,14 +145,17 @@ def feed(p, spec: AugSpec, images, m: np.ndarray, draws: list[dict]) -> None:
 
     m = np.asarray(m, np.float32)
     views = len(draws)
-    if views > 1:
-        images = torch.cat([images] * views) if isinstance(images, torch.Tensor) else np.concatenate([images] * views)
     if isinstance(images, torch.Tensor) and images.is_cuda:
-        # DALI copies the batch on the stream we name and orders its work after that copy, so the
-        # host-to-device transfer that produced `images` on the same stream comes first (no sync).
+        # One device copy of the batch per extra view (a single kernel); DALI copies the batch on the
+        # stream we name and orders its work after that copy, so the host-to-device transfer that
+        # produced `images` on the same stream comes first (no sync).
+        images = torch.cat([images] * views) if views > 1 else images
         p.feed_input("images", images, layout="HWC", cuda_stream=torch.cuda.current_stream().cuda_stream)
+    elif views > 1:  # on the host, each view's samples point at the same images: DALI's own copy is the only one
+        images = np.asarray(images)
+        p.feed_input("images", [images[i] for i in range(len(images))] * views, layout="HWC")
     else:
-        p.feed_input("images", images, layout="HWC")
+        p.feed_input("images", np.asarray(images), layout="HWC")
     cat = lambda key: np.concatenate([d[key] for d in draws])  # noqa: E731
     p.feed_input("flip", cat("flip"))
     box = cat("box")

@@ -4,6 +4,8 @@ step in a feeder thread, and on GPU handed over on the feeder's own CUDA stream 
 
 from __future__ import annotations
 
+import dataclasses
+import time
 from collections import deque
 
 import numpy as np
@@ -41,7 +43,7 @@ class AugmentedLoader:
         threads: int = 2,
         prefetch: int = 2,
         dtype=None,
-        queue: int = 2,
+        queue: int = 0,
     ):
         import torch
 
@@ -54,8 +56,14 @@ class AugmentedLoader:
         # High priority: the next batch's augmentation is scheduled ahead of the step's queued kernels
         self.stream = torch.cuda.Stream(self.device, priority=-1) if gpu else None
         self.dtype = dtype or (torch.bfloat16 if gpu else torch.float32)  # the step's compute dtype (on GPU)
-        self.queue = max(1, queue)  # batches in DALI at once (its prefetch queue; 1: the synchronous executor)
+        if gpu and self.dtype in (torch.float16, torch.bfloat16):  # DALI writes half the bytes: fp16, exact for
+            spec = dataclasses.replace(spec, out="float16")  # a fp16 step, within 1 LSB of bf16 for a bf16 one
+        self.spec = spec
+        # batches in DALI at once (its prefetch queue; 1: the synchronous executor); 0: 2 on a GPU, 1 on a CPU
+        self.queue = queue or (2 if gpu else 1)
         self._primed = self.queue == 1  # the pipelined executor's first run takes `queue` batches
+        self.timings = None  # a list to profile the feed into (`bench profile`): one dict per batch
+        self._taken = 0  # batches taken out of DALI while profiling: batch n's record is timings[n]
         self.pipe = build_pipeline(
             spec,
             loader.batch_size,
@@ -121,8 +129,12 @@ class AugmentedLoader:
                     None if lows is None else lows[idx.numpy()],
                 )
                 mi = m[idx.numpy()] if m is not None else np.zeros(len(idx), np.float32)
+                t0 = time.perf_counter()
                 flight.append(self._feed(images, labels, idx, mi, draws))
+                t1 = time.perf_counter()
                 self._run(len(flight))
+                if self.timings is not None:  # host seconds: the draws and feeding, DALI's scheduling
+                    self.timings.append({"feed_s": t1 - t0, "schedule_s": time.perf_counter() - t1})
                 if len(flight) >= self.queue:
                     yield self._take(*flight.popleft())
             if flight and not self._primed:  # an epoch shorter than the queue, the pipeline's first:
@@ -183,17 +195,22 @@ class AugmentedLoader:
         import torch
 
         gpu = self.device.type == "cuda"
+        t0 = time.perf_counter()
         out = self.pipe.outputs()[0]
+        t1 = time.perf_counter()
+        ready = None
         if not gpu:
             views = list(_to_torch(out, self.device).chunk(self.spec.views))
-            self.pipe.release_outputs()
-            return views, labels, idx, None
-        with torch.cuda.stream(self.stream):
-            views = list(_to_torch(out, self.device, self.stream, self.dtype).chunk(self.spec.views))
-            ready = torch.cuda.Event(blocking=True)
-            ready.record(self.stream)
-        ready.synchronize()  # the copy out of DALI's buffer is done before DALI may reuse it
+        else:
+            with torch.cuda.stream(self.stream):
+                views = list(_to_torch(out, self.device, self.stream, self.dtype).chunk(self.spec.views))
+                ready = torch.cuda.Event(blocking=True)
+                ready.record(self.stream)
+            ready.synchronize()  # the copy out of DALI's buffer is done before DALI may reuse it
         self.pipe.release_outputs()
+        if self.timings is not None:  # the wait for DALI's output, then the copy out of it (and its wait)
+            self._taken += 1
+            self.timings[self._taken - 1].update(outputs_wait_s=t1 - t0, copy_s=time.perf_counter() - t1)
         return views, labels, idx, ready
 
 
@@ -272,8 +289,9 @@ def _to_torch(tl, device, stream=None, dtype=None):
     if device.type != "cuda":
         return torch.from_dlpack(tl.as_tensor()).clone().permute(0, 3, 1, 2)
     from nvidia.dali.plugin.pytorch import feed_ndarray
+    from nvidia.dali.plugin.pytorch.torch_utils import to_torch_type
 
     t = tl.as_tensor()
-    out = torch.empty(t.shape(), dtype=torch.float32, device=device)
+    out = torch.empty(t.shape(), dtype=to_torch_type[t.dtype], device=device)  # float16, or float32
     feed_ndarray(t, out, cuda_stream=stream)
     return out.to(dtype or torch.bfloat16).permute(0, 3, 1, 2)

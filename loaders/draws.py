@@ -34,6 +34,7 @@ class AugSpec:
     epochs: int = 1  # the epochs the schedule spans
     crop_m: float = 0.0  # the memory-driven crop: each sample's minimum scale moved by crop_m * (M_i - mean M)
     crop_shuffle: bool = False  # its no-memory control: the same minimum scales, dealt to samples at random
+    out: str = "float32"  # the graph's output: "float32", or "float16" (half the bytes, for a 16-bit step)
 
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)

@@ -147,3 +147,21 @@ def test_bench_augment_train_infer_and_compare(tmp_path, capsys):
         )
         == 2
     )
+
+
+def test_bench_profile_records_each_batch(tmp_path, capsys):
+    """Issue 30's profile on CPU at the tiny size: every batch of the epoch has each part of the
+    feed and the step; the parts the loop waits on add up to no more than the wall time; the top
+    operators of a step come from torch.profiler."""
+    r, _ = run_bench(
+        tmp_path,
+        ["bench", "profile", "--model", "ecvl-tiny-vit", "--res", "32", "--batch", "16", "--images", "64"],
+    )
+    from ecvl_fast.bench.device import PROFILE_KEYS
+
+    assert r["batches"] == 4 and len(r["per_batch_ms"]) == 4 and r["config"]["dali_queue"] == 1  # CPU: synchronous
+    assert all(set(b) == set(PROFILE_KEYS) and b["schedule_s"] > 0 and b["step_host_s"] > 0 for b in r["per_batch_ms"])
+    wall = 4 * 16 / r["img_s"]
+    assert sum(b["data_wait_s"] + b["step_host_s"] for b in r["per_batch_ms"]) / 1e3 <= wall * 1.05
+    assert 0 <= r["data_stall"] < 1 and r["kernels"] and r["kernels"][0]["self_ms"] > 0
+    assert "most self time per step" in capsys.readouterr().out

@@ -253,3 +253,21 @@ def test_the_gpu_graph_traced_without_a_gpu():
     assert cpu["gpu"] == 0 and cpu["host"] == 200
     plain = graph_ops(define_pipeline(AugSpec(res=32, views=1, randaug=False), 64, device_id=0))
     assert plain == {"gpu": 2, "cpu": 0, "splits/merges": 0, "inputs": 4, "host": 3}  # resize, normalise
+
+
+def test_half_precision_output_for_a_16_bit_step():
+    """On a GPU with a bf16 or fp16 step the graph writes float16 (half the bytes of float32, then
+    converted on the device). On DALI's CPU backend: float16 is within 1 LSB of float32 rounded by
+    torch (DALI rounds its own unrounded result: ties land apart in ~0.1% of values); bf16 through
+    float16 is within 1 LSB of bf16 straight from float32, and differs in ~6% of values (double
+    rounding: float16 keeps only 3 more bits than bf16)."""
+    imgs = images(32, 40)
+    spec = AugSpec(res=32, views=2, k=2)
+    draws = batch_draws(spec, np.arange(32), seed=6, epoch=0)
+    m = np.linspace(0, 1, 32)
+    full = torch.from_numpy(np.stack(run(spec, imgs, m, draws)))
+    half = torch.from_numpy(np.stack(run(AugSpec(res=32, views=2, k=2, out="float16"), imgs, m, draws)))
+    assert half.dtype == torch.float16
+    for ours, straight, share in ((half, full.half(), 0.01), (half.bfloat16(), full.bfloat16(), 0.1)):
+        lsb = (ours.view(torch.int16).int() - straight.view(torch.int16).int()).abs()
+        assert lsb.max() <= 1 and (lsb > 0).float().mean() < share

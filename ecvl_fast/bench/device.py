@@ -200,6 +200,7 @@ def _dali_loader(
     threads: int,
     prefetch: int = 2,
     dtype: torch.dtype | None = None,
+    queue: int = 0,
 ):
     from ecvl_fast.loaders.dali_loader import AugmentedLoader
     from ecvl_fast.loaders.held import HeldLoader
@@ -212,6 +213,7 @@ def _dali_loader(
         threads=threads,
         prefetch=prefetch,
         dtype=dtype,
+        queue=queue,
     )
 
 
@@ -509,3 +511,114 @@ def compare(new: dict, old: dict, prefix: str = "") -> list[tuple[str, float, fl
         ):
             rows.append((prefix + k, float(v), float(old[k]), float(v) / float(old[k])))
     return rows
+
+
+PROFILE_KEYS = ("feed_s", "schedule_s", "outputs_wait_s", "copy_s", "data_wait_s", "step_host_s", "step_device_s")
+
+
+def bench_profile(
+    data: Path | None,
+    model: str,
+    res: int,
+    batch: int,
+    device: str,
+    n: int,
+    threads: int,
+    queue: int = 0,
+    precision: str = "auto",
+    trace: Path | None = None,
+) -> dict:
+    """Where a stage-2 step fed by DALI spends its time, per batch (issue 30's profile): in the
+    feeder thread, feeding DALI (the draws, the host-to-device copy and its wait) and scheduling its
+    run, the wait for DALI's output and the copy out of it; in the training loop, the wait for the
+    next batch and the step, on the host and on the device (CUDA events, read at the end). Then
+    torch.profiler over a few steps: every kernel of the process, DALI's included, by device time
+    (`trace`: its Chrome trace too)."""
+    from ecvl_fast.loaders.draws import AugSpec
+    from ecvl_fast.training.loop import train_step
+
+    d = D.setup(device)
+    gpu = d.device.type == "cuda"
+    images, labels, source = held_images(data, res, n)
+    run = _stage2_run(model, res, batch, device, labels, d, precision)
+    run.bank.m.copy_(torch.from_numpy(uniform_m(len(labels))))
+    loader = _dali_loader(
+        images, labels, run.bank, AugSpec(res=res, views=2, k=2), batch, d.device, threads, dtype=run.amp, queue=queue
+    )
+    _train_pass(run, loader, d)  # warm-up epoch
+    loader.timings, loader._taken, rows = [], 0, []
+    events = []
+    start = time.perf_counter()
+    it = iter(loader)
+    while True:
+        t0 = time.perf_counter()
+        batch_ = next(it, None)
+        t1 = time.perf_counter()
+        if batch_ is None:
+            break
+        views, y, idx = batch_
+        pair = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) if gpu else None
+        if pair:
+            pair[0].record()
+        train_step(run, views, y, idx)
+        if pair:
+            pair[1].record()
+        rows.append({"data_wait_s": t1 - t0, "step_host_s": time.perf_counter() - t1})
+        events.append(pair)
+    if gpu:
+        torch.cuda.synchronize()
+    wall = time.perf_counter() - start
+    for row, feed_row, pair in zip(rows, loader.timings, events):
+        row.update(feed_row)
+        row["step_device_s"] = pair[0].elapsed_time(pair[1]) / 1e3 if pair else row["step_host_s"]
+    loader.timings = None
+    out = {
+        "machine": machine_info(),
+        "source": source,
+        "config": dict(
+            model=model,
+            res=res,
+            batch=batch,
+            images=len(labels),
+            dali_threads=threads,
+            dali_queue=loader.queue,
+            device=str(d.device),
+            precision=precision,
+        ),
+        "batches": len(rows),
+        "img_s": len(rows) * batch / wall,
+        "data_stall": sum(r["data_wait_s"] for r in rows) / wall,
+        "median_ms": {k: 1e3 * statistics.median(r.get(k, 0.0) for r in rows) for k in PROFILE_KEYS},
+        "per_batch_ms": [{k: round(1e3 * r.get(k, 0.0), 3) for k in PROFILE_KEYS} for r in rows[:64]],
+    }
+    out["kernels"] = _profiled_kernels(run, loader, d, trace)
+    return out
+
+
+def _profiled_kernels(run, loader, d: D.Dist, trace: Path | None, steps: int = 8, top: int = 20) -> list[dict]:
+    """torch.profiler over `steps` fed steps: the operators and kernels with the most self time on
+    the device (on a CPU: on the host), DALI's kernels among them (CUPTI sees every stream)."""
+    import os
+
+    os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # no "gpuGetDeviceCount failed" line on a CPU-only machine
+    from torch.profiler import ProfilerActivity, profile
+
+    from ecvl_fast.training.loop import train_step
+
+    gpu = d.device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if gpu else [])
+    with profile(activities=activities) as prof:
+        for s, (views, y, idx) in enumerate(loader):
+            if s == steps:
+                break
+            train_step(run, views, y, idx)
+        if gpu:
+            torch.cuda.synchronize()
+    if trace is not None:
+        prof.export_chrome_trace(str(trace))
+    key = "self_device_time_total" if gpu else "self_cpu_time_total"
+    rows = sorted(prof.key_averages(), key=lambda e: getattr(e, key, 0.0), reverse=True)[:top]
+    return [
+        {"name": e.key[:80], "calls": e.count, "self_ms": getattr(e, key, 0.0) / 1e3 / steps, "per": "step"}
+        for e in rows
+    ]

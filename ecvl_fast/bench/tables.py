@@ -191,3 +191,28 @@ def infer(r: dict, json_out=None, compare_to=None) -> None:
         json_out,
         compare_to,
     )
+
+
+def profile(r: dict, json_out=None) -> None:
+    c, m = r["config"], r["median_ms"]
+    report(
+        f"stage-2 step fed by DALI, per batch (median ms): {c['model']}, {c['res']} px, batch {c['batch']}, "
+        f"DALI queue {c['dali_queue']} ({c['device']}; {r['source']}); {r['img_s']:.0f} img/s, "
+        f"data stall {100 * r['data_stall']:.1f}%",
+        ("where", "what", "ms"),
+        [
+            ("feeder", "feed DALI (draws, copies)", f"{m['feed_s']:.2f}"),
+            ("feeder", "schedule DALI's run", f"{m['schedule_s']:.2f}"),
+            ("feeder", "wait for DALI's output", f"{m['outputs_wait_s']:.2f}"),
+            ("feeder", "copy out of DALI", f"{m['copy_s']:.2f}"),
+            ("loop", "wait for the batch", f"{m['data_wait_s']:.2f}"),
+            ("loop", "step (host)", f"{m['step_host_s']:.2f}"),
+            ("loop", "step (device)", f"{m['step_device_s']:.2f}"),
+        ],
+        r,
+        json_out,
+    )
+    if _main_rank():
+        print("most self time per step (torch.profiler):")
+        for k in r["kernels"][:12]:
+            print(f"  {k['self_ms']:8.2f} ms  x{k['calls']:<5} {k['name']}")
