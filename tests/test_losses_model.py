@@ -187,3 +187,34 @@ def test_logit_adjusted_loss_matches_a_hand_computation():
     torch.testing.assert_close(
         losses.prompt_ce_loss(img, txt, labels, 100.0, None)["loss"], naive_prompt_ce(img, txt, labels, 100.0)
     )
+
+
+def test_the_frozen_tower_compiles_on_its_own():
+    """`model.compile` in stage 2 with a frozen tower: the tower alone is compiled for inference
+    (Inductor's freezing), the adapter around it stays eager and trains; the features match the
+    eager tower's, and the training loop does not compile the whole module around it. A tower with
+    a light module in it (LIFT) trains, so the whole module is compiled as before."""
+    from ecvl_fast.method.model import Adapter, StageTwo
+    from ecvl_fast.config import load_config
+    from ecvl_fast.run import dist as D
+    from ecvl_fast.training.loop import build_run
+
+    torch.manual_seed(0)
+    clip, _ = build_clip(ModelCfg(name="ecvl-tiny-vit"), res=32)
+    net = ClipNet(clip).eval().requires_grad_(False)
+    text = F.normalize(torch.randn(10, clip.text_projection.shape[1]), dim=-1)
+    x = torch.randn(8, 3, 32, 32)
+    eager = StageTwo(net, text, Adapter(text.shape[1], 0.2), None)
+    compiled = StageTwo(net, text, eager.adapter, None, compile=True)
+    assert compiled.compiled and not eager.compiled
+    got, want = compiled(x)[0], eager(x)[0]
+    assert torch.allclose(got, want, atol=1e-5)
+    got.sum().backward()
+    assert all(p.grad is not None for p in eager.adapter.parameters())
+    assert all(p.grad is None for p in net.parameters())  # no graph through the tower
+    meta = {"classes": [f"c{i}" for i in range(10)], "train_labels": torch.arange(20).numpy() % 10}
+    settings = ["model.name=ecvl-tiny-vit", "data.res=32", "model.compile=true", "stage2.init=none"]
+    for row, outer in (([], False), (["stage2.adapter=false", "stage2.peft=bitfit"], True)):
+        run = build_run(load_config(None, settings + row), D.setup("cpu"), meta, steps_per_epoch=1, stage=2)
+        assert isinstance(run.trainable, torch._dynamo.eval_frame.OptimizedModule) == outer
+        assert run.stage2.compiled == (not outer)

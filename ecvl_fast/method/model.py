@@ -417,21 +417,45 @@ class StageTwo(nn.Module):
     adapted, normalised features and the class weights they are scored against."""
 
     def __init__(
-        self, net: ClipNet, text: torch.Tensor, adapter: Adapter | None, head: CosineHead | None, chunks: int = 1
+        self,
+        net: ClipNet,
+        text: torch.Tensor,
+        adapter: Adapter | None,
+        head: CosineHead | None,
+        chunks: int = 1,
+        compile: bool = False,
     ):
         super().__init__()
         self.net, self.adapter, self.head, self.chunks = net, adapter, head, chunks
         self.register_buffer("text", text.detach().float())
         self.tuned = any(p.requires_grad for p in net.parameters())  # a light module: the tower needs gradients
+        self.encode = self._features
+        self.compiled = compile and not self.tuned
+        if self.compiled:  # the frozen tower on its own, for inference: no graph to keep for gradients
+            self.encode = compile_frozen(self._features)
+
+    def _features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)[0]
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         with torch.set_grad_enabled(self.tuned and torch.is_grad_enabled()):  # frozen tower: no graph to keep
-            feats = torch.cat([self.net(x)[0] for x in images.chunk(self.chunks)])
+            feats = torch.cat([self.encode(x) for x in images.chunk(self.chunks)])
         return adapted_features(feats, self.adapter), (self.text if self.head is None else self.head.weights())
 
     def trained(self) -> dict[str, torch.Tensor]:
         """Every trained tensor (what must stay finite)."""
         return {n: p for n, p in self.named_parameters() if p.requires_grad}
+
+
+def compile_frozen(fn):
+    """`fn` (a frozen tower's forward, run without gradients) compiled on its own, at fixed shapes:
+    Inductor's freezing folds the weights in as constants, so their casts to the compute dtype and
+    the batch norms' folding into the convolutions happen once, at compile time; on a GPU its
+    kernels replay as CUDA graphs. A tower that trains (a light module in it) is not compiled so."""
+    options = {"freezing": True}
+    if torch.cuda.is_available():
+        options["triton.cudagraphs"] = True
+    return torch.compile(fn, dynamic=False, options=options)
 
 
 class ImageTower(nn.Module):

@@ -24,7 +24,7 @@ def modules(cfg: Config, net: ClipNet, text: torch.Tensor) -> StageTwo:
     s = cfg.stage2
     adapter = Adapter(text.shape[1], s.ratio) if s.adapter else None
     head = CosineHead(text, s.head_scale) if s.head == "cosine" else None
-    return StageTwo(net, text, adapter, head, s.accum_steps)
+    return StageTwo(net, text, adapter, head, s.accum_steps, compile=cfg.model.compile)
 
 
 def load(st: StageTwo, state: dict) -> None:

@@ -152,7 +152,10 @@ def build_run(cfg: Config, d: D.Dist, meta: dict, steps_per_epoch: int, stage: i
     run.scaler = precision.scaler(d.device, run.amp)
     warmup = max(1, int(sc.warmup_epochs * steps_per_epoch))
     run.sched = torch.optim.lr_scheduler.LambdaLR(run.opt, lr_lambda(sc.epochs * steps_per_epoch, warmup))
-    model = torch.compile(trainable) if cfg.model.compile else trainable  # compile before wrapping in DDP
+    # compile before wrapping in DDP; a frozen stage-2 tower is compiled on its own (StageTwo), the
+    # adapter and head around it stay eager (two small matrix products)
+    outer = cfg.model.compile and not getattr(trainable, "compiled", False)
+    model = torch.compile(trainable) if outer else trainable
     if d.enabled:
         # stage 2's buffers (the frozen towers' BN statistics, the text features) never change: no broadcast per step
         model = DDP(model, device_ids=[d.local_rank] if d.device.type == "cuda" else None, broadcast_buffers=stage == 1)
