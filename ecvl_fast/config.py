@@ -34,8 +34,8 @@ class DataCfg:
         "shifted"  # "shifted" (views cut from the prepared image) or "five": LIFT's Resize(res + 24/224 res)
     )
     #                             then FiveCrop(res) from the whole image (tte_views 5, or 1 for none)
-    eval_resize: str = "auto"  # evaluation's Resize(S) when load_res is 0: "auto" (res up to 64 px, else 8/7 res)
-    #                            or "lift+": res + res // 7 (LIFT+'s plain test transform; 256 for 224)
+    eval_resize: str = "auto"  # evaluation's Resize(S) (and so the decode size) when load_res is 0: "auto" (res
+    #                            up to 64 px, else 8/7 res) or "lift+": res + res // 7 (LIFT+'s test resize; 256 at 224)
 
 
 @dataclass(frozen=True)
@@ -315,6 +315,11 @@ def check_together(cfg: Config) -> Config:
         )
     if not -1 <= a.crop_m <= 1:
         raise EcvlError(f"aug.crop_m={a.crop_m}: the memory moves a crop's minimum scale by at most 1 (in [-1, 1])")
+    if a.crop_m != 0 and fixed >= 0:
+        raise EcvlError(
+            f"aug.crop_m={a.crop_m} moves each crop by the sample's M, and stage2.randaug_m={fixed} gives every "
+            f"sample the same M: set stage2.randaug_m = -1 (M from the memory)"
+        )
     if a.crop_m_shuffle and a.crop_m == 0:
         raise EcvlError("aug.crop_m_shuffle = true deals out the memory-driven crop's scales: set aug.crop_m too")
     if s.views == 1 and (s.dcvl_weight > 0 or (reads_memory(cfg) and a.m_source == "dcvl")):

@@ -27,7 +27,7 @@ class AugmentedLoader:
     are exactly those of the synchronous loader; the feeder never runs past the epoch's end.
 
     On GPU the feeder owns a CUDA stream, so its copies and DALI's work overlap the step (see
-    `_gpu_batch`); each batch carries an event the consumer's stream waits on (`_handed_over`).
+    `_feed`, `_take`); each batch carries an event the consumer's stream waits on (`_handed_over`).
     """
 
     def __init__(
@@ -56,22 +56,20 @@ class AugmentedLoader:
         # High priority: the next batch's augmentation is scheduled ahead of the step's queued kernels
         self.stream = torch.cuda.Stream(self.device, priority=-1) if gpu else None
         self.dtype = dtype or (torch.bfloat16 if gpu else torch.float32)  # the step's compute dtype (on GPU)
-        if gpu and self.dtype in (torch.float16, torch.bfloat16):  # DALI writes half the bytes: fp16, exact for
-            spec = dataclasses.replace(spec, out="float16")  # a fp16 step, within 1 LSB of bf16 for a bf16 one
+        if gpu and self.dtype in (torch.float16, torch.bfloat16):  # DALI writes half the bytes: float16, within
+            spec = dataclasses.replace(spec, out="float16")  # 1 LSB of the float32 path (tests/test_pipeline.py)
         self.spec = spec
         # batches in DALI at once (its prefetch queue; 1: the synchronous executor); 0: 2 on a GPU, 1 on a CPU
         self.queue = queue or (2 if gpu else 1)
-        self._primed = self.queue == 1  # the pipelined executor's first run takes `queue` batches
+        self._build = dict(device_id=self.device.index if gpu else None, threads=threads, seed=seed, queue=self.queue)
+        self._fresh_pipeline()
         self.timings = None  # a list to profile the feed into (`bench profile`): one dict per batch
         self._taken = 0  # batches taken out of DALI while profiling: batch n's record is timings[n]
-        self.pipe = build_pipeline(
-            spec,
-            loader.batch_size,
-            device_id=self.device.index if gpu else None,
-            threads=threads,
-            seed=seed,
-            queue=self.queue,
-        )
+
+    def _fresh_pipeline(self) -> None:
+        self.pipe = build_pipeline(self.spec, self.loader.batch_size, **self._build)
+        self._primed = self.queue == 1  # the pipelined executor's first run takes `queue` batches
+        self._in_dali = 0  # batches fed and not taken out: an epoch left without closing its iterator leaves some
 
     def __len__(self) -> int:
         return len(self.loader)
@@ -115,6 +113,8 @@ class AugmentedLoader:
         if gpu:  # a new thread starts on cuda:0; under torchrun rank r works on cuda:r
             torch.cuda.set_device(self.device)
         b, flight = self.loader.batch_size, deque()
+        if self._in_dali:  # an earlier epoch's iterator was dropped unclosed: its batches are still in DALI
+            self._fresh_pipeline()
         try:
             for step, (images, labels, idx) in enumerate(self.loader, first):
                 local = step * b + np.arange(len(labels))
@@ -149,9 +149,15 @@ class AugmentedLoader:
                 else:
                     yield self._take(*batch)
         finally:
-            while flight:  # left early: what DALI still holds is taken and dropped
-                flight.popleft()
-                self._drop()
+            if flight:  # left early (or an error): what DALI still holds is taken and dropped
+                try:
+                    if not self._primed:
+                        raise RuntimeError("fed, never run")
+                    while flight:
+                        flight.popleft()
+                        self._drop()
+                except Exception:  # fed but not run, or DALI failed: start the next epoch on a new pipeline
+                    self._fresh_pipeline()
 
     def _run(self, fed: int) -> None:
         """Schedule DALI's run of what was fed. The pipelined executor's first run takes `queue`
@@ -165,6 +171,7 @@ class AugmentedLoader:
     def _drop(self) -> None:
         self.pipe.outputs()
         self.pipe.release_outputs()
+        self._in_dali -= 1
 
     def _feed(self, images, labels, idx, mi, draws):
         """Feed one batch to DALI; returns what `_take` needs. On GPU the host-to-device copies run
@@ -175,6 +182,7 @@ class AugmentedLoader:
         (microseconds for a batch) before returning to ffcv for the next batch."""
         import torch
 
+        self._in_dali += 1
         if self.device.type != "cuda":
             feed(self.pipe, self.spec, images.numpy(), mi, draws)  # DALI copies the batch in
             return labels.to(torch.int64).clone(), idx.to(torch.int64).clone()
@@ -197,6 +205,7 @@ class AugmentedLoader:
         gpu = self.device.type == "cuda"
         t0 = time.perf_counter()
         out = self.pipe.outputs()[0]
+        self._in_dali -= 1
         t1 = time.perf_counter()
         ready = None
         if not gpu:

@@ -113,7 +113,7 @@ def _no_ffcv_streams() -> None:
     restores that thread's stream on cuda:0, which opens a CUDA context on GPU 0 in every rank
     (~0.5 GB each). Its streams order nothing here: the pipeline has no device operation, and the
     feeder finishes its copies out of a pinned slot before it takes the next batch
-    (`AugmentedLoader._gpu_batch`). ffcv pins its slots whatever this switch says."""
+    (`AugmentedLoader._feed`). ffcv pins its slots whatever this switch says."""
     from ffcv.loader import epoch_iterator
 
     epoch_iterator.IS_CUDA = False

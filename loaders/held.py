@@ -65,7 +65,7 @@ class HeldLoader:
         for s in range(skip, len(self)):
             ix = idx[s * self.batch_size : (s + 1) * self.batch_size]
             images, labels, index = (t[: len(ix)] for t in self._slots[s % len(self._slots)])
-            np.take(self.images, ix, axis=0, out=images.numpy())  # gathered straight into the (pinned) slot
+            np.take(self.images, ix, axis=0, out=images.numpy(), mode="clip")  # straight into the (pinned) slot
             labels.copy_(torch.from_numpy(self.labels[ix]))
             index.copy_(torch.from_numpy(ix))
             yield images, labels, index

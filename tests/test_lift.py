@@ -77,6 +77,10 @@ def test_light_module_that_does_not_apply_is_one_line():
         peft.bottleneck(1000, 12) == 32 and peft.bottleneck(10, 2) == 2 and peft.bottleneck(3, 12) == 1
     )  # LIFT's rule
     assert peft.bottleneck(1000, 12, "lora") == 16 and peft.bottleneck(100, 12, "lora") == 2  # K / (4 L)
+    saved = tower("ecvl-tiny-vit")
+    peft.apply(saved.visual, "lora", 10, 4)
+    assert peft.saved_width(saved.visual.state_dict()) == 4  # a LoRA saved at another rank loads at its own
+    assert peft.saved_width(tower("ecvl-tiny-vit").visual.state_dict()) == 0
 
 
 def test_cosine_head_starts_from_the_text_features_logits():

@@ -99,7 +99,8 @@ def test_the_loader_crops_high_m_samples_more_gently():
     spans = {}
     for shuffle in (False, True):
         spec = AugSpec(**{**LIFT_PLUS.__dict__, "crop_m": 1.0, "crop_shuffle": shuffle})
-        loader = AugmentedLoader(HeldLoader(imgs, np.zeros(n), "sequential", 64), spec, Fixed(m), prefetch=0)
+        held = HeldLoader(imgs, np.zeros(n), "random", 64, seed=5, rank=1, world=2)  # positions are not indices
+        loader = AugmentedLoader(held, spec, Fixed(m), prefetch=0, rank=1, world=2)
         loader.epoch = 2  # the schedule's middle: 0.2
         width, high = [], []
         for views, _, idx in loader:
@@ -119,6 +120,8 @@ def test_settings_are_checked_together():
         load_config(None, ["aug.crop_m_shuffle=true"])
     with pytest.raises(EcvlError, match="views = 1"):
         load_config(None, ["stage2.views=1", "stage2.dcvl_weight=0", "stage2.randaug=false", "aug.crop_m=0.5"])
+    with pytest.raises(EcvlError, match="randaug_m=0.5 gives every sample the same M"):
+        load_config(None, ["aug.crop_m=0.5", "stage2.randaug_m=0.5"])
     with pytest.raises(EcvlError, match="aug.interp"):
         load_config(None, ["aug.interp=bicubic"])
 

@@ -224,11 +224,32 @@ def test_the_pipelined_executor_left_early_or_on_a_short_epoch():
     for _ in range(2):
         (views, y, idx), *rest = list(short)
         assert not rest and torch.equal(views[0], sync[0]) and idx.tolist() == list(range(64))
-    loader = AugmentedLoader(HeldLoader(imgs, labels, "sequential", 64), spec, queue=2, prefetch=0)
-    for views, _, _ in loader:
-        break  # two batches were fed, one taken
-    assert [torch.equal(torch.cat(v), s) for (v, _, _), s in zip(loader, sync)] == [True] * 3
+    for prefetch in (0, 2):
+        loader = AugmentedLoader(HeldLoader(imgs, labels, "sequential", 64), spec, queue=2, prefetch=prefetch)
+        for views, _, _ in loader:
+            break  # two batches were fed, one taken
+        assert [torch.equal(torch.cat(v), s) for (v, _, _), s in zip(loader, sync)] == [True] * 3
+        kept = iter(loader)  # an epoch's iterator held, not closed, with batches still in DALI
+        next(kept)
+        assert [torch.equal(torch.cat(v), s) for (v, _, _), s in zip(loader, sync)] == [True] * 3
+        del kept
     assert (loader.pipe.exec_async, loader.pipe.exec_pipelined, loader.pipe.prefetch_queue_depth) == (True, True, 2)
+
+    class Failing(HeldLoader):  # a reader that fails after its first batch, once
+        failed = False
+
+        def __iter__(self):
+            for n, batch in enumerate(super().__iter__()):
+                if n == 1 and not self.failed:
+                    Failing.failed = True
+                    raise OSError("a read failed")
+                yield batch
+
+    fed = AugmentedLoader(Failing(imgs, labels, "sequential", 64), spec, queue=3, prefetch=0)
+    with pytest.raises(OSError, match="a read failed"):  # one batch fed, none run: the error is the reader's
+        list(fed)
+    fed.epoch = 0  # and the next epoch starts on a new pipeline, on its own batches
+    assert [torch.equal(torch.cat(v), s) for (v, _, _), s in zip(fed, sync)] == [True] * 3
 
 
 def test_the_loader_asks_dali_for_its_executor_settings():

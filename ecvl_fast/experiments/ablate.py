@@ -83,6 +83,7 @@ def _ablation(
     rows: tuple[str, ...] = DEFAULT_ROWS,
     pinned: frozenset = frozenset(),
 ) -> dict:
+    planned_runs(cfg, seeds, rows, pinned)  # every row's config checked before any run trains
     from ecvl_fast.training import loop as training
 
     out = Path(cfg.run.out)

@@ -437,9 +437,15 @@ class StageTwo(nn.Module):
     def _features(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)[0]
 
+    def _kept(self, x: torch.Tensor) -> torch.Tensor:
+        """A chunk's features copied out of the CUDA graph's output before the next chunk replays
+        it (B x D: small)."""
+        return self.encode(x).clone()
+
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         with torch.set_grad_enabled(self.tuned and torch.is_grad_enabled()):  # frozen tower: no graph to keep
-            feats = torch.cat([self.encode(x) for x in images.chunk(self.chunks)])
+            keep = self.compiled and images.is_cuda and self.chunks > 1  # a CUDA graph's next replay overwrites
+            feats = torch.cat([self._kept(x) if keep else self.encode(x) for x in images.chunk(self.chunks)])
         return adapted_features(feats, self.adapter), (self.text if self.head is None else self.head.weights())
 
     def trained(self) -> dict[str, torch.Tensor]:

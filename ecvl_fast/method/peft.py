@@ -39,6 +39,15 @@ def bottleneck(num_classes: int, blocks: int, module: str = "adaptformer") -> in
     return 2 ** max(0, int(math.log2(max(1.0, num_classes / (per_block * blocks)))))
 
 
+def saved_width(state: dict) -> int:
+    """The LoRA rank a saved tower was trained with (its `.a` tensors are [2, D, rank]), 0 if it has
+    no LoRA: a checkpoint or export from before LoRA's K / (4 L) rule loads at its own rank."""
+    for key, value in state.items():
+        if key.endswith("attn.a") and getattr(value, "ndim", 0) == 3:
+            return int(value.shape[-1])
+    return 0
+
+
 class Bottleneck(nn.Module):
     """AdaptFormer's branch: scale * up(ReLU(down(LN(x)))), up zero-initialised."""
 

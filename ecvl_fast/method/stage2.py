@@ -12,11 +12,13 @@ from ecvl_fast.method import peft
 from ecvl_fast.method.model import Adapter, ClipNet, CosineHead, Scorer, StageTwo, tte_split
 
 
-def add_light_module(cfg: Config, net: ClipNet, num_classes: int) -> str:
+def add_light_module(cfg: Config, net: ClipNet, num_classes: int, saved: dict | None = None) -> str:
     """Freeze `net` and add stage2.peft inside its image tower, before loading a stage-2
-    checkpoint's "model", whose keys include the module's; returns the module added."""
+    checkpoint's "model" (`saved`), whose keys include the module's, at the width it was saved
+    with; returns the module added."""
     net.requires_grad_(False)
-    return peft.apply(net.clip.visual, cfg.stage2.peft, num_classes, cfg.stage2.peft_dim, cfg.model.name)
+    width = cfg.stage2.peft_dim or (peft.saved_width(saved) if saved else 0)
+    return peft.apply(net.clip.visual, cfg.stage2.peft, num_classes, width, cfg.model.name)
 
 
 def modules(cfg: Config, net: ClipNet, text: torch.Tensor) -> StageTwo:

@@ -114,7 +114,7 @@ def decode(image, load_res: int, res: int, crops: int = 1, interp: str = "linear
     out = torch.nn.functional.grid_sample(
         x.expand(len(grids), -1, -1, -1),
         grid,
-        mode="bicubic" if interp == "cubic" else "bilinear",
+        mode="bilinear",
         padding_mode="border",
         align_corners=False,
     )
@@ -308,7 +308,8 @@ def _exported_predictor(d: dict, device: torch.device, views: int | None) -> Pre
     set_activation(visual, trained_quick_gelu(d, d["model_name"]))
     # an export from before LIFT's settings has text_features, no light module and one view
     weights = d.get("class_weights", d.get("text_features"))
-    peft.apply(visual, d.get("peft", "none"), len(d["classes"]), d.get("peft_dim", 0), d["model_name"])
+    width = d.get("peft_dim", 0) or peft.saved_width(d["visual"])
+    peft.apply(visual, d.get("peft", "none"), len(d["classes"]), width, d["model_name"])
     visual.load_state_dict(d["visual"])
     adapter = None
     if d["adapter"] is not None:
@@ -368,7 +369,7 @@ def load_scorer(
     net = ClipNet(clip)
     stage2 = state is not None and state.get("stage") == 2
     if stage2:
-        two.add_light_module(cfg, net, len(classes))  # its weights are in the checkpoint's "model"
+        two.add_light_module(cfg, net, len(classes), state["model"])  # its weights are in the checkpoint's "model"
     if state is not None:
         net.load_state_dict(state["model"])
         set_activation(net, trained_quick_gelu(state, cfg.model.name))

@@ -742,7 +742,8 @@ def check_trainable(cfg: Config, meta: dict) -> None:
 
 
 def _memory(cfg: Config, bank: MomentumBank):
-    """What stage 2's RandAugment reads M from: the bank (eq. 9), a fixed M, or nothing (RA off)."""
+    """What stage 2's RandAugment and memory-driven crop read M from: the bank (eq. 9), a fixed M
+    (RandAugment only), or nothing (neither on)."""
     if not reads_memory(cfg):
         return None
     if cfg.stage2.randaug_m < 0:
