@@ -50,6 +50,7 @@ step() {
 
 t0=$SECONDS
 export PYTHONPATH=$SITE
+[ -n "${ECVL_FAST_COMMIT:-}" ] || ! [ -f .whl/COMMIT ] || export ECVL_FAST_COMMIT=$(cat .whl/COMMIT)  # no .git here
 if $PY -c "import nvidia.dali" 2> /dev/null; then
   log "install: kept from the last call"
 else

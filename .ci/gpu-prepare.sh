@@ -13,6 +13,8 @@ mkdir -p .git/info
 grep -qx '/.dali/' .git/info/exclude 2>/dev/null || echo '/.dali/' >> .git/info/exclude
 rm -rf .whl
 python3 .ci/carry.py download .whl --python 3.12 --torchvision "${TORCHVISION:-0.26.0}" 2> >(grep -v "^WARNING: Location" >&2)
+# the commit the check runs: the GPU machine's copy of the tree has no .git (bench's machine block, summary.json)
+echo "$(git rev-parse --short HEAD)$([ -n "$(git status --porcelain --untracked-files=no)" ] && echo +)" > .whl/COMMIT
 [ -d .dali ] && [ -f .dali/small/install.sh ] && [ "${REFRESH_DALI:-0}" = 0 ] || \
   ../shared/tools/wheel-parts.sh .dali 'nvidia-dali-cuda130==2.4.0'
 last=$(ls .dali/p0* | tail -1)

@@ -41,7 +41,8 @@ for name in ${LEAVE_OUT:-}; do rm -f "$R"/whl-used/"$name"-*.whl "$R"/whl-used/"
 rm -rf "$R/check" && mkdir -p "$R/check" && OUT=$R/check
 # gpu-check.sh with this venv's Python, the local wheels in place of .whl, on the CPU
 tmp=$(mktemp -d) && git ls-files -z -co --exclude-standard | xargs -0 -I{} cp --parents {} "$tmp/" \
-  && mkdir -p "$tmp/.dali" && cp -r .dali/small "$tmp/.dali/" && cp -r "$R/whl-used" "$tmp/.whl"
+  && mkdir -p "$tmp/.dali" && cp -r .dali/small "$tmp/.dali/" && cp -r "$R/whl-used" "$tmp/.whl" \
+  && cp .whl/COMMIT "$tmp/.whl/COMMIT"  # the copy has no .git, as on the GPU machine
 (cd "$tmp" && OUT=$OUT SITE=$R/site PY=$PY DEVICE=cpu SIZE=tiny BUDGET=1200 bash .ci/gpu-check.sh "$R/parts")
 rc=0
 echo "== what comes back from \$OUT (at most 8 files, at most 2 folders down)"

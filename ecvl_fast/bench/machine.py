@@ -36,10 +36,14 @@ def machine_info() -> dict:
 
 
 def _commit() -> str | None:
-    """The source tree's git commit (a + where it has uncommitted changes), where it is a checkout."""
+    """The source tree's git commit (a + where it has uncommitted changes), where it is a checkout;
+    else ECVL_FAST_COMMIT (a copy of the tree without .git: the device check's)."""
+    import os
     import subprocess
     from pathlib import Path
 
+    if os.environ.get("ECVL_FAST_COMMIT"):
+        return os.environ["ECVL_FAST_COMMIT"]
     root = Path(__file__).resolve().parents[2]
     try:
         head = subprocess.run(
