@@ -161,16 +161,12 @@ def test_lift_plus_rows_and_the_command_line_over_a_row():
     assert (pinned.aug.crop_m, pinned.stage2.epochs, pinned.stage2.lr) == (-0.25, 3, 0.02)
 
 
-def test_ablate_trial_keeps_its_epochs_over_a_rows(tmp_path, capsys):
-    from ecvl_fast.cli import app
-    from typer.testing import CliRunner
+def test_ablate_trial_keeps_its_epochs_over_a_rows(tmp_path, capsys, mnist):
+    from ecvl_fast.cli import main
 
-    result = CliRunner().invoke(
-        app,
-        ["ablate", "--config", "mnist-demo", "--rows", "lift+", "--trial", "--dry-run", "--out", str(tmp_path / "r")],
-    )
-    assert result.exit_code == 0, result.output
-    assert "seed 0 lift+: stage 2, 2 epochs" in result.output  # the row's own is 5
+    args = ["ablate", "--config", "mnist-demo", "--rows", "lift+", "--trial", "--dry-run", "--seeds", "0"]
+    assert main([*args, "--set", f"data.path={mnist}", "--out", str(tmp_path / "r")]) == 0
+    assert "seed 0 lift+: stage 2, 2 epochs" in capsys.readouterr().out  # the row's own is 5
 
 
 def test_memory_driven_crop_trains_and_records_m(tmp_path, mnist):
