@@ -59,12 +59,10 @@ class AugmentedLoader:
         if gpu and self.dtype in (torch.float16, torch.bfloat16):  # DALI writes half the bytes: float16, within
             spec = dataclasses.replace(spec, out="float16")  # 1 LSB of the float32 path (tests/test_pipeline.py)
         self.spec = spec
-        # batches in DALI at once (its prefetch queue; 1: the synchronous executor); 0: 2 on a GPU, 1 on a CPU
-        self.queue = queue or (2 if gpu else 1)
+        self.queue = queue_depth(queue, gpu)
         self._build = dict(device_id=self.device.index if gpu else None, threads=threads, seed=seed, queue=self.queue)
         self._fresh_pipeline()
         self.timings = None  # a list to profile the feed into (`bench profile`): one dict per batch
-        self._taken = 0  # batches taken out of DALI while profiling: batch n's record is timings[n]
 
     def _fresh_pipeline(self) -> None:
         self.pipe = build_pipeline(self.spec, self.loader.batch_size, **self._build)
@@ -130,11 +128,14 @@ class AugmentedLoader:
                 )
                 mi = m[idx.numpy()] if m is not None else np.zeros(len(idx), np.float32)
                 t0 = time.perf_counter()
-                flight.append(self._feed(images, labels, idx, mi, draws))
+                fed = self._feed(images, labels, idx, mi, draws)
                 t1 = time.perf_counter()
-                self._run(len(flight))
-                if self.timings is not None:  # host seconds: the draws and feeding, DALI's scheduling
-                    self.timings.append({"feed_s": t1 - t0, "schedule_s": time.perf_counter() - t1})
+                self._run(len(flight) + 1)
+                record = None
+                if self.timings is not None:  # host seconds: feeding the batch, DALI's scheduling
+                    record = {"feed_s": t1 - t0, "schedule_s": time.perf_counter() - t1}
+                    self.timings.append(record)
+                flight.append((*fed, record))
                 if len(flight) >= self.queue:
                     yield self._take(*flight.popleft())
             if flight and not self._primed:  # an epoch shorter than the queue, the pipeline's first:
@@ -196,7 +197,7 @@ class AugmentedLoader:
         copied.synchronize()
         return y, i
 
-    def _take(self, labels, idx):
+    def _take(self, labels, idx, record=None):
         """The oldest batch in flight out of DALI: its views copied into memory torch owns, then
         DALI's buffer released. On GPU the copy and the cast to the step's dtype run on the feeder's
         stream; the buffer is released once they are done (the event a consumer's stream waits on)."""
@@ -217,10 +218,16 @@ class AugmentedLoader:
                 ready.record(self.stream)
             ready.synchronize()  # the copy out of DALI's buffer is done before DALI may reuse it
         self.pipe.release_outputs()
-        if self.timings is not None:  # the wait for DALI's output, then the copy out of it (and its wait)
-            self._taken += 1
-            self.timings[self._taken - 1].update(outputs_wait_s=t1 - t0, copy_s=time.perf_counter() - t1)
+        if record is not None:  # the wait for DALI's output, then the copy out of it (and its wait)
+            record.update(outputs_wait_s=t1 - t0, copy_s=time.perf_counter() - t1)
         return views, labels, idx, ready
+
+
+def queue_depth(queue: int, gpu: bool) -> int:
+    """Batches in DALI at once (its prefetch queue; 1: the synchronous executor); 0: 2 on a GPU, so
+    that DALI's host work for the next batch overlaps the device work for this one, and 1 on a CPU,
+    where DALI does all of it on the same cores."""
+    return queue or (2 if gpu else 1)
 
 
 def _pinned(t):

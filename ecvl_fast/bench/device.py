@@ -344,6 +344,16 @@ def _stage2_run(model: str, res: int, batch: int, device: str, labels: np.ndarra
     return build_run(cfg, d, _meta(labels), steps_per_epoch=10**6, stage=2)
 
 
+def _held_stage2(data: Path | None, model: str, res: int, batch: int, device: str, n: int, precision: str):
+    """What the fed stage-2 benchmarks share: the device, the held images, and a stage-2 run whose
+    bank holds M ~ U(0,1) (what every feeder reads). Returns (dist, images, labels, source, run)."""
+    d = D.setup(device)
+    images, labels, source = held_images(data, res, n)
+    run = _stage2_run(model, res, batch, device, labels, d, precision)
+    run.bank.m.copy_(torch.from_numpy(uniform_m(len(labels))))
+    return d, images, labels, source, run
+
+
 def _train_pass(run, loader, d: D.Dist) -> tuple[float, int]:
     from ecvl_fast.training.loop import train_step
 
@@ -374,10 +384,7 @@ def bench_train(
     from ecvl_fast.loaders.draws import AugSpec
     from ecvl_fast.training.loop import train_step
 
-    d = D.setup(device)
-    images, labels, source = held_images(data, res, n)
-    run = _stage2_run(model, res, batch, device, labels, d, precision)
-    run.bank.m.copy_(torch.from_numpy(uniform_m(len(labels))))  # both feeders read this M
+    d, images, labels, source, run = _held_stage2(data, model, res, batch, device, n, precision)
     spec = AugSpec(res=res, views=2, k=2)
     feeders = {
         "dali": _dali_loader(images, labels, run.bank, spec, batch, d.device, threads, dtype=run.amp),
@@ -537,16 +544,13 @@ def bench_profile(
     from ecvl_fast.loaders.draws import AugSpec
     from ecvl_fast.training.loop import train_step
 
-    d = D.setup(device)
+    d, images, labels, source, run = _held_stage2(data, model, res, batch, device, n, precision)
     gpu = d.device.type == "cuda"
-    images, labels, source = held_images(data, res, n)
-    run = _stage2_run(model, res, batch, device, labels, d, precision)
-    run.bank.m.copy_(torch.from_numpy(uniform_m(len(labels))))
     loader = _dali_loader(
         images, labels, run.bank, AugSpec(res=res, views=2, k=2), batch, d.device, threads, dtype=run.amp, queue=queue
     )
     _train_pass(run, loader, d)  # warm-up epoch
-    loader.timings, loader._taken, rows = [], 0, []
+    loader.timings, rows = [], []
     events = []
     start = time.perf_counter()
     it = iter(loader)

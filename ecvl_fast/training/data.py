@@ -194,11 +194,12 @@ def _augmented(cfg: Config, d: Dist, loader, spec, memory=None):
 
 
 def dali_queue(cfg: Config, device) -> int:
-    """Batches in DALI at once: on a GPU 2, so that DALI's host work for the next batch overlaps the
-    device work for this one; on a CPU, where DALI does all of it on the same cores, 1."""
+    """Batches in DALI at once on `device` (data.dali_queue; `dali_loader.queue_depth` resolves 0)."""
     import torch
 
-    return cfg.data.dali_queue or (2 if torch.device(device).type == "cuda" else 1)
+    from ecvl_fast.loaders.dali_loader import queue_depth
+
+    return queue_depth(cfg.data.dali_queue, torch.device(device).type == "cuda")
 
 
 def five_crop_resize(res: int) -> int:
