@@ -345,13 +345,16 @@ def predict(
     strict: bool = typer.Option(False, help="refuse an unreadable image instead of skipping it"),
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
     tte: Optional[int] = _TTE,
+    compile: bool = typer.Option(
+        False, help="compile the model as one frozen graph first: for many images on a GPU (not an .onnx)"
+    ),
 ):
     """Top-k class names and probabilities for image files (the stage-2 modules applied)."""
     from ecvl_fast.serving.predict import run_predict, write_csv
 
     if top_k < 1:
         raise EcvlError(f"--top-k {top_k}: must be at least 1")
-    preds = run_predict(ckpt, images or [], folder, top_k, strict, device=device, views=_views(tte))
+    preds = run_predict(ckpt, images or [], folder, top_k, strict, device=device, views=_views(tte), compile=compile)
     if out is not None:
         write_csv(preds, out)
     k = max((len(p.classes) for p in preds), default=top_k)
@@ -675,13 +678,16 @@ def bench_infer_cmd(
     images: int = typer.Option(4096),
     repeats: int = typer.Option(3),
     precision: str = _PRECISION,
+    compile: bool = typer.Option(False, help="the classifier compiled as one frozen graph (predict --compile)"),
     json_out: Optional[Path] = _JSON,
     compare_to: Optional[Path] = _COMPARE,
 ):
     """The predict path (prepare, encode, adapter, eq. 6) on test images in memory: img/s."""
     from ecvl_fast.bench.device import bench_infer
 
-    tables.infer(bench_infer(ckpt, data, model, res, batch, device, images, repeats, precision), json_out, compare_to)
+    tables.infer(
+        bench_infer(ckpt, data, model, res, batch, device, images, repeats, precision, compile), json_out, compare_to
+    )
 
 
 def _ensure_demo_data(data: Path) -> None:

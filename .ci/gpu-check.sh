@@ -5,14 +5,15 @@
 # GPU-critical checks first (smoke steps, the `gpu` tests: op parity, the loader's hand-over,
 # the no-sync step, the CUDA bank, stage-2 runs fed by DALI), then `bench profile` (per batch: the
 # feeder's DALI time and waits, the copies, the step; the top kernels), then `bench train` (the only
-# DALI-fed RN50/224 run and the data-stall figure), then the other benchmarks, each under its own
-# timeout and only while the budget lasts.
+# DALI-fed RN50/224 run and the data-stall figure), then the other benchmarks, then `bench infer`
+# and `bench step` with --compile, each under its own timeout and only while the budget lasts.
 # What comes back is a fixed set of 4 files in $OUT (the machine returns at most 8):
 #   check.log     every step's output, appended as it runs
 #   results.json  per step: exit status, seconds, and its benchmark JSON; rewritten after each step
 #   gpu-tests.xml the tests' JUnit report
 #   summary.json  the headline figures (issue 30's keys): keep as docs/gpu/summary-<device>-<date>.json
-# Run again while the machine is warm, the install is kept: STEPS="bench-train bench-infer" picks steps.
+# Run again while the machine is warm, the install is kept: STEPS="bench-train bench-infer" picks steps
+# (STEPS="bench-step-compiled" the compiled step alone).
 # Rehearsed offline, every step at a tiny size, by .ci/gpu-rehearse.sh.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -85,11 +86,16 @@ else
   PROF=(--batch 256 --images 4096)
 fi
 b() { local name=$1 limit=$2; shift 2; step "bench-$name" "$limit" $PY -m ecvl_fast.cli bench "$name" "$@" --json "$WORK/bench-$name.json"; }
+# the same benchmark with --compile (the frozen tower, or the whole classifier, as one frozen graph)
+bc() { local name=$1 limit=$2; shift 2; step "bench-$name-compiled" "$limit" $PY -m ecvl_fast.cli bench "$name" "$@" --compile --json "$WORK/bench-$name-compiled.json"; }
 b profile 90 "${M[@]}" --device "$DEV" "${PROF[@]}"  # first: where the fed step's time goes decides the rest
 b train 110 "${M[@]}" --device "$DEV" "${TRAIN[@]}"
 b step 60 "${M[@]}" --device "$DEV" "${STEP[@]}"
 b infer 90 "${M[@]}" --device "$DEV" "${INFER[@]}"
 b augment 60 --device "$DEV" "${AUG[@]}"
 b kernels 30 "${KN[@]}"
+# last, as each compiles for a minute or more: the levers of item 4, while the budget lasts
+bc infer 120 "${M[@]}" --device "$DEV" "${INFER[@]}"
+bc step 180 "${M[@]}" --device "$DEV" "${STEP[@]}"
 $PY .ci/results.py "$RESULTS" --summary "$OUT/summary.json"  # docs/gpu/summary-<device>-<date>.json
 log "done"

@@ -54,7 +54,7 @@ steps = json.load(open(sys.argv[1]))["steps"]
 for s in steps:
     print(f"  {s['name']:14s} {str(s['rc']):5s} {s['seconds']:4d} s")
 names = {s["name"] for s in steps}
-need = {"install", "smoke", "gpu-tests", "bench-profile", "bench-train", "bench-step", "bench-infer", "bench-augment", "bench-kernels"}
+need = {"install", "smoke", "gpu-tests", "bench-profile", "bench-train", "bench-step", "bench-infer", "bench-augment", "bench-kernels", "bench-infer-compiled", "bench-step-compiled"}
 bad = [s["name"] for s in steps if s["rc"] != 0] + sorted(need - names)
 sys.exit(f"  failed or missing: {', '.join(bad)}" if bad else 0)
 PY

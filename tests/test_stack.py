@@ -189,8 +189,15 @@ def test_export_pt_and_onnx_predict_like_the_checkpoint(tmp_path, mnist):
         name: run_predict(tmp_path / name if name != "ckpt" else ckpt, [], folder, top_k=10, device="cpu")
         for name in ("ckpt", "model.pt", "model.onnx")
     }
+    # compiled as one frozen graph: batches of 20, the last (8) padded to 20, so one compilation
+    preds["compiled"] = run_predict(
+        tmp_path / "model.pt", [], folder, top_k=10, batch_size=20, device="cpu", compile=True
+    )
+    with pytest.raises(EcvlError, match="not compiled by torch: drop --compile"):
+        run_predict(tmp_path / "model.onnx", [], folder, compile=True)
     ref, classes = preds["ckpt"], torch.load(ckpt, weights_only=True)["classes"]
-    for name, tol in (("model.pt", 1e-4), ("model.onnx", 1e-3)):
+    assert len(preds["compiled"]) == len(ref) == 48
+    for name, tol in (("model.pt", 1e-4), ("compiled", 1e-4), ("model.onnx", 1e-3)):
         assert [p.classes[0] for p in preds[name]] == [p.classes[0] for p in ref], name
         for a, b in zip(preds[name], ref):
             pa, pb = dict(zip(a.classes, a.probs)), dict(zip(b.classes, b.probs))

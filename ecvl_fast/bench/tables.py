@@ -184,9 +184,10 @@ def train(r: dict, json_out=None, compare_to=None) -> None:
 def infer(r: dict, json_out=None, compare_to=None) -> None:
     c = r["config"]
     report(
-        f"inference: {c['model']}, {c['res']} px ({c['device']}; {r['source']})",
-        ("images", "img/s"),
-        [(str(c["images"]), f"{r['img_s']:.0f}")],
+        f"inference: {c['model']}, {c['res']} px ({c['device']}; {r['source']})"
+        + (", compiled as one frozen graph" if c.get("compile") else ""),
+        ("images", "img/s", "first pass s"),
+        [(str(c["images"]), f"{r['img_s']:.0f}", f"{r['first_pass_s']:.1f}")],
         r,
         json_out,
         compare_to,

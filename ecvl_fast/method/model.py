@@ -390,7 +390,10 @@ class Scorer(nn.Module):
     its light module, if any), the stage-2 adapter (eq. 7, if any), then eq. 6 against the class
     weights [K, D] (the text features, or a trained cosine head's) at `scale` (None: CLIP's logit
     scale), averaged over test-time views: `views` cut from each image [N, C, H, W], or the views
-    of an input prepared with them [N, V, C, H, W] (`tte_split`)."""
+    of an input prepared with them [N, V, C, H, W] (`tte_split`).
+
+    `compile`: the whole of it compiled as one frozen graph (`compile_frozen`; inference only, one
+    compilation per batch shape), for `predict --compile` and `bench infer --compile`."""
 
     def __init__(
         self,
@@ -399,12 +402,21 @@ class Scorer(nn.Module):
         adapter: nn.Module | None = None,
         scale: float | None = None,
         views: int = 1,
+        compile: bool = False,
     ):
         super().__init__()
         self.net, self.adapter, self.scale, self.views = net, adapter, scale, views
         self.register_buffer("weights", weights.detach().float())
+        self.compiled = compile_frozen(self._logits) if compile else None
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if self.compiled is None:
+            return self._logits(images)
+        with torch.no_grad():  # Inductor's freezing applies to inference only
+            logits = self.compiled(images)
+        return logits.clone() if logits.is_cuda else logits  # a CUDA graph's next replay overwrites its output
+
+    def _logits(self, images: torch.Tensor) -> torch.Tensor:
         scale = self.net.logit_scale if self.scale is None else self.scale
         inputs = images.unbind(1) if images.dim() == 5 else tte_views(images, self.views)
         logits = [zero_shot_logits(adapted_features(self.net(x)[0], self.adapter), self.weights, scale) for x in inputs]

@@ -50,10 +50,10 @@ def state(st: StageTwo) -> dict:
     }
 
 
-def scorer(cfg: Config, st: StageTwo, views: int | None = None) -> Scorer:
+def scorer(cfg: Config, st: StageTwo, views: int | None = None, compile: bool = False) -> Scorer:
     """The classifier a stage-2 model evaluates as: a cosine head at its own scale, or the text
     features at the scale prompt CE trained them at (eq. 6 with stage2.ce_scale); `views` test-time
-    views (default data.tte_views)."""
+    views (default data.tte_views); `compile`: Scorer's."""
     weights = st.text if st.head is None else st.head.weights().detach()
     return Scorer(
         st.net,
@@ -61,4 +61,5 @@ def scorer(cfg: Config, st: StageTwo, views: int | None = None) -> Scorer:
         st.adapter,
         trained_scale(cfg, 2) if st.head is None else st.head.scale,
         tte_split(cfg.data.tte_crops, cfg.data.tte_views if views is None else views)[0],
+        compile=compile,
     )

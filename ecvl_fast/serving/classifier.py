@@ -196,12 +196,14 @@ class Model:
         ]
 
 
-def load(path: str | Path, device: str = "auto", tte: int | None = None) -> Model:
+def load(path: str | Path, device: str = "auto", tte: int | None = None, compile: bool = False) -> Model:
     """An exported `.pt` or `.onnx`, or a stage 1/2 training checkpoint, ready to classify.
-    `tte`: test-time views (1 = none), over the model's own setting."""
+    `tte`: test-time views (1 = none), over the model's own setting. `compile`: the model compiled
+    as one frozen graph (not an .onnx): worth its compilation (seconds to minutes, once per batch
+    shape) on a GPU over many images."""
     from ecvl_fast.run.dist import resolve_device
 
-    return Model(load_predictor(Path(path), resolve_device(device), tte))
+    return Model(load_predictor(Path(path), resolve_device(device), tte, compile))
 
 
 FORMAT = "ecvl-fast-classifier/1"
@@ -257,13 +259,16 @@ class Predictor:
     interp: str = "linear"  # the crop's resize filter (aug.interp)
 
 
-def load_predictor(path: Path, device: torch.device, views: int | None = None) -> Predictor:
+def load_predictor(path: Path, device: torch.device, views: int | None = None, compile: bool = False) -> Predictor:
     """A training checkpoint, an exported `.pt`, or an `.onnx`, ready to classify prepared batches.
-    `views`: test-time views, over the model's own (data.tte_views; an .onnx has its own fixed)."""
+    `views`: test-time views, over the model's own (data.tte_views; an .onnx has its own fixed);
+    `compile`: see `load`."""
     path = Path(path)
     if not path.is_file():
         raise EcvlError(f"{path}: no such model file")
     if path.suffix == ".onnx":
+        if compile:
+            raise EcvlError(f"{path}: an ONNX model runs in onnxruntime, not compiled by torch: drop --compile")
         return _onnx_predictor(path, views)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
@@ -276,16 +281,16 @@ def load_predictor(path: Path, device: torch.device, views: int | None = None) -
                 f"{path}: its weights do not match the digest written at export: the file was changed "
                 f"or damaged; export it again from its checkpoint ({state.get('source', 'unknown')})"
             )
-        return _exported_predictor(state, device, views)
-    return _checkpoint_predictor(path, device, views)
+        return _exported_predictor(state, device, views, compile)
+    return _checkpoint_predictor(path, device, views, compile)
 
 
-def _checkpoint_predictor(path: Path, device: torch.device, views: int | None) -> Predictor:
+def _checkpoint_predictor(path: Path, device: torch.device, views: int | None, compile: bool) -> Predictor:
     from ecvl_fast.training.data import load_res
     from ecvl_fast.evaluation.metrics import predict_logits
 
     state, cfg = load_checkpoint(path)
-    scorer = load_scorer(cfg, state, state["classes"], device, views)
+    scorer = load_scorer(cfg, state, state["classes"], device, views, compile)
     crops = tte_split(cfg.data.tte_crops, cfg.data.tte_views if views is None else views)[1]
     return Predictor(
         state["classes"],
@@ -299,7 +304,7 @@ def _checkpoint_predictor(path: Path, device: torch.device, views: int | None) -
     )
 
 
-def _exported_predictor(d: dict, device: torch.device, views: int | None) -> Predictor:
+def _exported_predictor(d: dict, device: torch.device, views: int | None, compile: bool) -> Predictor:
     from ecvl_fast.config import ModelCfg
     from ecvl_fast.method import peft
 
@@ -316,7 +321,7 @@ def _exported_predictor(d: dict, device: torch.device, views: int | None) -> Pre
         adapter = Adapter(weights.shape[1], d["ratio"])
         adapter.load_state_dict(d["adapter"])
     own, crops = tte_split(d.get("tte_crops", "shifted"), views or d.get("tte_views", 1))
-    scorer = Scorer(ImageTower(visual, d["logit_scale"]), weights, adapter, views=own)
+    scorer = Scorer(ImageTower(visual, d["logit_scale"]), weights, adapter, views=own, compile=compile)
     model = Classifier(scorer).to(device).eval()
 
     @torch.no_grad()
@@ -360,11 +365,16 @@ def _onnx_predictor(path: Path, views: int | None) -> Predictor:
 
 
 def load_scorer(
-    cfg: Config, state: dict | None, classes: list[str], device: torch.device, views: int | None = None
+    cfg: Config,
+    state: dict | None,
+    classes: list[str],
+    device: torch.device,
+    views: int | None = None,
+    compile: bool = False,
 ) -> Scorer:
     """A stage 1 or 2 checkpoint's classifier, or the zero-shot model `cfg.model.pretrained` when
     `state` is None; eval, predict and export all use it. `views`: test-time views (default: the
-    config's data.tte_views)."""
+    config's data.tte_views); `compile`: Scorer's."""
     clip, tokenizer = build_clip(cfg.model, load_weights=state is None, res=cfg.data.res)  # a checkpoint brings its own
     net = ClipNet(clip)
     stage2 = state is not None and state.get("stage") == 2
@@ -382,7 +392,8 @@ def load_scorer(
             text,
             scale=scale,
             views=tte_split(cfg.data.tte_crops, cfg.data.tte_views if views is None else views)[0],
+            compile=compile,
         ).eval()
     st = two.modules(cfg, net, text)
     two.load(st, state)
-    return two.scorer(cfg, st.to(device), views).eval()
+    return two.scorer(cfg, st.to(device), views, compile).eval()

@@ -40,15 +40,19 @@ def run_predict(
     batch_size: int = 256,
     device: str = "auto",
     views: int | None = None,
+    compile: bool = False,
 ) -> list[Prediction]:
     """`ckpt`: a stage 1/2 training checkpoint, an exported `.pt`, or an exported `.onnx`;
-    `views`: test-time views (default: the model's own)."""
-    model = load(ckpt, device, views)
+    `views`: test-time views (default: the model's own); `compile`: see classifier.load."""
+    model = load(ckpt, device, views, compile)
     files = image_files(images, folder)
     out, pending = [], []
 
     def flush():
-        out.extend(model._top(np.stack([a for _, a in pending]), [str(p) for p, _ in pending], top_k))
+        arrays, n = np.stack([a for _, a in pending]), len(pending)
+        if compile and out:  # a short last batch, padded to the compiled shape: no second compilation
+            arrays = np.concatenate([arrays, np.repeat(arrays[-1:], batch_size - n, 0)])
+        out.extend(model._top(arrays, [str(p) for p, _ in pending] + [""] * (len(arrays) - n), top_k)[:n])
         pending.clear()
 
     for path in files:
