@@ -61,13 +61,16 @@ class AugmentedLoader:
         self.spec = spec
         self.queue = queue_depth(queue, gpu)
         self._build = dict(device_id=self.device.index if gpu else None, threads=threads, seed=seed, queue=self.queue)
-        self._fresh_pipeline()
+        self._state = self._fresh_pipeline()
         self.timings = None  # a list to profile the feed into (`bench profile`): one dict per batch
 
-    def _fresh_pipeline(self) -> None:
-        self.pipe = build_pipeline(self.spec, self.loader.batch_size, **self._build)
-        self._primed = self.queue == 1  # the pipelined executor's first run takes `queue` batches
-        self._in_dali = 0  # batches fed and not taken out: an epoch left without closing its iterator leaves some
+    @property
+    def pipe(self):
+        """The DALI pipeline the latest epoch ran on."""
+        return self._state.pipe
+
+    def _fresh_pipeline(self) -> _Pipe:
+        return _Pipe(build_pipeline(self.spec, self.loader.batch_size, **self._build), primed=self.queue == 1)
 
     def __len__(self) -> int:
         return len(self.loader)
@@ -111,8 +114,13 @@ class AugmentedLoader:
         if gpu:  # a new thread starts on cuda:0; under torchrun rank r works on cuda:r
             torch.cuda.set_device(self.device)
         b, flight = self.loader.batch_size, deque()
-        if self._in_dali:  # an earlier epoch's iterator was dropped unclosed: its batches are still in DALI
-            self._fresh_pipeline()
+        # A pipeline serves one epoch's iterator at a time. An earlier one still open (its feeder
+        # thread alive, or dropped unclosed with batches in DALI) keeps its own; this one gets a new
+        # pipeline, so the two never call the same DALI pipeline from two threads.
+        st = self._state
+        if st.busy or st.in_dali:
+            st = self._state = self._fresh_pipeline()
+        st.busy = True
         try:
             for step, (images, labels, idx) in enumerate(self.loader, first):
                 local = step * b + np.arange(len(labels))
@@ -128,53 +136,49 @@ class AugmentedLoader:
                 )
                 mi = m[idx.numpy()] if m is not None else np.zeros(len(idx), np.float32)
                 t0 = time.perf_counter()
-                fed = self._feed(images, labels, idx, mi, draws)
+                fed = self._feed(st, images, labels, idx, mi, draws)
                 t1 = time.perf_counter()
-                self._run(len(flight) + 1)
+                self._run(st, len(flight) + 1)
                 record = None
                 if self.timings is not None:  # host seconds: feeding the batch, DALI's scheduling
                     record = {"feed_s": t1 - t0, "schedule_s": time.perf_counter() - t1}
                     self.timings.append(record)
                 flight.append((*fed, record))
                 if len(flight) >= self.queue:
-                    yield self._take(*flight.popleft())
-            if flight and not self._primed:  # an epoch shorter than the queue, the pipeline's first:
+                    yield self._take(st, *flight.popleft())
+            if flight and not st.primed:  # an epoch shorter than the queue, the pipeline's first:
                 while len(flight) < self.queue:  # DALI's first run takes `queue` batches; repeat the
-                    self._feed(images, labels, idx, mi, draws)  # last one, and drop what it makes
+                    self._feed(st, images, labels, idx, mi, draws)  # last one, and drop what it makes
                     flight.append(None)
-                self._run(len(flight))
+                self._run(st, len(flight))
             while flight:
                 batch = flight.popleft()
                 if batch is None:
-                    self._drop()
+                    st.drop()
                 else:
-                    yield self._take(*batch)
+                    yield self._take(st, *batch)
         finally:
             if flight:  # left early (or an error): what DALI still holds is taken and dropped
                 try:
-                    if not self._primed:
+                    if not st.primed:
                         raise RuntimeError("fed, never run")
                     while flight:
                         flight.popleft()
-                        self._drop()
-                except Exception:  # fed but not run, or DALI failed: start the next epoch on a new pipeline
-                    self._fresh_pipeline()
+                        st.drop()
+                except Exception:  # fed but not run, or DALI failed: the next epoch gets a new pipeline
+                    st.in_dali = max(st.in_dali, 1)
+            st.busy = False
 
-    def _run(self, fed: int) -> None:
+    def _run(self, st: _Pipe, fed: int) -> None:
         """Schedule DALI's run of what was fed. The pipelined executor's first run takes `queue`
         batches at once (DALI's prefetch), so it waits until that many are fed; later runs take one."""
-        if self._primed:
-            self.pipe.schedule_run()
+        if st.primed:
+            st.pipe.schedule_run()
         elif fed >= self.queue:
-            self.pipe.schedule_run()
-            self._primed = True
+            st.pipe.schedule_run()
+            st.primed = True
 
-    def _drop(self) -> None:
-        self.pipe.outputs()
-        self.pipe.release_outputs()
-        self._in_dali -= 1
-
-    def _feed(self, images, labels, idx, mi, draws):
+    def _feed(self, st: _Pipe, images, labels, idx, mi, draws):
         """Feed one batch to DALI; returns what `_take` needs. On GPU the host-to-device copies run
         on the feeder's stream, and DALI copies the images on it too.
 
@@ -183,9 +187,9 @@ class AugmentedLoader:
         (microseconds for a batch) before returning to ffcv for the next batch."""
         import torch
 
-        self._in_dali += 1
+        st.in_dali += 1
         if self.device.type != "cuda":
-            feed(self.pipe, self.spec, images.numpy(), mi, draws)  # DALI copies the batch in
+            feed(st.pipe, self.spec, images.numpy(), mi, draws)  # DALI copies the batch in
             return labels.to(torch.int64).clone(), idx.to(torch.int64).clone()
         with torch.cuda.stream(self.stream):
             x = images.to(self.device, non_blocking=True)
@@ -193,11 +197,11 @@ class AugmentedLoader:
             i = _pinned(idx).to(self.device, non_blocking=True).to(torch.int64)
             copied = torch.cuda.Event(blocking=True)  # its wait sleeps instead of spinning a core
             copied.record(self.stream)
-            feed(self.pipe, self.spec, x, mi, draws)  # DALI copies `x` on this (current) stream
+            feed(st.pipe, self.spec, x, mi, draws)  # DALI copies `x` on this (current) stream
         copied.synchronize()
         return y, i
 
-    def _take(self, labels, idx, record=None):
+    def _take(self, st: _Pipe, labels, idx, record=None):
         """The oldest batch in flight out of DALI: its views copied into memory torch owns, then
         DALI's buffer released. On GPU the copy and the cast to the step's dtype run on the feeder's
         stream; the buffer is released once they are done (the event a consumer's stream waits on)."""
@@ -205,8 +209,8 @@ class AugmentedLoader:
 
         gpu = self.device.type == "cuda"
         t0 = time.perf_counter()
-        out = self.pipe.outputs()[0]
-        self._in_dali -= 1
+        out = st.pipe.outputs()[0]
+        st.in_dali -= 1
         t1 = time.perf_counter()
         ready = None
         if not gpu:
@@ -217,10 +221,26 @@ class AugmentedLoader:
                 ready = torch.cuda.Event(blocking=True)
                 ready.record(self.stream)
             ready.synchronize()  # the copy out of DALI's buffer is done before DALI may reuse it
-        self.pipe.release_outputs()
+        st.pipe.release_outputs()
         if record is not None:  # the wait for DALI's output, then the copy out of it (and its wait)
             record.update(outputs_wait_s=t1 - t0, copy_s=time.perf_counter() - t1)
         return views, labels, idx, ready
+
+
+@dataclasses.dataclass
+class _Pipe:
+    """A DALI pipeline and what is in it, used by one epoch's iterator at a time (`busy`)."""
+
+    pipe: object
+    primed: bool  # the pipelined executor's first run (it takes `queue` batches) has been scheduled
+    in_dali: int = 0  # batches fed and not taken out: an iterator dropped unclosed leaves some
+    busy: bool = False  # an epoch's iterator (its feeder thread) is using it
+
+    def drop(self) -> None:
+        """Take the oldest batch out and discard it."""
+        self.pipe.outputs()
+        self.pipe.release_outputs()
+        self.in_dali -= 1
 
 
 def queue_depth(queue: int, gpu: bool) -> int:

@@ -190,9 +190,13 @@ def test_export_pt_and_onnx_predict_like_the_checkpoint(tmp_path, mnist):
         for name in ("ckpt", "model.pt", "model.onnx")
     }
     # compiled as one frozen graph: batches of 20, the last (8) padded to 20, so one compilation
+    from torch._dynamo.utils import counters
+
+    graphs = counters["stats"]["unique_graphs"]
     preds["compiled"] = run_predict(
         tmp_path / "model.pt", [], folder, top_k=10, batch_size=20, device="cpu", compile=True
     )
+    assert counters["stats"]["unique_graphs"] == graphs + 1
     with pytest.raises(EcvlError, match="not compiled by torch: drop --compile"):
         run_predict(tmp_path / "model.onnx", [], folder, compile=True)
     ref, classes = preds["ckpt"], torch.load(ckpt, weights_only=True)["classes"]

@@ -480,6 +480,7 @@ def bench_infer(
     held = held.pin_memory() if dev.type == "cuda" else held  # as a loader would hand them over
     batches = [held[i : i + batch] for i in range(0, len(held) - batch + 1, batch)]
 
+    @torch.no_grad()  # as predict runs it
     def one_pass():
         for b in batches:
             predict_logits(scorer, to_input(b, res, dev, dt), dt).argmax(1)

@@ -466,14 +466,23 @@ class StageTwo(nn.Module):
 
 
 def compile_frozen(fn):
-    """`fn` (a frozen tower's forward, run without gradients) compiled on its own, at fixed shapes:
-    Inductor's freezing folds the weights in as constants, so their casts to the compute dtype and
-    the batch norms' folding into the convolutions happen once, at compile time; on a GPU its
-    kernels replay as CUDA graphs. A tower that trains (a light module in it) is not compiled so."""
-    options = {"freezing": True}
-    if torch.cuda.is_available():
-        options["triton.cudagraphs"] = True
-    return torch.compile(fn, dynamic=False, options=options)
+    """`fn` (a frozen tower's forward, or a whole classifier's) compiled on its own, at fixed shapes,
+    run without gradients: Inductor's freezing folds the weights in as constants, so their casts to
+    the compute dtype and the batch norms' folding into the convolutions happen once, at compile
+    time; on a GPU its kernels replay as CUDA graphs. The weights must not change after the first
+    call. A tower that trains (a light module in it) is not compiled so."""
+    import torch._inductor.config as inductor_config
+
+    options = {"triton.cudagraphs": True} if torch.cuda.is_available() else None
+    compiled = torch.compile(fn, dynamic=False, options=options)
+
+    def frozen(*args):
+        # Dynamo reads `freezing` while it traces, before torch.compile's options apply (they reach
+        # Inductor only): set as an option, the weights stay graph inputs and nothing is folded
+        with torch.no_grad(), inductor_config.patch(freezing=True):
+            return compiled(*args)
+
+    return frozen
 
 
 class ImageTower(nn.Module):

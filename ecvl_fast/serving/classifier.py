@@ -200,7 +200,7 @@ def load(path: str | Path, device: str = "auto", tte: int | None = None, compile
     """An exported `.pt` or `.onnx`, or a stage 1/2 training checkpoint, ready to classify.
     `tte`: test-time views (1 = none), over the model's own setting. `compile`: the model compiled
     as one frozen graph (not an .onnx): worth its compilation (seconds to minutes, once per batch
-    shape) on a GPU over many images."""
+    shape: classify batches of one size) on a GPU over many images."""
     from ecvl_fast.run.dist import resolve_device
 
     return Model(load_predictor(Path(path), resolve_device(device), tte, compile))
@@ -292,11 +292,16 @@ def _checkpoint_predictor(path: Path, device: torch.device, views: int | None, c
     state, cfg = load_checkpoint(path)
     scorer = load_scorer(cfg, state, state["classes"], device, views, compile)
     crops = tte_split(cfg.data.tte_crops, cfg.data.tte_views if views is None else views)[1]
+
+    @torch.no_grad()
+    def probs(x):
+        return predict_logits(scorer, x).softmax(1).cpu()
+
     return Predictor(
         state["classes"],
         cfg.data.res,
         load_res(cfg),
-        lambda x: predict_logits(scorer, x).softmax(1).cpu(),
+        probs,
         device,
         "checkpoint",
         crops,
