@@ -5,6 +5,7 @@ step in a feeder thread, and on GPU handed over on the feeder's own CUDA stream 
 from __future__ import annotations
 
 import dataclasses
+import threading
 import time
 from collections import deque
 
@@ -61,12 +62,12 @@ class AugmentedLoader:
         self.spec = spec
         self.queue = queue_depth(queue, gpu)
         self._build = dict(device_id=self.device.index if gpu else None, threads=threads, seed=seed, queue=self.queue)
-        self._state = self._fresh_pipeline()
+        self._state, self._claim = self._fresh_pipeline(), threading.Lock()
         self.timings = None  # a list to profile the feed into (`bench profile`): one dict per batch
 
     @property
     def pipe(self):
-        """The DALI pipeline the latest epoch ran on."""
+        """The DALI pipeline of the latest epoch started."""
         return self._state.pipe
 
     def _fresh_pipeline(self) -> _Pipe:
@@ -117,10 +118,11 @@ class AugmentedLoader:
         # A pipeline serves one epoch's iterator at a time. An earlier one still open (its feeder
         # thread alive, or dropped unclosed with batches in DALI) keeps its own; this one gets a new
         # pipeline, so the two never call the same DALI pipeline from two threads.
-        st = self._state
-        if st.busy or st.in_dali:
-            st = self._state = self._fresh_pipeline()
-        st.busy = True
+        with self._claim:  # two consumer threads starting epochs at once
+            st = self._state
+            if st.busy or st.in_dali:
+                st = self._state = self._fresh_pipeline()
+            st.busy = True
         try:
             for step, (images, labels, idx) in enumerate(self.loader, first):
                 local = step * b + np.arange(len(labels))

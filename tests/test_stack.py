@@ -167,7 +167,7 @@ def test_fp16_a_scaler_skipped_step_does_not_stop_the_run(tmp_path):
         train_epoch(run, batches, 0, RunLog(tmp_path, True, 1, 1, interactive=False))
 
 
-def test_export_pt_and_onnx_predict_like_the_checkpoint(tmp_path, mnist):
+def test_export_pt_and_onnx_predict_like_the_checkpoint(tmp_path, mnist, monkeypatch):
     """Real test digits, written as image files; the same top-1 from all three files."""
     from ecvl_fast.loaders.ffcv_loader import make_loader
 
@@ -219,6 +219,15 @@ def test_export_pt_and_onnx_predict_like_the_checkpoint(tmp_path, mnist):
     )
     saved = ckpt.stat().st_size - (tmp_path / "model.pt").stat().st_size
     assert saved >= text_tower + opt - 10 * 512 * 4  # less the class text features it keeps
+    # the stage-2 checkpoint keeps its class text features: read back, not encoded again, and as
+    # encoding them again would give (its text tower is frozen in stage 2)
+    from ecvl_fast.serving import classifier
+
+    cfg, cpu = classifier.load_checkpoint(ckpt)[1], torch.device("cpu")
+    encoded = classifier.load_scorer(cfg, {k: v for k, v in state.items() if k != "text"}, classes, cpu)
+    monkeypatch.setattr(classifier, "class_text_features", None)  # encoding them would fail
+    kept = classifier.load_scorer(cfg, state, classes, cpu)
+    assert torch.allclose(kept.weights, encoded.weights, atol=1e-6) and torch.equal(kept.weights, state["text"])
     exported = torch.load(tmp_path / "model.pt", weights_only=True)
     assert "optimizer" not in exported and "momentum" not in exported and exported["classes"] == classes
     assert exported["logit_scale"] == 100.0  # what prompt CE trained at (stage2.ce_scale), not the model's own

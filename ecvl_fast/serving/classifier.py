@@ -389,7 +389,11 @@ def load_scorer(
         net.load_state_dict(state["model"])
         set_activation(net, trained_quick_gelu(state, cfg.model.name))
     net.to(device).eval()
-    text = class_text_features(net, prompt_tokens(tokenizer, classes, cfg.model.templates).to(device))
+    saved = state.get("text") if stage2 else None  # a stage-2 checkpoint's (its text tower was frozen)
+    if isinstance(saved, torch.Tensor) and saved.shape[0] == len(classes):
+        text = saved.to(device).float()
+    else:  # a stage-1 checkpoint, CLIP's own weights, or a stage-2 one from before it kept them
+        text = class_text_features(net, prompt_tokens(tokenizer, classes, cfg.model.templates).to(device))
     if not stage2:
         scale = trained_scale(cfg, 1) if state is not None else None  # zero-shot: CLIP's own
         return Scorer(
