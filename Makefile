@@ -43,11 +43,14 @@ demo: setup
 
 # Two workers, a test module each at a time (module fixtures are built once): on two cores the
 # suite takes 7 min instead of 10, as much of it waits on subprocesses, imports and the loader.
+# One torch thread per worker: two workers of two threads each on two cores spent 16% more CPU
+# time (23.6 against 19.7 min, 2026-12-06) waiting on one another's threads.
 TEST_WORKERS ?= 2
+TEST_THREADS ?= 1
 test: setup
 	.venv/bin/ruff format --check .
 	.venv/bin/ruff check .
-	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadscope
+	OMP_NUM_THREADS=$(TEST_THREADS) $(PY) -m pytest -n $(TEST_WORKERS) --dist loadscope
 
 clean:
 	rm -rf runs data .pytest_cache
