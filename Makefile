@@ -43,14 +43,13 @@ demo: setup
 
 # Two workers, a test module each at a time (module fixtures are built once): on two cores the
 # suite takes 7 min instead of 10, as much of it waits on subprocesses, imports and the loader.
-# One torch thread per worker: two workers of two threads each on two cores spent 16% more CPU
-# time (23.6 against 19.7 min, 2026-12-06) waiting on one another's threads.
+# The longest modules go first (tests/conftest.py), so that the last minutes are not one long
+# module on one worker while the other idles.
 TEST_WORKERS ?= 2
-TEST_THREADS ?= 1
 test: setup
 	.venv/bin/ruff format --check .
 	.venv/bin/ruff check .
-	OMP_NUM_THREADS=$(TEST_THREADS) $(PY) -m pytest -n $(TEST_WORKERS) --dist loadscope
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadscope
 
 clean:
 	rm -rf runs data .pytest_cache

@@ -96,12 +96,6 @@ def test_bench_augment_train_infer_and_compare(tmp_path, capsys):
         tmp_path, ["bench", "infer", "--model", "ecvl-tiny-vit", "--res", "32", "--images", "128", "--batch", "64"]
     )
     assert r["img_s"] > 0 and r["config"]["images"] == 128 and r["first_pass_s"] > 0 and not r["config"]["compile"]
-    fast, _ = run_bench(
-        tmp_path,
-        ["bench", "infer", "--model", "ecvl-tiny-vit", "--res", "32", "--images", "128", "--batch", "64", "--compile"],
-    )
-    assert fast["config"]["compile"] and fast["img_s"] > 0 and fast["first_pass_s"] > 0
-    (tmp_path / "infer.json").write_text(json.dumps(r))  # the summary below reads the eager run
     # the device check's summary (issue 30's keys), from these benchmarks' JSON as .ci/gpu-check.sh records it
     ci, results = Path(__file__).resolve().parent.parent / ".ci" / "results.py", tmp_path / "results.json"
     for name in ("augment", "train", "infer"):
