@@ -407,14 +407,10 @@ class Scorer(nn.Module):
         super().__init__()
         self.net, self.adapter, self.scale, self.views = net, adapter, scale, views
         self.register_buffer("weights", weights.detach().float())
-        self.compiled = compile_frozen(self._logits) if compile else None
+        self.score = compile_frozen(self._logits) if compile else self._logits
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        if self.compiled is None:
-            return self._logits(images)
-        with torch.no_grad():  # Inductor's freezing applies to inference only
-            logits = self.compiled(images)
-        return logits.clone() if logits.is_cuda else logits  # a CUDA graph's next replay overwrites its output
+        return self.score(images)
 
     def _logits(self, images: torch.Tensor) -> torch.Tensor:
         scale = self.net.logit_scale if self.scale is None else self.scale
@@ -449,15 +445,9 @@ class StageTwo(nn.Module):
     def _features(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)[0]
 
-    def _kept(self, x: torch.Tensor) -> torch.Tensor:
-        """A chunk's features copied out of the CUDA graph's output before the next chunk replays
-        it (B x D: small)."""
-        return self.encode(x).clone()
-
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         with torch.set_grad_enabled(self.tuned and torch.is_grad_enabled()):  # frozen tower: no graph to keep
-            keep = self.compiled and images.is_cuda and self.chunks > 1  # a CUDA graph's next replay overwrites
-            feats = torch.cat([self._kept(x) if keep else self.encode(x) for x in images.chunk(self.chunks)])
+            feats = torch.cat([self.encode(x) for x in images.chunk(self.chunks)])
         return adapted_features(feats, self.adapter), (self.text if self.head is None else self.head.weights())
 
     def trained(self) -> dict[str, torch.Tensor]:
@@ -469,8 +459,9 @@ def compile_frozen(fn):
     """`fn` (a frozen tower's forward, or a whole classifier's) compiled on its own, at fixed shapes,
     run without gradients: Inductor's freezing folds the weights in as constants, so their casts to
     the compute dtype and the batch norms' folding into the convolutions happen once, at compile
-    time; on a GPU its kernels replay as CUDA graphs. The weights must not change after the first
-    call. A tower that trains (a light module in it) is not compiled so."""
+    time; on a GPU its kernels replay as CUDA graphs, and each output is copied out of the graph's
+    (small: features or logits) before the next replay overwrites it. The weights must not change
+    after the first call. A tower that trains (a light module in it) is not compiled so."""
     import torch._inductor.config as inductor_config
 
     options = {"triton.cudagraphs": True} if torch.cuda.is_available() else None
@@ -480,7 +471,8 @@ def compile_frozen(fn):
         # Dynamo reads `freezing` while it traces, before torch.compile's options apply (they reach
         # Inductor only): set as an option, the weights stay graph inputs and nothing is folded
         with torch.no_grad(), inductor_config.patch(freezing=True):
-            return compiled(*args)
+            out = compiled(*args)
+        return out.clone() if out.is_cuda else out
 
     return frozen
 
